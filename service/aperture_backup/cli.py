@@ -1,0 +1,162 @@
+"""The `aperture-backup` command: `serve` runs the service; the other commands are a small client for
+administrators (the same calls grpcurl makes, with friendlier output)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import grpc
+from google.protobuf import json_format
+
+from .config import Config, ConfigError, parse_bool, parse_hhmm
+
+_logger = logging.getLogger(__name__)
+
+
+def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser("serve", help="run the gRPC service (flags override APERTURE_BACKUP_* variables)")
+    serve.add_argument("--database-url", help="libpq URI of the database (APERTURE_BACKUP_DATABASE_URL)")
+    serve.add_argument("--dir", type=Path, help="backup directory (APERTURE_BACKUP_DIR)")
+    serve.add_argument("--listen", help="host:port to listen on (APERTURE_BACKUP_LISTEN)")
+    serve.add_argument("--schedule", help='daily time "HH:MM" or "off" (APERTURE_BACKUP_SCHEDULE)')
+    serve.add_argument("--time-zone", help="IANA time zone of the schedule (TZ)")
+    serve.add_argument("--keep", type=int, help="retention: keep the newest N backups (APERTURE_BACKUP_KEEP)")
+    serve.add_argument("--catch-up", help="run a missed daily backup after start-up: true/false")
+    serve.add_argument("--pg-bin-dir", type=Path, help="directory with pg_dump/pg_restore/psql")
+
+
+def config_from_args(args: argparse.Namespace) -> Config:
+    config = Config.from_env()
+    changes: dict[str, object] = {}
+    if args.database_url:
+        changes["database_url"] = args.database_url
+    if args.dir:
+        changes["backup_dir"] = args.dir
+    if args.listen:
+        changes["listen"] = args.listen
+    if args.schedule:
+        if args.schedule.lower() in {"off", "disabled", "none"}:
+            changes["schedule_enabled"] = False
+        else:
+            changes["schedule_time"] = parse_hhmm(args.schedule, variable="--schedule")
+            changes["schedule_enabled"] = True
+    if args.time_zone:
+        changes["time_zone"] = args.time_zone
+    if args.keep is not None:
+        changes["keep"] = args.keep
+    if args.catch_up is not None:
+        changes["catch_up"] = parse_bool(args.catch_up, default=True, variable="--catch-up")
+    if args.pg_bin_dir:
+        changes["pg_bin_dir"] = args.pg_bin_dir
+    return config.with_overrides(**changes) if changes else config
+
+
+def _print(message: object) -> None:
+    print(json.dumps(json_format.MessageToDict(message), indent=2))  # type: ignore[arg-type]
+
+
+def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    for name, help_text in [
+        ("create", "make a backup now"),
+        ("list", "list backups, newest first"),
+        ("get", "show one backup"),
+        ("delete", "delete one backup"),
+        ("status", "last backup, next scheduled run, running job"),
+        ("retention", "show or set retention (--keep N)"),
+        ("health", "exit 0 when the service reports SERVING (for container health checks)"),
+    ]:
+        cmd = sub.add_parser(name, help=help_text)
+        cmd.add_argument("--server", default="127.0.0.1:50051", help="host:port of the service")
+        if name in {"get", "delete"}:
+            cmd.add_argument("id")
+        if name == "create":
+            cmd.add_argument("--format", choices=["plain", "custom"], default="plain")
+            cmd.add_argument("--compression", choices=["gzip", "zstd", "none"], default=None)
+        if name == "retention":
+            cmd.add_argument("--keep", type=int)
+
+
+def run_health(server: str) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    with grpc.insecure_channel(server) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+    print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    return 0 if serving else 1
+
+
+def run_client(args: argparse.Namespace) -> int:
+    from aperture_backup_client import BackupClient, pb
+
+    if args.command == "health":
+        return run_health(args.server)
+
+    with BackupClient(args.server) as client:
+        if args.command == "create":
+            fmt = pb.BACKUP_FORMAT_CUSTOM if args.format == "custom" else pb.BACKUP_FORMAT_PLAIN
+            compression = {
+                None: pb.COMPRESSION_UNSPECIFIED,
+                "gzip": pb.COMPRESSION_GZIP,
+                "zstd": pb.COMPRESSION_ZSTD,
+                "none": pb.COMPRESSION_NONE,
+            }[args.compression]
+
+            def show(message: pb.CreateResponse) -> None:
+                p = message.progress
+                print(
+                    f"\r{pb.Phase.Name(p.phase)} {p.bytes_done / 1e6:.1f} MB, tables {p.tables_done}/{p.tables_total}",
+                    end="",
+                    file=sys.stderr,
+                )
+
+            backup = client.create(format=fmt, compression=compression, on_progress=show)
+            print(file=sys.stderr)
+            _print(backup)
+        elif args.command == "list":
+            for backup in client.list():
+                print(f"{backup.id}\t{pb.BackupState.Name(backup.state)}\t{backup.size_bytes}")
+        elif args.command == "get":
+            _print(client.get(args.id))
+        elif args.command == "delete":
+            _print(client.delete(args.id))
+        elif args.command == "status":
+            _print(client.status())
+        elif args.command == "retention":
+            _print(client.set_retention(args.keep) if args.keep is not None else client.get_retention())
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="aperture-backup", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _client_commands(sub)
+    args = parser.parse_args(argv)
+    if args.command == "serve":
+        try:
+            config = config_from_args(args)
+        except ConfigError as exc:
+            print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
+            return 2
+        logging.basicConfig(
+            level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s"
+        )
+        from .server import serve
+
+        serve(config)
+        return 0
+    try:
+        return run_client(args)
+    except grpc.RpcError as exc:
+        print(f"aperture-backup: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

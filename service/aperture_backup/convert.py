@@ -1,0 +1,126 @@
+"""Conversions between the domain model and the protobuf messages, in one place."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from aperture.backup.v1 import backup_pb2 as pb
+
+from .errors import InvalidArgument
+from .jobs import Job, JobKind
+from .model import Backup, Compression, Format, Progress, State, Trigger
+from .settings import Schedule
+
+STATES = {
+    State.CREATING: pb.BACKUP_STATE_CREATING,
+    State.READY: pb.BACKUP_STATE_READY,
+    State.FAILED: pb.BACKUP_STATE_FAILED,
+}
+FORMATS = {Format.PLAIN: pb.BACKUP_FORMAT_PLAIN, Format.CUSTOM: pb.BACKUP_FORMAT_CUSTOM}
+COMPRESSIONS = {
+    Compression.NONE: pb.COMPRESSION_NONE,
+    Compression.GZIP: pb.COMPRESSION_GZIP,
+    Compression.ZSTD: pb.COMPRESSION_ZSTD,
+}
+TRIGGERS = {
+    Trigger.MANUAL: pb.BACKUP_TRIGGER_MANUAL,
+    Trigger.SCHEDULED: pb.BACKUP_TRIGGER_SCHEDULED,
+    Trigger.PRE_RESTORE: pb.BACKUP_TRIGGER_PRE_RESTORE,
+    Trigger.UPLOADED: pb.BACKUP_TRIGGER_UPLOADED,
+    Trigger.EXTERNAL: pb.BACKUP_TRIGGER_EXTERNAL,
+}
+PHASES = {
+    "preparing": pb.PHASE_PREPARING,
+    "dumping": pb.PHASE_DUMPING,
+    "finalizing": pb.PHASE_FINALIZING,
+    "uploading": pb.PHASE_UPLOADING,
+    "verifying": pb.PHASE_VERIFYING,
+    "safety_backup": pb.PHASE_SAFETY_BACKUP,
+    "restoring": pb.PHASE_RESTORING,
+    "done": pb.PHASE_DONE,
+}
+JOB_KINDS = {JobKind.BACKUP: pb.JOB_KIND_BACKUP, JobKind.RESTORE: pb.JOB_KIND_RESTORE}
+
+
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    message = timestamp_pb2.Timestamp()
+    message.FromDatetime(value)
+    return message
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    message = duration_pb2.Duration()
+    message.FromTimedelta(timedelta(seconds=seconds))
+    return message
+
+
+def backup_to_pb(backup: Backup) -> pb.Backup:
+    message = pb.Backup(
+        id=backup.id,
+        filename=backup.filename,
+        state=STATES[backup.state],
+        create_time=timestamp(backup.create_time),
+        size_bytes=backup.size_bytes,
+        sha256=backup.sha256,
+        format=FORMATS[backup.kind.format],
+        compression=COMPRESSIONS[backup.kind.compression],
+        trigger=TRIGGERS[backup.trigger],
+        database=backup.database,
+        server_version=backup.server_version,
+        pg_dump_version=backup.pg_dump_version,
+        error=backup.error,
+    )
+    if backup.duration_seconds is not None:
+        message.duration.CopyFrom(duration(backup.duration_seconds))
+    return message
+
+
+def progress_to_pb(progress: Progress) -> pb.Progress:
+    return pb.Progress(
+        phase=PHASES.get(progress.phase, pb.PHASE_UNSPECIFIED),
+        bytes_done=progress.bytes_done,
+        bytes_total=progress.bytes_total,
+        tables_done=progress.tables_done,
+        tables_total=progress.tables_total,
+        elapsed=duration(progress.elapsed_seconds),
+        message=progress.message,
+    )
+
+
+def job_to_pb(job: Job) -> pb.Job:
+    return pb.Job(
+        kind=JOB_KINDS[job.kind],
+        backup_id=job.backup_id,
+        trigger=TRIGGERS[job.trigger],
+        start_time=timestamp(job.start_time),
+        progress=progress_to_pb(job.progress),
+    )
+
+
+def schedule_to_pb(schedule: Schedule) -> pb.Schedule:
+    return pb.Schedule(
+        enabled=schedule.enabled,
+        time_of_day=schedule.time_of_day,
+        time_zone=schedule.time_zone,
+        catch_up=schedule.catch_up,
+    )
+
+
+def format_from_pb(value: int) -> Format | None:
+    if value == pb.BACKUP_FORMAT_UNSPECIFIED:
+        return None
+    for fmt, number in FORMATS.items():
+        if number == value:
+            return fmt
+    raise InvalidArgument(f"unknown backup format {value}", reason="INVALID_FORMAT")
+
+
+def compression_from_pb(value: int) -> Compression | None:
+    if value == pb.COMPRESSION_UNSPECIFIED:
+        return None
+    for compression, number in COMPRESSIONS.items():
+        if number == value:
+            return compression
+    raise InvalidArgument(f"unknown compression {value}", reason="INVALID_FORMAT")

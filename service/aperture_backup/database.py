@@ -1,0 +1,144 @@
+"""The database side: connections, server facts, the cross-replica job lock, notifications.
+
+Connection parameters travel to child processes through the environment (PGPASSWORD) and a connection
+string without the password, so a password never shows in a process list, a log or a manifest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+import psycopg.conninfo
+
+from .errors import FailedPrecondition, JobRunning, Unavailable
+
+_logger = logging.getLogger(__name__)
+
+#: Advisory lock key shared by every replica: hash of "aperture-backup" folded into a bigint.
+JOB_LOCK_KEY = 0x61706572_74757265 & 0x7FFFFFFFFFFFFFFF
+#: Channel of the NOTIFY sent after a successful restore.
+NOTIFY_CHANNEL = "aperture_backup_restored"
+CONNECT_TIMEOUT_SECONDS = 5
+
+
+@dataclass(frozen=True)
+class ServerInfo:
+    """Facts about the server, read when a job starts."""
+
+    version: str
+    major: int
+    database: str
+
+
+class Database:
+    """One PostgreSQL database, reached through a libpq connection string."""
+
+    def __init__(self, conninfo: str):
+        self._params = psycopg.conninfo.conninfo_to_dict(conninfo)
+        self._params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_SECONDS))
+        self._params.setdefault("application_name", "aperture-backup")
+
+    @property
+    def name(self) -> str:
+        return str(self._params.get("dbname") or self._params.get("user") or os.environ.get("PGDATABASE", ""))
+
+    def describe(self) -> str:
+        """Where the database is, for logs: host, port and name, never the password."""
+        host = self._params.get("host") or "localhost"
+        port = self._params.get("port") or "5432"
+        return f"database {self.name!r} on {host}:{port}"
+
+    def child_env(self) -> dict[str, str]:
+        """Environment for pg_dump/psql/pg_restore: the password goes here, not on the command line."""
+        env = dict(os.environ)
+        password = self._params.get("password")
+        if password:
+            env["PGPASSWORD"] = str(password)
+        env.setdefault("PGCONNECT_TIMEOUT", str(CONNECT_TIMEOUT_SECONDS))
+        return env
+
+    def child_conninfo(self) -> str:
+        """Connection string for child processes, without the password."""
+        params = {k: v for k, v in self._params.items() if k != "password" and v is not None}
+        return psycopg.conninfo.make_conninfo(**params)  # type: ignore[arg-type]
+
+    def connect(self, *, autocommit: bool = True) -> psycopg.Connection[tuple[Any, ...]]:
+        try:
+            return psycopg.connect(**self._params, autocommit=autocommit)  # type: ignore[arg-type]
+        except psycopg.OperationalError as exc:
+            raise Unavailable(
+                f"cannot connect to {self.describe()}: {first_line(str(exc))}", reason="DATABASE_UNAVAILABLE"
+            ) from None
+
+    def ping(self) -> bool:
+        """True when the database answers a query now."""
+        try:
+            with self.connect() as conn:
+                conn.execute("SELECT 1")
+            return True
+        except (Unavailable, psycopg.Error):
+            return False
+
+    def server_info(self) -> ServerInfo:
+        with self.connect() as conn:
+            version_num = conn.info.server_version
+            row = conn.execute("SELECT current_setting('server_version'), current_database()").fetchone()
+        if row is None:
+            raise Unavailable(f"{self.describe()} returned no server version")
+        version = str(row[0]).split()[0]
+        return ServerInfo(version=version, major=version_num // 10000, database=str(row[1]))
+
+    def count_tables(self) -> int:
+        """Tables pg_dump will dump the data of: ordinary tables outside the system schemas, not owned by
+        an extension. Used only as the denominator of progress."""
+        with self.connect() as conn:
+            row = conn.execute(
+                """
+                SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace
+                WHERE c.relkind = 'r' AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+                  AND n.nspname NOT LIKE 'pg_toast%'
+                  AND NOT EXISTS (SELECT 1 FROM pg_depend d WHERE d.classid = 'pg_class'::regclass
+                                  AND d.objid = c.oid AND d.deptype = 'e')
+                """
+            ).fetchone()
+        return int(row[0]) if row else 0
+
+    @contextlib.contextmanager
+    def job_lock(self, description: str) -> Iterator[None]:
+        """Hold the cross-replica advisory lock for the duration of a job; refuse when another replica
+        holds it. The lock lives in its own session and disappears if this process dies."""
+        conn = self.connect()
+        try:
+            row = conn.execute("SELECT pg_try_advisory_lock(%s)", (JOB_LOCK_KEY,)).fetchone()
+            if not row or not row[0]:
+                raise JobRunning(
+                    f"cannot start {description}: another replica of aperture-backup is running a backup or "
+                    "restore of this database; try again when it has finished",
+                    metadata={"holder": "another replica"},
+                )
+            yield
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    def notify_restored(self, payload: str) -> None:
+        with self.connect() as conn:
+            conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+
+
+def first_line(message: str) -> str:
+    return message.strip().splitlines()[0] if message.strip() else message
+
+
+def require_reachable(database: Database) -> ServerInfo:
+    """Server facts, or a clear UNAVAILABLE/FAILED_PRECONDITION."""
+    try:
+        return database.server_info()
+    except psycopg.Error as exc:
+        raise FailedPrecondition(f"cannot read the server version of {database.describe()}: {exc}") from None

@@ -1,0 +1,151 @@
+"""One job at a time: the in-process slot that backups and restores share, and the Job object that
+carries a running job's progress to any number of watchers (the RPC that started it, GetStatus).
+
+Jobs run in their own thread so that a caller who disconnects does not stop them. A job that cannot run
+now is refused at once with JOB_RUNNING, naming the running job: a silent queue would let a restore wait
+behind a long backup without anyone knowing.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+
+from .errors import BackupError, Internal, JobRunning
+from .model import Backup, Progress, Trigger
+
+_logger = logging.getLogger(__name__)
+
+
+class JobKind(StrEnum):
+    BACKUP = "backup"
+    RESTORE = "restore"
+
+
+@dataclass
+class Job:
+    """A running (or finished) job. Fields change under `_cond`; watchers wake on every change."""
+
+    kind: JobKind
+    trigger: Trigger
+    description: str
+    start_time: datetime = field(default_factory=lambda: datetime.now(UTC))
+    started_monotonic: float = field(default_factory=time.monotonic)
+    progress: Progress = field(default_factory=lambda: Progress(phase="preparing"))
+    backup: Backup | None = None
+    result: object = None
+    error: BackupError | None = None
+    done: bool = False
+    cancel: threading.Event = field(default_factory=threading.Event)
+    _version: int = 0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.started_monotonic
+
+    def update(self, *, progress: Progress | None = None, backup: Backup | None = None) -> None:
+        with self._cond:
+            if progress is not None:
+                self.progress = progress
+            if backup is not None:
+                self.backup = backup
+            self._version += 1
+            self._cond.notify_all()
+
+    def finish(self, *, result: object = None, error: BackupError | None = None) -> None:
+        with self._cond:
+            self.result = result
+            self.error = error
+            self.done = True
+            self._version += 1
+            self._cond.notify_all()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        with self._cond:
+            return self._cond.wait_for(lambda: self.done, timeout)
+
+    def watch(self, heartbeat: float = 1.0) -> Iterator[Job]:
+        """Yield the job at each change (at least every `heartbeat` seconds) until it is done; the last
+        yield is the finished job."""
+        seen = -1
+        while True:
+            with self._cond:
+                self._cond.wait_for(functools.partial(self._changed_since, seen), heartbeat)
+                seen = self._version
+                done = self.done
+            yield self
+            if done:
+                return
+
+    def _changed_since(self, version: int) -> bool:
+        return self._version != version or self.done
+
+    @property
+    def backup_id(self) -> str:
+        return self.backup.id if self.backup else ""
+
+
+class JobSlot:
+    """The single place where a job may run in this process."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._current: Job | None = None
+        self._threads: list[threading.Thread] = []
+
+    @property
+    def current(self) -> Job | None:
+        with self._lock:
+            return self._current if self._current and not self._current.done else None
+
+    def claim(self, job: Job) -> None:
+        """Take the slot for `job`, or raise JobRunning naming the job that holds it."""
+        with self._lock:
+            running = self._current
+            if running is not None and not running.done:
+                raise JobRunning(
+                    f"cannot start {job.description}: {running.description} is running "
+                    f"(started {running.start_time:%Y-%m-%d %H:%M:%S} UTC, backup {running.backup_id or 'pending'});"
+                    " try again when it has finished",
+                    metadata={"running_kind": running.kind.value, "running_backup_id": running.backup_id},
+                )
+            self._current = job
+
+    def start(self, job: Job, body: Callable[[Job], object]) -> Job:
+        """Claim the slot and run `body(job)` in a thread; the job records its result or error."""
+        self.claim(job)
+
+        def run() -> None:
+            try:
+                result = body(job)
+            except BackupError as exc:
+                _logger.warning("%s failed: %s", job.description, exc)
+                job.finish(error=exc)
+            except Exception as exc:  # the thread must record every failure, or watchers hang
+                _logger.exception("%s failed unexpectedly", job.description)
+                job.finish(error=Internal(f"{job.description} failed: {exc}"))
+            else:
+                job.finish(result=result)
+
+        thread = threading.Thread(target=run, name=f"job-{job.kind.value}", daemon=True)
+        with self._lock:
+            self._threads = [t for t in self._threads if t.is_alive()] + [thread]
+        thread.start()
+        return job
+
+    def cancel_and_wait(self, timeout: float) -> None:
+        """Shutdown: ask the running job to stop and wait for its thread to clean up."""
+        job = self.current
+        if job is not None:
+            job.cancel.set()
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(max(0.0, deadline - time.monotonic()))

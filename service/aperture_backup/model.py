@@ -1,0 +1,134 @@
+"""The domain's vocabulary: what a backup is, independent of protobuf and of the disk layout."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+
+class State(StrEnum):
+    """Life cycle of a backup."""
+
+    CREATING = "creating"
+    READY = "ready"
+    FAILED = "failed"
+
+
+class Format(StrEnum):
+    """pg_dump output format."""
+
+    PLAIN = "plain"
+    CUSTOM = "custom"
+
+
+class Compression(StrEnum):
+    """Compression of the archive file as a whole (custom-format archives compress inside)."""
+
+    NONE = "none"
+    GZIP = "gzip"
+    ZSTD = "zstd"
+
+
+class Trigger(StrEnum):
+    """What started a backup."""
+
+    MANUAL = "manual"
+    SCHEDULED = "scheduled"
+    PRE_RESTORE = "pre-restore"
+    UPLOADED = "uploaded"
+    EXTERNAL = "external"
+
+
+@dataclass(frozen=True)
+class ArchiveKind:
+    """Format and compression together decide the file extension and how to load the archive."""
+
+    format: Format
+    compression: Compression
+
+    @property
+    def extension(self) -> str:
+        if self.format is Format.CUSTOM:
+            return {Compression.NONE: ".dump", Compression.GZIP: ".dump.gz", Compression.ZSTD: ".dump.zst"}[
+                self.compression
+            ]
+        return {Compression.NONE: ".sql", Compression.GZIP: ".sql.gz", Compression.ZSTD: ".sql.zst"}[self.compression]
+
+
+DEFAULT_KIND = ArchiveKind(Format.PLAIN, Compression.GZIP)
+
+
+@dataclass(frozen=True)
+class Backup:
+    """One archive in the backup directory, as its manifest (or, without one, its content) describes it."""
+
+    id: str
+    state: State
+    create_time: datetime
+    kind: ArchiveKind
+    trigger: Trigger
+    size_bytes: int = 0
+    sha256: str = ""
+    database: str = ""
+    server_version: str = ""
+    pg_dump_version: str = ""
+    duration_seconds: float | None = None
+    error: str = ""
+
+    @property
+    def filename(self) -> str:
+        return self.id
+
+    def replace(self, **changes: Any) -> Backup:
+        return dataclasses.replace(self, **changes)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "manifest_version": 1,
+            "id": self.id,
+            "state": self.state.value,
+            "create_time": self.create_time.isoformat(),
+            "format": self.kind.format.value,
+            "compression": self.kind.compression.value,
+            "trigger": self.trigger.value,
+            "size_bytes": self.size_bytes,
+            "sha256": self.sha256,
+            "database": self.database,
+            "server_version": self.server_version,
+            "pg_dump_version": self.pg_dump_version,
+            "duration_seconds": self.duration_seconds,
+            "error": self.error,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Backup:
+        return cls(
+            id=str(data["id"]),
+            state=State(data["state"]),
+            create_time=datetime.fromisoformat(data["create_time"]),
+            kind=ArchiveKind(Format(data["format"]), Compression(data["compression"])),
+            trigger=Trigger(data["trigger"]),
+            size_bytes=int(data.get("size_bytes") or 0),
+            sha256=str(data.get("sha256") or ""),
+            database=str(data.get("database") or ""),
+            server_version=str(data.get("server_version") or ""),
+            pg_dump_version=str(data.get("pg_dump_version") or ""),
+            duration_seconds=data.get("duration_seconds"),
+            error=str(data.get("error") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a long operation stands."""
+
+    phase: str
+    bytes_done: int = 0
+    bytes_total: int = 0
+    tables_done: int = 0
+    tables_total: int = 0
+    elapsed_seconds: float = 0.0
+    message: str = ""

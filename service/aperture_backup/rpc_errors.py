@@ -1,0 +1,107 @@
+"""The one place where domain errors become gRPC statuses: a server interceptor wraps every handler
+(unary and streaming), so no servicer method carries its own try/except.
+
+Each status carries a `google.rpc.ErrorInfo` detail (reason, domain, metadata) for callers that branch.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from . import errors
+
+_logger = logging.getLogger(__name__)
+
+ERROR_DOMAIN = "backup.aperture.dev"
+
+#: Domain error → status code. Order matters: the first matching class wins (subclasses first).
+STATUS_CODES: tuple[tuple[type[errors.BackupError], grpc.StatusCode], ...] = (
+    (errors.JobRunning, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.InvalidArgument, grpc.StatusCode.INVALID_ARGUMENT),
+    (errors.NotFound, grpc.StatusCode.NOT_FOUND),
+    (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
+    (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
+    (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
+    (errors.Internal, grpc.StatusCode.INTERNAL),
+    (errors.BackupError, grpc.StatusCode.INTERNAL),
+)
+
+
+def status_code(error: errors.BackupError) -> grpc.StatusCode:
+    return next(code for cls, code in STATUS_CODES if isinstance(error, cls))
+
+
+def to_status(error: errors.BackupError) -> grpc.Status:
+    code = status_code(error)
+    info = error_details_pb2.ErrorInfo(reason=error.reason, domain=ERROR_DOMAIN, metadata=error.metadata)
+    detail = any_pb2.Any()
+    detail.Pack(info)
+    status: grpc.Status = rpc_status.to_status(
+        status_pb2.Status(code=code.value[0], message=str(error), details=[detail])
+    )
+    return status
+
+
+def _abort(context: grpc.ServicerContext, error: errors.BackupError) -> None:
+    code = status_code(error)
+    # Client mistakes are not server errors: log them below ERROR.
+    level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+    _logger.log(level, "request failed with %s: %s", code.name, error)
+    context.abort_with_status(to_status(error))
+
+
+def _wrap_unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return behavior(request, context)
+        except errors.BackupError as error:
+            _abort(context, error)
+
+    return wrapper
+
+
+def _wrap_stream(
+    behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+    def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+        try:
+            yield from behavior(request, context)
+        except errors.BackupError as error:
+            _abort(context, error)
+
+    return wrapper
+
+
+class ErrorInterceptor(grpc.ServerInterceptor):
+    """Turns BackupError raised by any handler into its status, with ErrorInfo details."""
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        codec = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **codec)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary), **codec)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), **codec)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream), **codec)
+        return handler

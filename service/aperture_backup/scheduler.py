@@ -1,0 +1,105 @@
+"""The daily backup: the `schedule` library in a daemon thread, in the configured time zone.
+
+A failed run is recorded (a FAILED backup in the store, visible in List and GetStatus) and logged, and the
+thread goes on to the next day. After start-up, one catch-up backup runs when the service was down at the
+scheduled time, i.e. when the newest successful backup is more than a day old.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from datetime import UTC, datetime, timedelta
+
+import schedule
+
+from .backups import BackupManager, wait_for
+from .errors import BackupError, JobRunning
+from .model import DEFAULT_KIND, Trigger
+from .settings import SettingsStore
+
+_logger = logging.getLogger(__name__)
+
+CATCH_UP_AFTER = timedelta(days=1)
+#: How often the thread looks at the clock. The run fires within this much of its time.
+POLL_SECONDS = 1.0
+
+
+class DailyScheduler:
+    """Runs the scheduled backup; `reschedule()` after the settings change."""
+
+    def __init__(self, manager: BackupManager, settings: SettingsStore, *, poll_seconds: float = POLL_SECONDS):
+        self._manager = manager
+        self._settings = settings
+        self._poll = poll_seconds
+        self._scheduler = schedule.Scheduler()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.runs = 0
+
+    def start(self, *, catch_up: bool = True) -> None:
+        self.reschedule()
+        self._thread = threading.Thread(target=self._loop, args=(catch_up,), name="scheduler", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def reschedule(self) -> None:
+        current = self._settings.current.schedule
+        with self._lock:
+            self._scheduler.clear()
+            if current.enabled:
+                self._scheduler.every().day.at(current.time_of_day, current.time_zone).do(self._run_scheduled)
+        if current.enabled:
+            _logger.info(
+                "daily backup at %s %s; next run %s", current.time_of_day, current.time_zone, self.next_run_time()
+            )
+        else:
+            _logger.info("daily backup is off")
+
+    def next_run_time(self) -> datetime | None:
+        """When the next scheduled backup runs (aware, UTC), or None when the schedule is off."""
+        with self._lock:
+            jobs = self._scheduler.get_jobs()
+            if not jobs or jobs[0].next_run is None:
+                return None
+            # schedule keeps next_run as a naive local time; astimezone() reads naive values as local.
+            return jobs[0].next_run.astimezone(UTC)
+
+    def _loop(self, catch_up: bool) -> None:
+        if catch_up:
+            self._catch_up()
+        while not self._stop.is_set():
+            # run_pending runs a due backup in this thread; reschedule() may swap the job list meanwhile,
+            # which is safe because run_pending works on a sorted copy.
+            self._scheduler.run_pending()
+            self._stop.wait(self._poll)
+
+    def _catch_up(self) -> None:
+        current = self._settings.current.schedule
+        if not (current.enabled and current.catch_up):
+            return
+        newest = self._manager.newest_ready()
+        if newest is None:
+            return
+        age = datetime.now(UTC) - newest.create_time
+        if age > CATCH_UP_AFTER:
+            _logger.info("newest successful backup is %s old; running a catch-up backup", age)
+            self._run_scheduled()
+
+    def _run_scheduled(self) -> None:
+        self.runs += 1
+        try:
+            backup = wait_for(self._manager.start_backup(DEFAULT_KIND, Trigger.SCHEDULED))
+        except JobRunning as exc:
+            _logger.warning("scheduled backup skipped: %s", exc)
+        except BackupError as exc:
+            _logger.error("scheduled backup failed: %s", exc)
+        except Exception:  # the thread must survive to run tomorrow
+            _logger.exception("scheduled backup failed unexpectedly")
+        else:
+            _logger.info("scheduled backup %s is ready", backup.id)

@@ -1,0 +1,130 @@
+"""The gRPC server: BackupService, health checking and reflection.
+
+`create_server` builds and starts a server on the configured address (port 0 picks a free one, for tests)
+and returns it with its port; `serve` adds signal handling for the command line.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+from concurrent import futures
+from dataclasses import dataclass
+from types import FrameType
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from aperture.backup.v1 import backup_pb2, backup_pb2_grpc
+
+from .app import App
+from .config import Config, parse_listen
+from .rpc_errors import ErrorInterceptor
+from .servicer import BackupServicer
+
+_logger = logging.getLogger(__name__)
+
+SERVICE_NAME = backup_pb2.DESCRIPTOR.services_by_name["BackupService"].full_name
+HEALTH_INTERVAL_SECONDS = 5.0
+#: Large archives stream in chunks of up to 4 MiB; leave room for the message around a chunk.
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+WORKERS = 16
+
+
+class HealthMonitor:
+    """SERVING only while the database answers: a backup service that cannot reach its database is not
+    healthy, and an orchestrator should know."""
+
+    def __init__(self, app: App, servicer: health.HealthServicer, interval: float = HEALTH_INTERVAL_SECONDS):
+        self._app = app
+        self._servicer = servicer
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="health", daemon=True)
+        self._last: bool | None = None
+
+    def start(self) -> None:
+        self.check()
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        for name in ("", SERVICE_NAME):
+            self._servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def check(self) -> None:
+        ok = self._app.database.ping()
+        status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            self._servicer.set(name, status)
+        if ok != self._last:
+            log = _logger.info if ok else _logger.warning
+            log("health: %s is %s", self._app.database.describe(), "reachable" if ok else "NOT reachable")
+            self._last = ok
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.check()
+
+
+@dataclass
+class RunningServer:
+    server: grpc.Server
+    port: int
+    app: App
+    health: HealthMonitor
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop taking calls, cancel a running job (its partial archive is removed), stop the app."""
+        self.health.stop()
+        stopped = self.server.stop(grace)
+        self.app.stop()
+        stopped.wait(grace)
+
+
+def create_server(config: Config, *, app: App | None = None, start_scheduler: bool = True) -> RunningServer:
+    """Build and start the server; the returned port is the one actually bound."""
+    app = app or App.build(config)
+    app.start(scheduler=start_scheduler)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
+        interceptors=[ErrorInterceptor()],
+        options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ],
+    )
+    backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(app), server)
+    health_servicer = health.HealthServicer(experimental_non_blocking=True)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
+    host, port = parse_listen(config.listen)
+    bound = server.add_insecure_port(f"{host}:{port}")
+    if bound == 0:
+        app.stop()
+        raise OSError(f"cannot listen on {config.listen}: address in use or not available")
+    server.start()
+    monitor = HealthMonitor(app, health_servicer)
+    monitor.start()
+    _logger.info("aperture-backup listening on %s:%d", host, bound)
+    return RunningServer(server, bound, app, monitor)
+
+
+def serve(config: Config) -> None:
+    """Run until SIGINT or SIGTERM, then stop cleanly: no half-written archive is left behind."""
+    running = create_server(config)
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: FrameType | None) -> None:
+        _logger.info("received %s; shutting down", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    stop.wait()
+    running.stop()
+    _logger.info("stopped")

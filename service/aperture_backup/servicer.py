@@ -1,0 +1,117 @@
+"""The gRPC servicer: parses requests, calls the domain, converts results. Errors are mapped in one place
+(`rpc_errors.ErrorInterceptor`), so no method here catches anything."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from aperture.backup.v1 import backup_pb2 as pb
+from aperture.backup.v1 import backup_pb2_grpc
+
+from . import convert
+from .app import App
+from .backups import resolve_kind
+from .errors import InvalidArgument
+from .model import Trigger
+
+_logger = logging.getLogger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+
+
+class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
+    def __init__(self, app: App):
+        self._app = app
+
+    def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> Iterator[pb.CreateResponse]:
+        kind = resolve_kind(convert.format_from_pb(request.format), convert.compression_from_pb(request.compression))
+        job = self._app.backups.start_backup(kind, Trigger.MANUAL)
+        for state in job.watch():
+            if state.done and state.error is not None:
+                raise state.error
+            yield pb.CreateResponse(
+                progress=convert.progress_to_pb(state.progress),
+                backup=convert.backup_to_pb(state.backup) if state.backup else None,
+            )
+
+    def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative, got {request.page_size}")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        backups, token = self._app.backups.page(size, request.page_token)
+        return pb.ListResponse(backups=[convert.backup_to_pb(b) for b in backups], next_page_token=token)
+
+    def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
+        return pb.GetResponse(backup=convert.backup_to_pb(self._app.backups.get(request.id)))
+
+    def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
+        return pb.DeleteResponse(backup=convert.backup_to_pb(self._app.backups.delete(request.id)))
+
+    def StreamDownload(
+        self, request: pb.StreamDownloadRequest, context: grpc.ServicerContext
+    ) -> Iterator[pb.StreamDownloadResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "StreamDownload is not implemented yet (issue 4)")
+        yield from ()
+
+    def UploadAndRestore(
+        self, request_iterator: Iterator[pb.UploadAndRestoreRequest], context: grpc.ServicerContext
+    ) -> Iterator[pb.UploadAndRestoreResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "UploadAndRestore is not implemented yet (issue 4)")
+        yield from ()
+
+    def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> Iterator[pb.RestoreResponse]:
+        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Restore is not implemented yet (issue 4)")
+        yield from ()
+
+    def SetRetention(self, request: pb.SetRetentionRequest, context: grpc.ServicerContext) -> pb.SetRetentionResponse:
+        if not request.HasField("policy"):
+            raise InvalidArgument('policy is required, for example {"policy": {"keep_last": 7}}')
+        keep, deleted = self._app.backups.set_retention(request.policy.keep_last)
+        return pb.SetRetentionResponse(policy=pb.RetentionPolicy(keep_last=keep), deleted_ids=deleted)
+
+    def GetRetention(self, request: pb.GetRetentionRequest, context: grpc.ServicerContext) -> pb.GetRetentionResponse:
+        return pb.GetRetentionResponse(policy=pb.RetentionPolicy(keep_last=self._app.settings.current.keep))
+
+    def SetSchedule(self, request: pb.SetScheduleRequest, context: grpc.ServicerContext) -> pb.SetScheduleResponse:
+        settings = self._app.settings.set_schedule(
+            enabled=request.enabled if request.HasField("enabled") else None,
+            time_of_day=request.time_of_day if request.HasField("time_of_day") else None,
+            time_zone=request.time_zone if request.HasField("time_zone") else None,
+            catch_up=request.catch_up if request.HasField("catch_up") else None,
+        )
+        self._app.scheduler.reschedule()
+        return pb.SetScheduleResponse(
+            schedule=convert.schedule_to_pb(settings.schedule), next_run_time=self._next_run()
+        )
+
+    def GetSchedule(self, request: pb.GetScheduleRequest, context: grpc.ServicerContext) -> pb.GetScheduleResponse:
+        return pb.GetScheduleResponse(
+            schedule=convert.schedule_to_pb(self._app.settings.current.schedule), next_run_time=self._next_run()
+        )
+
+    def GetStatus(self, request: pb.GetStatusRequest, context: grpc.ServicerContext) -> pb.GetStatusResponse:
+        status = self._app.backups.status()
+        response = pb.GetStatusResponse(
+            database=self._app.database.name,
+            database_reachable=status.database_reachable,
+            next_scheduled_run=self._next_run(),
+        )
+        if status.last_successful is not None:
+            response.last_successful_backup.CopyFrom(convert.backup_to_pb(status.last_successful))
+            age = datetime.now(UTC) - status.last_successful.create_time
+            response.last_successful_age.CopyFrom(convert.duration(max(age.total_seconds(), 0.0)))
+        if status.last_failed is not None:
+            response.last_failed_backup.CopyFrom(convert.backup_to_pb(status.last_failed))
+        if status.current_job is not None:
+            response.current_job.CopyFrom(convert.job_to_pb(status.current_job))
+        return response
+
+    def _next_run(self) -> timestamp_pb2.Timestamp | None:
+        when = self._app.scheduler.next_run_time()
+        return convert.timestamp(when) if when else None

@@ -1,0 +1,311 @@
+"""The archive store: the backup directory on disk, the single source of truth about backups.
+
+Layout: each archive `<id>` has a manifest `<id>.manifest.json` beside it. Archive data is written to a
+hidden temporary name (`.tmp-<id>`) in the same directory, fsynced, then renamed into place, so a listed
+READY archive is always complete. Files without a manifest (Aperture's own, or copied in by hand) are
+listed too, recognised by content. Dot-files (temporaries, the `.state` folder) are never listed.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import logging
+import os
+import re
+import secrets
+import threading
+from collections import Counter
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import BinaryIO
+
+from . import archive_format
+from .errors import InvalidArgument, NotFound
+from .model import ArchiveKind, Backup, State, Trigger
+
+_logger = logging.getLogger(__name__)
+
+MANIFEST_SUFFIX = ".manifest.json"
+TEMP_PREFIX = ".tmp-"
+MAX_ID_LENGTH = 200
+ID_PREFIX = "aperture-backup-"
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+
+
+def validate_id(backup_id: str) -> str:
+    """Refuse anything that is not a plain file name of this directory: no empty ids, no `..`, no slashes
+    or other path syntax, nothing over-long. Returns the id."""
+    if not backup_id:
+        raise InvalidArgument("backup id is empty; pass the id shown by List", reason="INVALID_BACKUP_ID")
+    if len(backup_id) > MAX_ID_LENGTH:
+        raise InvalidArgument(
+            f"backup id is {len(backup_id)} characters long; ids are at most {MAX_ID_LENGTH}",
+            reason="INVALID_BACKUP_ID",
+        )
+    if ".." in backup_id or not _ID_RE.match(backup_id) or backup_id.endswith(MANIFEST_SUFFIX):
+        raise InvalidArgument(
+            f"{backup_id!r} is not a backup id: ids are file names in the backup directory "
+            "(letters, digits, '.', '_', '-', no paths)",
+            reason="INVALID_BACKUP_ID",
+        )
+    return backup_id
+
+
+@dataclass(frozen=True)
+class PageToken:
+    """Keyset position in the newest-first order, so pages stay stable while new backups arrive."""
+
+    create_time: datetime
+    id: str
+
+    def encode(self) -> str:
+        raw = json.dumps([self.create_time.isoformat(), self.id]).encode()
+        return base64.urlsafe_b64encode(raw).decode()
+
+    @classmethod
+    def decode(cls, token: str) -> PageToken:
+        try:
+            when, backup_id = json.loads(base64.urlsafe_b64decode(token.encode()))
+            return cls(datetime.fromisoformat(when), str(backup_id))
+        except (ValueError, TypeError):
+            raise InvalidArgument(
+                "page_token is not a token returned by List; start again with an empty token",
+                reason="INVALID_PAGE_TOKEN",
+            ) from None
+
+
+def _sort_key(backup: Backup) -> tuple[datetime, str]:
+    return (backup.create_time, backup.id)
+
+
+class ArchiveWriter:
+    """An archive being written: a hidden temporary file that becomes the archive only on `commit`."""
+
+    def __init__(self, store: ArchiveStore, backup: Backup):
+        self.store = store
+        self.backup = backup
+        self.temp_path = store.directory / (TEMP_PREFIX + backup.id)
+        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self.file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
+        self._done = False
+
+    def commit(self, **fields: object) -> Backup:
+        """fsync the data, rename it into place, fsync the directory, then mark the manifest READY."""
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        final = self.store.directory / self.backup.id
+        os.replace(self.temp_path, final)
+        self.store.fsync_directory()
+        self._done = True
+        self.backup = self.backup.replace(state=State.READY, **fields)
+        self.store.write_manifest(self.backup)
+        return self.backup
+
+    def abort(self, error: str) -> Backup:
+        """Throw the partial data away and record why, so the failure stays visible in List."""
+        if not self._done:
+            self._done = True
+            with contextlib.suppress(OSError):
+                self.file.close()
+            with contextlib.suppress(FileNotFoundError):
+                self.temp_path.unlink()
+        self.backup = self.backup.replace(state=State.FAILED, error=error, size_bytes=0, sha256="")
+        self.store.write_manifest(self.backup)
+        return self.backup
+
+
+class ArchiveStore:
+    """The backup directory: create, list, read and delete archives, safely."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        self._lock = threading.Lock()
+        self._pins: Counter[str] = Counter()
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def begin(
+        self, kind: ArchiveKind, trigger: Trigger, *, now: datetime | None = None, **fields: object
+    ) -> ArchiveWriter:
+        """Reserve a new unique id (the manifest is created exclusively, so two backups in the same
+        microsecond, or from two replicas, can never share a name) and open its temporary file."""
+        when = (now or datetime.now(UTC)).astimezone(UTC)
+        while True:
+            stamp = when.strftime("%Y-%m-%dT%H-%M-%S") + f"-{when.microsecond:06d}Z"
+            backup_id = f"{ID_PREFIX}{stamp}-{secrets.token_hex(2)}{kind.extension}"
+            backup = Backup(id=backup_id, state=State.CREATING, create_time=when, kind=kind, trigger=trigger)
+            backup = backup.replace(**fields)
+            try:
+                self.write_manifest(backup, exclusive=True)
+            except FileExistsError:
+                continue
+            return ArchiveWriter(self, backup)
+
+    def write_manifest(self, backup: Backup, *, exclusive: bool = False) -> None:
+        """Write the manifest atomically (temporary file, fsync, rename), readable by the owner only."""
+        path = self._manifest_path(backup.id)
+        if exclusive:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(backup.to_json(), handle, indent=2)
+                handle.flush()
+                os.fsync(handle.fileno())
+            return
+        temp = self.directory / f"{TEMP_PREFIX}{backup.id}{MANIFEST_SUFFIX}"
+        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            json.dump(backup.to_json(), handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temp, path)
+        self.fsync_directory()
+
+    def fsync_directory(self) -> None:
+        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def sweep(self, *, running_ids: frozenset[str] = frozenset()) -> None:
+        """Start-up clean-up: remove temporary files left by a crash and mark interrupted backups FAILED."""
+        for entry in self.directory.iterdir():
+            if entry.name.startswith(TEMP_PREFIX) and entry.is_file():
+                _logger.info("removing leftover temporary file %s", entry.name)
+                entry.unlink(missing_ok=True)
+        for backup in self._manifest_backups():
+            if backup.state is State.CREATING and backup.id not in running_ids:
+                _logger.warning("backup %s was interrupted (service stopped); marking it FAILED", backup.id)
+                self.write_manifest(
+                    backup.replace(state=State.FAILED, error="interrupted: the service stopped while it ran")
+                )
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def list_backups(self) -> list[Backup]:
+        """Every backup, newest first."""
+        backups = {b.id: b for b in self._manifest_backups()}
+        for entry in self.directory.iterdir():
+            name = entry.name
+            if name.startswith(".") or name.endswith(MANIFEST_SUFFIX) or name in backups:
+                continue
+            external = self._external(entry)
+            if external is not None:
+                backups[name] = external
+        for backup_id, backup in list(backups.items()):
+            if backup.state is State.READY and not (self.directory / backup_id).is_file():
+                backups[backup_id] = backup.replace(
+                    state=State.FAILED, error="the archive file is missing from the backup directory"
+                )
+        return sorted(backups.values(), key=_sort_key, reverse=True)
+
+    def page(self, page_size: int, page_token: str) -> tuple[list[Backup], str]:
+        """One page of `list()`, and the token of the next page ('' on the last)."""
+        backups = self.list_backups()
+        if page_token:
+            after = PageToken.decode(page_token)
+            key = (after.create_time, after.id)
+            backups = [b for b in backups if _sort_key(b) < key]
+        page = backups[:page_size]
+        more = len(backups) > page_size
+        return page, PageToken(page[-1].create_time, page[-1].id).encode() if more and page else ""
+
+    def get(self, backup_id: str) -> Backup:
+        validate_id(backup_id)
+        manifest = self._manifest_path(backup_id)
+        if manifest.is_file():
+            backup = self._read_manifest(manifest)
+            if backup is not None:
+                if backup.state is State.READY and not (self.directory / backup_id).is_file():
+                    return backup.replace(
+                        state=State.FAILED, error="the archive file is missing from the backup directory"
+                    )
+                return backup
+        path = self.directory / backup_id
+        external = self._external(path) if path.is_file() else None
+        if external is None:
+            raise NotFound(f"no backup with id {backup_id!r}; List shows the ids there are")
+        return external
+
+    def path_of(self, backup_id: str) -> Path:
+        return self.directory / validate_id(backup_id)
+
+    def open(self, backup_id: str) -> BinaryIO:
+        """Open a READY archive for reading."""
+        return open(self.path_of(backup_id), "rb")
+
+    def delete(self, backup_id: str) -> Backup:
+        backup = self.get(backup_id)
+        (self.directory / backup_id).unlink(missing_ok=True)
+        self._manifest_path(backup_id).unlink(missing_ok=True)
+        self.fsync_directory()
+        _logger.info("deleted backup %s", backup_id)
+        return backup
+
+    # -- pins: archives in use that retention must not delete ----------------------------------------
+
+    @contextlib.contextmanager
+    def pinned(self, backup_id: str) -> Iterator[None]:
+        with self._lock:
+            self._pins[backup_id] += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._pins[backup_id] -= 1
+                if self._pins[backup_id] <= 0:
+                    del self._pins[backup_id]
+
+    def is_pinned(self, backup_id: str) -> bool:
+        with self._lock:
+            return self._pins[backup_id] > 0
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _manifest_path(self, backup_id: str) -> Path:
+        return self.directory / (backup_id + MANIFEST_SUFFIX)
+
+    def _manifest_backups(self) -> list[Backup]:
+        backups = []
+        for entry in self.directory.iterdir():
+            if entry.name.endswith(MANIFEST_SUFFIX) and not entry.name.startswith("."):
+                backup = self._read_manifest(entry)
+                if backup is not None:
+                    backups.append(backup)
+        return backups
+
+    def _read_manifest(self, path: Path) -> Backup | None:
+        try:
+            return Backup.from_json(json.loads(path.read_text()))
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            _logger.warning("ignoring unreadable manifest %s: %s", path.name, exc)
+            return None
+
+    def _external(self, path: Path) -> Backup | None:
+        """A file without a manifest, recognised by content; None when it is not an archive."""
+        try:
+            if not path.is_file() or len(path.name) > MAX_ID_LENGTH or not _ID_RE.match(path.name):
+                return None
+            with open(path, "rb") as handle:
+                header = handle.read(archive_format.SNIFF_BYTES)
+            stat = path.stat()
+        except OSError:
+            return None
+        kind = archive_format.sniff(header)
+        if kind is None:
+            return None
+        return Backup(
+            id=path.name,
+            state=State.READY,
+            create_time=datetime.fromtimestamp(stat.st_mtime, UTC),
+            kind=kind,
+            trigger=Trigger.EXTERNAL,
+            size_bytes=stat.st_size,
+        )
