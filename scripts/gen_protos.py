@@ -14,33 +14,38 @@ from grpc_tools import protoc
 ROOT = Path(__file__).resolve().parent.parent
 PROTOS = ROOT / "protos"
 OUT = ROOT / "service"
+DESCRIPTOR_SET = Path("aperture/backup/v1/descriptor_set.binpb")
 
 
 def generate(out: Path) -> list[Path]:
+    """Run protoc into `out`; returns the generated files."""
     files = sorted(str(p.relative_to(PROTOS)) for p in PROTOS.rglob("*.proto"))
+    bin_dir = Path(sys.executable).parent
+    (out / DESCRIPTOR_SET).parent.mkdir(parents=True, exist_ok=True)
     args = [
         "protoc",
         f"-I{PROTOS}",
         f"-I{Path(protoc.__file__).parent / '_proto'}",
+        # The mypy-protobuf plugins live beside this interpreter, which need not be on PATH.
+        f"--plugin=protoc-gen-mypy={bin_dir / 'protoc-gen-mypy'}",
+        f"--plugin=protoc-gen-mypy_grpc={bin_dir / 'protoc-gen-mypy_grpc'}",
         f"--python_out={out}",
         f"--grpc_python_out={out}",
-        f"--mypy_out={out}",
-        f"--mypy_grpc_out={out}",
+        f"--mypy_out=quiet:{out}",
+        f"--mypy_grpc_out=quiet:{out}",
+        # A descriptor set with the .proto comments, served by reflection so that `grpcurl describe`
+        # shows the documentation (the _pb2 modules carry no comments).
+        f"--descriptor_set_out={out / DESCRIPTOR_SET}",
+        "--include_source_info",
+        "--include_imports",
         *files,
     ]
     if protoc.main(args) != 0:
         sys.exit("protoc failed")
-    generated = []
+    generated = [out / DESCRIPTOR_SET]
     for proto in files:
-        package_dir = out / Path(proto).parent
-        for directory in [package_dir, *package_dir.relative_to(out).parents]:
-            init = out / directory / "__init__.py"
-            if directory != Path(".") and not init.exists():
-                init.touch()
-        stem = Path(proto).stem
-        generated += [
-            package_dir / f"{stem}{suffix}" for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")
-        ]
+        stem = out / Path(proto).with_suffix("")
+        generated += [Path(f"{stem}{suffix}") for suffix in ("_pb2.py", "_pb2.pyi", "_pb2_grpc.py", "_pb2_grpc.pyi")]
     return generated
 
 

@@ -75,11 +75,14 @@ class Config:
         """Raise ConfigError when a value cannot work."""
         if self.database_url is not None:
             try:
-                psycopg.conninfo.conninfo_to_dict(self.database_url)
+                params = psycopg.conninfo.conninfo_to_dict(self.database_url)
             except psycopg.ProgrammingError as exc:
                 raise ConfigError(
                     f"{ENV_PREFIX}DATABASE_URL is not a valid libpq connection string: {_redact(str(exc))}"
                 ) from None
+            ports = str(params.get("port") or "5432").split(",")
+            if not all(p.strip().isdigit() for p in ports):
+                raise ConfigError(f"{ENV_PREFIX}DATABASE_URL has a port that is not a number: {params['port']!r}")
         parse_listen(self.listen)
         if not MIN_KEEP <= self.keep <= MAX_KEEP:
             raise ConfigError(f"{ENV_PREFIX}KEEP must be between {MIN_KEEP} and {MAX_KEEP}, got {self.keep}")

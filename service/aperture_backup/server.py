@@ -21,6 +21,7 @@ from aperture.backup.v1 import backup_pb2, backup_pb2_grpc
 
 from .app import App
 from .config import Config, parse_listen
+from .reflection_docs import documented_pool
 from .rpc_errors import ErrorInterceptor
 from .servicer import BackupServicer
 
@@ -100,7 +101,9 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
-        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+        server,
+        pool=documented_pool(),
     )
     host, port = parse_listen(config.listen)
     bound = server.add_insecure_port(f"{host}:{port}")

@@ -242,7 +242,7 @@ class Backup(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The archive's file name in the backup directory, for example
-    `aperture-backup-2026-11-28T010000Z-7f3a.sql.gz`. Unique and stable.
+    `aperture-backup-2026-11-28T01-00-00-123456Z-7f3a.sql.gz`. Unique, stable, sorts by time.
     """
     filename: _builtins.str
     """The archive's file name, what a download should be saved as. Equal to `id` today."""
