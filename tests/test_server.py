@@ -1,0 +1,120 @@
+"""The server as a user meets it: health checking, reflection, grpcurl, and start/stop."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from tests.support.fixtures import Database
+from tests.support.service import StartService, grpcurl_path
+
+SERVICE = "aperture.backup.v1.BackupService"
+
+
+def _grpcurl(target: str, *words: str, flags: tuple[str, ...] = ()) -> str:
+    """grpcurl [flags] address [list | describe SYMBOL | METHOD]"""
+    result = subprocess.run(
+        [grpcurl_path(), "-plaintext", *flags, target, *words],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_health_is_serving_while_the_database_answers(seeded_db: Database, service_factory: StartService) -> None:
+    svc = service_factory(seeded_db.uri)
+    with grpc.insecure_channel(svc.target) as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        for name in ("", SERVICE):
+            response = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def test_health_is_not_serving_when_the_database_is_down(service_factory: StartService) -> None:
+    svc = service_factory(f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres")
+    with grpc.insecure_channel(svc.target) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
+    assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_grpcurl_lists_describes_and_checks_health(seeded_db: Database, service_factory: StartService) -> None:
+    svc = service_factory(seeded_db.uri)
+    services = _grpcurl(svc.target, "list").split()
+    assert SERVICE in services
+    assert "grpc.health.v1.Health" in services
+    assert any(name.startswith("grpc.reflection.") for name in services)
+
+    description = _grpcurl(svc.target, "describe", SERVICE)
+    for rpc in ("Create", "List", "Get", "Delete", "StreamDownload", "UploadAndRestore", "Restore",
+                "SetRetention", "GetRetention", "SetSchedule", "GetSchedule", "GetStatus"):
+        assert f"rpc {rpc} (" in description
+    # The .proto comments are the documentation grpcurl shows.
+    assert "Runs pg_dump now" in description
+
+    backup = _grpcurl(svc.target, "describe", "aperture.backup.v1.Backup")
+    assert "The archive's file name in the backup directory" in backup
+
+    health = json.loads(_grpcurl(svc.target, "grpc.health.v1.Health/Check"))
+    assert health == {"status": "SERVING"}
+
+
+def test_serve_stops_cleanly_on_sigterm(seeded_db: Database, tmp_path: Path) -> None:
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    env.update(
+        APERTURE_BACKUP_DATABASE_URL=seeded_db.uri,
+        APERTURE_BACKUP_DIR=str(tmp_path / "backups"),
+        APERTURE_BACKUP_LISTEN=f"127.0.0.1:{port}",
+        APERTURE_BACKUP_CATCH_UP="false",
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aperture_backup", "serve"], env=env, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                out = _grpcurl(f"127.0.0.1:{port}", "grpc.health.v1.Health/Check")
+                break
+            except AssertionError:
+                if time.monotonic() > deadline or proc.poll() is not None:
+                    raise
+                time.sleep(0.2)
+        assert "SERVING" in out
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        stderr = proc.stderr.read() if proc.stderr else ""
+    assert "shutting down" in stderr
+    assert list((tmp_path / "backups").glob(".tmp-*")) == []
+
+
+@pytest.mark.parametrize("rpc", ["StreamDownload", "UploadAndRestore"])
+def test_rpcs_of_later_issues_say_unimplemented(rpc: str, seeded_db: Database, service_factory: StartService) -> None:
+    svc = service_factory(seeded_db.uri)
+    result = subprocess.run(
+        [grpcurl_path(), "-plaintext", "-d", "{}", svc.target, f"{SERVICE}/{rpc}"],
+        capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert "Unimplemented" in result.stderr or "UNIMPLEMENTED" in result.stderr.upper()
