@@ -12,7 +12,6 @@ import stat
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -36,7 +35,7 @@ def _files(directory: Path) -> list[str]:
 
 def _error(info: pytest.ExceptionInfo[grpc.RpcError]) -> tuple[grpc.StatusCode, str]:
     error = info.value
-    return error.code(), error.details()  # type: ignore[attr-defined]
+    return error.code(), error.details() or ""
 
 
 @pytest.mark.parametrize(
@@ -84,8 +83,9 @@ def test_create_gives_an_archive_that_restores_by_hand_to_the_same_database(
     assert_same(before, fingerprint(target.uri))
 
 
-def test_sql_gz_is_a_standard_gzip_stream(pg16: PgServer, make_database: MakeDatabase,
-                                          service_factory: StartService) -> None:
+def test_sql_gz_is_a_standard_gzip_stream(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
     db = make_database(pg16, seeded=True)
     svc = service_factory(db.uri)
     backup = svc.client.create()
@@ -97,8 +97,9 @@ def test_sql_gz_is_a_standard_gzip_stream(pg16: PgServer, make_database: MakeDat
     assert "CREATE EXTENSION IF NOT EXISTS vector" in text
 
 
-def test_archives_and_manifests_are_private(pg16: PgServer, make_database: MakeDatabase,
-                                            service_factory: StartService) -> None:
+def test_archives_and_manifests_are_private(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
     db = make_database(pg16, seeded=True)
     svc = service_factory(db.uri)
     backup = svc.client.create()
@@ -123,8 +124,11 @@ def _aperture_files(server: PgServer, db: Database, directory: Path) -> dict[str
     """Files the way Aperture writes them itself, with the real tools."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
     dump = directory / "aperture_backup_2026-01-02T01-00-00Z.dump"
-    subprocess.run([str(server.tool("pg_dump")), "--no-owner", "--no-acl", "-F", "c", "-Z", "6", "-d", db.uri,
-                    "-f", str(dump)], check=True, env=env)
+    subprocess.run(
+        [str(server.tool("pg_dump")), "--no-owner", "--no-acl", "-F", "c", "-Z", "6", "-d", db.uri, "-f", str(dump)],
+        check=True,
+        env=env,
+    )
     sql = directory / "aperture_backup_2026-01-01T01-00-00Z.sql"
     subprocess.run([str(server.tool("pg_dump")), "-d", db.uri, "-f", str(sql)], check=True, env=env)
     sql_gz = directory / "aperture_backup_2025-12-31T01-00-00Z.sql.gz"
@@ -189,8 +193,9 @@ def test_list_paginates(pg16: PgServer, make_database: MakeDatabase, service_fac
 
 
 @pytest.mark.parametrize("bad_id", ["", "..", "../etc/passwd", "/etc/passwd", "a/b", "x" * 300, "..\\x", ".tmp-x"])
-def test_bad_ids_are_invalid_argument(bad_id: str, pg16: PgServer, make_database: MakeDatabase,
-                                      service_factory: StartService) -> None:
+def test_bad_ids_are_invalid_argument(
+    bad_id: str, pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
     db = make_database(pg16)
     svc = service_factory(db.uri)
     for call in (svc.client.get, svc.client.delete):
@@ -199,8 +204,9 @@ def test_bad_ids_are_invalid_argument(bad_id: str, pg16: PgServer, make_database
         assert _error(info)[0] == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_get_and_delete(pg16: PgServer, make_database: MakeDatabase, service_factory: StartService,
-                        tmp_path: Path) -> None:
+def test_get_and_delete(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService, tmp_path: Path
+) -> None:
     db = make_database(pg16, seeded=True, rows=20)
     outside = tmp_path / "outside.sql"
     outside.write_text("-- not to be touched\n")
@@ -351,7 +357,7 @@ def test_one_job_at_a_time_and_status_shows_the_running_job(
     lock = HeldLock(db.uri)
     try:
         thread, outcome = _start_create(svc)
-        _wait_for(lambda: _pg_dump_children())
+        _wait_for(_pg_dump_children)
         listed = list(svc.client.list())
         assert [b.state for b in listed] == [pb.BACKUP_STATE_CREATING]
         status = svc.client.status()
@@ -412,7 +418,7 @@ def test_a_killed_pg_dump_fails_the_backup_and_leaves_nothing(
     lock = HeldLock(db.uri)
     try:
         thread, outcome = _start_create(svc)
-        _wait_for(lambda: _pg_dump_children())
+        _wait_for(_pg_dump_children)
         for proc in _pg_dump_children():
             proc.kill()
         thread.join(60)
@@ -420,8 +426,8 @@ def test_a_killed_pg_dump_fails_the_backup_and_leaves_nothing(
         lock.release()
     error = outcome["error"]
     assert isinstance(error, grpc.RpcError)
-    assert error.code() == grpc.StatusCode.INTERNAL  # type: ignore[attr-defined]
-    assert "killed by signal 9" in error.details()  # type: ignore[attr-defined]
+    assert error.code() == grpc.StatusCode.INTERNAL
+    assert "killed by signal 9" in (error.details() or "")
     backups = list(svc.client.list())
     assert [b.state for b in backups] == [pb.BACKUP_STATE_FAILED]
     assert _files(svc.backup_dir) == [f"{backups[0].id}.manifest.json"], "no archive data is kept"
@@ -433,7 +439,9 @@ def test_passwords_never_reach_process_arguments_manifests_or_logs(
     db = make_database(pg16, seeded=True, rows=20)
     secret = "s3cr3t-Pa55word"
     with psycopg.connect(db.uri, autocommit=True) as conn:
-        conn.execute(f"DROP ROLE IF EXISTS backup_operator; CREATE ROLE backup_operator LOGIN SUPERUSER PASSWORD '{secret}'")
+        conn.execute(
+            f"DROP ROLE IF EXISTS backup_operator; CREATE ROLE backup_operator LOGIN SUPERUSER PASSWORD '{secret}'"
+        )
     params = psycopg.conninfo.conninfo_to_dict(db.uri)
     params.update(user="backup_operator", password=secret)
     caplog.set_level("DEBUG")
@@ -441,7 +449,7 @@ def test_passwords_never_reach_process_arguments_manifests_or_logs(
     lock = HeldLock(db.uri)
     try:
         thread, _ = _start_create(svc)
-        _wait_for(lambda: _pg_dump_children())
+        _wait_for(_pg_dump_children)
         for proc in _pg_dump_children():
             assert secret not in " ".join(proc.cmdline())
     finally:
@@ -454,15 +462,20 @@ def test_passwords_never_reach_process_arguments_manifests_or_logs(
         conn.execute("DROP ROLE backup_operator")
 
 
-def test_a_full_disk_fails_cleanly(pg16: PgServer, make_database: MakeDatabase, service_factory: StartService,
-                                   tmp_path: Path) -> None:
+def test_a_full_disk_fails_cleanly(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService, tmp_path: Path
+) -> None:
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
     mount_point = tmp_path / "small"
     mount_point.mkdir()
     # 1 MiB is enough for the manifests but not for an uncompressed archive of a few MB.
-    result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)], check=False,
-                            capture_output=True, text=True)
+    result = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount_point)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
     try:
@@ -483,8 +496,9 @@ def test_a_full_disk_fails_cleanly(pg16: PgServer, make_database: MakeDatabase, 
         subprocess.run(["umount", "-l", str(mount_point)], check=False)
 
 
-def test_manifest_records_provenance(pg16: PgServer, make_database: MakeDatabase,
-                                     service_factory: StartService) -> None:
+def test_manifest_records_provenance(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
     db = make_database(pg16, seeded=True, rows=20)
     svc = service_factory(db.uri)
     backup = svc.client.create()

@@ -73,7 +73,7 @@ def test_password_is_not_echoed_in_config_errors() -> None:
 
 
 def test_a_port_that_is_not_a_number_is_refused() -> None:
-    with pytest.raises(ConfigError, match="APERTURE_BACKUP_DATABASE_URL.*port"):
+    with pytest.raises(ConfigError, match=r"APERTURE_BACKUP_DATABASE_URL.*port"):
         Config.from_env({"APERTURE_BACKUP_DATABASE_URL": "postgresql://u@h:notaport/db"})
 
 

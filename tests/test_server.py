@@ -64,8 +64,20 @@ def test_grpcurl_lists_describes_and_checks_health(seeded_db: Database, service_
     assert any(name.startswith("grpc.reflection.") for name in services)
 
     description = _grpcurl(svc.target, "describe", SERVICE)
-    for rpc in ("Create", "List", "Get", "Delete", "StreamDownload", "UploadAndRestore", "Restore",
-                "SetRetention", "GetRetention", "SetSchedule", "GetSchedule", "GetStatus"):
+    for rpc in (
+        "Create",
+        "List",
+        "Get",
+        "Delete",
+        "StreamDownload",
+        "UploadAndRestore",
+        "Restore",
+        "SetRetention",
+        "GetRetention",
+        "SetSchedule",
+        "GetSchedule",
+        "GetStatus",
+    ):
         assert f"rpc {rpc} (" in description
     # The .proto comments are the documentation grpcurl shows.
     assert "Runs pg_dump now" in description
@@ -115,6 +127,9 @@ def test_rpcs_of_later_issues_say_unimplemented(rpc: str, seeded_db: Database, s
     svc = service_factory(seeded_db.uri)
     result = subprocess.run(
         [grpcurl_path(), "-plaintext", "-d", "{}", svc.target, f"{SERVICE}/{rpc}"],
-        capture_output=True, text=True, timeout=60, check=False,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
     )
     assert "Unimplemented" in result.stderr or "UNIMPLEMENTED" in result.stderr.upper()

@@ -43,6 +43,11 @@ class DailyScheduler:
         self._thread = threading.Thread(target=self._loop, args=(catch_up,), name="scheduler", daemon=True)
         self._thread.start()
 
+    @property
+    def alive(self) -> bool:
+        """Whether the scheduler thread is running (it must survive failed runs)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 5.0) -> None:
         self._stop.set()
         if self._thread is not None:

@@ -27,8 +27,15 @@ def restore_by_hand(archive: Path, target: Database) -> None:
     psql = [str(target.server.tool("psql")), "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", target.uri]
     if kind.format is Format.CUSTOM:
         assert kind.compression is Compression.NONE
-        command = [str(target.server.tool("pg_restore")), "--no-owner", "--no-acl", "--exit-on-error",
-                   "-d", target.uri, str(archive)]
+        command = [
+            str(target.server.tool("pg_restore")),
+            "--no-owner",
+            "--no-acl",
+            "--exit-on-error",
+            "-d",
+            target.uri,
+            str(archive),
+        ]
         subprocess.run(command, env=_env(), check=True, capture_output=True, timeout=300)
         return
     if kind.compression is Compression.GZIP:

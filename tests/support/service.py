@@ -15,11 +15,12 @@ from typing import Any, Protocol
 
 import pytest
 
+from aperture_backup.app import App
 from aperture_backup.config import Config
 from aperture_backup.server import RunningServer, create_server
 from aperture_backup_client import BackupClient
 
-__all__ = ["RunningService", "StartService", "grpcurl_path", "start_service"]
+__all__ = ["RunningService", "StartApp", "StartService", "grpcurl_path", "start_service", "test_config"]
 
 
 @dataclass
@@ -43,9 +44,8 @@ class RunningService:
             self.server.stop(grace=1.0)
 
 
-@contextlib.contextmanager
-def start_service(database_uri: str, backup_dir: Path, **overrides: Any) -> Iterator[RunningService]:
-    """Start the service for one database. The schedule is off unless a test turns it on, so that no
+def test_config(database_uri: str, backup_dir: Path, **overrides: Any) -> Config:
+    """Configuration for tests: ephemeral port, and the schedule off unless a test turns it on, so that no
     background backup interferes with what a test checks."""
     settings: dict[str, Any] = {
         "database_url": database_uri,
@@ -57,6 +57,13 @@ def start_service(database_uri: str, backup_dir: Path, **overrides: Any) -> Iter
     settings.update(overrides)
     config = Config(**settings)
     config.validate()
+    return config
+
+
+@contextlib.contextmanager
+def start_service(database_uri: str, backup_dir: Path, **overrides: Any) -> Iterator[RunningService]:
+    """Start the gRPC service for one database."""
+    config = test_config(database_uri, backup_dir, **overrides)
     running = create_server(config)
     service = RunningService(running, BackupClient(f"127.0.0.1:{running.port}"), backup_dir, config)
     try:
@@ -81,6 +88,27 @@ def service_factory(tmp_path: Path) -> Iterator[StartService]:
 
     with stack:
         yield start
+
+
+class StartApp(Protocol):
+    def __call__(self, database_uri: str, backup_dir: Path | None = None, **overrides: Any) -> App: ...
+
+
+@pytest.fixture
+def app_factory(tmp_path: Path) -> Iterator[StartApp]:
+    """The domain without the gRPC server, for tests that move the clock: time-machine also moves the
+    clock gRPC's Python layer computes its waits from, so those tests must not make RPCs while travelling."""
+    apps: list[App] = []
+
+    def start(database_uri: str, backup_dir: Path | None = None, **overrides: Any) -> App:
+        app = App.build(test_config(database_uri, backup_dir or tmp_path / f"app-{len(apps)}", **overrides))
+        apps.append(app)
+        app.start()
+        return app
+
+    yield start
+    for app in apps:
+        app.stop()
 
 
 def grpcurl_path() -> str:
