@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 
 import grpc
+import psutil
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -89,37 +91,71 @@ def test_grpcurl_lists_describes_and_checks_health(seeded_db: Database, service_
     assert health == {"status": "SERVING"}
 
 
-def test_serve_stops_cleanly_on_sigterm(seeded_db: Database, tmp_path: Path) -> None:
+def _start_serve(database_uri: str, backup_dir: Path) -> tuple[subprocess.Popen[str], str]:
     port = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
     env.update(
-        APERTURE_BACKUP_DATABASE_URL=seeded_db.uri,
-        APERTURE_BACKUP_DIR=str(tmp_path / "backups"),
+        APERTURE_BACKUP_DATABASE_URL=database_uri,
+        APERTURE_BACKUP_DIR=str(backup_dir),
         APERTURE_BACKUP_LISTEN=f"127.0.0.1:{port}",
         APERTURE_BACKUP_CATCH_UP="false",
     )
     proc = subprocess.Popen(
         [sys.executable, "-m", "aperture_backup", "serve"], env=env, stderr=subprocess.PIPE, text=True
     )
+    target = f"127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert "SERVING" in _grpcurl(target, "grpc.health.v1.Health/Check")
+            return proc, target
+        except AssertionError:
+            if time.monotonic() > deadline or proc.poll() is not None:
+                proc.kill()
+                raise
+            time.sleep(0.2)
+
+
+def _stop(proc: subprocess.Popen[str]) -> str:
+    proc.send_signal(signal.SIGTERM)
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                out = _grpcurl(f"127.0.0.1:{port}", "grpc.health.v1.Health/Check")
-                break
-            except AssertionError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise
-                time.sleep(0.2)
-        assert "SERVING" in out
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        assert proc.wait(timeout=60) == 0
     finally:
         if proc.poll() is None:
             proc.kill()
-        stderr = proc.stderr.read() if proc.stderr else ""
+    return proc.stderr.read() if proc.stderr else ""
+
+
+def test_serve_stops_cleanly_on_sigterm(seeded_db: Database, tmp_path: Path) -> None:
+    proc, _ = _start_serve(seeded_db.uri, tmp_path / "backups")
+    assert "shutting down" in _stop(proc)
+
+
+def test_sigterm_during_a_backup_leaves_no_half_written_archive(seeded_db: Database, tmp_path: Path) -> None:
+    backup_dir = tmp_path / "backups"
+    proc, target = _start_serve(seeded_db.uri, backup_dir)
+    # pg_dump waits for this lock, so the backup is certainly running when the signal comes.
+    with psycopg.connect(seeded_db.uri) as blocker:
+        blocker.execute("LOCK TABLE public.users IN ACCESS EXCLUSIVE MODE")
+        create = subprocess.Popen(
+            [grpcurl_path(), "-plaintext", "-d", "{}", target, f"{SERVICE}/Create"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        deadline = time.monotonic() + 30
+        while not [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "pg_dump"]:
+            assert time.monotonic() < deadline, "pg_dump did not start"
+            time.sleep(0.05)
+        stderr = _stop(proc)
+        blocker.rollback()
+    create.wait(timeout=30)
     assert "shutting down" in stderr
-    assert list((tmp_path / "backups").glob(".tmp-*")) == []
+    assert not list(backup_dir.glob(".tmp-*"))
+    manifests = [json.loads(p.read_text()) for p in backup_dir.glob("*.manifest.json")]
+    assert [(m["state"], "cancelled" in m["error"]) for m in manifests] == [("failed", True)]
+    archives = [p for p in backup_dir.iterdir() if p.is_file() and not p.name.endswith(".manifest.json")]
+    assert archives == []
 
 
 @pytest.mark.parametrize("rpc", ["StreamDownload", "UploadAndRestore"])

@@ -13,6 +13,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 
+from . import logs
 from .config import Config, ConfigError, parse_bool, parse_hhmm
 
 _logger = logging.getLogger(__name__)
@@ -144,9 +145,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:
             print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
             return 2
-        logging.basicConfig(
-            level=config.log_level, format="%(asctime)s %(levelname)s %(name)s %(threadName)s: %(message)s"
-        )
+        logs.configure(config.log_level, config.log_format)
         from .server import serve
 
         serve(config)

@@ -59,6 +59,8 @@ class Config:
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
     #: Logging level name.
     log_level: str = "INFO"
+    #: "text" or "json" (one object per line).
+    log_format: str = "text"
 
     @property
     def state_dir(self) -> Path:
@@ -91,6 +93,10 @@ class Config:
             raise ConfigError(f"{ENV_PREFIX}MAX_UPLOAD_BYTES must be positive, got {self.max_upload_bytes}")
         if self.pg_bin_dir is not None and not self.pg_bin_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}PG_BIN_DIR is not a directory: {self.pg_bin_dir}")
+        if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ConfigError(f"{ENV_PREFIX}LOG_LEVEL must be DEBUG, INFO, WARNING or ERROR, got {self.log_level!r}")
+        if self.log_format not in {"text", "json"}:
+            raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.backup_dir.exists() and not self.backup_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}DIR exists but is not a directory: {self.backup_dir}")
 
@@ -119,6 +125,7 @@ class Config:
                 get("MAX_UPLOAD_BYTES"), default=DEFAULT_MAX_UPLOAD_BYTES, variable=ENV_PREFIX + "MAX_UPLOAD_BYTES"
             ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
+            log_format=(get("LOG_FORMAT") or "text").lower(),
         )
         config.validate()
         return config

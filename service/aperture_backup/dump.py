@@ -105,6 +105,10 @@ def run_dump(
     if proc.stdout is None or proc.stderr is None:  # pragma: no cover - PIPE always gives streams
         raise Internal("pg_dump started without pipes")
     _enlarge_pipe(proc.stdout.fileno())
+    # pg_dump can sit silent for a long time (waiting for a table lock, say), so a shutdown must not wait
+    # for its next byte: a watcher kills it as soon as the job is cancelled.
+    finished = threading.Event()
+    threading.Thread(target=_kill_on_cancel, args=(proc, cancel, finished), name="pg_dump-cancel", daemon=True).start()
     sink = HashingFile(writer.file)
     stderr = _StderrReader(proc.stderr)
     stderr.start()
@@ -138,10 +142,22 @@ def run_dump(
     except BaseException:
         _kill(proc)
         raise
+    finally:
+        finished.set()
+    if cancel.is_set():
+        raise Internal("the backup was cancelled: the service is shutting down", reason="CANCELLED")
     if returncode != 0:
         raise _dump_failure(returncode, list(stderr.errors), database)
     on_progress(sink.size, stderr.tables, "")
     return DumpResult(size_bytes=sink.size, sha256=sink.sha256.hexdigest(), tables=stderr.tables)
+
+
+def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event, finished: threading.Event) -> None:
+    while not finished.wait(0.2):
+        if cancel.is_set():
+            _logger.info("stopping pg_dump (pid %d): the backup was cancelled", proc.pid)
+            proc.kill()
+            return
 
 
 def _kill(proc: subprocess.Popen[bytes]) -> None:
