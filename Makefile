@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck proto-check protos bench clean
+.PHONY: run test lint typecheck proto-check protos bench clean ts-check ts-protos
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,8 @@ $(VENV)/.installed-dev: pyproject.toml | $(BIN)/python
 run: $(VENV)/.installed-run
 	$(BIN)/aperture-backup serve
 
-## test: lint, type checks, contract checks, Dockerfile lint, then the whole test suite
-test: lint typecheck proto-check
+## test: lint, type checks, contract checks (Python and TypeScript stubs), Dockerfile lint, then the whole test suite
+test: lint typecheck proto-check ts-check
 	$(BIN)/pytest
 
 lint: $(VENV)/.installed-dev
@@ -48,3 +48,12 @@ bench: $(VENV)/.installed-dev
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+
+
+## ts-check: the TypeScript client's stubs match protos/ and it type-checks (skips when node/npm are absent)
+ts-check: $(VENV)/.installed-dev
+	$(BIN)/python scripts/gen_ts_client.py --check
+
+## ts-protos: regenerate clients/typescript/src/generated after editing protos/
+ts-protos: $(VENV)/.installed-dev
+	$(BIN)/python scripts/gen_ts_client.py
