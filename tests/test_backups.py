@@ -510,3 +510,25 @@ def test_manifest_records_provenance(
     assert manifest["pg_dump_version"].startswith("16.")
     assert manifest["trigger"] == "manual"
     assert manifest["format"] == "plain" and manifest["compression"] == "gzip"
+
+
+def test_a_file_removed_by_its_maker_disappears_from_the_list(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService, tmp_path: Path
+) -> None:
+    db = make_database(pg16, seeded=True, rows=20)
+    backup_dir = tmp_path / "backups"
+    backup_dir.mkdir()
+    files = _aperture_files(pg16, db, backup_dir)
+    svc = service_factory(db.uri, backup_dir=backup_dir)
+    name = files["dump"].name
+    # A download records the checksum of a file found without a manifest, in a manifest of its own.
+    svc.client.download(name, tmp_path / "copy.dump")
+    assert (backup_dir / f"{name}.manifest.json").exists()
+    files["dump"].unlink()  # Aperture prunes its own backups
+    assert name not in {b.id for b in svc.client.list()}
+    with pytest.raises(grpc.RpcError) as info:
+        svc.client.get(name)
+    assert _error(info)[0] == grpc.StatusCode.NOT_FOUND
+    svc.stop()
+    service_factory(db.uri, backup_dir=backup_dir)
+    assert not (backup_dir / f"{name}.manifest.json").exists(), "the start-up sweep removes the orphan"

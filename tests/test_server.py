@@ -159,7 +159,11 @@ def test_sigterm_during_a_backup_leaves_no_half_written_archive(seeded_db: Datab
 
 
 @pytest.mark.parametrize("rpc", ["StreamDownload", "UploadAndRestore"])
-def test_rpcs_of_later_issues_say_unimplemented(rpc: str, seeded_db: Database, service_factory: StartService) -> None:
+def test_transfer_rpcs_answer_an_empty_request_with_invalid_argument(
+    rpc: str, seeded_db: Database, service_factory: StartService
+) -> None:
+    """Through grpcurl, `{}` is an empty id (StreamDownload) or a message with neither metadata nor chunk
+    (UploadAndRestore): refused with a reason, no longer UNIMPLEMENTED."""
     svc = service_factory(seeded_db.uri)
     result = subprocess.run(
         [grpcurl_path(), "-plaintext", "-d", "{}", svc.target, f"{SERVICE}/{rpc}"],
@@ -168,4 +172,6 @@ def test_rpcs_of_later_issues_say_unimplemented(rpc: str, seeded_db: Database, s
         timeout=60,
         check=False,
     )
-    assert "Unimplemented" in result.stderr or "UNIMPLEMENTED" in result.stderr.upper()
+    assert result.returncode != 0
+    assert "InvalidArgument" in result.stderr, result.stderr
+    assert "Unimplemented" not in result.stderr

@@ -10,9 +10,11 @@ from .config import Config
 from .database import Database
 from .embedded import EmbeddedPostgres
 from .jobs import JobSlot
+from .restore import RestoreManager
 from .scheduler import DailyScheduler
 from .settings import SettingsStore
 from .store import ArchiveStore
+from .transfer import TransferManager
 
 _logger = logging.getLogger(__name__)
 
@@ -26,6 +28,8 @@ class App:
     slot: JobSlot
     backups: BackupManager
     scheduler: DailyScheduler
+    restores: RestoreManager
+    transfers: TransferManager
     embedded: EmbeddedPostgres | None = None
     _started: bool = field(default=False, repr=False)
 
@@ -42,10 +46,14 @@ class App:
         slot = JobSlot()
         backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir)
         scheduler = DailyScheduler(backups, settings)
+        restores = RestoreManager(store, database, slot, backups, pg_bin_dir=config.pg_bin_dir)
+        transfers = TransferManager(
+            store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
+        )
         _logger.info(
             "backing up %s%s into %s", database.describe(), " (embedded)" if embedded else "", config.backup_dir
         )
-        return cls(config, database, store, settings, slot, backups, scheduler, embedded)
+        return cls(config, database, store, settings, slot, backups, scheduler, restores, transfers, embedded)
 
     def start(self, *, scheduler: bool = True) -> None:
         self.store.sweep()

@@ -9,12 +9,16 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from google.protobuf import json_format
 
 from . import logs
 from .config import Config, ConfigError, parse_bool, parse_hhmm
+
+if TYPE_CHECKING:
+    from aperture_backup_client import BackupClient, pb
 
 _logger = logging.getLogger(__name__)
 
@@ -70,6 +74,9 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         ("status", "last backup, next scheduled run, running job"),
         ("retention", "show or set retention (--keep N)"),
         ("health", "exit 0 when the service reports SERVING (for container health checks)"),
+        ("download", "save a backup's archive to a file, checking its SHA-256 (--resume continues a partial file)"),
+        ("upload", "upload an archive, store it as a backup and, with --restore, restore it"),
+        ("restore", "restore a stored backup into the database (a safety backup is taken first)"),
     ]:
         cmd = sub.add_parser(name, help=help_text)
         cmd.add_argument("--server", default="127.0.0.1:50051", help="host:port of the service")
@@ -80,6 +87,16 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
             cmd.add_argument("--compression", choices=["gzip", "zstd", "none"], default=None)
         if name == "retention":
             cmd.add_argument("--keep", type=int)
+        if name in {"download", "restore"}:
+            cmd.add_argument("id")
+        if name == "download":
+            cmd.add_argument("-o", "--output", type=Path, help="file to write (default: the backup's id, here)")
+            cmd.add_argument("--resume", action="store_true", help="continue a partial file instead of starting over")
+        if name == "upload":
+            cmd.add_argument("path", type=Path)
+            cmd.add_argument("--restore", action="store_true", help="restore the archive once it is stored")
+        if name in {"upload", "restore"}:
+            cmd.add_argument("--skip-safety-backup", action="store_true", help="do not take a safety backup first")
 
 
 def run_health(server: str) -> int:
@@ -130,6 +147,49 @@ def run_client(args: argparse.Namespace) -> int:
             _print(client.status())
         elif args.command == "retention":
             _print(client.set_retention(args.keep) if args.keep is not None else client.get_retention())
+        elif args.command in {"download", "upload", "restore"}:
+            return run_transfer(client, args)
+    return 0
+
+
+def _show_progress(progress: pb.Progress) -> None:
+    from aperture_backup_client import pb
+
+    total = f"/{progress.bytes_total / 1e6:.1f}" if progress.bytes_total else ""
+    print(f"\r{pb.Phase.Name(progress.phase)} {progress.bytes_done / 1e6:.1f}{total} MB   ", end="", file=sys.stderr)
+
+
+def run_transfer(client: BackupClient, args: argparse.Namespace) -> int:
+    """download, upload and restore: long calls that show their progress on stderr."""
+    from aperture_backup_client import ChecksumMismatch, TransferError, pb
+
+    if args.command == "download":
+        output: Path = args.output or Path(args.id)
+        offset = output.stat().st_size if args.resume and output.exists() else 0
+        try:
+            backup = client.download(args.id, output, offset=offset)
+        except (ChecksumMismatch, TransferError) as exc:
+            print(f"aperture-backup: {exc}", file=sys.stderr)
+            return 1
+        print(f"{output}: {backup.size_bytes} bytes, SHA-256 {backup.sha256} (verified)", file=sys.stderr)
+        return 0
+    if args.command == "upload":
+        last = client.upload(
+            args.path,
+            restore=args.restore,
+            skip_safety_backup=args.skip_safety_backup,
+            on_progress=lambda message: _show_progress(message.progress),
+        )
+        print(file=sys.stderr)
+        _print(last)
+        return 0
+    final: pb.RestoreResponse | None = None
+    for message in client.stub.Restore(pb.RestoreRequest(id=args.id, skip_safety_backup=args.skip_safety_backup)):
+        _show_progress(message.progress)
+        final = message
+    print(file=sys.stderr)
+    if final is not None:
+        _print(final.result)
     return 0
 
 

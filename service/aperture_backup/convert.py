@@ -11,6 +11,7 @@ from aperture.backup.v1 import backup_pb2 as pb
 from .errors import InvalidArgument
 from .jobs import Job, JobKind
 from .model import Backup, Compression, Format, Progress, State, Trigger
+from .restore import RestoreResult
 from .settings import Schedule
 
 STATES = {
@@ -97,6 +98,18 @@ def job_to_pb(job: Job) -> pb.Job:
         start_time=timestamp(job.start_time),
         progress=progress_to_pb(job.progress),
     )
+
+
+def restore_result_to_pb(result: RestoreResult) -> pb.RestoreResult:
+    message = pb.RestoreResult(
+        restored=backup_to_pb(result.restored),
+        reconnect_required=True,
+        notify_channel=result.notify_channel,
+        duration=duration(result.duration_seconds),
+    )
+    if result.safety_backup is not None:
+        message.safety_backup.CopyFrom(backup_to_pb(result.safety_backup))
+    return message
 
 
 def schedule_to_pb(schedule: Schedule) -> pb.Schedule:

@@ -4,7 +4,6 @@ file; its `--verbose` log on stderr drives the progress; its exit status alone d
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import fcntl
 import logging
@@ -31,6 +30,7 @@ _logger = logging.getLogger(__name__)
 READ_SIZE = 1024 * 1024
 PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = 1031
+_PIPE_MAX_SIZE_PATH = "/proc/sys/fs/pipe-max-size"
 _TABLE_RE = re.compile(r'dumping contents of table "?([^"]+)"?')
 
 
@@ -60,8 +60,25 @@ def pg_dump_command(toolset: Toolset, database: Database, kind: ArchiveKind) -> 
 
 
 def _enlarge_pipe(fd: int) -> None:
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, PIPE_SIZE)
+    """Best effort: an unprivileged process may not exceed /proc/sys/fs/pipe-max-size (1 MiB by default),
+    so fall back to that limit, and keep the default pipe when even that is refused."""
+    for size in (PIPE_SIZE, _pipe_max_size()):
+        if size <= 0:
+            continue
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+        except OSError:
+            continue
+        return
+    _logger.debug("could not enlarge pg_dump's pipe; reading from a default-sized pipe")
+
+
+def _pipe_max_size() -> int:
+    try:
+        with open(_PIPE_MAX_SIZE_PATH, encoding="ascii") as f:
+            return min(int(f.read()), PIPE_SIZE)
+    except (OSError, ValueError):
+        return 0
 
 
 class _StderrReader(threading.Thread):

@@ -13,11 +13,12 @@ from google.protobuf import timestamp_pb2
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture.backup.v1 import backup_pb2_grpc
 
-from . import convert
+from . import convert, transfer
 from .app import App
 from .backups import resolve_kind
 from .errors import InvalidArgument
 from .model import Trigger
+from .restore import RestoreResult
 
 _logger = logging.getLogger(__name__)
 
@@ -61,18 +62,52 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def StreamDownload(
         self, request: pb.StreamDownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[pb.StreamDownloadResponse]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "StreamDownload is not implemented yet (issue 4)")
-        yield from ()
+        chunks = self._app.transfers.download(request.id, offset=request.offset, chunk_size=request.chunk_size)
+        # When the client cancels, gRPC drops this generator, which closes `chunks` and releases its pin.
+        for chunk in chunks:
+            response = pb.StreamDownloadResponse(offset=chunk.offset, data=chunk.data)
+            if chunk.backup is not None:
+                response.backup.CopyFrom(convert.backup_to_pb(chunk.backup))
+            yield response
 
     def UploadAndRestore(
         self, request_iterator: Iterator[pb.UploadAndRestoreRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.UploadAndRestoreResponse]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "UploadAndRestore is not implemented yet (issue 4)")
-        yield from ()
+        def messages() -> Iterator[transfer.UploadMessage]:
+            # Lazily, one request at a time: the domain consumes the stream as it arrives, never as a list.
+            for request in request_iterator:
+                payload = request.WhichOneof("payload")
+                if payload == "metadata":
+                    meta = request.metadata
+                    yield transfer.UploadMetadata(
+                        filename=meta.filename,
+                        size_bytes=meta.size_bytes,
+                        sha256=meta.sha256,
+                        restore=meta.restore,
+                        skip_safety_backup=meta.skip_safety_backup,
+                    )
+                elif payload == "chunk":
+                    yield transfer.UploadChunk(offset=request.chunk.offset, data=request.chunk.data)
+                else:
+                    raise InvalidArgument("an upload message must carry metadata or a chunk", reason="EMPTY_MESSAGE")
+
+        for event in self._app.transfers.upload(messages()):
+            response = pb.UploadAndRestoreResponse(progress=convert.progress_to_pb(event.progress))
+            if event.backup is not None:
+                response.backup.CopyFrom(convert.backup_to_pb(event.backup))
+            if event.result is not None:
+                response.result.CopyFrom(convert.restore_result_to_pb(event.result))
+            yield response
 
     def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> Iterator[pb.RestoreResponse]:
-        context.abort(grpc.StatusCode.UNIMPLEMENTED, "Restore is not implemented yet (issue 4)")
-        yield from ()
+        job = self._app.restores.start_restore(request.id, skip_safety_backup=request.skip_safety_backup)
+        for state in job.watch():
+            if state.done and state.error is not None:
+                raise state.error
+            response = pb.RestoreResponse(progress=convert.progress_to_pb(state.progress))
+            if state.done and isinstance(state.result, RestoreResult):
+                response.result.CopyFrom(convert.restore_result_to_pb(state.result))
+            yield response
 
     def SetRetention(self, request: pb.SetRetentionRequest, context: grpc.ServicerContext) -> pb.SetRetentionResponse:
         if not request.HasField("policy"):

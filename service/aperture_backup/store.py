@@ -192,6 +192,10 @@ class ArchiveStore:
                 _logger.info("removing leftover temporary file %s", entry.name)
                 entry.unlink(missing_ok=True)
         for backup in self._manifest_backups():
+            if backup.trigger is Trigger.EXTERNAL and not (self.directory / backup.id).exists():
+                _logger.info("removing the manifest of %s: the file is gone", backup.id)
+                self.manifest_path(backup.id).unlink(missing_ok=True)
+                continue
             if backup.state is State.CREATING and backup.id not in running_ids:
                 _logger.warning("backup %s was interrupted (service stopped); marking it FAILED", backup.id)
                 self.write_manifest(
@@ -212,6 +216,10 @@ class ArchiveStore:
                 backups[name] = external
         for backup_id, backup in list(backups.items()):
             if backup.state is State.READY and not (self.directory / backup_id).is_file():
+                if backup.trigger is Trigger.EXTERNAL:
+                    # A file someone else made (Aperture prunes its own) and that is gone: nothing to show.
+                    del backups[backup_id]
+                    continue
                 backups[backup_id] = backup.replace(
                     state=State.FAILED, error="the archive file is missing from the backup directory"
                 )
@@ -234,7 +242,10 @@ class ArchiveStore:
         if manifest.is_file():
             backup = self._read_manifest(manifest)
             if backup is not None:
-                if backup.state is State.READY and not (self.directory / backup_id).is_file():
+                missing = backup.state is State.READY and not (self.directory / backup_id).is_file()
+                if missing and backup.trigger is Trigger.EXTERNAL:
+                    raise NotFound(f"no backup with id {backup_id!r}; List shows the ids there are")
+                if missing:
                     return backup.replace(
                         state=State.FAILED, error="the archive file is missing from the backup directory"
                     )

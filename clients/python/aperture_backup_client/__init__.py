@@ -8,7 +8,10 @@ with BackupClient("127.0.0.1:50051") as client:
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from types import TracebackType
 
 import grpc
@@ -16,9 +19,35 @@ import grpc
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture.backup.v1 import backup_pb2_grpc
 
-__all__ = ["BackupClient", "pb"]
+__all__ = ["BackupClient", "ChecksumMismatch", "TransferError", "pb"]
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+#: Upload chunk size: large enough to amortise per-message cost, far below the 8 MiB message limit.
+UPLOAD_CHUNK_BYTES = 1024 * 1024
+_HASH_READ_BYTES = 1024 * 1024
+
+
+class TransferError(Exception):
+    """A download or upload did not give what the server promised (a gap, a short file)."""
+
+
+class ChecksumMismatch(TransferError):
+    """The downloaded file's SHA-256 differs from the one the server sent."""
+
+
+def file_sha256(path: Path, *, limit: int | None = None) -> hashlib._Hash:
+    """SHA-256 of a file (of its first `limit` bytes), read in bounded pieces."""
+    digest = hashlib.sha256()
+    remaining = limit
+    with open(path, "rb") as handle:
+        while remaining is None or remaining > 0:
+            data = handle.read(_HASH_READ_BYTES if remaining is None else min(_HASH_READ_BYTES, remaining))
+            if not data:
+                break
+            digest.update(data)
+            if remaining is not None:
+                remaining -= len(data)
+    return digest
 
 
 class BackupClient:
@@ -93,3 +122,95 @@ class BackupClient:
 
     def status(self) -> pb.GetStatusResponse:
         return self.stub.GetStatus(pb.GetStatusRequest())
+
+    def download(
+        self,
+        backup_id: str,
+        dest_path: str | os.PathLike[str],
+        *,
+        offset: int = 0,
+        chunk_size: int = 0,
+        timeout: float | None = None,
+    ) -> pb.Backup:
+        """Save a backup's archive to `dest_path` and check its SHA-256; returns the backup.
+
+        To resume a broken download, pass `offset=` the size of the partial file: its bytes are kept (and
+        hashed) and only the rest is fetched. Raises ChecksumMismatch when the result differs from the
+        server's record, TransferError when the stream has a gap or ends short."""
+        dest = Path(dest_path)
+        if offset < 0:
+            raise ValueError(f"offset must not be negative, got {offset}")
+        if offset and dest.stat().st_size < offset:
+            raise ValueError(f"{dest} has only {dest.stat().st_size} bytes, fewer than offset {offset}")
+        digest = file_sha256(dest, limit=offset) if offset else hashlib.sha256()
+        backup: pb.Backup | None = None
+        position = offset
+        with open(dest, "r+b" if offset else "wb") as handle:
+            if offset:
+                # Bytes past the offset (from an earlier, longer attempt) are replaced by the server's.
+                handle.truncate(offset)
+                handle.seek(offset)
+            request = pb.StreamDownloadRequest(id=backup_id, offset=offset, chunk_size=chunk_size)
+            for message in self.stub.StreamDownload(request, timeout=timeout):
+                if message.HasField("backup"):
+                    backup = message.backup
+                if message.offset != position:
+                    raise TransferError(f"the server sent offset {message.offset} where {position} was expected")
+                handle.write(message.data)
+                digest.update(message.data)
+                position += len(message.data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if backup is None:
+            raise TransferError("the server closed the download without the backup's metadata")
+        if position != backup.size_bytes:
+            raise TransferError(f"the download ended at byte {position} of {backup.size_bytes}; resume it")
+        if digest.hexdigest() != backup.sha256:
+            raise ChecksumMismatch(
+                f"{dest} has SHA-256 {digest.hexdigest()}, the server's record says {backup.sha256}; "
+                "download it again from offset 0"
+            )
+        return backup
+
+    def upload(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        restore: bool = False,
+        skip_safety_backup: bool = False,
+        on_progress: Callable[[pb.UploadAndRestoreResponse], None] | None = None,
+        chunk_size: int = UPLOAD_CHUNK_BYTES,
+        timeout: float | None = None,
+    ) -> pb.UploadAndRestoreResponse:
+        """Upload an archive (with its size and SHA-256, so the server can check it), store it as a backup
+        and, with `restore=True`, restore it. Returns the last message: `backup` is the stored upload,
+        `result` the restore's outcome when one was asked for."""
+        source = Path(path)
+        size = source.stat().st_size
+        sha256 = file_sha256(source).hexdigest()
+
+        def requests() -> Iterator[pb.UploadAndRestoreRequest]:
+            # A generator: gRPC pulls one chunk at a time, so the file is never held in memory.
+            yield pb.UploadAndRestoreRequest(
+                metadata=pb.UploadMetadata(
+                    filename=source.name,
+                    size_bytes=size,
+                    sha256=sha256,
+                    restore=restore,
+                    skip_safety_backup=skip_safety_backup,
+                )
+            )
+            offset = 0
+            with open(source, "rb") as handle:
+                while data := handle.read(chunk_size):
+                    yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=offset, data=data))
+                    offset += len(data)
+
+        last: pb.UploadAndRestoreResponse | None = None
+        for message in self.stub.UploadAndRestore(requests(), timeout=timeout):
+            last = message
+            if on_progress is not None:
+                on_progress(message)
+        if last is None or not last.HasField("backup"):
+            raise TransferError("the server closed the upload without reporting the stored backup")
+        return last

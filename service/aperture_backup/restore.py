@@ -1,0 +1,847 @@
+"""Restores: an archive goes into the database atomically, or not at all.
+
+One psql session gets, on its stdin: `BEGIN;`, a preamble that empties the database (every user schema,
+extension, large object, publication and event trigger), the archive's SQL, and — only after every check
+of the archive has passed — a final check and `COMMIT;`. Any failure before that closes or kills the
+session without COMMIT, so PostgreSQL rolls the whole transaction back and the database is exactly as it
+was. Success leaves exactly the archive's content: nothing created after the backup survives the preamble.
+
+Why one psql session and not `psql --single-transaction` or `pg_restore --single-transaction --clean`
+(measured, see design.md): `--single-transaction` without ON_ERROR_STOP rolls back yet exits 0; a plain
+dump with large objects carries its own `BEGIN;`/`COMMIT;`, which would commit half a restore (the
+`sqlfilter` removes exactly that pair); and `--clean` drops only what the archive contains, so tables a
+later migration added would survive. Custom-format archives are turned into the same SQL by
+`pg_restore -f -` and take the same path.
+
+Checks happen while the data streams, not in a second pass: the SHA-256 of the file as read from disk and
+the integrity of its gzip/zstd stream (CRC, complete end) are known when the last byte has gone to psql,
+and decide whether COMMIT is sent. Success is decided by exit statuses and by asking the server whether
+our transaction committed (`pg_xact_status`), never by reading tool output for words.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import hashlib
+import logging
+import re
+import secrets
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Generator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Protocol, cast
+
+import psycopg
+import zstandard
+from isal import isal_zlib
+
+from . import toolchain
+from .backups import BackupManager
+from .database import NOTIFY_CHANNEL, Database, first_line
+from .errors import BackupError, DataLoss, FailedPrecondition, Internal, Unavailable
+from .jobs import Job, JobKind, JobSlot
+from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
+from .sqlfilter import SqlFilter, SqlFilterError
+from .store import ArchiveStore
+from .toolchain import Toolset
+
+_logger = logging.getLogger(__name__)
+
+#: Read size from the archive file and from pg_restore's pipe (large reads amortise Python's per-call cost).
+READ_SIZE = 1024 * 1024
+#: Largest piece of decompressed output produced at once, so memory stays flat however well data compresses.
+GZIP_OUTPUT_LIMIT = 4 * 1024 * 1024
+#: zstd's decompressobj has no output limit, so it gets small input slices instead: zstd compresses long
+#: runs of equal bytes up to ~32000:1, so 1 KiB of input bounds one output at ~32 MiB even for a crafted
+#: archive (an upload is untrusted), while real dumps compress 5-20:1 and lose nothing measurable.
+ZSTD_INPUT_SLICE = 1024
+#: How much of a plain archive to read before touching the database, to find pg_dump's header.
+HEAD_BYTES = 64 * 1024
+#: How long the preamble waits for locks the application holds before the restore gives up (and rolls back).
+DEFAULT_LOCK_TIMEOUT_SECONDS = 60.0
+#: How long to wait for the server to finish rolling back after psql ended without COMMIT.
+ROLLBACK_WAIT_SECONDS = 30.0
+PIPE_SIZE = 1024 * 1024
+_F_SETPIPE_SZ = 1031
+_PROGRESS_INTERVAL = 0.25
+
+#: isal's stub declares `error` as an instance; it is the exception class.
+_GZIP_ERROR = cast(type[Exception], isal_zlib.error)
+_DUMPED_BY_RE = re.compile(rb"Dumped by pg_dump version:? (\d+)(?:\.(\d+))?")
+#: First minor release of each major whose psql knows `\restrict` (August 2025 security releases).
+_RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
+
+#: Empties the database inside the restore's transaction. Runs before the archive, while search_path is
+#: still the default. The lock timeout makes a restore fail cleanly, rather than hang, when the
+#: application holds locks on what must be dropped; once dropped, everything the archive creates is ours.
+_PREAMBLE = r"""
+SET client_min_messages = warning;
+SET lock_timeout = '@LOCK_TIMEOUT_MS@ms';
+DO $aperture_backup$
+DECLARE
+    item record;
+    public_owner name;
+    public_acl aclitem[];
+BEGIN
+    -- Archives made with --no-owner --no-acl say nothing about the public schema's owner and privileges,
+    -- and the application's role depends on them: keep the ones this database has now.
+    SELECT pg_catalog.pg_get_userbyid(n.nspowner), n.nspacl INTO public_owner, public_acl
+    FROM pg_catalog.pg_namespace AS n WHERE n.nspname = 'public';
+
+    -- Event triggers first: the application's own would otherwise fire on every DDL statement below.
+    FOR item IN SELECT evtname FROM pg_catalog.pg_event_trigger LOOP
+        EXECUTE pg_catalog.format('DROP EVENT TRIGGER %I', item.evtname);
+    END LOOP;
+    FOR item IN SELECT pubname FROM pg_catalog.pg_publication LOOP
+        EXECUTE pg_catalog.format('DROP PUBLICATION %I', item.pubname);
+    END LOOP;
+    FOR item IN SELECT extname FROM pg_catalog.pg_extension WHERE extname <> 'plpgsql' LOOP
+        EXECUTE pg_catalog.format('DROP EXTENSION IF EXISTS %I CASCADE', item.extname);
+    END LOOP;
+    FOR item IN SELECT nspname FROM pg_catalog.pg_namespace
+                WHERE nspname NOT IN ('pg_catalog', 'information_schema')
+                  AND nspname !~ '^pg_(toast|temp_|toast_temp_)'
+    LOOP
+        EXECUTE pg_catalog.format('DROP SCHEMA IF EXISTS %I CASCADE', item.nspname);
+    END LOOP;
+    PERFORM pg_catalog.lo_unlink(m.oid) FROM pg_catalog.pg_largeobject_metadata AS m;
+
+    -- pg_dump never creates the public schema: it expects the one of a new database, with its standard
+    -- comment, and emits only differences from it.
+    CREATE SCHEMA public;
+    COMMENT ON SCHEMA public IS 'standard public schema';
+    IF public_owner IS NOT NULL AND public_owner <> current_user THEN
+        BEGIN
+            EXECUTE pg_catalog.format('ALTER SCHEMA public OWNER TO %I', public_owner);
+        EXCEPTION WHEN insufficient_privilege THEN
+            RAISE WARNING 'could not give the public schema back to %: %', public_owner, SQLERRM;
+        END;
+    END IF;
+    -- A new schema's ACL is NULL (owner only); spell the old one out again.
+    FOR item IN SELECT a.grantee, a.privilege_type, a.is_grantable
+                FROM pg_catalog.aclexplode(public_acl) AS a LOOP
+        EXECUTE pg_catalog.format('GRANT %s ON SCHEMA public TO %s%s', item.privilege_type,
+            CASE WHEN item.grantee = 0 THEN 'PUBLIC'
+                 ELSE pg_catalog.quote_ident(pg_catalog.pg_get_userbyid(item.grantee)) END,
+            CASE WHEN item.is_grantable THEN ' WITH GRANT OPTION' ELSE '' END);
+    END LOOP;
+END
+$aperture_backup$;
+"""
+
+#: Sent after the archive, before COMMIT: a hand-made archive may contain its own COMMIT or ROLLBACK,
+#: after which psql would go on in autocommit mode. The transaction-local token is gone then, and the
+#: server refuses to go on (the transaction ids written before and after the archive tell the rest).
+_FINAL_CHECK = r"""
+DO $aperture_backup$
+BEGIN
+    IF pg_catalog.current_setting('aperture_backup.restore_token', true) IS DISTINCT FROM '{token}' THEN
+        RAISE EXCEPTION 'the archive ended the restore''s transaction itself (it contains COMMIT or ROLLBACK)';
+    END IF;
+END
+$aperture_backup$;
+COMMIT;
+"""
+
+
+@dataclass(frozen=True)
+class RestoreResult:
+    """What a successful restore reports."""
+
+    restored: Backup
+    safety_backup: Backup | None
+    duration_seconds: float
+    notify_channel: str = NOTIFY_CHANNEL
+
+
+@dataclass(frozen=True)
+class ArchiveInfo:
+    """What the up-front check learnt about an archive."""
+
+    pg_dump_major: int | None
+    pg_dump_version: str
+
+
+# -- reading archives ------------------------------------------------------------------------------------
+
+
+class _Decompressor(Protocol):
+    def feed(self, data: bytes) -> Iterator[bytes]: ...
+    def end(self) -> None: ...
+
+
+class _Plain:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        yield data
+
+    def end(self) -> None:
+        pass
+
+
+class _Gzip:
+    """gzip through ISA-L, member after member (pigz and `cat a.gz b.gz` write several); the CRC of each
+    member is checked by the decompressor, a missing end is caught by `end()`."""
+
+    def __init__(self) -> None:
+        self._d = isal_zlib.decompressobj(wbits=31)
+        self._fed = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            while data:
+                if self._d.eof:
+                    # Bytes after a complete member must be another member; trailing garbage is corruption.
+                    self._d = isal_zlib.decompressobj(wbits=31)
+                    self._fed = False
+                self._fed = True
+                out = self._d.decompress(data, GZIP_OUTPUT_LIMIT)
+                if out:
+                    yield out
+                data = self._d.unused_data if self._d.eof else self._d.unconsumed_tail
+        except _GZIP_ERROR as exc:
+            raise DataLoss(f"the archive's gzip data is corrupt: {exc}") from None
+
+    def end(self) -> None:
+        if self._fed and not self._d.eof:
+            raise DataLoss("the archive's gzip data ends before its end: the file is truncated")
+
+
+class _Zstd:
+    def __init__(self) -> None:
+        self._dctx = zstandard.ZstdDecompressor()
+        self._d = self._dctx.decompressobj()
+        self._fed = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        view = memoryview(data)
+        try:
+            while view:
+                if self._d.eof:
+                    rest = bytes(self._d.unused_data) + bytes(view)
+                    self._d = self._dctx.decompressobj()
+                    view = memoryview(rest)
+                piece, view = view[:ZSTD_INPUT_SLICE], view[ZSTD_INPUT_SLICE:]
+                self._fed = True
+                out = self._d.decompress(piece)
+                if out:
+                    yield out
+                if self._d.eof and self._d.unused_data:
+                    rest = bytes(self._d.unused_data) + bytes(view)
+                    self._d = self._dctx.decompressobj()
+                    self._fed = False
+                    view = memoryview(rest)
+        except zstandard.ZstdError as exc:
+            raise DataLoss(f"the archive's zstd data is corrupt: {exc}") from None
+
+    def end(self) -> None:
+        if self._fed and not self._d.eof:
+            raise DataLoss("the archive's zstd data ends before its end: the file is truncated")
+
+
+def _decompressor(compression: Compression) -> _Decompressor:
+    if compression is Compression.GZIP:
+        return _Gzip()
+    if compression is Compression.ZSTD:
+        return _Zstd()
+    return _Plain()
+
+
+class ArchiveReader:
+    """Reads an archive once: hashes the bytes as they come from disk, decompresses them, and checks that
+    the compressed stream is intact and complete. `verify()` after the last chunk decides."""
+
+    def __init__(self, path: Path, compression: Compression, *, on_read: Callable[[int], None] | None = None):
+        self.path = path
+        self.compression = compression
+        self.bytes_read = 0
+        self.complete = False
+        self._sha256 = hashlib.sha256()
+        self._on_read = on_read
+
+    @property
+    def sha256(self) -> str:
+        return self._sha256.hexdigest()
+
+    def chunks(self, *, stop: threading.Event | None = None) -> Generator[bytes, None, None]:
+        """The decompressed content; raises DataLoss on a corrupt or truncated stream."""
+        decompressor = _decompressor(self.compression)
+        with open(self.path, "rb", buffering=0) as handle:
+            while True:
+                if stop is not None and stop.is_set():
+                    return
+                raw = handle.read(READ_SIZE)
+                if not raw:
+                    break
+                self._sha256.update(raw)
+                self.bytes_read += len(raw)
+                if self._on_read is not None:
+                    self._on_read(self.bytes_read)
+                yield from decompressor.feed(raw)
+        if self.bytes_read == 0:
+            raise DataLoss(f"the archive {self.path.name} is empty")
+        decompressor.end()
+        self.complete = True
+
+    def verify(self, expected_sha256: str) -> None:
+        """Raise unless the whole file was read intact and matches `expected_sha256` (when known)."""
+        if not self.complete:
+            raise Internal(f"the archive {self.path.name} was not read to its end")
+        if expected_sha256 and self.sha256 != expected_sha256.lower():
+            raise DataLoss(
+                f"the archive {self.path.name} does not match its manifest: SHA-256 is {self.sha256}, "
+                f"expected {expected_sha256}; the file is damaged, the database was left unchanged",
+                reason="CHECKSUM_MISMATCH",
+            )
+
+
+# -- child processes -------------------------------------------------------------------------------------
+
+
+class _StderrTail(threading.Thread):
+    """Keeps the last lines a tool writes to stderr, for the message shown to a person only."""
+
+    def __init__(self, stream: IO[bytes], name: str):
+        super().__init__(name=f"{name}-stderr", daemon=True)
+        self._stream = stream
+        self.lines: collections.deque[str] = collections.deque(maxlen=20)
+
+    def run(self) -> None:
+        for raw in self._stream:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.lines.append(line)
+
+    def summary(self, count: int = 3) -> str:
+        return "; ".join(list(self.lines)[-count:]) or "no message"
+
+
+def _enlarge_pipe(stream: IO[bytes] | None) -> None:
+    if stream is not None:
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(stream.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
+def _read_xid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+class _PsqlGone(Exception):
+    """psql stopped reading its input (it exited); its exit status says why."""
+
+
+def _supports_restrict(toolset: Toolset) -> bool:
+    if toolset.major >= 18:
+        return True
+    since = _RESTRICT_SINCE.get(toolset.major)
+    return since is not None and toolset.minor >= since
+
+
+class _PsqlSession:
+    """The one psql process a restore talks to. Opens the transaction and empties the database on start;
+    `commit()` sends the final check and COMMIT; `kill()` ends it without (PostgreSQL rolls back)."""
+
+    def __init__(self, toolset: Toolset, database: Database, workdir: Path, *, lock_timeout_seconds: float):
+        self._database = database
+        self._start_xid_file = workdir / "xid-start"
+        self._end_xid_file = workdir / "xid-end"
+        self._token = secrets.token_hex(16)
+        self._restrict_key = secrets.token_hex(16)
+        self.commit_sent = False
+        self.restricted = _supports_restrict(toolset)
+        command = [
+            toolset.tool("psql"),
+            "--no-psqlrc",
+            "--quiet",
+            "--no-align",
+            "--tuples-only",
+            "--set",
+            "ON_ERROR_STOP=1",
+            "--dbname",
+            database.child_conninfo(),
+        ]
+        self._proc = subprocess.Popen(
+            command,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            env=database.child_env(),
+        )
+        if self._proc.stdin is None or self._proc.stderr is None:  # pragma: no cover - PIPE gives streams
+            raise Internal("psql started without pipes")
+        self._stdin = self._proc.stdin
+        _enlarge_pipe(self._stdin)
+        self.stderr = _StderrTail(self._proc.stderr, "psql")
+        self.stderr.start()
+        prologue = (
+            "BEGIN;\n"
+            # Our transaction id, into a file of ours: after psql ends, the server says whether it committed.
+            f"SELECT pg_catalog.pg_current_xact_id() \\g '{self._start_xid_file}'\n"
+            f"SELECT pg_catalog.set_config('aperture_backup.restore_token', '{self._token}', true);\n"
+            + _PREAMBLE.replace("@LOCK_TIMEOUT_MS@", str(max(1, int(lock_timeout_seconds * 1000))))
+        )
+        if self.restricted:
+            # From here on psql refuses every backslash command (`\!` would run a shell command): an
+            # archive, perhaps uploaded, is data, not a script allowed to touch this machine.
+            prologue += f"\\restrict {self._restrict_key}\n"
+        self.write(prologue.encode())
+
+    def write(self, data: bytes) -> None:
+        if not data:
+            return
+        try:
+            self._stdin.write(data)
+        except (BrokenPipeError, ValueError):
+            raise _PsqlGone from None
+        except OSError as exc:
+            if exc.errno == errno.EPIPE:
+                raise _PsqlGone from None
+            raise
+
+    def commit(self) -> None:
+        """After the archive: record the transaction id again (the same one unless the archive ended our
+        transaction), check the token, COMMIT."""
+        # A newline first: the archive's last line may lack one.
+        epilogue = "\n"
+        if self.restricted:
+            epilogue += f"\\unrestrict {self._restrict_key}\n"
+        epilogue += f"SELECT pg_catalog.pg_current_xact_id() \\g '{self._end_xid_file}'\n"
+        self.write((epilogue + _FINAL_CHECK.format(token=self._token)).encode())
+        self.commit_sent = True
+        self.close_input()
+
+    def close_input(self) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            self._stdin.close()
+
+    def kill(self) -> None:
+        self.close_input()
+        _kill(self._proc)
+
+    def wait(self) -> int:
+        self.close_input()
+        returncode = self._proc.wait()
+        self.stderr.join(5)
+        return returncode
+
+    @property
+    def start_xid(self) -> int | None:
+        """Id of the restore's transaction; None when psql never got that far."""
+        return _read_xid(self._start_xid_file)
+
+    @property
+    def end_xid(self) -> int | None:
+        """Transaction id after the archive ran; None when psql never got there."""
+        return _read_xid(self._end_xid_file)
+
+    def transaction_status(self, *, settle: bool) -> str | None:
+        """'committed', 'aborted' or 'in progress' for our transaction; None when psql never got that far.
+        With `settle`, wait (bounded) while the server is still rolling back a closed session."""
+        xid = self.start_xid
+        if xid is None:
+            return None
+        deadline = time.monotonic() + (ROLLBACK_WAIT_SECONDS if settle else 0.0)
+        while True:
+            try:
+                with self._database.connect() as conn:
+                    row = conn.execute("SELECT pg_catalog.pg_xact_status(%s::text::xid8)", (str(xid),)).fetchone()
+            except (Unavailable, psycopg.Error) as exc:
+                _logger.warning("cannot ask the server about the restore's transaction %d: %s", xid, exc)
+                return None
+            status = str(row[0]) if row and row[0] is not None else None
+            if status != "in progress" or time.monotonic() >= deadline:
+                return status
+            time.sleep(0.1)
+
+
+# -- the domain ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _SafetyBackupJob(Job):
+    """The safety backup runs inside the restore's job: its progress shows as phase "safety_backup"."""
+
+    parent: Job | None = None
+
+    def update(self, *, progress: Progress | None = None, backup: Backup | None = None) -> None:
+        super().update(progress=progress, backup=backup)
+        if self.parent is None:
+            return
+        forwarded = None
+        if progress is not None:
+            forwarded = dataclasses.replace(
+                progress,
+                phase="safety_backup",
+                elapsed_seconds=self.parent.elapsed(),
+                message=progress.message or f"safety backup: {progress.phase}",
+            )
+        self.parent.update(progress=forwarded, backup=backup)
+
+
+class RestoreManager:
+    """Restores archives of the store into the configured database."""
+
+    def __init__(
+        self,
+        store: ArchiveStore,
+        database: Database,
+        slot: JobSlot,
+        backups: BackupManager,
+        *,
+        pg_bin_dir: Path | None = None,
+    ):
+        self.store = store
+        self.database = database
+        self.slot = slot
+        self.backups = backups
+        self._pg_bin_dir = pg_bin_dir
+        self.lock_timeout_seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
+
+    def start_restore(self, backup_id: str, *, skip_safety_backup: bool) -> Job:
+        """Start restoring a stored backup in its own thread. Raises at once (before any job starts) for a
+        bad id, an unknown backup, one that is not READY, or while another job runs."""
+        backup = self.restorable(backup_id)
+        job = Job(kind=JobKind.RESTORE, trigger=Trigger.MANUAL, description=f"a restore of {backup.id}", backup=backup)
+
+        def body(job: Job) -> RestoreResult:
+            with self.database.job_lock(job.description), self.store.pinned(backup.id):
+                # Again, now that it is pinned: a Delete may have come between the request and the pin.
+                pinned = self.restorable(backup.id)
+                return self.restore_stored(job, pinned, skip_safety_backup=skip_safety_backup)
+
+        return self.slot.start(job, body)
+
+    def restorable(self, backup_id: str) -> Backup:
+        """The backup, or NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION when it cannot be restored."""
+        backup = self.backups.get(backup_id)
+        if backup.state is State.CREATING:
+            raise FailedPrecondition(
+                f"backup {backup.id} is still being created; wait for it to finish", reason="BACKUP_IN_PROGRESS"
+            )
+        if backup.state is State.FAILED:
+            raise FailedPrecondition(
+                f"backup {backup.id} failed and holds no archive to restore ({backup.error or 'no reason recorded'})",
+                reason="BACKUP_FAILED",
+            )
+        return backup
+
+    def restore_stored(self, job: Job, backup: Backup, *, skip_safety_backup: bool) -> RestoreResult:
+        """Check the archive, take the safety backup, restore, notify. The caller holds the job slot, the
+        database lock and a pin on `backup` (UploadAndRestore calls this after storing the upload)."""
+        started = time.monotonic()
+        path = self.store.path_of(backup.id)
+        info = self.database.server_info()
+        toolset = toolchain.choose(info.major, toolchain.discover(self._pg_bin_dir))
+        job.update(progress=Progress(phase="verifying", bytes_total=backup.size_bytes, elapsed_seconds=job.elapsed()))
+        self.inspect(path, backup.kind, server_major=info.major, toolset=toolset)
+
+        with contextlib.ExitStack() as stack:
+            safety = None
+            if not skip_safety_backup:
+                safety = self._safety_backup(job)
+                stack.enter_context(self.store.pinned(safety.id))
+                job.update(backup=backup)
+            self.restore_file(job, path, backup.kind, expected_sha256=backup.sha256, toolset=toolset)
+        try:
+            self.database.notify_restored(backup.id)
+        except (Unavailable, psycopg.Error) as exc:
+            # The restore is committed; a lost notification must not turn it into a failure.
+            _logger.warning("restored %s but could not send NOTIFY %s: %s", backup.id, NOTIFY_CHANNEL, exc)
+        result = RestoreResult(restored=backup, safety_backup=safety, duration_seconds=time.monotonic() - started)
+        _logger.info(
+            "restored %s into %s in %.1f s (safety backup: %s)",
+            backup.id,
+            self.database.describe(),
+            result.duration_seconds,
+            safety.id if safety else "skipped",
+        )
+        job.update(
+            progress=Progress(
+                phase="done", bytes_done=backup.size_bytes, bytes_total=backup.size_bytes, elapsed_seconds=job.elapsed()
+            )
+        )
+        return result
+
+    def _safety_backup(self, job: Job) -> Backup:
+        safety_job = _SafetyBackupJob(
+            kind=JobKind.BACKUP,
+            trigger=Trigger.PRE_RESTORE,
+            description="the safety backup before a restore",
+            cancel=job.cancel,
+            parent=job,
+        )
+        try:
+            return self.backups.dump_into_store(safety_job, DEFAULT_KIND, Trigger.PRE_RESTORE)
+        except BackupError as exc:
+            raise type(exc)(
+                f"the safety backup failed, so the restore did not run: {exc}", reason=exc.reason, metadata=exc.metadata
+            ) from exc
+
+    # -- checking an archive before touching the database ----------------------------------------------
+
+    def inspect(self, path: Path, kind: ArchiveKind, *, server_major: int, toolset: Toolset) -> ArchiveInfo:
+        """Refuse, before the database is touched, an archive this server cannot load: one made by a newer
+        pg_dump major (pg_dump 18 writes `SET transaction_timeout`, which 15 and 16 reject), or one the
+        chosen pg_restore cannot read. Also catches a corrupt start of a compressed file."""
+        if kind.format is Format.CUSTOM:
+            text = self._pg_restore_list(path, kind, toolset)
+        else:
+            text = self._head(path, kind.compression)
+        match = _DUMPED_BY_RE.search(text)
+        if match is None:
+            # Hand-written SQL has no pg_dump header; the restore itself will tell whether it loads.
+            return ArchiveInfo(pg_dump_major=None, pg_dump_version="")
+        major = int(match.group(1))
+        version = match.group(1).decode() + (f".{match.group(2).decode()}" if match.group(2) else "")
+        if major > server_major:
+            raise FailedPrecondition(
+                f"archive {path.name} was made by pg_dump {version}, newer than this PostgreSQL {server_major} "
+                f"server; it uses settings PostgreSQL {server_major} rejects (pg_dump 18 writes "
+                f"SET transaction_timeout, for one). Restore it into a PostgreSQL {major} or newer server, or "
+                f"make the backup with pg_dump {server_major}",
+                reason="ARCHIVE_TOO_NEW",
+                metadata={"archive_pg_dump_version": version, "server_major": str(server_major)},
+            )
+        return ArchiveInfo(pg_dump_major=major, pg_dump_version=version)
+
+    def _head(self, path: Path, compression: Compression) -> bytes:
+        head = bytearray()
+        chunks = ArchiveReader(path, compression).chunks()
+        try:
+            for chunk in chunks:
+                head += chunk
+                if len(head) >= HEAD_BYTES:
+                    break
+        finally:
+            chunks.close()
+        return bytes(head[:HEAD_BYTES])
+
+    def _pg_restore_list(self, path: Path, kind: ArchiveKind, toolset: Toolset) -> bytes:
+        """`pg_restore --list`: it reads only the archive's header and table of contents."""
+        with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+            # Output to files, not pipes: pg_restore prints while we may still be writing its stdin.
+            source = str(path) if kind.compression is Compression.NONE else "-"
+            proc = subprocess.Popen(
+                [toolset.tool("pg_restore"), "--list", source],
+                stdin=subprocess.PIPE if source == "-" else subprocess.DEVNULL,
+                stdout=out,
+                stderr=err,
+            )
+            try:
+                if proc.stdin is not None:
+                    chunks = ArchiveReader(path, kind.compression).chunks()
+                    try:
+                        for chunk in chunks:
+                            proc.stdin.write(chunk)
+                    except BrokenPipeError:
+                        pass  # it has read the table of contents and exited
+                    finally:
+                        chunks.close()
+                        with contextlib.suppress(BrokenPipeError):
+                            proc.stdin.close()
+                returncode = proc.wait(timeout=300)
+            except BaseException:
+                _kill(proc)
+                raise
+            out.seek(0)
+            err.seek(0)
+            listing, errors = out.read(), err.read().decode("utf-8", "replace").strip()
+        if returncode != 0:
+            raise FailedPrecondition(
+                f"pg_restore {toolset.version} cannot read archive {path.name} (exit status {returncode}): "
+                f"{first_line(errors) or 'no message'}; it may be damaged or made by a newer pg_dump",
+                reason="ARCHIVE_UNREADABLE",
+            )
+        return listing
+
+    # -- loading -----------------------------------------------------------------------------------------
+
+    def restore_file(
+        self,
+        job: Job,
+        path: Path,
+        kind: ArchiveKind,
+        *,
+        expected_sha256: str = "",
+        toolset: Toolset | None = None,
+    ) -> None:
+        """Load `path` into the database in one transaction, replacing everything in it; commit only when
+        the archive read intact (and matches `expected_sha256`, when given). Raises on any failure, after
+        the server has rolled back. The caller holds the job slot and the database lock, and has
+        `inspect`ed the archive."""
+        if toolset is None:
+            toolset = toolchain.choose(self.database.server_info().major, toolchain.discover(self._pg_bin_dir))
+        total = path.stat().st_size
+        last_report = [0.0]
+
+        def on_read(done: int) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= _PROGRESS_INTERVAL or done >= total:
+                last_report[0] = now
+                job.update(
+                    progress=Progress(
+                        phase="restoring", bytes_done=done, bytes_total=total, elapsed_seconds=job.elapsed()
+                    )
+                )
+
+        on_read(0)
+        reader = ArchiveReader(path, kind.compression, on_read=on_read)
+        _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
+        with tempfile.TemporaryDirectory(prefix="aperture-restore-") as workdir:
+            session = _PsqlSession(
+                toolset, self.database, Path(workdir), lock_timeout_seconds=self.lock_timeout_seconds
+            )
+            sql_filter = SqlFilter(drop_restrict=session.restricted)
+            try:
+                try:
+                    if kind.format is Format.CUSTOM:
+                        self._feed_custom(job, reader, session, sql_filter, toolset)
+                    else:
+                        self._feed_plain(job, reader, session, sql_filter)
+                    reader.verify(expected_sha256)
+                    session.commit()
+                except _PsqlGone:
+                    pass  # psql stopped at an error; its exit status and the server tell the rest
+                except SqlFilterError as exc:
+                    raise DataLoss(f"{exc}; the database was left unchanged", reason="ARCHIVE_INVALID") from None
+            except BaseException:
+                session.kill()
+                session.transaction_status(settle=True)  # return only once the rollback is done
+                raise
+            returncode = session.wait()
+            status = session.transaction_status(settle=not session.commit_sent or returncode != 0)
+            self._judge(session, returncode, status)  # while the transaction id files still exist
+
+    @staticmethod
+    def _judge(session: _PsqlSession, returncode: int, status: str | None) -> None:
+        """Success only when our COMMIT committed the very transaction that ran the preamble and the whole
+        archive: the server says it committed, and it was still the current one after the archive."""
+        start, end = session.start_xid, session.end_xid
+        own_transaction = start is not None and end == start
+        if status == "committed" and session.commit_sent and own_transaction:
+            if returncode != 0:  # e.g. the connection broke after COMMIT was processed
+                _logger.warning("psql exited with status %d after the restore committed", returncode)
+            return
+        detail = session.stderr.summary()
+        if status == "committed" or (end is not None and not own_transaction):
+            raise FailedPrecondition(
+                "the archive ended the restore's transaction itself (it contains COMMIT or ROLLBACK), so it "
+                "cannot be restored atomically; the database may hold part of it: restore the safety backup "
+                f"(psql exit status {returncode}: {detail})",
+                reason="ARCHIVE_NOT_ATOMIC",
+            )
+        if status is None and returncode == 0:
+            raise Internal(f"the restore ended without a transaction status (psql: {detail})")
+        if session.commit_sent and returncode == 0:
+            raise Internal(f"psql reported success but the restore's transaction is {status}: {detail}")
+        raise FailedPrecondition(
+            f"the archive could not be loaded (psql exit status {returncode}): {detail}; the restore was rolled "
+            "back and the database is unchanged",
+            reason="RESTORE_FAILED",
+        )
+
+    def _feed_plain(self, job: Job, reader: ArchiveReader, session: _PsqlSession, sql_filter: SqlFilter) -> None:
+        for chunk in reader.chunks():
+            _check_cancel(job)
+            for piece in sql_filter.feed(chunk):
+                session.write(piece)
+        session.write(sql_filter.finish())
+
+    def _feed_custom(
+        self, job: Job, reader: ArchiveReader, session: _PsqlSession, sql_filter: SqlFilter, toolset: Toolset
+    ) -> None:
+        """pg_restore turns the archive into SQL (with --no-owner --no-acl, like Aperture's own dumps, and
+        without --single-transaction, so its output is shaped exactly like a plain dump). The archive is
+        fed to its stdin by a thread, so the file is read, hashed and checked once."""
+        proc = subprocess.Popen(
+            [toolset.tool("pg_restore"), "--no-owner", "--no-acl", "--exit-on-error", "--file", "-"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+        if proc.stdin is None or proc.stdout is None or proc.stderr is None:  # pragma: no cover
+            raise Internal("pg_restore started without pipes")
+        _enlarge_pipe(proc.stdin)
+        _enlarge_pipe(proc.stdout)
+        stderr = _StderrTail(proc.stderr, "pg_restore")
+        stderr.start()
+        stop = threading.Event()
+        feeder = _Feeder(reader, proc.stdin, stop)
+        feeder.start()
+        buffer = bytearray(READ_SIZE)
+        view = memoryview(buffer)
+        try:
+            while True:
+                _check_cancel(job)
+                n = proc.stdout.readinto(view)  # type: ignore[attr-defined]
+                if not n:
+                    break
+                for piece in sql_filter.feed(view[:n]):
+                    session.write(piece)
+            returncode = proc.wait()
+            feeder.join()
+            stderr.join(5)
+        except BaseException:
+            stop.set()
+            _kill(proc)
+            feeder.join()
+            raise
+        if feeder.error is not None:
+            raise feeder.error
+        if returncode != 0:
+            raise DataLoss(
+                f"pg_restore {toolset.version} could not read the archive (exit status {returncode}): "
+                f"{stderr.summary()}; the database was left unchanged",
+                reason="ARCHIVE_CORRUPT",
+            )
+        session.write(sql_filter.finish())
+
+
+class _Feeder(threading.Thread):
+    """Copies the decompressed archive into pg_restore's stdin. When pg_restore stops reading early, the
+    rest of the file is still read (not written), so that the checksum covers every byte."""
+
+    def __init__(self, reader: ArchiveReader, sink: IO[bytes], stop: threading.Event):
+        super().__init__(name="restore-feeder", daemon=True)
+        self._reader = reader
+        self._sink = sink
+        self._halt = stop
+        self.error: BackupError | None = None
+
+    def run(self) -> None:
+        writing = True
+        try:
+            for chunk in self._reader.chunks(stop=self._halt):
+                if writing:
+                    try:
+                        self._sink.write(chunk)
+                    except BrokenPipeError:
+                        writing = False
+        except BackupError as exc:
+            self.error = exc
+        except OSError as exc:
+            self.error = Internal(f"reading the archive failed: {exc}")
+        finally:
+            with contextlib.suppress(OSError):
+                self._sink.close()
+
+
+def _check_cancel(job: Job) -> None:
+    if job.cancel.is_set():
+        raise Internal("the restore was cancelled: the service is shutting down", reason="CANCELLED")

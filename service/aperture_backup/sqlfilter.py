@@ -1,0 +1,183 @@
+"""Streaming filter for pg_dump's plain SQL (and `pg_restore -f` output) on its way into one psql session.
+
+A restore runs the whole archive inside one transaction that only we commit. pg_dump wraps large-object
+data in its own `BEGIN;` ... `COMMIT;`; left in, that COMMIT would commit everything before it and a later
+error would leave a half-restored database. So this filter removes exactly that pair: a `BEGIN;` line that
+is the first statement after a TOC header of type `BLOBS` (pg_dump 9.0-18 prints
+`-- Data for Name: BLOBS; Type: BLOBS; ...`, 17+ names the range: `-- Data for Name: 900001..900006;
+Type: BLOBS; ...`; `LARGE OBJECTS` is accepted too) and the `COMMIT;` line that closes it. Between the two
+only pg_dump's `lo_open`/`lowrite`/`lo_close` calls may appear; anything else is refused rather than guessed at.
+
+Everything else passes through byte for byte. `BEGIN;`/`COMMIT;` lines anywhere else (function bodies,
+procedures) are never touched, because removal is anchored on the header. COPY data (`COPY ... FROM stdin;`
+up to the line `\\.`) is passed on without looking at its lines: the terminator is found with
+`bytes.find`, so the cost of a multi-gigabyte table is a few C-level scans, not a Python loop per row.
+
+Optionally the archive's own `\\restrict KEY` / `\\unrestrict KEY` lines are dropped: the restore puts psql
+into restricted mode itself, with its own key, before the archive starts, and psql refuses a second
+`\\restrict`.
+"""
+
+from __future__ import annotations
+
+import re
+from enum import Enum
+
+__all__ = ["SqlFilter", "SqlFilterError"]
+
+#: A pg_dump TOC header line, e.g. `-- Data for Name: BLOBS; Type: BLOBS; Schema: -; Owner: -`.
+_HEADER_RE = re.compile(rb"^-- (?:Data for )?Name: .*; Type: (?P<type>[^;]*); Schema: ")
+_LARGE_OBJECT_TYPES = frozenset({b"BLOBS", b"LARGE OBJECTS"})
+#: What pg_dump writes between the BEGIN and COMMIT of large-object data: lo_open, lowrite, lo_close.
+_LARGE_OBJECT_CALLS = (b"SELECT pg_catalog.lo_open(", b"SELECT pg_catalog.lowrite(", b"SELECT pg_catalog.lo_close(")
+_RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict [A-Za-z0-9]+\r?$")
+_COPY_TERMINATOR = b"\\.\n"
+
+
+class SqlFilterError(ValueError):
+    """The SQL is not shaped like pg_dump output where the filter must understand it (truncated COPY data,
+    foreign statements inside large-object data)."""
+
+
+class _State(Enum):
+    SQL = "sql"
+    COPY = "copy"
+    LARGE_OBJECTS = "large objects"
+
+
+class SqlFilter:
+    """Push-based: `feed(chunk)` returns the bytes to pass on (in order), `finish()` the rest. Raises
+    SqlFilterError when the input cannot be restored atomically or ends in the middle of data."""
+
+    def __init__(self, *, drop_restrict: bool = False):
+        self._drop_restrict = drop_restrict
+        self._buf = bytearray()
+        self._state = _State.SQL
+        #: TOC type of the last header seen, until the first statement after it.
+        self._pending_type: bytes | None = None
+        #: Index in `_buf` where the current COPY's data starts, while that start is still buffered.
+        self._copy_start = -1
+        self._copy_table = b""
+        self._line = 0  # lines fully consumed, for messages
+        self.large_object_sections = 0
+
+    # -- public ---------------------------------------------------------------------------------------
+
+    def feed(self, data: bytes | memoryview) -> list[bytes]:
+        self._buf += data
+        out: list[bytes] = []
+        pos = 0
+        while True:
+            if self._state is _State.COPY:
+                pos, done = self._copy(pos, out)
+            else:
+                pos, done = self._lines(pos, out, final=False)
+            if not done:
+                break
+        self._compact(pos)
+        return out
+
+    def finish(self) -> bytes:
+        """The last bytes; raises when the input ended inside COPY data or large-object data."""
+        out: list[bytes] = []
+        pos = 0
+        if self._state is not _State.COPY:
+            pos, _ = self._lines(pos, out, final=True)
+        if self._state is _State.COPY:
+            raise SqlFilterError(
+                f"the archive ends inside the data of {self._copy_table.decode(errors='replace')} (line "
+                f"{self._line + 1}): it is truncated"
+            )
+        if self._state is _State.LARGE_OBJECTS:
+            raise SqlFilterError(f"the archive ends inside large-object data (line {self._line + 1}): it is truncated")
+        self._compact(pos)
+        return b"".join(out)
+
+    # -- states ---------------------------------------------------------------------------------------
+
+    def _copy(self, pos: int, out: list[bytes]) -> tuple[int, bool]:
+        """Pass COPY data through up to and including its terminator line; (new pos, terminator found)."""
+        buf = self._buf
+        search = pos
+        while True:
+            idx = buf.find(_COPY_TERMINATOR, search)
+            if idx < 0:
+                # Keep back what could be the start of a terminator split across chunks, plus the byte
+                # before it (a terminator must start a line).
+                keep = max(pos, len(buf) - len(_COPY_TERMINATOR))
+                if keep > pos:
+                    out.append(bytes(buf[pos:keep]))
+                    self._line += buf.count(b"\n", pos, keep)
+                    if self._copy_start >= 0 and keep > self._copy_start:
+                        self._copy_start = -1
+                return keep, False
+            if idx == self._copy_start or (idx > 0 and buf[idx - 1] == 0x0A):
+                end = idx + len(_COPY_TERMINATOR)
+                out.append(bytes(buf[pos:end]))
+                self._line += buf.count(b"\n", pos, end)
+                self._state = _State.SQL
+                self._copy_start = -1
+                return end, True
+            search = idx + 1
+
+    def _lines(self, pos: int, out: list[bytes], *, final: bool) -> tuple[int, bool]:
+        """Handle whole lines in SQL and large-object state; (new pos, switched to COPY)."""
+        buf = self._buf
+        emit_from = pos
+        while True:
+            nl = buf.find(b"\n", pos)
+            if nl < 0:
+                if not final or pos >= len(buf):
+                    break
+                nl = len(buf)  # last line without a newline
+            end = min(nl + 1, len(buf))
+            line = bytes(buf[pos:nl]).rstrip(b"\r")
+            keep = self._line_kept(line)
+            self._line += 1
+            if not keep:
+                out.append(bytes(buf[emit_from:pos]))
+                emit_from = end
+            pos = end
+            if self._state is _State.COPY:
+                self._copy_start = pos
+                out.append(bytes(buf[emit_from:pos]))
+                return pos, True
+        if pos > emit_from:
+            out.append(bytes(buf[emit_from:pos]))
+        return pos, False
+
+    def _line_kept(self, line: bytes) -> bool:
+        """Look at one line outside COPY data; update the state; False when the line must be dropped."""
+        if self._state is _State.LARGE_OBJECTS:
+            if line == b"COMMIT;":
+                self._state = _State.SQL
+                return False
+            if not line or line.startswith(_LARGE_OBJECT_CALLS):
+                return True
+            raise SqlFilterError(
+                f"unexpected statement in large-object data at line {self._line + 1}: {line[:80]!r}; "
+                "the archive is not what pg_dump writes and cannot be restored atomically"
+            )
+        if self._pending_type is not None and line and not line.startswith(b"--"):
+            toc_type, self._pending_type = self._pending_type, None
+            if toc_type in _LARGE_OBJECT_TYPES and line == b"BEGIN;":
+                self._state = _State.LARGE_OBJECTS
+                self.large_object_sections += 1
+                return False
+            if toc_type == b"TABLE DATA" and line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
+                self._state = _State.COPY
+                self._copy_table = line.split(b" ", 2)[1]
+                return True
+        if line.startswith(b"-- "):
+            header = _HEADER_RE.match(line)
+            if header is not None:
+                self._pending_type = header.group("type")
+        elif self._drop_restrict and line.startswith(b"\\") and _RESTRICT_RE.match(line):
+            return False
+        return True
+
+    def _compact(self, pos: int) -> None:
+        if pos:
+            del self._buf[:pos]
+            if self._copy_start >= 0:
+                self._copy_start -= pos

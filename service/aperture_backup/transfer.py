@@ -1,0 +1,630 @@
+"""Moving archives in and out of the service: downloads in chunks that can resume at an offset, and uploads
+that are checked while they arrive and stored (and, when asked, restored) only once every check passed.
+
+Memory stays flat however large the archive: a download reads one chunk at a time from disk; an upload
+keeps at most the first `archive_format.SNIFF_BYTES` (to recognise the archive before anything is written)
+and one chunk, and checks a compressed stream with a decompressor whose output is bounded and thrown away.
+
+Every refused upload leaves nothing behind: no temporary file, no manifest, no listed backup, and the
+database was never touched (the restore only starts once the archive is committed as a READY backup).
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import errno
+import hashlib
+import logging
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO, Protocol, cast
+
+import zstandard
+from isal import isal_zlib
+
+from . import archive_format, toolchain
+from .database import Database, first_line
+from .errors import (
+    BackupError,
+    DataLoss,
+    FailedPrecondition,
+    Internal,
+    InvalidArgument,
+    JobRunning,
+    NotFound,
+    OutOfRange,
+    ResourceExhausted,
+)
+from .jobs import Job, JobKind, JobSlot
+from .model import Backup, Compression, Format, Progress, State, Trigger
+from .restore import RestoreManager, RestoreResult
+from .store import ArchiveStore, ArchiveWriter
+
+_logger = logging.getLogger(__name__)
+
+#: Download chunk size when the caller leaves it at 0, and the largest one allowed. The server's message
+#: limit is 8 MiB (server.py), so 4 MiB leaves ample room for the message around the data.
+DEFAULT_CHUNK_SIZE = 1024 * 1024
+MAX_CHUNK_SIZE = 4 * 1024 * 1024
+#: Read size when hashing a file without a manifest.
+HASH_READ_SIZE = 1024 * 1024
+#: An upload reports progress after at least this many bytes (and once more at the end).
+PROGRESS_EVERY_BYTES = 4 * 1024 * 1024
+#: Largest piece of decompressed output a gzip check produces at once.
+GZIP_OUTPUT_LIMIT = 4 * 1024 * 1024
+#: zstd's decompressobj cannot limit its output, so it gets small input slices: a zstd RLE block turns
+#: 4 bytes into 128 KiB, so 1 KiB of hostile input yields at most ~32 MiB (measured: a zstd bomb of
+#: 1 GiB of zeros peaked at exactly 32 MiB per 1 KiB slice). Real dumps decompress at ~150 MB/s this way.
+ZSTD_INPUT_SLICE = 1024
+#: How much of the uploaded file's name is kept for logs and progress messages.
+MAX_FILENAME_SHOWN = 200
+#: Bound on how long the full read of a custom-format archive by pg_restore may take.
+PG_RESTORE_CHECK_TIMEOUT = 3600
+
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+#: isal's stub declares `error` as an instance; it is the exception class.
+_GZIP_ERROR = cast(type[Exception], isal_zlib.error)
+
+
+# -- what the servicer passes in and gets back ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DownloadChunk:
+    """One piece of a download. The first piece carries the backup (size, SHA-256) and may have no data."""
+
+    offset: int
+    data: bytes
+    backup: Backup | None = None
+
+
+@dataclass(frozen=True)
+class UploadMetadata:
+    """The first message of an upload."""
+
+    filename: str
+    size_bytes: int
+    sha256: str = ""
+    restore: bool = False
+    skip_safety_backup: bool = False
+
+
+@dataclass(frozen=True)
+class UploadChunk:
+    """Every later message of an upload."""
+
+    offset: int
+    data: bytes
+
+
+UploadMessage = UploadMetadata | UploadChunk
+
+
+@dataclass(frozen=True)
+class UploadEvent:
+    """One progress message of an upload; `backup` once it is stored, `result` when the restore succeeded."""
+
+    progress: Progress
+    backup: Backup | None = None
+    result: RestoreResult | None = None
+
+
+# -- checking a compressed stream as it arrives ----------------------------------------------------------
+
+
+class StreamCheck(Protocol):
+    """Decompresses a stream fed piece by piece; raises DataLoss when it is corrupt (`feed`) or ends
+    before its end (`end`)."""
+
+    def feed(self, data: bytes) -> Iterator[bytes]: ...
+    def end(self) -> None: ...
+
+
+class _NoCheck:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        yield data
+
+    def end(self) -> None:
+        pass
+
+
+class _GzipCheck:
+    """gzip through ISA-L, member after member (pigz and `cat a.gz b.gz` write several). The decompressor
+    checks each member's CRC and length; a stream without its last trailer is truncated."""
+
+    def __init__(self) -> None:
+        self._d = isal_zlib.decompressobj(wbits=31)
+        self._fed = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            while data:
+                if self._d.eof:
+                    # Bytes after a complete member must be another member; anything else is corruption.
+                    self._d = isal_zlib.decompressobj(wbits=31)
+                self._fed = True
+                out = self._d.decompress(data, GZIP_OUTPUT_LIMIT)
+                if out:
+                    yield out
+                data = self._d.unused_data if self._d.eof else self._d.unconsumed_tail
+        except _GZIP_ERROR as exc:
+            raise DataLoss(f"the archive's gzip data is corrupt: {exc}", reason="ARCHIVE_CORRUPT") from None
+
+    def end(self) -> None:
+        if self._fed and not self._d.eof:
+            raise DataLoss(
+                "the archive's gzip data stops before its end (no gzip trailer): the file is truncated",
+                reason="ARCHIVE_TRUNCATED",
+            )
+
+
+class _ZstdCheck:
+    """zstd, frame after frame, in small input slices so that output stays bounded (see ZSTD_INPUT_SLICE)."""
+
+    def __init__(self) -> None:
+        self._dctx = zstandard.ZstdDecompressor()
+        self._d = self._dctx.decompressobj()
+        self._fed = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        view = memoryview(data)
+        try:
+            while view:
+                if self._d.eof:
+                    rest = bytes(self._d.unused_data) + bytes(view)
+                    self._d = self._dctx.decompressobj()
+                    view = memoryview(rest)
+                piece, view = view[:ZSTD_INPUT_SLICE], view[ZSTD_INPUT_SLICE:]
+                self._fed = True
+                out = self._d.decompress(piece)
+                if out:
+                    yield out
+        except zstandard.ZstdError as exc:
+            raise DataLoss(f"the archive's zstd data is corrupt: {exc}", reason="ARCHIVE_CORRUPT") from None
+
+    def end(self) -> None:
+        if self._fed and not self._d.eof:
+            raise DataLoss(
+                "the archive's zstd data stops before the end of its frame: the file is truncated",
+                reason="ARCHIVE_TRUNCATED",
+            )
+
+
+def stream_check(compression: Compression) -> StreamCheck:
+    if compression is Compression.GZIP:
+        return _GzipCheck()
+    if compression is Compression.ZSTD:
+        return _ZstdCheck()
+    return _NoCheck()
+
+
+def _drain(pieces: Iterator[bytes]) -> None:
+    """Run a check over data whose decompressed content nobody needs."""
+    collections.deque(pieces, maxlen=0)
+
+
+# -- an upload on its way to disk ------------------------------------------------------------------------
+
+
+class _Incoming:
+    """The bytes of one upload: the header kept until the archive is recognised, then a temporary file of
+    the store, hashed, counted and checked as each chunk arrives."""
+
+    def __init__(self, store: ArchiveStore, metadata: UploadMetadata):
+        self.store = store
+        self.metadata = metadata
+        self.received = 0
+        self.sha256 = hashlib.sha256()
+        self.writer: ArchiveWriter | None = None
+        self._header = bytearray()
+        self._check: StreamCheck = _NoCheck()
+
+    def add(self, chunk: UploadChunk) -> None:
+        if chunk.offset != self.received:
+            raise InvalidArgument(
+                f"chunk at offset {chunk.offset} arrived where offset {self.received} was expected: chunks must "
+                "arrive in order, without gaps or overlaps",
+                reason="CHUNK_OUT_OF_ORDER",
+                metadata={"expected_offset": str(self.received), "offset": str(chunk.offset)},
+            )
+        if self.received + len(chunk.data) > self.metadata.size_bytes:
+            raise InvalidArgument(
+                f"the upload carries more bytes than the {self.metadata.size_bytes} declared in its metadata",
+                reason="UPLOAD_SIZE_MISMATCH",
+                metadata={"declared_size_bytes": str(self.metadata.size_bytes)},
+            )
+        self.received += len(chunk.data)
+        self.sha256.update(chunk.data)
+        if self.writer is None:
+            self._header += chunk.data
+            if len(self._header) >= archive_format.SNIFF_BYTES:
+                self._recognise()
+        else:
+            self._write(self.writer, chunk.data)
+
+    def finish(self) -> ArchiveWriter:
+        """The client closed its side: the archive must be complete, match its checksum and read to the end.
+        Returns the writer holding it (its backup knows the archive's kind)."""
+        if self.received < self.metadata.size_bytes:
+            # DATA_LOSS, not INVALID_ARGUMENT: bytes the caller announced never arrived (an interrupted
+            # client, a cut connection), the same verdict as for a truncated archive file.
+            raise DataLoss(
+                f"the upload stopped after {self.received} of the {self.metadata.size_bytes} bytes declared: "
+                "the archive is truncated",
+                reason="UPLOAD_TRUNCATED",
+                metadata={"declared_size_bytes": str(self.metadata.size_bytes), "received_bytes": str(self.received)},
+            )
+        writer = self.writer or self._recognise()
+        digest = self.sha256.hexdigest()
+        if self.metadata.sha256 and digest != self.metadata.sha256:
+            raise DataLoss(
+                f"the upload's SHA-256 is {digest}, not the {self.metadata.sha256} declared: the archive was "
+                "damaged on its way",
+                reason="CHECKSUM_MISMATCH",
+            )
+        self._check.end()
+        return writer
+
+    def abandon(self) -> None:
+        """Forget everything: temporary file and reserved manifest."""
+        if self.writer is not None and not self.writer.finished:
+            self.writer.discard()
+
+    def _recognise(self) -> ArchiveWriter:
+        header = bytes(self._header)
+        kind = archive_format.sniff(header[: archive_format.SNIFF_BYTES])
+        if kind is None:
+            raise InvalidArgument(
+                f"{self.metadata.filename or 'the upload'} is not a pg_dump archive: its first bytes are neither "
+                "pg_dump's custom format (PGDMP), nor plain SQL, nor gzip or zstd holding one of them",
+                reason="NOT_AN_ARCHIVE",
+            )
+        # Only now is the id known (its extension follows the content), so only now is anything written.
+        writer = self.writer = self.store.begin(kind, Trigger.UPLOADED)
+        self._check = stream_check(kind.compression)
+        self._header = bytearray()
+        self._write(writer, header)
+        return writer
+
+    def _write(self, writer: ArchiveWriter, data: bytes) -> None:
+        _drain(self._check.feed(data))
+        try:
+            writer.file.write(data)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise ResourceExhausted(f"the backup directory is full: {exc.strerror}", reason="DISK_FULL") from None
+            raise Internal(f"writing the upload failed: {exc}") from None
+
+
+# -- the domain ------------------------------------------------------------------------------------------
+
+
+class TransferManager:
+    """Downloads and uploads of archives of the store."""
+
+    def __init__(
+        self,
+        store: ArchiveStore,
+        database: Database,
+        slot: JobSlot,
+        restores: RestoreManager,
+        *,
+        max_upload_bytes: int,
+        pg_bin_dir: Path | None = None,
+    ):
+        self.store = store
+        self.database = database
+        self.slot = slot
+        self.restores = restores
+        self.max_upload_bytes = max_upload_bytes
+        self._pg_bin_dir = pg_bin_dir
+
+    # -- downloads -------------------------------------------------------------------------------------
+
+    def download(self, backup_id: str, *, offset: int = 0, chunk_size: int = 0) -> Iterator[DownloadChunk]:
+        """The archive from `offset` on, in chunks of `chunk_size` (0: 1 MiB). The first chunk carries the
+        backup. The archive is pinned, so that retention keeps it, until the generator is closed."""
+        if offset < 0:
+            raise InvalidArgument(f"offset must not be negative, got {offset}", reason="INVALID_OFFSET")
+        if chunk_size < 0 or chunk_size > MAX_CHUNK_SIZE:
+            raise InvalidArgument(
+                f"chunk_size must be between 0 (the default, {DEFAULT_CHUNK_SIZE} bytes) and {MAX_CHUNK_SIZE}, "
+                f"got {chunk_size}",
+                reason="INVALID_CHUNK_SIZE",
+            )
+        size = chunk_size or DEFAULT_CHUNK_SIZE
+        # Pin before looking the backup up: retention checks pins before it deletes, so from here on the
+        # archive stays (and once it is open, even a deletion could not cut the stream short).
+        with self.store.pinned(backup_id), self._open_for_download(backup_id) as (backup, handle):
+            if offset > backup.size_bytes:
+                raise OutOfRange(
+                    f"offset {offset} is past the end of {backup.id}, which has {backup.size_bytes} bytes",
+                    metadata={"size_bytes": str(backup.size_bytes)},
+                )
+            handle.seek(offset)
+            position = offset
+            sent_first = False
+            while True:
+                want = min(size, backup.size_bytes - position)
+                data = handle.read(want) if want else b""
+                if want and not data:
+                    raise DataLoss(
+                        f"archive {backup.id} ended at byte {position}, before the {backup.size_bytes} bytes its "
+                        "manifest records",
+                        reason="ARCHIVE_TRUNCATED",
+                    )
+                if data or not sent_first:
+                    yield DownloadChunk(offset=position, data=data, backup=None if sent_first else backup)
+                    sent_first = True
+                position += len(data)
+                if position >= backup.size_bytes:
+                    break
+        _logger.debug("download of %s from offset %d finished", backup_id, offset)
+
+    @contextlib.contextmanager
+    def _open_for_download(self, backup_id: str) -> Iterator[tuple[Backup, BinaryIO]]:
+        backup = self.store.get(backup_id)
+        if backup.state is State.CREATING:
+            raise FailedPrecondition(
+                f"backup {backup.id} is still being created; download it once it is READY",
+                reason="BACKUP_IN_PROGRESS",
+            )
+        if backup.state is State.FAILED:
+            raise FailedPrecondition(
+                f"backup {backup.id} failed and holds no archive to download ({backup.error or 'no reason recorded'})",
+                reason="BACKUP_FAILED",
+            )
+        try:
+            opened = self.store.open(backup.id)
+        except FileNotFoundError:
+            # Removed by hand between the look-up and here (the pin keeps the service's own deletions away).
+            raise NotFound(f"the archive of {backup.id} is no longer in the backup directory") from None
+        with opened as handle:
+            on_disk = os.fstat(handle.fileno()).st_size
+            if not backup.sha256:
+                backup = self._adopt(backup, handle)
+            elif on_disk != backup.size_bytes:
+                raise DataLoss(
+                    f"archive {backup.id} has {on_disk} bytes on disk but its manifest records {backup.size_bytes}; "
+                    "the file was changed or damaged after it was written",
+                    reason="ARCHIVE_SIZE_MISMATCH",
+                )
+            yield backup, handle
+
+    def _adopt(self, backup: Backup, handle: BinaryIO) -> Backup:
+        """A file without a manifest (Aperture's own, or copied in by hand) has no recorded SHA-256, and the
+        first message of a download must carry one. Hash it once and write a manifest for it, so later
+        downloads and restores have the checksum at once. It stays EXTERNAL: the service did not make it."""
+        before = os.fstat(handle.fileno())
+        digest = hashlib.sha256()
+        size = 0
+        handle.seek(0)
+        while data := handle.read(HASH_READ_SIZE):
+            digest.update(data)
+            size += len(data)
+        after = os.fstat(handle.fileno())
+        if size != after.st_size or (before.st_size, before.st_mtime_ns) != (after.st_size, after.st_mtime_ns):
+            raise FailedPrecondition(
+                f"{backup.id} is still being written (its size or time changed while it was read); try again "
+                "once it is complete",
+                reason="ARCHIVE_CHANGING",
+            )
+        adopted = backup.replace(size_bytes=size, sha256=digest.hexdigest())
+        try:
+            self.store.write_manifest(adopted, exclusive=True)
+        except FileExistsError:
+            # Another download adopted it first; its manifest is the record.
+            recorded = self.store.get(backup.id)
+            if recorded.sha256 and recorded.size_bytes == size:
+                return recorded
+            raise
+        _logger.info("recorded SHA-256 %s of %s (%d bytes, found without a manifest)", adopted.sha256, backup.id, size)
+        return adopted
+
+    # -- uploads ---------------------------------------------------------------------------------------
+
+    def upload(self, messages: Iterator[UploadMessage]) -> Iterator[UploadEvent]:
+        """Receive an archive (metadata first, then chunks in order), check it while it arrives, store it as a
+        READY backup with trigger UPLOADED and, when asked, restore it. Consumes `messages` lazily, one at
+        a time. Raises (leaving nothing behind) on any problem found before the archive is stored."""
+        started = time.monotonic()
+        first = next(messages, None)
+        if not isinstance(first, UploadMetadata):
+            raise InvalidArgument(
+                "the first message of an upload must carry its metadata (filename, size_bytes, ...); "
+                + ("the stream was empty" if first is None else "it carried a chunk"),
+                reason="METADATA_REQUIRED",
+            )
+        metadata = self._accept(first)
+        # The name is the caller's and only informative: keep it short wherever it is shown.
+        metadata = dataclasses.replace(metadata, filename=metadata.filename[:MAX_FILENAME_SHOWN])
+        _logger.info(
+            "receiving upload %r: %d bytes%s",
+            metadata.filename,
+            metadata.size_bytes,
+            ", to restore" if metadata.restore else "",
+        )
+
+        def progress(phase: str, done: int, message: str = "") -> Progress:
+            return Progress(
+                phase=phase,
+                bytes_done=done,
+                bytes_total=metadata.size_bytes,
+                elapsed_seconds=time.monotonic() - started,
+                message=message,
+            )
+
+        incoming = _Incoming(self.store, metadata)
+        try:
+            yield UploadEvent(progress("uploading", 0, f"receiving {metadata.filename}" if metadata.filename else ""))
+            reported = 0
+            for message in messages:
+                if isinstance(message, UploadMetadata):
+                    raise InvalidArgument(
+                        "an upload carries its metadata in the first message only; a later message carried it again",
+                        reason="UNEXPECTED_METADATA",
+                    )
+                incoming.add(message)
+                if incoming.received - reported >= PROGRESS_EVERY_BYTES:
+                    reported = incoming.received
+                    yield UploadEvent(progress("uploading", reported))
+            if reported != incoming.received:
+                yield UploadEvent(progress("uploading", incoming.received))
+            writer = incoming.finish()
+            kind = writer.backup.kind
+            yield UploadEvent(progress("verifying", incoming.received, "checking the archive reads to its end"))
+            if kind.format is Format.CUSTOM:
+                self._check_custom(writer.temp_path, kind.compression)
+            backup = writer.commit(
+                size_bytes=incoming.received,
+                sha256=incoming.sha256.hexdigest(),
+                duration_seconds=time.monotonic() - started,
+            )
+        except BaseException:
+            # Also on GeneratorExit (the client went away): a refused or abandoned upload leaves nothing.
+            incoming.abandon()
+            raise
+        _logger.info(
+            "stored upload %r as %s (%d bytes, %s)",
+            metadata.filename,
+            backup.id,
+            backup.size_bytes,
+            backup.kind.extension,
+        )
+        if not metadata.restore:
+            yield UploadEvent(progress("done", backup.size_bytes), backup=backup)
+            return
+        yield UploadEvent(progress("verifying", backup.size_bytes, f"stored as {backup.id}"), backup=backup)
+        yield from self._restore(backup, metadata, started)
+
+    def _accept(self, metadata: UploadMetadata) -> UploadMetadata:
+        """Refuse, before a byte is received, an upload that cannot succeed."""
+        if metadata.size_bytes <= 0:
+            raise InvalidArgument(
+                f"metadata.size_bytes must be the archive's exact size in bytes (> 0), got {metadata.size_bytes}",
+                reason="INVALID_SIZE",
+            )
+        sha256 = metadata.sha256.strip().lower()
+        if sha256 and not _SHA256_RE.match(sha256):
+            raise InvalidArgument("metadata.sha256 must be 64 hexadecimal digits (or empty)", reason="INVALID_CHECKSUM")
+        if metadata.size_bytes > self.max_upload_bytes:
+            raise ResourceExhausted(
+                f"the upload is {metadata.size_bytes} bytes; this service accepts at most {self.max_upload_bytes} "
+                "(APERTURE_BACKUP_MAX_UPLOAD_BYTES)",
+                reason="UPLOAD_TOO_LARGE",
+                metadata={"max_upload_bytes": str(self.max_upload_bytes)},
+            )
+        free = shutil.disk_usage(self.store.directory).free
+        if metadata.size_bytes > free:
+            raise ResourceExhausted(
+                f"the upload is {metadata.size_bytes} bytes but the backup directory has only {free} bytes free",
+                reason="INSUFFICIENT_DISK_SPACE",
+                metadata={"free_bytes": str(free)},
+            )
+        if metadata.restore:
+            # Fail fast rather than after receiving gigabytes; the slot is claimed for real before restoring.
+            running = self.slot.current
+            if running is not None:
+                raise JobRunning(
+                    f"cannot upload and restore: {running.description} is running (backup "
+                    f"{running.backup_id or 'pending'}); try again when it has finished",
+                    metadata={"running_kind": running.kind.value, "running_backup_id": running.backup_id},
+                )
+        return dataclasses.replace(metadata, sha256=sha256)
+
+    def _check_custom(self, path: Path, compression: Compression) -> None:
+        """A full read of a custom-format archive by pg_restore, into /dev/null. `pg_restore --list` reads
+        only the header and table of contents: measured, it accepts an archive cut to two thirds, or missing
+        its last 50 bytes, with exit status 0; the full read refuses both. It needs no database and reads a
+        few MB in a fraction of a second. The newest pg_restore installed reads archives of every older
+        pg_dump, and the upload may be meant for another server: no need to match this one."""
+        toolsets = toolchain.discover(self._pg_bin_dir)
+        if not toolsets:
+            raise FailedPrecondition(
+                "no pg_restore is installed, so the custom-format upload cannot be checked; install the PostgreSQL "
+                "client tools or point APERTURE_BACKUP_PG_BIN_DIR at them",
+                reason="NO_PG_RESTORE",
+            )
+        toolset = max(toolsets)
+        with tempfile.TemporaryFile() as err:
+            source = str(path) if compression is Compression.NONE else "-"
+            proc = subprocess.Popen(
+                [toolset.tool("pg_restore"), "--file", os.devnull, source],
+                stdin=subprocess.PIPE if source == "-" else subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
+            try:
+                if proc.stdin is not None:
+                    self._pipe_decompressed(path, compression, proc.stdin)
+                returncode = proc.wait(timeout=PG_RESTORE_CHECK_TIMEOUT)
+            except BaseException:
+                if proc.poll() is None:
+                    proc.kill()
+                proc.wait()
+                raise
+            err.seek(0)
+            message = first_line(err.read(64 * 1024).decode("utf-8", "replace"))
+        if returncode != 0:
+            raise DataLoss(
+                f"pg_restore {toolset.version} cannot read the uploaded archive to its end (exit status "
+                f"{returncode}): {message or 'no message'}; it is truncated, damaged or made by a newer pg_dump",
+                reason="ARCHIVE_CORRUPT",
+            )
+
+    @staticmethod
+    def _pipe_decompressed(path: Path, compression: Compression, sink: IO[bytes]) -> None:
+        check = stream_check(compression)
+        try:
+            with open(path, "rb", buffering=0) as handle:
+                while raw := handle.read(HASH_READ_SIZE):
+                    for piece in check.feed(raw):
+                        sink.write(piece)
+        except BrokenPipeError:
+            pass  # pg_restore stopped reading: its exit status says why
+        finally:
+            with contextlib.suppress(BrokenPipeError):
+                sink.close()
+
+    def _restore(self, backup: Backup, metadata: UploadMetadata, started: float) -> Iterator[UploadEvent]:
+        """Restore the stored upload through the same path as the Restore RPC, in a job of its own (it goes on
+        if the caller disconnects, like every restore)."""
+        job = Job(
+            kind=JobKind.RESTORE,
+            trigger=Trigger.UPLOADED,
+            description=f"a restore of the upload {backup.id}",
+            backup=backup,
+        )
+
+        def body(job: Job) -> RestoreResult:
+            with self.database.job_lock(job.description), self.store.pinned(backup.id):
+                return self.restores.restore_stored(job, backup, skip_safety_backup=metadata.skip_safety_backup)
+
+        try:
+            self.slot.start(job, body)
+        except JobRunning as exc:
+            raise JobRunning(
+                f"{exc}. The upload is stored as {backup.id}: restore it with Restore once the job has finished",
+                metadata={**exc.metadata, "backup_id": backup.id},
+            ) from exc
+        for state in job.watch():
+            if state.done and state.error is not None:
+                raise self._stored_note(state.error, backup)
+            progress = dataclasses.replace(state.progress, elapsed_seconds=time.monotonic() - started)
+            result = state.result if state.done and isinstance(state.result, RestoreResult) else None
+            yield UploadEvent(progress, backup=backup, result=result)
+
+    @staticmethod
+    def _stored_note(error: BackupError, backup: Backup) -> BackupError:
+        """The restore failed, but the upload itself is kept as a READY backup: say so, and under which id."""
+        metadata = {**error.metadata, "backup_id": backup.id}
+        return type(error)(f"{error} (the upload is stored as {backup.id})", reason=error.reason, metadata=metadata)
