@@ -1,5 +1,5 @@
-"""Compressors and a hashing sink: the archive's bytes are compressed, hashed and counted on their way to
-disk, in one pass, in bounded memory.
+"""Compressors, decompressors and a hashing sink: the archive's bytes are compressed, hashed and counted on
+their way to disk, and decompressed and checked on their way back, in one pass, in bounded memory.
 
 gzip output comes from ISA-L (`isal`), several times faster than zlib at the same ratio and still a
 standard gzip stream that `gunzip` reads; zstd from `zstandard`, multi-threaded.
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import io
+from collections.abc import Iterator
 from typing import IO, BinaryIO, Protocol, cast
 
 import zstandard
-from isal import igzip_threaded
+from isal import igzip_threaded, isal_zlib
 
+from .errors import DataLoss
 from .model import Compression
 
 #: ISA-L level 3: on Aperture-like data (prose, JSONB, embeddings as text; `scripts/bench.py`) its output
@@ -23,6 +25,15 @@ GZIP_LEVEL = 3
 GZIP_THREADS = 2
 ZSTD_LEVEL = 3
 ZSTD_THREADS = 2
+
+#: Largest piece of decompressed output produced at once, so memory stays flat however well data compresses.
+GZIP_OUTPUT_LIMIT = 4 * 1024 * 1024
+#: zstd's decompressobj cannot limit its output, so it gets small input slices: a zstd RLE block turns
+#: 4 bytes into 128 KiB, so 1 KiB of hostile input yields at most ~32 MiB (measured: a zstd bomb of 1 GiB
+#: of zeros peaked at exactly 32 MiB per 1 KiB slice). Real dumps decompress at ~150 MB/s this way.
+ZSTD_INPUT_SLICE = 1024
+#: isal's stub declares `error` as an instance; it is the exception class.
+_GZIP_ERROR = cast(type[Exception], isal_zlib.error)
 
 
 class Sink(Protocol):
@@ -75,3 +86,94 @@ class _Passthrough:
 
     def close(self) -> None:
         pass
+
+
+class Decompressor(Protocol):
+    """Decompresses a stream fed piece by piece. Raises DataLoss (reason ARCHIVE_CORRUPT) when the data is
+    corrupt, and from `end()` (reason ARCHIVE_TRUNCATED) when the stream stops before its end."""
+
+    def feed(self, data: bytes) -> Iterator[bytes]: ...
+    def end(self) -> None: ...
+
+
+def decompressor(compression: Compression) -> Decompressor:
+    if compression is Compression.GZIP:
+        return _GzipDecompressor()
+    if compression is Compression.ZSTD:
+        return _ZstdDecompressor()
+    return _Identity()
+
+
+class _Identity:
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        yield data
+
+    def end(self) -> None:
+        pass
+
+
+class _GzipDecompressor:
+    """gzip through ISA-L, member after member (pigz and `cat a.gz b.gz` write several); the decompressor
+    checks each member's CRC and length, a missing last trailer is caught by `end()`."""
+
+    def __init__(self) -> None:
+        self._d = isal_zlib.decompressobj(wbits=31)
+        self._fed = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        try:
+            while data:
+                if self._d.eof:
+                    # Bytes after a complete member must be another member; trailing garbage is corruption.
+                    self._d = isal_zlib.decompressobj(wbits=31)
+                self._fed = True
+                out = self._d.decompress(data, GZIP_OUTPUT_LIMIT)
+                if out:
+                    yield out
+                data = self._d.unused_data if self._d.eof else self._d.unconsumed_tail
+        except _GZIP_ERROR as exc:
+            raise DataLoss(f"the archive's gzip data is corrupt: {exc}", reason="ARCHIVE_CORRUPT") from None
+
+    def end(self) -> None:
+        if self._fed and not self._d.eof:
+            raise DataLoss(
+                "the archive's gzip data stops before its end (no gzip trailer): the file is truncated",
+                reason="ARCHIVE_TRUNCATED",
+            )
+
+
+class _ZstdDecompressor:
+    """zstd, frame after frame, in small input slices so that output stays bounded (ZSTD_INPUT_SLICE)."""
+
+    def __init__(self) -> None:
+        self._dctx = zstandard.ZstdDecompressor()
+        self._d = self._dctx.decompressobj()
+        self._fed = False
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        view = memoryview(data)
+        try:
+            while view:
+                if self._d.eof:
+                    rest = bytes(self._d.unused_data) + bytes(view)
+                    self._d = self._dctx.decompressobj()
+                    view = memoryview(rest)
+                piece, view = view[:ZSTD_INPUT_SLICE], view[ZSTD_INPUT_SLICE:]
+                self._fed = True
+                out = self._d.decompress(piece)
+                if out:
+                    yield out
+                if self._d.eof and self._d.unused_data:
+                    # A frame ended inside this slice: the rest starts the next frame.
+                    rest = bytes(self._d.unused_data) + bytes(view)
+                    self._d = self._dctx.decompressobj()
+                    view = memoryview(rest)
+        except zstandard.ZstdError as exc:
+            raise DataLoss(f"the archive's zstd data is corrupt: {exc}", reason="ARCHIVE_CORRUPT") from None
+
+    def end(self) -> None:
+        if self._fed and not self._d.eof:
+            raise DataLoss(
+                "the archive's zstd data stops before the end of its frame: the file is truncated",
+                reason="ARCHIVE_TRUNCATED",
+            )

