@@ -51,8 +51,9 @@ from .store import ArchiveStore, ArchiveWriter
 
 _logger = logging.getLogger(__name__)
 
-#: Download chunk size when the caller leaves it at 0, and the largest one allowed. The server's message
-#: limit is 8 MiB (server.py), so 4 MiB leaves ample room for the message around the data.
+#: Download chunk size when the caller leaves it at 0, and the largest one allowed. 1 MiB measured best
+#: (214 MB archive, 3 rounds, medians): 64 KiB 299 MB/s, 256 KiB 771, 1 MiB 928, 2 MiB 738, 4 MiB 377.
+#: The server's message limit is 8 MiB (server.py), so 4 MiB leaves ample room around the data.
 DEFAULT_CHUNK_SIZE = 1024 * 1024
 MAX_CHUNK_SIZE = 4 * 1024 * 1024
 #: Read size when hashing a file without a manifest.
