@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import errno
-import fcntl
 import logging
 import re
 import subprocess
@@ -19,18 +18,15 @@ from .compression import HashingFile, compressor
 from .database import Database, first_line
 from .errors import BackupError, Internal, ResourceExhausted, Unavailable
 from .model import ArchiveKind, Format
+from .pipes import enlarge_pipe, kill
 from .store import ArchiveWriter
 from .toolchain import Toolset
 
 _logger = logging.getLogger(__name__)
 
-#: Read size from pg_dump's pipe. Large reads amortise the per-call cost of Python; the pipe is enlarged
-#: to match so that pg_dump keeps writing while the compressor works (measured: 1.7x with the default
-#: 64 KiB pipe vs. an enlarged one).
+#: Read size from pg_dump's pipe: large reads amortise the per-call cost of Python (the pipe is enlarged
+#: to match, see pipes.py).
 READ_SIZE = 1024 * 1024
-PIPE_SIZE = 1024 * 1024
-_F_SETPIPE_SZ = 1031
-_PIPE_MAX_SIZE_PATH = "/proc/sys/fs/pipe-max-size"
 _TABLE_RE = re.compile(r'dumping contents of table "?([^"]+)"?')
 
 
@@ -57,28 +53,6 @@ def pg_dump_command(toolset: Toolset, database: Database, kind: ArchiveKind) -> 
     if kind.format is Format.CUSTOM:
         command += ["--compress", "6"]
     return command
-
-
-def _enlarge_pipe(fd: int) -> None:
-    """Best effort: an unprivileged process may not exceed /proc/sys/fs/pipe-max-size (1 MiB by default),
-    so fall back to that limit, and keep the default pipe when even that is refused."""
-    for size in (PIPE_SIZE, _pipe_max_size()):
-        if size <= 0:
-            continue
-        try:
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
-        except OSError:
-            continue
-        return
-    _logger.debug("could not enlarge pg_dump's pipe; reading from a default-sized pipe")
-
-
-def _pipe_max_size() -> int:
-    try:
-        with open(_PIPE_MAX_SIZE_PATH, encoding="ascii") as f:
-            return min(int(f.read()), PIPE_SIZE)
-    except (OSError, ValueError):
-        return 0
 
 
 class _StderrReader(threading.Thread):
@@ -121,7 +95,7 @@ def run_dump(
     )
     if proc.stdout is None or proc.stderr is None:  # pragma: no cover - PIPE always gives streams
         raise Internal("pg_dump started without pipes")
-    _enlarge_pipe(proc.stdout.fileno())
+    enlarge_pipe(proc.stdout.fileno())
     # pg_dump can sit silent for a long time (waiting for a table lock, say), so a shutdown must not wait
     # for its next byte: a watcher kills it as soon as the job is cancelled.
     finished = threading.Event()
@@ -149,7 +123,7 @@ def run_dump(
         returncode = proc.wait()
         stderr.join()
     except OSError as exc:
-        _kill(proc)
+        kill(proc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise ResourceExhausted(
                 f"the backup directory is full ({exc.strerror}); free space or lower the retention",
@@ -157,7 +131,7 @@ def run_dump(
             ) from None
         raise Internal(f"writing the archive failed: {exc}") from None
     except BaseException:
-        _kill(proc)
+        kill(proc)
         raise
     finally:
         finished.set()
@@ -175,12 +149,6 @@ def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event, fini
             _logger.info("stopping pg_dump (pid %d): the backup was cancelled", proc.pid)
             proc.kill()
             return
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
 
 
 def _dump_failure(returncode: int, errors: list[str], database: Database) -> BackupError:

@@ -25,7 +25,6 @@ import collections
 import contextlib
 import dataclasses
 import errno
-import fcntl
 import hashlib
 import logging
 import re
@@ -48,6 +47,7 @@ from .database import NOTIFY_CHANNEL, Database, first_line
 from .errors import BackupError, DataLoss, FailedPrecondition, Internal, Unavailable
 from .jobs import Job, JobKind, JobSlot
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
+from .pipes import enlarge_pipe, kill
 from .sqlfilter import SqlFilter, SqlFilterError
 from .store import ArchiveStore
 from .toolchain import Toolset
@@ -62,8 +62,6 @@ HEAD_BYTES = 64 * 1024
 DEFAULT_LOCK_TIMEOUT_SECONDS = 60.0
 #: How long to wait for the server to finish rolling back after psql ended without COMMIT.
 ROLLBACK_WAIT_SECONDS = 30.0
-PIPE_SIZE = 1024 * 1024
-_F_SETPIPE_SZ = 1031
 _PROGRESS_INTERVAL = 0.25
 
 _DUMPED_BY_RE = re.compile(rb"Dumped by pg_dump version:? (\d+)(?:\.(\d+))?")
@@ -233,18 +231,6 @@ class _StderrTail(threading.Thread):
         return "; ".join(list(self.lines)[-count:]) or "no message"
 
 
-def _enlarge_pipe(stream: IO[bytes] | None) -> None:
-    if stream is not None:
-        with contextlib.suppress(OSError):
-            fcntl.fcntl(stream.fileno(), _F_SETPIPE_SZ, PIPE_SIZE)
-
-
-def _kill(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.kill()
-    proc.wait()
-
-
 def _read_xid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -296,7 +282,7 @@ class _PsqlSession:
         if self._proc.stdin is None or self._proc.stderr is None:  # pragma: no cover - PIPE gives streams
             raise Internal("psql started without pipes")
         self._stdin = self._proc.stdin
-        _enlarge_pipe(self._stdin)
+        enlarge_pipe(self._stdin)
         self.stderr = _StderrTail(self._proc.stderr, "psql")
         self.stderr.start()
         prologue = (
@@ -342,7 +328,7 @@ class _PsqlSession:
 
     def kill(self) -> None:
         self.close_input()
-        _kill(self._proc)
+        kill(self._proc)
 
     def wait(self) -> int:
         self.close_input()
@@ -567,7 +553,7 @@ class RestoreManager:
                             proc.stdin.close()
                 returncode = proc.wait(timeout=300)
             except BaseException:
-                _kill(proc)
+                kill(proc)
                 raise
             out.seek(0)
             err.seek(0)
@@ -687,8 +673,8 @@ class RestoreManager:
         )
         if proc.stdin is None or proc.stdout is None or proc.stderr is None:  # pragma: no cover
             raise Internal("pg_restore started without pipes")
-        _enlarge_pipe(proc.stdin)
-        _enlarge_pipe(proc.stdout)
+        enlarge_pipe(proc.stdin)
+        enlarge_pipe(proc.stdout)
         stderr = _StderrTail(proc.stderr, "pg_restore")
         stderr.start()
         stop = threading.Event()
@@ -709,7 +695,7 @@ class RestoreManager:
             stderr.join(5)
         except BaseException:
             stop.set()
-            _kill(proc)
+            kill(proc)
             feeder.join()
             raise
         if feeder.error is not None:

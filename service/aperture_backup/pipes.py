@@ -1,0 +1,49 @@
+"""Child processes and the pipes between them: shared by the dump (pg_dump → us) and the restore
+(us → psql, pg_restore → us)."""
+
+from __future__ import annotations
+
+import fcntl
+import logging
+import subprocess
+from typing import IO
+
+_logger = logging.getLogger(__name__)
+
+#: Pipes are enlarged from Linux's default 64 KiB so that the process on the other side keeps working
+#: while we compress, hash or filter a 1 MiB read (measured: 1.7x faster reading pg_dump's output).
+PIPE_SIZE = 1024 * 1024
+_F_SETPIPE_SZ = 1031
+_PIPE_MAX_SIZE_PATH = "/proc/sys/fs/pipe-max-size"
+
+
+def enlarge_pipe(pipe: IO[bytes] | int | None) -> None:
+    """Best effort: an unprivileged process may not exceed /proc/sys/fs/pipe-max-size (1 MiB by default),
+    so fall back to that limit, and keep the default pipe when even that is refused."""
+    if pipe is None:
+        return
+    fd = pipe if isinstance(pipe, int) else pipe.fileno()
+    for size in (PIPE_SIZE, _pipe_max_size()):
+        if size <= 0:
+            continue
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+        except OSError:
+            continue
+        return
+    _logger.debug("could not enlarge a pipe; using the default size")
+
+
+def _pipe_max_size() -> int:
+    try:
+        with open(_PIPE_MAX_SIZE_PATH, encoding="ascii") as f:
+            return min(int(f.read()), PIPE_SIZE)
+    except (OSError, ValueError):
+        return 0
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    """Kill a child that is still running and reap it."""
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
