@@ -111,7 +111,7 @@ class BackupManager:
         started = job.elapsed()
         try:
             info = self.database.server_info()
-            toolset = toolchain.choose(info.major, toolchain.discover(self._pg_bin_dir))
+            toolset = toolchain.for_server(info.major, self._pg_bin_dir)
             tables_total = self.database.count_tables()
             writer.backup = writer.backup.replace(
                 database=info.database, server_version=info.version, pg_dump_version=toolset.version

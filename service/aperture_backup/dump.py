@@ -3,7 +3,6 @@ file; its `--verbose` log on stderr drives the progress; its exit status alone d
 
 from __future__ import annotations
 
-import collections
 import errno
 import logging
 import re
@@ -18,7 +17,7 @@ from .compression import HashingFile, compressor
 from .database import Database, first_line
 from .errors import BackupError, Internal, ResourceExhausted, Unavailable
 from .model import ArchiveKind, Format
-from .pipes import enlarge_pipe, kill
+from .pipes import StderrTail, enlarge_pipe, kill
 from .store import ArchiveWriter
 from .toolchain import Toolset
 
@@ -55,26 +54,23 @@ def pg_dump_command(toolset: Toolset, database: Database, kind: ArchiveKind) -> 
     return command
 
 
-class _StderrReader(threading.Thread):
-    """Counts tables as pg_dump reports them and keeps the last lines for the error message."""
+class _PgDumpStderr(StderrTail):
+    """Counts tables as pg_dump's --verbose log reports them; keeps only its error lines for the message
+    (the verbose lines would push them out)."""
 
     def __init__(self, stream: IO[bytes]):
-        super().__init__(name="pg_dump-stderr", daemon=True)
-        self._stream = stream
+        super().__init__(stream, "pg_dump")
         self.tables = 0
         self.current = ""
-        self.errors: collections.deque[str] = collections.deque(maxlen=20)
 
-    def run(self) -> None:
-        for raw in self._stream:
-            line = raw.decode("utf-8", "replace").rstrip()
-            match = _TABLE_RE.search(line)
-            if match:
-                self.tables += 1
-                self.current = match.group(1)
-            elif "error" in line.lower() or "fatal" in line.lower() or "detail" in line.lower():
-                # Only for the message shown to a person; success is decided by the exit status.
-                self.errors.append(line)
+    def keep(self, line: str) -> bool:
+        match = _TABLE_RE.search(line)
+        if match:
+            self.tables += 1
+            self.current = match.group(1)
+            return False
+        lowered = line.lower()
+        return "error" in lowered or "fatal" in lowered or "detail" in lowered
 
 
 def run_dump(
@@ -101,7 +97,7 @@ def run_dump(
     finished = threading.Event()
     threading.Thread(target=_kill_on_cancel, args=(proc, cancel, finished), name="pg_dump-cancel", daemon=True).start()
     sink = HashingFile(writer.file)
-    stderr = _StderrReader(proc.stderr)
+    stderr = _PgDumpStderr(proc.stderr)
     stderr.start()
     out = compressor(kind.compression, sink)
     buffer = bytearray(READ_SIZE)
@@ -138,7 +134,7 @@ def run_dump(
     if cancel.is_set():
         raise Internal("the backup was cancelled: the service is shutting down", reason="CANCELLED")
     if returncode != 0:
-        raise _dump_failure(returncode, list(stderr.errors), database)
+        raise _dump_failure(returncode, stderr, database)
     on_progress(sink.size, stderr.tables, "")
     return DumpResult(size_bytes=sink.size, sha256=sink.sha256.hexdigest(), tables=stderr.tables)
 
@@ -151,8 +147,8 @@ def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event, fini
             return
 
 
-def _dump_failure(returncode: int, errors: list[str], database: Database) -> BackupError:
-    detail = "; ".join(errors[-3:]) or "no message"
+def _dump_failure(returncode: int, stderr: StderrTail, database: Database) -> BackupError:
+    detail = stderr.summary()
     if returncode < 0:
         return Internal(f"pg_dump was killed by signal {-returncode} before it finished; no archive was kept")
     text = detail.lower()

@@ -104,18 +104,26 @@ class JobSlot:
         with self._lock:
             return self._current if self._current and not self._current.done else None
 
+    def ensure_free(self, description: str) -> None:
+        """Raise JobRunning, naming the running job, when `description` could not start now."""
+        with self._lock:
+            self._ensure_free(description)
+
     def claim(self, job: Job) -> None:
         """Take the slot for `job`, or raise JobRunning naming the job that holds it."""
         with self._lock:
-            running = self._current
-            if running is not None and not running.done:
-                raise JobRunning(
-                    f"cannot start {job.description}: {running.description} is running "
-                    f"(started {running.start_time:%Y-%m-%d %H:%M:%S} UTC, backup {running.backup_id or 'pending'});"
-                    " try again when it has finished",
-                    metadata={"running_kind": running.kind.value, "running_backup_id": running.backup_id},
-                )
+            self._ensure_free(job.description)
             self._current = job
+
+    def _ensure_free(self, description: str) -> None:
+        running = self._current
+        if running is not None and not running.done:
+            raise JobRunning(
+                f"cannot start {description}: {running.description} is running "
+                f"(started {running.start_time:%Y-%m-%d %H:%M:%S} UTC, backup {running.backup_id or 'pending'});"
+                " try again when it has finished",
+                metadata={"running_kind": running.kind.value, "running_backup_id": running.backup_id},
+            )
 
     def start(self, job: Job, body: Callable[[Job], object]) -> Job:
         """Claim the slot and run `body(job)` in a thread; the job records its result or error."""

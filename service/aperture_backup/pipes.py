@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import logging
 import subprocess
+import threading
 from typing import IO
 
 _logger = logging.getLogger(__name__)
@@ -40,6 +42,29 @@ def _pipe_max_size() -> int:
             return min(int(f.read()), PIPE_SIZE)
     except (OSError, ValueError):
         return 0
+
+
+class StderrTail(threading.Thread):
+    """Reads a child's stderr in a thread of its own (a full stderr pipe would stall the child) and keeps
+    the last lines, for the message shown to a person only: success is decided by exit statuses."""
+
+    def __init__(self, stream: IO[bytes], name: str):
+        super().__init__(name=f"{name}-stderr", daemon=True)
+        self._stream = stream
+        self.lines: collections.deque[str] = collections.deque(maxlen=20)
+
+    def run(self) -> None:
+        for raw in self._stream:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line and self.keep(line):
+                self.lines.append(line)
+
+    def keep(self, line: str) -> bool:
+        """Whether `line` belongs in the message; subclasses also read progress from it here."""
+        return True
+
+    def summary(self, count: int = 3) -> str:
+        return "; ".join(list(self.lines)[-count:]) or "no message"
 
 
 def kill(proc: subprocess.Popen[bytes]) -> None:

@@ -21,7 +21,6 @@ our transaction committed (`pg_xact_status`), never by reading tool output for w
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import errno
@@ -47,7 +46,7 @@ from .database import NOTIFY_CHANNEL, Database, first_line
 from .errors import BackupError, DataLoss, FailedPrecondition, Internal, Unavailable
 from .jobs import Job, JobKind, JobSlot
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
-from .pipes import enlarge_pipe, kill
+from .pipes import StderrTail, enlarge_pipe, kill
 from .sqlfilter import SqlFilter, SqlFilterError
 from .store import ArchiveStore
 from .toolchain import Toolset
@@ -213,24 +212,6 @@ class ArchiveReader:
 # -- child processes -------------------------------------------------------------------------------------
 
 
-class _StderrTail(threading.Thread):
-    """Keeps the last lines a tool writes to stderr, for the message shown to a person only."""
-
-    def __init__(self, stream: IO[bytes], name: str):
-        super().__init__(name=f"{name}-stderr", daemon=True)
-        self._stream = stream
-        self.lines: collections.deque[str] = collections.deque(maxlen=20)
-
-    def run(self) -> None:
-        for raw in self._stream:
-            line = raw.decode("utf-8", "replace").rstrip()
-            if line:
-                self.lines.append(line)
-
-    def summary(self, count: int = 3) -> str:
-        return "; ".join(list(self.lines)[-count:]) or "no message"
-
-
 def _read_xid(path: Path) -> int | None:
     try:
         return int(path.read_text().strip())
@@ -283,7 +264,7 @@ class _PsqlSession:
             raise Internal("psql started without pipes")
         self._stdin = self._proc.stdin
         enlarge_pipe(self._stdin)
-        self.stderr = _StderrTail(self._proc.stderr, "psql")
+        self.stderr = StderrTail(self._proc.stderr, "psql")
         self.stderr.start()
         prologue = (
             "BEGIN;\n"
@@ -409,11 +390,13 @@ class RestoreManager:
         self._pg_bin_dir = pg_bin_dir
         self.lock_timeout_seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
 
-    def start_restore(self, backup_id: str, *, skip_safety_backup: bool) -> Job:
-        """Start restoring a stored backup in its own thread. Raises at once (before any job starts) for a
-        bad id, an unknown backup, one that is not READY, or while another job runs."""
+    def start_restore(self, backup_id: str, *, skip_safety_backup: bool, trigger: Trigger = Trigger.MANUAL) -> Job:
+        """Start restoring a stored backup in its own thread (trigger UPLOADED for UploadAndRestore). Raises at
+        once (before any job starts) for a bad id, an unknown backup, one that is not READY, or while another
+        job runs."""
         backup = self.restorable(backup_id)
-        job = Job(kind=JobKind.RESTORE, trigger=Trigger.MANUAL, description=f"a restore of {backup.id}", backup=backup)
+        subject = f"the upload {backup.id}" if trigger is Trigger.UPLOADED else backup.id
+        job = Job(kind=JobKind.RESTORE, trigger=trigger, description=f"a restore of {subject}", backup=backup)
 
         def body(job: Job) -> RestoreResult:
             with self.database.job_lock(job.description), self.store.pinned(backup.id):
@@ -443,7 +426,7 @@ class RestoreManager:
         started = time.monotonic()
         path = self.store.path_of(backup.id)
         info = self.database.server_info()
-        toolset = toolchain.choose(info.major, toolchain.discover(self._pg_bin_dir))
+        toolset = toolchain.for_server(info.major, self._pg_bin_dir)
         job.update(progress=Progress(phase="verifying", bytes_total=backup.size_bytes, elapsed_seconds=job.elapsed()))
         self.inspect(path, backup.kind, server_major=info.major, toolset=toolset)
 
@@ -582,7 +565,7 @@ class RestoreManager:
         the server has rolled back. The caller holds the job slot and the database lock, and has
         `inspect`ed the archive."""
         if toolset is None:
-            toolset = toolchain.choose(self.database.server_info().major, toolchain.discover(self._pg_bin_dir))
+            toolset = toolchain.for_server(self.database.server_info().major, self._pg_bin_dir)
         total = path.stat().st_size
         last_report = [0.0]
 
@@ -675,7 +658,7 @@ class RestoreManager:
             raise Internal("pg_restore started without pipes")
         enlarge_pipe(proc.stdin)
         enlarge_pipe(proc.stdout)
-        stderr = _StderrTail(proc.stderr, "pg_restore")
+        stderr = StderrTail(proc.stderr, "pg_restore")
         stderr.start()
         stop = threading.Event()
         feeder = _Feeder(reader, proc.stdin, stop)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -17,6 +16,7 @@ from pathlib import Path
 
 from .config import MAX_KEEP, MIN_KEEP, Config, ConfigError, parse_hhmm, parse_time_zone
 from .errors import InvalidArgument
+from .fsutil import write_json
 
 _logger = logging.getLogger(__name__)
 
@@ -137,10 +137,4 @@ class SettingsStore:
 
     def _save(self, settings: Settings) -> None:
         self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        temp = self._path.with_name("." + self._path.name + ".tmp")
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(asdict(settings), handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, self._path)
+        write_json(self._path, asdict(settings))

@@ -25,6 +25,7 @@ from typing import BinaryIO
 
 from . import archive_format
 from .errors import InvalidArgument, NotFound
+from .fsutil import fsync_directory, write_json
 from .model import ArchiveKind, Backup, State, Trigger
 
 _logger = logging.getLogger(__name__)
@@ -161,29 +162,12 @@ class ArchiveStore:
 
     def write_manifest(self, backup: Backup, *, exclusive: bool = False) -> None:
         """Write the manifest atomically (temporary file, fsync, rename), readable by the owner only."""
-        path = self.manifest_path(backup.id)
-        if exclusive:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-            with os.fdopen(fd, "w") as handle:
-                json.dump(backup.to_json(), handle, indent=2)
-                handle.flush()
-                os.fsync(handle.fileno())
-            return
+        # The temporary name starts with TEMP_PREFIX, so the start-up sweep removes one a crash left.
         temp = self.directory / f"{TEMP_PREFIX}{backup.id}{MANIFEST_SUFFIX}"
-        fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            json.dump(backup.to_json(), handle, indent=2)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-        self.fsync_directory()
+        write_json(self.manifest_path(backup.id), backup.to_json(), temp=temp, exclusive=exclusive)
 
     def fsync_directory(self) -> None:
-        fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_directory(self.directory)
 
     def sweep(self, *, running_ids: frozenset[str] = frozenset()) -> None:
         """Start-up clean-up: remove temporary files left by a crash and mark interrupted backups FAILED."""
@@ -214,16 +198,8 @@ class ArchiveStore:
             external = self._external(entry)
             if external is not None:
                 backups[name] = external
-        for backup_id, backup in list(backups.items()):
-            if backup.state is State.READY and not (self.directory / backup_id).is_file():
-                if backup.trigger is Trigger.EXTERNAL:
-                    # A file someone else made (Aperture prunes its own) and that is gone: nothing to show.
-                    del backups[backup_id]
-                    continue
-                backups[backup_id] = backup.replace(
-                    state=State.FAILED, error="the archive file is missing from the backup directory"
-                )
-        return sorted(backups.values(), key=_sort_key, reverse=True)
+        found = (self._as_found(b) for b in backups.values())
+        return sorted((b for b in found if b is not None), key=_sort_key, reverse=True)
 
     def page(self, page_size: int, page_token: str) -> tuple[list[Backup], str]:
         """One page of `list()`, and the token of the next page ('' on the last)."""
@@ -239,22 +215,15 @@ class ArchiveStore:
     def get(self, backup_id: str) -> Backup:
         validate_id(backup_id)
         manifest = self.manifest_path(backup_id)
-        if manifest.is_file():
-            backup = self._read_manifest(manifest)
-            if backup is not None:
-                missing = backup.state is State.READY and not (self.directory / backup_id).is_file()
-                if missing and backup.trigger is Trigger.EXTERNAL:
-                    raise NotFound(f"no backup with id {backup_id!r}; List shows the ids there are")
-                if missing:
-                    return backup.replace(
-                        state=State.FAILED, error="the archive file is missing from the backup directory"
-                    )
-                return backup
-        path = self.directory / backup_id
-        external = self._external(path) if path.is_file() else None
-        if external is None:
+        recorded = self._read_manifest(manifest) if manifest.is_file() else None
+        if recorded is not None:
+            found = self._as_found(recorded)
+        else:  # no manifest, or an unreadable one: recognise the file by content, as List does
+            path = self.directory / backup_id
+            found = self._external(path) if path.is_file() else None
+        if found is None:
             raise NotFound(f"no backup with id {backup_id!r}; List shows the ids there are")
-        return external
+        return found
 
     def path_of(self, backup_id: str) -> Path:
         return self.directory / validate_id(backup_id)
@@ -302,6 +271,15 @@ class ArchiveStore:
                 if backup is not None:
                     backups.append(backup)
         return backups
+
+    def _as_found(self, backup: Backup) -> Backup | None:
+        """A manifest's backup as the directory has it now: a READY archive whose file is gone is FAILED, or
+        not there at all when someone else made it (Aperture prunes its own files)."""
+        if backup.state is not State.READY or (self.directory / backup.id).is_file():
+            return backup
+        if backup.trigger is Trigger.EXTERNAL:
+            return None
+        return backup.replace(state=State.FAILED, error="the archive file is missing from the backup directory")
 
     def _read_manifest(self, path: Path) -> Backup | None:
         try:

@@ -131,5 +131,10 @@ def choose(server_major: int, toolsets: list[Toolset]) -> Toolset:
     )
 
 
+def for_server(server_major: int, configured: Path | None = None) -> Toolset:
+    """The client tools to use with a server of `server_major` (see `choose`), among all installed."""
+    return choose(server_major, discover(configured))
+
+
 def which(name: str) -> str | None:
     return shutil.which(name)

@@ -44,7 +44,7 @@ from .errors import (
     OutOfRange,
     ResourceExhausted,
 )
-from .jobs import Job, JobKind, JobSlot
+from .jobs import JobSlot
 from .model import Backup, Compression, Format, Progress, State, Trigger
 from .restore import RestoreManager, RestoreResult
 from .store import ArchiveStore, ArchiveWriter
@@ -491,13 +491,7 @@ class TransferManager:
             )
         if metadata.restore:
             # Fail fast rather than after receiving gigabytes; the slot is claimed for real before restoring.
-            running = self.slot.current
-            if running is not None:
-                raise JobRunning(
-                    f"cannot upload and restore: {running.description} is running (backup "
-                    f"{running.backup_id or 'pending'}); try again when it has finished",
-                    metadata={"running_kind": running.kind.value, "running_backup_id": running.backup_id},
-                )
+            self.slot.ensure_free("an upload and restore")
         return dataclasses.replace(metadata, sha256=sha256)
 
     def _check_custom(self, path: Path, compression: Compression) -> None:
@@ -557,19 +551,10 @@ class TransferManager:
     def _restore(self, backup: Backup, metadata: UploadMetadata, started: float) -> Iterator[UploadEvent]:
         """Restore the stored upload through the same path as the Restore RPC, in a job of its own (it goes on
         if the caller disconnects, like every restore)."""
-        job = Job(
-            kind=JobKind.RESTORE,
-            trigger=Trigger.UPLOADED,
-            description=f"a restore of the upload {backup.id}",
-            backup=backup,
-        )
-
-        def body(job: Job) -> RestoreResult:
-            with self.database.job_lock(job.description), self.store.pinned(backup.id):
-                return self.restores.restore_stored(job, backup, skip_safety_backup=metadata.skip_safety_backup)
-
         try:
-            self.slot.start(job, body)
+            job = self.restores.start_restore(
+                backup.id, skip_safety_backup=metadata.skip_safety_backup, trigger=Trigger.UPLOADED
+            )
         except JobRunning as exc:
             raise JobRunning(
                 f"{exc}. The upload is stored as {backup.id}: restore it with Restore once the job has finished",
