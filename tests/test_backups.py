@@ -25,7 +25,7 @@ from tests.support.archives import restore_by_hand
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
-from tests.support.service import RunningService, StartService
+from tests.support.service import RunningService, StartService, wait_for
 
 
 def _files(directory: Path) -> list[str]:
@@ -327,14 +327,6 @@ def _pg_dump_children() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True) if p.name() == "pg_dump"]
 
 
-def _wait_for(predicate: object, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
-
-
 def _start_create(svc: RunningService) -> tuple[threading.Thread, dict[str, object]]:
     outcome: dict[str, object] = {}
 
@@ -357,7 +349,7 @@ def test_one_job_at_a_time_and_status_shows_the_running_job(
     lock = HeldLock(db.uri)
     try:
         thread, outcome = _start_create(svc)
-        _wait_for(_pg_dump_children)
+        wait_for(_pg_dump_children)
         listed = list(svc.client.list())
         assert [b.state for b in listed] == [pb.BACKUP_STATE_CREATING]
         status = svc.client.status()
@@ -407,7 +399,7 @@ def test_the_backup_goes_on_when_the_caller_disconnects(
         stream.cancel()
     finally:
         lock.release()
-    _wait_for(lambda: svc.client.get(first.backup.id).state == pb.BACKUP_STATE_READY)
+    wait_for(lambda: svc.client.get(first.backup.id).state == pb.BACKUP_STATE_READY)
 
 
 def test_a_killed_pg_dump_fails_the_backup_and_leaves_nothing(
@@ -418,7 +410,7 @@ def test_a_killed_pg_dump_fails_the_backup_and_leaves_nothing(
     lock = HeldLock(db.uri)
     try:
         thread, outcome = _start_create(svc)
-        _wait_for(_pg_dump_children)
+        wait_for(_pg_dump_children)
         for proc in _pg_dump_children():
             proc.kill()
         thread.join(60)
@@ -449,7 +441,7 @@ def test_passwords_never_reach_process_arguments_manifests_or_logs(
     lock = HeldLock(db.uri)
     try:
         thread, _ = _start_create(svc)
-        _wait_for(_pg_dump_children)
+        wait_for(_pg_dump_children)
         for proc in _pg_dump_children():
             assert secret not in " ".join(proc.cmdline())
     finally:

@@ -8,7 +8,6 @@ at the domain (`App`) directly and make no RPCs; the RPCs are checked with the r
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from datetime import time as time_of_day
 from pathlib import Path
@@ -22,17 +21,9 @@ from aperture_backup.app import App
 from aperture_backup.model import DEFAULT_KIND, Backup, State, Trigger
 from tests.support.fixtures import MakeDatabase
 from tests.support.postgres import PgServer
-from tests.support.service import StartApp, StartService
+from tests.support.service import StartApp, StartService, wait_for
 
 BERLIN = ZoneInfo("Europe/Berlin")
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.1)
 
 
 def _scheduled(app: App) -> list[Backup]:
@@ -49,7 +40,7 @@ def test_the_daily_backup_runs_at_its_local_time(
         # 01:00 in Berlin in winter is 00:00 UTC.
         assert app.scheduler.next_run_time() == datetime(2026, 12, 1, 0, 0, tzinfo=UTC)
         assert _scheduled(app) == []
-        _wait_for(lambda: any(b.state is State.READY for b in _scheduled(app)))
+        wait_for(lambda: any(b.state is State.READY for b in _scheduled(app)))
         assert app.scheduler.next_run_time() == datetime(2026, 12, 2, 0, 0, tzinfo=UTC)
         assert app.backups.status().last_successful is not None
 
@@ -62,13 +53,13 @@ def test_a_failed_scheduled_run_is_visible_and_the_thread_goes_on(app_factory: S
             schedule_time=time_of_day(1, 0),
             time_zone="UTC",
         )
-        _wait_for(lambda: [b.state for b in _scheduled(app)] == [State.FAILED])
+        wait_for(lambda: [b.state for b in _scheduled(app)] == [State.FAILED])
         failed = _scheduled(app)[0]
         assert failed.state is State.FAILED
         assert "127.0.0.1:1" in failed.error
         status = app.backups.status()
         assert status.last_failed is not None and status.last_failed.id == failed.id
-        _wait_for(lambda: app.scheduler.next_run_time() == datetime(2026, 12, 2, 1, 0, tzinfo=UTC))
+        wait_for(lambda: app.scheduler.next_run_time() == datetime(2026, 12, 2, 1, 0, tzinfo=UTC))
         assert app.scheduler.alive
 
 
@@ -84,7 +75,7 @@ def test_a_missed_backup_is_caught_up_after_start_up(
     # The service was down for two days.
     with time_machine.travel(datetime.now(UTC) + timedelta(days=2), tick=True):
         app = app_factory(db.uri, backup_dir=backup_dir, schedule_enabled=True, catch_up=True)
-        _wait_for(lambda: any(b.state is State.READY for b in _scheduled(app)))
+        wait_for(lambda: any(b.state is State.READY for b in _scheduled(app)))
         app.stop()
 
     # Turned off, nothing is caught up.

@@ -31,7 +31,7 @@ from aperture_backup_client import pb
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
-from tests.support.service import RunningService, StartService, grpcurl_path
+from tests.support.service import RunningService, StartService, grpcurl_path, wait_for
 
 SERVICE = "aperture.backup.v1.BackupService"
 KiB = 1024
@@ -108,14 +108,6 @@ def _phases(messages: list[pb.UploadAndRestoreResponse]) -> list[int]:
         if not phases or phases[-1] != message.progress.phase:
             phases.append(message.progress.phase)
     return phases
-
-
-def _wait_for(predicate: Callable[[], bool], timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError("condition not met in time")
-        time.sleep(0.05)
 
 
 def _grpcurl(target: str, method: str, data: str, *, stdin: str | None = None) -> list[dict[str, object]]:
@@ -205,7 +197,7 @@ def test_an_interrupted_download_resumes_at_its_offset(
     stream.cancel()
     assert partial.stat().st_size == 24 * KiB
     # Cancelling closes the server's generator, which releases the pin that kept retention away.
-    _wait_for(lambda: not svc.server.app.store.is_pinned(backup.id))
+    wait_for(lambda: not svc.server.app.store.is_pinned(backup.id))
 
     resumed = svc.client.download(backup.id, partial, offset=partial.stat().st_size)
     assert resumed.sha256 == backup.sha256
@@ -358,7 +350,7 @@ def test_retention_keeps_an_archive_while_it_is_downloaded(
 
     data = first.data + _joined(list(stream), len(first.data))
     assert _sha256(data) == first.backup.sha256 == _sha256(oldest.read_bytes())
-    _wait_for(lambda: not svc.server.app.store.is_pinned(oldest.name))
+    wait_for(lambda: not svc.server.app.store.is_pinned(oldest.name))
     assert list(svc.client.set_retention(1).deleted_ids) == [oldest.name], "once downloaded, retention applies"
     assert [b.id for b in svc.client.list()] == [newest]
 
@@ -718,7 +710,7 @@ def test_an_upload_the_client_abandons_leaves_nothing(
 
     call = svc.client.stub.UploadAndRestore(requests())
     try:
-        _wait_for(lambda: any(name.startswith(".tmp-") for name in _files(svc)))
+        wait_for(lambda: any(name.startswith(".tmp-") for name in _files(svc)))
         # While it arrives, the upload shows as CREATING (like a backup being made), never as READY.
         listed = list(svc.client.list())
         assert [(b.state, b.trigger) for b in listed] == [(pb.BACKUP_STATE_CREATING, pb.BACKUP_TRIGGER_UPLOADED)]
@@ -727,5 +719,5 @@ def test_an_upload_the_client_abandons_leaves_nothing(
     finally:
         call.cancel()
         release.set()
-    _wait_for(lambda: _files(svc) == set())
+    wait_for(lambda: _files(svc) == set())
     assert list(svc.client.list()) == []

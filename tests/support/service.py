@@ -8,7 +8,8 @@ from __future__ import annotations
 import contextlib
 import shutil
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -20,7 +21,7 @@ from aperture_backup.config import Config
 from aperture_backup.server import RunningServer, create_server
 from aperture_backup_client import BackupClient
 
-__all__ = ["RunningService", "StartApp", "StartService", "grpcurl_path", "start_service", "test_config"]
+__all__ = ["RunningService", "StartApp", "StartService", "grpcurl_path", "start_service", "test_config", "wait_for"]
 
 
 @dataclass
@@ -109,6 +110,15 @@ def app_factory(tmp_path: Path) -> Iterator[StartApp]:
     yield start
     for app in apps:
         app.stop()
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30.0) -> None:
+    """Poll until `predicate()` is true; fail the test after `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError("condition not met in time")
+        time.sleep(0.05)
 
 
 def grpcurl_path() -> str:
