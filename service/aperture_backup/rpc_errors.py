@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from . import errors
+from . import codec, errors
 
 _logger = logging.getLogger(__name__)
 
@@ -82,7 +82,8 @@ def _wrap_stream(
 
 
 class ErrorInterceptor(grpc.ServerInterceptor):
-    """Turns BackupError raised by any handler into its status, with ErrorInfo details."""
+    """Turns BackupError raised by any handler into its status, with ErrorInfo details; the one place that
+    wraps handlers, so it also lets their responses come already encoded."""
 
     def intercept_service(
         self,
@@ -92,16 +93,17 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        codec = {
+        serializers = {
             "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
+            # Handlers may yield messages already encoded (StreamDownload does, see codec.py).
+            "response_serializer": codec.pass_encoded(handler.response_serializer),
         }
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **codec)
+            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **serializers)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary), **codec)
+            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary), **serializers)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), **codec)
+            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), **serializers)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream), **codec)
+            return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream), **serializers)
         return handler

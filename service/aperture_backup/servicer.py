@@ -13,7 +13,7 @@ from google.protobuf import timestamp_pb2
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture.backup.v1 import backup_pb2_grpc
 
-from . import convert, transfer
+from . import codec, convert, transfer
 from .app import App
 from .backups import resolve_kind
 from .errors import InvalidArgument
@@ -59,16 +59,16 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         return pb.DeleteResponse(backup=convert.backup_to_pb(self._app.backups.delete(request.id)))
 
-    def StreamDownload(
+    def StreamDownload(  # type: ignore[override]
         self, request: pb.StreamDownloadRequest, context: grpc.ServicerContext
-    ) -> Iterator[pb.StreamDownloadResponse]:
+    ) -> Iterator[bytes]:
+        """Yields each StreamDownloadResponse already serialized (codec.py: 30 times cheaper per chunk), which
+        the generated base class's signature does not foresee."""
         chunks = self._app.transfers.download(request.id, offset=request.offset, chunk_size=request.chunk_size)
         # When the client cancels, gRPC drops this generator, which closes `chunks` and releases its pin.
         for chunk in chunks:
-            response = pb.StreamDownloadResponse(offset=chunk.offset, data=chunk.data)
-            if chunk.backup is not None:
-                response.backup.CopyFrom(convert.backup_to_pb(chunk.backup))
-            yield response
+            backup = convert.backup_to_pb(chunk.backup) if chunk.backup is not None else None
+            yield codec.download_response(chunk.offset, chunk.data, backup)
 
     def UploadAndRestore(
         self, request_iterator: Iterator[pb.UploadAndRestoreRequest], context: grpc.ServicerContext
