@@ -25,7 +25,7 @@ from typing import BinaryIO
 
 from . import archive_format
 from .errors import InvalidArgument, NotFound
-from .fsutil import fsync_directory, write_json
+from .fsutil import WritebackFile, fsync_directory, write_json
 from .model import ArchiveKind, Backup, State, Trigger
 
 _logger = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class ArchiveWriter:
         self.backup = backup
         self.temp_path = store.directory / (TEMP_PREFIX + backup.id)
         fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self.file: BinaryIO = os.fdopen(fd, "wb", buffering=0)
+        self.file: BinaryIO = WritebackFile(fd)
         self._done = False
 
     def commit(self, **fields: object) -> Backup:

@@ -1,0 +1,27 @@
+"""Archive files hand their data to the disk as they are written; what is read back is what was written."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+from aperture_backup import fsutil
+
+
+def test_a_writeback_file_keeps_every_byte(tmp_path: Path) -> None:
+    path = tmp_path / "archive"
+    piece = os.urandom(1_000_003)  # odd sizes, so hand-overs fall inside writes
+    total = 3 * fsutil.WRITEBACK_EVERY_BYTES + 12_345
+    digest = hashlib.sha256()
+    with fsutil.WritebackFile(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)) as out:
+        written = 0
+        while written < total:
+            data = piece[: total - written]
+            assert out.write(data) == len(data)
+            digest.update(data)
+            written += len(data)
+        os.fsync(out.fileno())
+
+    assert path.stat().st_size == total
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == digest.hexdigest()
