@@ -33,6 +33,7 @@ lint: $(VENV)/.installed-dev
 
 typecheck: $(VENV)/.installed-dev
 	$(BIN)/mypy
+	$(BIN)/mypy scripts
 
 proto-check: $(VENV)/.installed-dev
 	$(BIN)/buf lint

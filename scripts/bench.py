@@ -563,9 +563,7 @@ def bench_create(ctx: Context) -> dict[str, pb.Backup]:
         steps.append(
             (
                 "pg_dump | zstd -3 -T2",
-                lambda: cli_zstd_row.seconds.append(  # type: ignore[union-attr]
-                    shell(f"{ctx.dump_cmd} | zstd -3 -T2 -q -f -o {zstd_file}")
-                ),
+                lambda: cli_zstd_row.seconds.append(shell(f"{ctx.dump_cmd} | zstd -3 -T2 -q -f -o {zstd_file}")),
             )
         )
     for name, fmt, compression in CREATE_KINDS:

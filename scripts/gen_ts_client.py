@@ -98,7 +98,7 @@ def proto_files(root: Path) -> list[str]:
 
 def generate(out: Path) -> list[Path]:
     """Run protoc with ts-proto into `out` (emptied first); returns the generated files."""
-    from grpc_tools import protoc  # type: ignore[import-untyped]  # grpcio-tools has no type stubs
+    from grpc_tools import protoc
 
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
