@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import grpc
-import psutil
 import psycopg
 import pytest
 
@@ -24,8 +23,8 @@ from aperture_backup_client import pb
 from tests.support.archives import restore_by_hand
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
-from tests.support.postgres import PgServer
-from tests.support.service import RunningService, StartService, wait_for
+from tests.support.postgres import PgServer, table_lock
+from tests.support.service import RunningService, StartService, pg_dump_children, wait_for
 
 
 def _files(directory: Path) -> list[str]:
@@ -310,23 +309,6 @@ def test_wrong_credentials_give_a_clear_status_and_no_ready_archive(
     assert all(b.state == pb.BACKUP_STATE_FAILED for b in svc.client.list())
 
 
-class HeldLock:
-    """An ACCESS EXCLUSIVE lock on a seeded table, held from a test connection: pg_dump waits for it,
-    which keeps a backup running for as long as a test needs, deterministically."""
-
-    def __init__(self, uri: str, table: str = "public.users"):
-        self.conn = psycopg.connect(uri)
-        self.conn.execute(f"LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE")
-
-    def release(self) -> None:
-        self.conn.rollback()
-        self.conn.close()
-
-
-def _pg_dump_children() -> list[psutil.Process]:
-    return [p for p in psutil.Process().children(recursive=True) if p.name() == "pg_dump"]
-
-
 def _start_create(svc: RunningService) -> tuple[threading.Thread, dict[str, object]]:
     outcome: dict[str, object] = {}
 
@@ -346,10 +328,9 @@ def test_one_job_at_a_time_and_status_shows_the_running_job(
 ) -> None:
     db = make_database(pg16, seeded=True, rows=20)
     svc = service_factory(db.uri)
-    lock = HeldLock(db.uri)
-    try:
+    with table_lock(db.uri):
         thread, outcome = _start_create(svc)
-        wait_for(_pg_dump_children)
+        wait_for(pg_dump_children)
         listed = list(svc.client.list())
         assert [b.state for b in listed] == [pb.BACKUP_STATE_CREATING]
         status = svc.client.status()
@@ -364,8 +345,6 @@ def test_one_job_at_a_time_and_status_shows_the_running_job(
         with pytest.raises(grpc.RpcError) as info:
             svc.client.delete(listed[0].id)
         assert _error(info)[0] == grpc.StatusCode.FAILED_PRECONDITION
-    finally:
-        lock.release()
     thread.join(60)
     backup = outcome["backup"]
     assert isinstance(backup, pb.Backup) and backup.state == pb.BACKUP_STATE_READY
@@ -391,14 +370,11 @@ def test_the_backup_goes_on_when_the_caller_disconnects(
 ) -> None:
     db = make_database(pg16, seeded=True, rows=20)
     svc = service_factory(db.uri)
-    lock = HeldLock(db.uri)
-    try:
+    with table_lock(db.uri):
         stream = svc.client.stub.Create(pb.CreateRequest())
         first = next(stream)
         assert first.backup.state == pb.BACKUP_STATE_CREATING
         stream.cancel()
-    finally:
-        lock.release()
     wait_for(lambda: svc.client.get(first.backup.id).state == pb.BACKUP_STATE_READY)
 
 
@@ -407,15 +383,12 @@ def test_a_killed_pg_dump_fails_the_backup_and_leaves_nothing(
 ) -> None:
     db = make_database(pg16, seeded=True, rows=20)
     svc = service_factory(db.uri)
-    lock = HeldLock(db.uri)
-    try:
+    with table_lock(db.uri):
         thread, outcome = _start_create(svc)
-        wait_for(_pg_dump_children)
-        for proc in _pg_dump_children():
+        wait_for(pg_dump_children)
+        for proc in pg_dump_children():
             proc.kill()
         thread.join(60)
-    finally:
-        lock.release()
     error = outcome["error"]
     assert isinstance(error, grpc.RpcError)
     assert error.code() == grpc.StatusCode.INTERNAL
@@ -438,14 +411,11 @@ def test_passwords_never_reach_process_arguments_manifests_or_logs(
     params.update(user="backup_operator", password=secret)
     caplog.set_level("DEBUG")
     svc = service_factory(psycopg.conninfo.make_conninfo(**params))  # type: ignore[arg-type]
-    lock = HeldLock(db.uri)
-    try:
+    with table_lock(db.uri):
         thread, _ = _start_create(svc)
-        wait_for(_pg_dump_children)
-        for proc in _pg_dump_children():
+        wait_for(pg_dump_children)
+        for proc in pg_dump_children():
             assert secret not in " ".join(proc.cmdline())
-    finally:
-        lock.release()
     thread.join(60)
     manifests = [p.read_text() for p in svc.backup_dir.glob("*.manifest.json")]
     assert manifests and all(secret not in text for text in manifests)

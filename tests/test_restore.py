@@ -31,7 +31,7 @@ from aperture_backup.sqlfilter import SqlFilter, SqlFilterError
 from aperture_backup_client import pb
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
-from tests.support.postgres import PgServer
+from tests.support.postgres import PgServer, table_lock
 from tests.support.seed import LARGE_OBJECT_OID_BASE
 from tests.support.service import RunningService, StartService
 
@@ -444,8 +444,7 @@ def test_restore_while_a_backup_runs_is_refused(
             created.append(message)
 
     # pg_dump waits for this lock, so the backup is certainly still running when Restore comes.
-    with psycopg.connect(db.uri) as blocker:
-        blocker.execute("LOCK TABLE public.movies IN ACCESS EXCLUSIVE MODE")
+    with table_lock(db.uri, "public.movies") as blocker:
         consumer = threading.Thread(target=run_backup)
         consumer.start()
         assert started.wait(30)

@@ -12,13 +12,12 @@ import time
 from pathlib import Path
 
 import grpc
-import psutil
-import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.fixtures import Database
-from tests.support.service import StartService, grpcurl_path
+from tests.support.postgres import table_lock
+from tests.support.service import StartService, grpcurl_path, pg_dump_children, wait_for
 
 SERVICE = "aperture.backup.v1.BackupService"
 
@@ -135,20 +134,15 @@ def test_sigterm_during_a_backup_leaves_no_half_written_archive(seeded_db: Datab
     backup_dir = tmp_path / "backups"
     proc, target = _start_serve(seeded_db.uri, backup_dir)
     # pg_dump waits for this lock, so the backup is certainly running when the signal comes.
-    with psycopg.connect(seeded_db.uri) as blocker:
-        blocker.execute("LOCK TABLE public.users IN ACCESS EXCLUSIVE MODE")
+    with table_lock(seeded_db.uri):
         create = subprocess.Popen(
             [grpcurl_path(), "-plaintext", "-d", "{}", target, f"{SERVICE}/Create"],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
         )
-        deadline = time.monotonic() + 30
-        while not [p for p in psutil.Process(proc.pid).children(recursive=True) if p.name() == "pg_dump"]:
-            assert time.monotonic() < deadline, "pg_dump did not start"
-            time.sleep(0.05)
+        wait_for(lambda: pg_dump_children(proc.pid))
         stderr = _stop(proc)
-        blocker.rollback()
     create.wait(timeout=30)
     assert "shutting down" in stderr
     assert not list(backup_dir.glob(".tmp-*"))

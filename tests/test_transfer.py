@@ -30,7 +30,7 @@ from aperture_backup import cli
 from aperture_backup_client import pb
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
-from tests.support.postgres import PgServer
+from tests.support.postgres import PgServer, table_lock
 from tests.support.service import RunningService, StartService, grpcurl_path, wait_for
 
 SERVICE = "aperture.backup.v1.BackupService"
@@ -270,9 +270,8 @@ def test_download_of_a_backup_still_being_created_is_refused(
 ) -> None:
     db = _seeded(make_database, pg16)
     svc = service_factory(db.uri)
-    with psycopg.connect(db.uri) as locker:
-        # pg_dump waits for this lock, which keeps the backup CREATING for as long as the test needs.
-        locker.execute("LOCK TABLE public.users IN ACCESS EXCLUSIVE MODE")
+    # pg_dump waits for this lock, which keeps the backup CREATING for as long as the test needs.
+    with table_lock(db.uri) as locker:
         stream = svc.client.stub.Create(pb.CreateRequest())
         creating = next(stream).backup
         assert creating.state == pb.BACKUP_STATE_CREATING
@@ -636,8 +635,7 @@ def test_upload_and_restore_while_a_job_runs_is_refused_before_the_data_arrives(
         sent_chunks.wait(30)
         yield from _chunks(data)
 
-    with psycopg.connect(db.uri) as locker:
-        locker.execute("LOCK TABLE public.users IN ACCESS EXCLUSIVE MODE")
+    with table_lock(db.uri) as locker:
         create = svc.client.stub.Create(pb.CreateRequest())
         running = next(create).backup
         started = time.monotonic()

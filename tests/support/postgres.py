@@ -45,6 +45,7 @@ __all__ = [
     "pgserver_server",
     "probe_extensions",
     "server_major",
+    "table_lock",
 ]
 
 #: Extensions Aperture uses; the seed creates whichever of them a server offers.
@@ -284,3 +285,16 @@ def external_server(url: str, name: str = "pg15", *, connect_timeout: int = 3) -
     if bin_dir is None:
         raise ServerUnavailable(f"{name}: server at {url} is PostgreSQL {major} but no {major} client tools found")
     yield _describe(name, uri, bin_dir)
+
+
+@contextmanager
+def table_lock(uri: str, table: str = "public.users") -> Iterator[psycopg.Connection[tuple[object, ...]]]:
+    """Hold an ACCESS EXCLUSIVE lock on `table` from a connection of its own until the block ends (or
+    until the yielded connection's `rollback()`): pg_dump waits for it, which keeps a backup running,
+    deterministically, for as long as a test needs."""
+    with psycopg.connect(uri) as conn:
+        conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(sql.Identifier(*table.split("."))))
+        try:
+            yield conn
+        finally:
+            conn.rollback()

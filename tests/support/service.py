@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import psutil
 import pytest
 
 from aperture_backup.app import App
@@ -128,3 +129,8 @@ def grpcurl_path() -> str:
     if path is None:
         pytest.fail("grpcurl is not installed; run `make test`, which installs the dev dependencies")
     return path
+
+
+def pg_dump_children(pid: int | None = None) -> list[psutil.Process]:
+    """The pg_dump processes running under `pid` (default: this process, whose in-process server starts them)."""
+    return [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "pg_dump"]
