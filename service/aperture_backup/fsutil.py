@@ -54,14 +54,22 @@ class WritebackFile(io.FileIO):
         super().__init__(fd, "wb", closefd=True)
         self._written = 0
         self._handed_over = 0
+        self._hint = hasattr(os, "posix_fadvise")
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
         n = super().write(data)
         if n:
             self._written += n
-            if self._written - self._handed_over >= WRITEBACK_EVERY_BYTES and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(
-                    self.fileno(), self._handed_over, self._written - self._handed_over, os.POSIX_FADV_DONTNEED
-                )
-                self._handed_over = self._written
+            if self._hint and self._written - self._handed_over >= WRITEBACK_EVERY_BYTES:
+                self._hand_over()
         return n or 0
+
+    def _hand_over(self) -> None:
+        try:
+            os.posix_fadvise(
+                self.fileno(), self._handed_over, self._written - self._handed_over, os.POSIX_FADV_DONTNEED
+            )
+        except OSError:
+            # Only a hint: a file system that refuses it still gets everything at the fsync.
+            self._hint = False
+        self._handed_over = self._written
