@@ -156,9 +156,10 @@ class BackupClient:
                     backup = message.backup
                 if message.offset != position:
                     raise TransferError(f"the server sent offset {message.offset} where {position} was expected")
-                handle.write(message.data)
-                digest.update(message.data)
-                position += len(message.data)
+                data = message.data  # each access copies the bytes out of the message: once per chunk
+                handle.write(data)
+                digest.update(data)
+                position += len(data)
             handle.flush()
             os.fsync(handle.fileno())
         if backup is None:
