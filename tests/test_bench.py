@@ -12,9 +12,9 @@ REPO = Path(__file__).resolve().parent.parent
 
 def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
-    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--scale", "5", "--rounds", "1"]
-    command += ["--transfer-rounds", "1", "--small-mb", "2", "--large-mb", "4", "--out", str(out)]
-    command += ["--work-dir", str(tmp_path)]
+    command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--scale", "5", "--small-mb", "2", "--large-mb", "4"]
+    command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1"]
+    command += ["--out", str(out), "--work-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
