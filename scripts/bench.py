@@ -72,6 +72,7 @@ DATABASE = "aperture"
 RSS_INTERVAL = 0.05
 
 _REFERENCE_SERVICE = "bench.Reference"
+_SERVICE = pb.DESCRIPTOR.services_by_name["BackupService"]
 
 
 def log(message: str) -> None:
@@ -291,7 +292,7 @@ class Service:
             raise RuntimeError(f"the service did not start; see {self.log_path}") from None
         self.stub = backup_pb2_grpc.BackupServiceStub(self.channel)
         self._raw_download: grpc.UnaryStreamMultiCallable[pb.StreamDownloadRequest, bytes] = self.channel.unary_stream(
-            "/aperture.backup.v1.BackupService/StreamDownload",
+            f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['StreamDownload'].name}",
             request_serializer=pb.StreamDownloadRequest.SerializeToString,
         )
         self.rss = RssMonitor(self.proc.pid)

@@ -310,6 +310,7 @@ def test_wrong_credentials_give_a_clear_status_and_no_ready_archive(
 
 
 def _start_create(svc: RunningService) -> tuple[threading.Thread, dict[str, object]]:
+    """Start a Create in a thread; return once its pg_dump runs (callers hold a `table_lock`, so it waits)."""
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -320,6 +321,7 @@ def _start_create(svc: RunningService) -> tuple[threading.Thread, dict[str, obje
 
     thread = threading.Thread(target=run)
     thread.start()
+    wait_for(pg_dump_children)
     return thread, outcome
 
 
@@ -330,7 +332,6 @@ def test_one_job_at_a_time_and_status_shows_the_running_job(
     svc = service_factory(db.uri)
     with table_lock(db.uri):
         thread, outcome = _start_create(svc)
-        wait_for(pg_dump_children)
         listed = list(svc.client.list())
         assert [b.state for b in listed] == [pb.BACKUP_STATE_CREATING]
         status = svc.client.status()
@@ -385,7 +386,6 @@ def test_a_killed_pg_dump_fails_the_backup_and_leaves_nothing(
     svc = service_factory(db.uri)
     with table_lock(db.uri):
         thread, outcome = _start_create(svc)
-        wait_for(pg_dump_children)
         for proc in pg_dump_children():
             proc.kill()
         thread.join(60)
@@ -413,7 +413,6 @@ def test_passwords_never_reach_process_arguments_manifests_or_logs(
     svc = service_factory(psycopg.conninfo.make_conninfo(**params))  # type: ignore[arg-type]
     with table_lock(db.uri):
         thread, _ = _start_create(svc)
-        wait_for(pg_dump_children)
         for proc in pg_dump_children():
             assert secret not in " ".join(proc.cmdline())
     thread.join(60)
