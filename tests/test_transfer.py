@@ -18,6 +18,7 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from pathlib import Path
 
 import grpc
@@ -27,7 +28,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aperture_backup import cli
-from aperture_backup_client import pb
+from aperture_backup_client import BackupClient, TransferError, pb, wire
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, table_lock
@@ -179,6 +180,13 @@ def test_download_gives_the_archive_byte_for_byte(
     assert saved == backup
     assert (tmp_path / "saved").read_bytes() == archive
     assert not svc.server.app.store.is_pinned(backup.id), "the pin goes with the stream"
+
+    # The client's stream decodes the messages itself (wire.py), its chunks views into what arrived.
+    chunks = list(svc.client.stream_download(backup.id, offset=1000, chunk_size=16 * KiB))
+    assert chunks[0].backup == backup and all(c.backup is None for c in chunks[1:])
+    assert [c.offset for c in chunks] == [1000 + i * 16 * KiB for i in range(len(chunks))]
+    assert all(isinstance(c.data, memoryview) for c in chunks)
+    assert b"".join(c.data for c in chunks) == archive[1000:]
 
 
 def test_an_interrupted_download_resumes_at_its_offset(
@@ -402,6 +410,45 @@ def test_upload_and_store_is_listed_as_uploaded(
     assert uploading[0].bytes_done == 0 and uploading[-1].bytes_done == made.size_bytes
     assert all(p.bytes_total == made.size_bytes for p in uploading)
     assert last.progress.phase == pb.PHASE_DONE
+
+
+def test_the_client_uploads_with_the_checksum_it_is_given(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService, tmp_path: Path
+) -> None:
+    db = _seeded(make_database, pg16)
+    svc = service_factory(db.uri)
+    path = tmp_path / "upload.sql.gz"
+    path.write_bytes(_gzip_sql(pg16, db.uri))
+
+    code, reason, _ = _status(_raises(lambda: svc.client.upload(path, sha256=_sha256(b"other"))))
+    assert (code, reason) == (grpc.StatusCode.DATA_LOSS, "CHECKSUM_MISMATCH")
+    stored = svc.client.upload(path, sha256=_sha256(path.read_bytes()), chunk_size=7 * KiB).backup
+    assert (svc.backup_dir / stored.id).read_bytes() == path.read_bytes()
+
+
+def test_the_client_refuses_a_download_with_a_gap(tmp_path: Path) -> None:
+    """Against a server that skips bytes (a real gRPC server, answering StreamDownload out of order)."""
+
+    def gappy(request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        yield wire.encode_download_response(0, b"abc", pb.Backup(id="x", size_bytes=9))
+        yield wire.encode_download_response(6, b"ghi")
+
+    method = pb.DESCRIPTOR.services_by_name["BackupService"].methods_by_name["StreamDownload"]
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                method.containing_service.full_name, {method.name: grpc.unary_stream_rpc_method_handler(gappy)}
+            ),
+        )
+    )
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    try:
+        with BackupClient(f"127.0.0.1:{port}") as client, pytest.raises(TransferError, match="offset 6 where 3"):
+            client.download("x", tmp_path / "x")
+    finally:
+        server.stop(None)
 
 
 @pytest.mark.parametrize("server_name", ["pg16", "pg18"])

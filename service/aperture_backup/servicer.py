@@ -12,8 +12,9 @@ from google.protobuf import timestamp_pb2
 
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture.backup.v1 import backup_pb2_grpc
+from aperture_backup_client import wire
 
-from . import codec, convert, transfer
+from . import convert, transfer
 from .app import App
 from .backups import resolve_kind
 from .errors import InvalidArgument
@@ -62,13 +63,13 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def StreamDownload(  # type: ignore[override]
         self, request: pb.StreamDownloadRequest, context: grpc.ServicerContext
     ) -> Iterator[bytes]:
-        """Yields each StreamDownloadResponse already serialized (codec.py: 30 times cheaper per chunk), which
-        the generated base class's signature does not foresee."""
+        """Yields each StreamDownloadResponse already serialized (`wire`: 30 times cheaper per chunk than a
+        message), which the generated base class's signature does not foresee."""
         chunks = self._app.transfers.download(request.id, offset=request.offset, chunk_size=request.chunk_size)
         # When the client cancels, gRPC drops this generator, which closes `chunks` and releases its pin.
         for chunk in chunks:
             backup = convert.backup_to_pb(chunk.backup) if chunk.backup is not None else None
-            yield codec.download_response(chunk.offset, chunk.data, backup)
+            yield wire.encode_download_response(chunk.offset, chunk.data, backup)
 
     def UploadAndRestore(
         self, request_iterator: Iterator[pb.UploadAndRestoreRequest], context: grpc.ServicerContext

@@ -19,12 +19,15 @@ import grpc
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture.backup.v1 import backup_pb2_grpc
 
-__all__ = ["BackupClient", "ChecksumMismatch", "TransferError", "pb"]
+from .wire import DownloadChunk, decode_download_response, encode_upload_chunk
+
+__all__ = ["BackupClient", "ChecksumMismatch", "DownloadChunk", "TransferError", "pb"]
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 #: Upload chunk size: large enough to amortise per-message cost, far below the 8 MiB message limit.
 UPLOAD_CHUNK_BYTES = 1024 * 1024
 _HASH_READ_BYTES = 1024 * 1024
+_METHODS = pb.DESCRIPTOR.services_by_name["BackupService"].methods_by_name
 
 
 class TransferError(Exception):
@@ -50,6 +53,10 @@ def file_sha256(path: Path, *, limit: int | None = None) -> hashlib._Hash:
     return digest
 
 
+def _path(method: str) -> str:
+    return f"/{_METHODS[method].containing_service.full_name}/{_METHODS[method].name}"
+
+
 class BackupClient:
     """Connects to one aperture-backup server. Methods raise grpc.RpcError with the server's status."""
 
@@ -62,6 +69,18 @@ class BackupClient:
             ],
         )
         self.stub = backup_pb2_grpc.BackupServiceStub(self.channel)
+        # The two bulk RPCs, with the messages that carry archive bytes encoded and decoded by `wire`
+        # instead of the generated classes (which copy each chunk several times; see wire.py).
+        self._stream_download: grpc.UnaryStreamMultiCallable[pb.StreamDownloadRequest, DownloadChunk] = (
+            self.channel.unary_stream(
+                _path("StreamDownload"),
+                request_serializer=pb.StreamDownloadRequest.SerializeToString,
+                response_deserializer=decode_download_response,
+            )
+        )
+        self._upload: grpc.StreamStreamMultiCallable[bytes, pb.UploadAndRestoreResponse] = self.channel.stream_stream(
+            _path("UploadAndRestore"), response_deserializer=pb.UploadAndRestoreResponse.FromString
+        )
 
     def __enter__(self) -> BackupClient:
         return self
@@ -123,6 +142,20 @@ class BackupClient:
     def status(self) -> pb.GetStatusResponse:
         return self.stub.GetStatus(pb.GetStatusRequest())
 
+    def stream_download(
+        self, backup_id: str, *, offset: int = 0, chunk_size: int = 0, timeout: float | None = None
+    ) -> Iterator[DownloadChunk]:
+        """The chunks of a backup's archive from `offset` on, as they arrive; the first carries the backup
+        (size, SHA-256). Each chunk's `data` is a view into the received message, not a copy. Raises
+        TransferError when a chunk does not start where the previous one ended."""
+        position = offset
+        request = pb.StreamDownloadRequest(id=backup_id, offset=offset, chunk_size=chunk_size)
+        for chunk in self._stream_download(request, timeout=timeout):
+            if chunk.offset != position:
+                raise TransferError(f"the server sent offset {chunk.offset} where {position} was expected")
+            position += len(chunk.data)
+            yield chunk
+
     def download(
         self,
         backup_id: str,
@@ -150,16 +183,12 @@ class BackupClient:
                 # Bytes past the offset (from an earlier, longer attempt) are replaced by the server's.
                 handle.truncate(offset)
                 handle.seek(offset)
-            request = pb.StreamDownloadRequest(id=backup_id, offset=offset, chunk_size=chunk_size)
-            for message in self.stub.StreamDownload(request, timeout=timeout):
-                if message.HasField("backup"):
-                    backup = message.backup
-                if message.offset != position:
-                    raise TransferError(f"the server sent offset {message.offset} where {position} was expected")
-                data = message.data  # each access copies the bytes out of the message: once per chunk
-                handle.write(data)
-                digest.update(data)
-                position += len(data)
+            for chunk in self.stream_download(backup_id, offset=offset, chunk_size=chunk_size, timeout=timeout):
+                if chunk.backup is not None:
+                    backup = chunk.backup
+                handle.write(chunk.data)
+                digest.update(chunk.data)
+                position += len(chunk.data)
             handle.flush()
             os.fsync(handle.fileno())
         if backup is None:
@@ -179,36 +208,37 @@ class BackupClient:
         *,
         restore: bool = False,
         skip_safety_backup: bool = False,
+        sha256: str | None = None,
         on_progress: Callable[[pb.UploadAndRestoreResponse], None] | None = None,
         chunk_size: int = UPLOAD_CHUNK_BYTES,
         timeout: float | None = None,
     ) -> pb.UploadAndRestoreResponse:
         """Upload an archive (with its size and SHA-256, so the server can check it), store it as a backup
-        and, with `restore=True`, restore it. Returns the last message: `backup` is the stored upload,
-        `result` the restore's outcome when one was asked for."""
+        and, with `restore=True`, restore it. The SHA-256 is computed from the file unless the caller
+        passes it. Returns the last message: `backup` is the stored upload, `result` the restore's outcome
+        when one was asked for."""
         source = Path(path)
         size = source.stat().st_size
-        sha256 = file_sha256(source).hexdigest()
+        digest = sha256 if sha256 is not None else file_sha256(source).hexdigest()
 
-        def requests() -> Iterator[pb.UploadAndRestoreRequest]:
+        def requests() -> Iterator[bytes]:
             # A generator: gRPC pulls one chunk at a time, so the file is never held in memory.
-            yield pb.UploadAndRestoreRequest(
-                metadata=pb.UploadMetadata(
-                    filename=source.name,
-                    size_bytes=size,
-                    sha256=sha256,
-                    restore=restore,
-                    skip_safety_backup=skip_safety_backup,
-                )
+            metadata = pb.UploadMetadata(
+                filename=source.name,
+                size_bytes=size,
+                sha256=digest,
+                restore=restore,
+                skip_safety_backup=skip_safety_backup,
             )
+            yield pb.UploadAndRestoreRequest(metadata=metadata).SerializeToString()
             offset = 0
             with open(source, "rb") as handle:
                 while data := handle.read(chunk_size):
-                    yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=offset, data=data))
+                    yield encode_upload_chunk(offset, data)
                     offset += len(data)
 
         last: pb.UploadAndRestoreResponse | None = None
-        for message in self.stub.UploadAndRestore(requests(), timeout=timeout):
+        for message in self._upload(requests(), timeout=timeout):
             last = message
             if on_progress is not None:
                 on_progress(message)
