@@ -13,9 +13,9 @@ its baseline in the same run, alternating the order from round to round, reporti
 - Create `.sql.zst`, `.sql` and custom-format `.dump` vs `pg_dump > /dev/null`;
 - Restore (no safety backup) vs `gunzip -c file | psql --single-transaction -v ON_ERROR_STOP=1` into an
   empty database; one more restore with the safety backup, which is reported on its own;
-- StreamDownload and UploadAndRestore (restore=false) vs a minimal grpcio server and client streaming the
-  same file with the same chunk size (started from this script with `--reference-server`), with a small
-  and a large archive.
+- StreamDownload and UploadAndRestore (restore=false), through the project's Python client, vs a minimal
+  grpcio server and client streaming the same file with the same chunk size (started from this script with
+  `--reference-server`), with a small and a large archive; the download also through the generated stub.
 
 Baselines use the same pg_dump/psql as the service (the server's own major version, passed to the service
 as APERTURE_BACKUP_PG_BIN_DIR). Operations the service does not implement yet (UNIMPLEMENTED) are reported
@@ -58,6 +58,7 @@ from aperture.backup.v1 import backup_pb2 as pb  # noqa: E402
 from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
 from aperture_backup.compression import decompressor  # noqa: E402
 from aperture_backup.model import Compression  # noqa: E402
+from aperture_backup_client import BackupClient  # noqa: E402
 from scripts.bench_data import generate  # noqa: E402
 from tests.support.postgres import PgServer, pgserver_server  # noqa: E402
 
@@ -291,6 +292,7 @@ class Service:
             self.stop()
             raise RuntimeError(f"the service did not start; see {self.log_path}") from None
         self.stub = backup_pb2_grpc.BackupServiceStub(self.channel)
+        self.client = BackupClient(f"127.0.0.1:{self.port}", channel=self.channel)
         self._raw_download: grpc.UnaryStreamMultiCallable[pb.StreamDownloadRequest, bytes] = self.channel.unary_stream(
             f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['StreamDownload'].name}",
             request_serializer=pb.StreamDownloadRequest.SerializeToString,
@@ -430,36 +432,27 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
             yield data
 
 
-def _upload_requests(path: Path, sha256: str) -> Iterator[pb.UploadAndRestoreRequest]:
-    yield pb.UploadAndRestoreRequest(
-        metadata=pb.UploadMetadata(filename=path.name, size_bytes=path.stat().st_size, sha256=sha256, restore=False)
-    )
-    offset = 0
-    for data in _file_chunks(path):
-        yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=offset, data=data))
-        offset += len(data)
-
-
 def service_upload(service: Service, row: Row, path: Path, sha256: str) -> pb.Backup:
+    """An upload through the project's Python client (its chunks encoded by `wire`)."""
     service.rss.begin()
     start = time.perf_counter()
-    last = None
-    for message in service.stub.UploadAndRestore(_upload_requests(path, sha256)):
-        last = message
+    last = service.client.upload(path, sha256=sha256)
     elapsed = time.perf_counter() - start
     row.record_rss(*service.rss.end())
-    if last is None or not last.backup.id:
-        raise RuntimeError(f"UploadAndRestore ended without a backup: {last}")
     row.seconds.append(elapsed)
     return last.backup
 
 
-def service_download(service: Service, row: Row, backup: pb.Backup) -> None:
+def service_download(service: Service, row: Row, backup: pb.Backup, *, generated_stub: bool = False) -> None:
+    """A download through the project's Python client (its messages decoded by `wire`, the chunks left in
+    place) or, with `generated_stub`, through the generated stub, parsing each message with protobuf."""
     service.rss.begin()
     start = time.perf_counter()
-    size = 0
-    for message in service.stub.StreamDownload(pb.StreamDownloadRequest(id=backup.id, chunk_size=CHUNK_SIZE)):
-        size += len(message.data)
+    if generated_stub:
+        request = pb.StreamDownloadRequest(id=backup.id, chunk_size=CHUNK_SIZE)
+        size = sum(len(message.data) for message in service.stub.StreamDownload(request))
+    else:
+        size = sum(len(chunk.data) for chunk in service.client.stream_download(backup.id, chunk_size=CHUNK_SIZE))
     elapsed = time.perf_counter() - start
     row.record_rss(*service.rss.end())
     if size != backup.size_bytes:
@@ -691,10 +684,12 @@ def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
             # end before storing it, a full inflate on one core, timed alone with the service's decompressor.
             floor = ctx.row(f"  inflate check alone, {label} (1 core)", "grpcio reference")
             down = ctx.row(f"StreamDownload {label}", "grpcio reference")
-            # The same download, the client taking each message's bytes without parsing them: what the
-            # service costs apart from the protobuf parse in the client (which the raw reference has not).
+            # The same download through the generated stub, whose protobuf parse copies each chunk twice
+            # (wire.py), and with a client that takes each message's bytes without parsing them at all:
+            # what the service costs apart from any client work (the raw reference does none).
+            stub = ctx.row(f"  StreamDownload {label}, generated stub", "grpcio reference")
             raw = ctx.row(f"  StreamDownload {label}, client not parsing", "grpcio reference")
-            for row in (up, floor, down, raw):
+            for row in (up, floor, down, stub, raw):
                 row.work_bytes = row.output_bytes = actual
             if not upload_ok:
                 up.note = "service not measured: UploadAndRestore is UNIMPLEMENTED in this tree"
@@ -717,8 +712,9 @@ def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
                 if not service_first and target is not None:
                     service_download(service, down, target)
                 if target is not None:
+                    service_download(service, stub, target, generated_stub=True)
                     raw.seconds.append(service.download_unparsed(target))
-                    raw.baseline_seconds = down.baseline_seconds
+                    stub.baseline_seconds = raw.baseline_seconds = down.baseline_seconds
                 if round_no < 3:
                     floor.seconds.append(inflate_check(path))
                     floor.baseline_seconds = up.baseline_seconds
