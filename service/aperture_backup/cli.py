@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import grpc
 from google.protobuf import json_format
 
-from . import logs
+from . import logs, memory
 from .config import Config, ConfigError, parse_bool, parse_hhmm
 
 if TYPE_CHECKING:
@@ -206,6 +206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
             return 2
         logs.configure(config.log_level, config.log_format)
+        memory.limit_malloc_arenas()  # before the server starts its threads
         from .server import serve
 
         serve(config)

@@ -1,0 +1,35 @@
+"""The serving process's memory: few malloc arenas, so that its peak does not wander with its history.
+
+The service moves archives in 1 MiB pieces through several threads (gRPC's pollers and workers, the
+upload check, the compressor). glibc gives threads that contend for malloc arenas of their own, up to 8 per
+core, and freed 1 MiB blocks stay cached in whichever arena held them, so the peak RSS of an operation
+depended on what the process had done before. Measured here, uploads of 100 MB and 1.1 GB (4 processes,
+7 uploads each): with the default, peaks of 94-122 MB, up to 28 MB apart in one process; with two arenas,
+86-109 MB, at most 9 MB apart in one process, and no slower (1.1 GB in 3.7-4.0 s, default 3.9-4.4 s).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+_logger = logging.getLogger(__name__)
+
+#: glibc's mallopt parameter for the arena limit (malloc.h), what MALLOC_ARENA_MAX sets.
+_M_ARENA_MAX = -8
+ARENAS = 2
+
+
+def limit_malloc_arenas(count: int = ARENAS) -> bool:
+    """Ask the C library for at most `count` malloc arenas; True when it agreed. Leaves the setting to the
+    environment when MALLOC_ARENA_MAX is set, and does nothing on a C library without mallopt."""
+    if "MALLOC_ARENA_MAX" in os.environ:
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
+    except (OSError, AttributeError):
+        _logger.debug("no mallopt in this C library; malloc arenas left as they are")
+        return False
+    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
+    return bool(mallopt(_M_ARENA_MAX, count))
