@@ -133,4 +133,10 @@ def grpcurl_path() -> str:
 
 def pg_dump_children(pid: int | None = None) -> list[psutil.Process]:
     """The pg_dump processes running under `pid` (default: this process, whose in-process server starts them)."""
-    return [p for p in psutil.Process(pid).children(recursive=True) if p.name() == "pg_dump"]
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        # A short-lived child (a tool's --version probe) may be gone between the listing and this look.
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if child.name() == "pg_dump":
+                found.append(child)
+    return found
