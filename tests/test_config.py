@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 
-from aperture_backup import memory
 from aperture_backup.config import Config, ConfigError
 
 
@@ -97,10 +96,3 @@ def test_flags_override_the_environment(tmp_path: Path) -> None:
     config = Config.from_env({"APERTURE_BACKUP_KEEP": "3"}).with_overrides(keep=9, backup_dir=tmp_path)
     assert config.keep == 9
     assert config.backup_dir == tmp_path
-
-
-def test_serve_limits_malloc_arenas_unless_the_environment_does(monkeypatch: pytest.MonkeyPatch) -> None:
-    # glibc (this machine's C library) takes the limit; a MALLOC_ARENA_MAX of the operator's is left alone.
-    assert memory.limit_malloc_arenas()
-    monkeypatch.setenv("MALLOC_ARENA_MAX", "4")
-    assert not memory.limit_malloc_arenas()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
+from . import memory
 from .errors import BackupError, Internal, JobRunning
 from .model import Backup, Progress, Trigger
 
@@ -140,6 +141,8 @@ class JobSlot:
                 job.finish(error=Internal(f"{job.description} failed: {exc}"))
             else:
                 job.finish(result=result)
+            finally:
+                memory.release_free_memory()
 
         thread = threading.Thread(target=run, name=f"job-{job.kind.value}", daemon=True)
         with self._lock:

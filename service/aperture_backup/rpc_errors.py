@@ -15,7 +15,7 @@ from google.protobuf import any_pb2
 from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from . import errors
+from . import errors, memory
 
 _logger = logging.getLogger(__name__)
 
@@ -77,6 +77,8 @@ def _wrap_stream(
             yield from behavior(request, context)
         except errors.BackupError as error:
             _abort(context, error)
+        finally:
+            memory.release_free_memory()
 
     return wrapper
 
