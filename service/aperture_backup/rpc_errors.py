@@ -85,7 +85,8 @@ def _wrap_stream(
 
 class ErrorInterceptor(grpc.ServerInterceptor):
     """Turns BackupError raised by any handler into its status, with ErrorInfo details; the one place that
-    wraps handlers, so it also lets their responses come already encoded."""
+    wraps handlers, so it also lets their responses come already encoded, and hands the memory a streaming
+    RPC freed back to the system when it ends (memory.py)."""
 
     def intercept_service(
         self,
