@@ -14,8 +14,10 @@ peak was the upload's); `release_free_memory` at the end of every streaming RPC 
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
+from typing import Any
 
 _logger = logging.getLogger(__name__)
 
@@ -24,27 +26,30 @@ _M_ARENA_MAX = -8
 ARENAS = 2
 
 
+@functools.cache
+def _c_function(name: str, *argtypes: type[ctypes._SimpleCData[Any]]) -> Any | None:
+    """`name` from the C library the process already runs on, or None where that library has none."""
+    try:
+        function = getattr(ctypes.CDLL(None), name)
+    except (OSError, AttributeError):
+        _logger.debug("no %s in this C library; malloc left as it is", name)
+        return None
+    function.argtypes = argtypes
+    return function
+
+
 def limit_malloc_arenas(count: int = ARENAS) -> bool:
     """Ask the C library for at most `count` malloc arenas; True when it agreed. Leaves the setting to the
     environment when MALLOC_ARENA_MAX is set, and does nothing on a C library without mallopt."""
     if "MALLOC_ARENA_MAX" in os.environ:
         return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt  # the C library the process already runs on
-    except (OSError, AttributeError):
-        _logger.debug("no mallopt in this C library; malloc arenas left as they are")
-        return False
-    mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
-    return bool(mallopt(_M_ARENA_MAX, count))
+    mallopt = _c_function("mallopt", ctypes.c_int, ctypes.c_int)
+    return mallopt is not None and bool(mallopt(_M_ARENA_MAX, count))
 
 
 def release_free_memory() -> bool:
     """Hand the memory malloc holds free back to the system (glibc's malloc_trim); True when some was.
     Called when a bulk operation ends, so that the next one starts from what the process needs, not from
     what the last one left cached."""
-    try:
-        malloc_trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return False
-    malloc_trim.argtypes = (ctypes.c_size_t,)
-    return bool(malloc_trim(0))
+    malloc_trim = _c_function("malloc_trim", ctypes.c_size_t)
+    return malloc_trim is not None and bool(malloc_trim(0))
