@@ -58,7 +58,7 @@ from aperture.backup.v1 import backup_pb2 as pb  # noqa: E402
 from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
 from aperture_backup.compression import decompressor  # noqa: E402
 from aperture_backup.model import Compression  # noqa: E402
-from aperture_backup_client import BackupClient  # noqa: E402
+from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate  # noqa: E402
 from tests.support.postgres import PgServer, pgserver_server  # noqa: E402
 
@@ -73,7 +73,6 @@ DATABASE = "aperture"
 RSS_INTERVAL = 0.05
 
 _REFERENCE_SERVICE = "bench.Reference"
-_SERVICE = pb.DESCRIPTOR.services_by_name["BackupService"]
 
 
 def log(message: str) -> None:
@@ -310,7 +309,7 @@ class Service:
         self.stub = backup_pb2_grpc.BackupServiceStub(self.channel)
         self.client = BackupClient(f"127.0.0.1:{self.port}", channel=self.channel)
         self._raw_download: grpc.UnaryStreamMultiCallable[pb.StreamDownloadRequest, bytes] = self.channel.unary_stream(
-            f"/{_SERVICE.full_name}/{_SERVICE.methods_by_name['StreamDownload'].name}",
+            method_path("StreamDownload"),
             request_serializer=pb.StreamDownloadRequest.SerializeToString,
         )
         self.rss = RssMonitor(self.proc.pid)

@@ -21,7 +21,7 @@ from aperture.backup.v1 import backup_pb2_grpc
 
 from .wire import DownloadChunk, decode_download_response, encode_upload_chunk
 
-__all__ = ["BackupClient", "ChecksumMismatch", "DownloadChunk", "TransferError", "pb"]
+__all__ = ["BackupClient", "ChecksumMismatch", "DownloadChunk", "TransferError", "method_path", "pb"]
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 #: Upload chunk size: large enough to amortise per-message cost, far below the 8 MiB message limit.
@@ -53,7 +53,9 @@ def file_sha256(path: Path, *, limit: int | None = None) -> hashlib._Hash:
     return digest
 
 
-def _path(method: str) -> str:
+def method_path(method: str) -> str:
+    """The gRPC path of a BackupService method ("/aperture.backup.v1.BackupService/List"), from the
+    descriptor, for callables with serializers of their own."""
     return f"/{_METHODS[method].containing_service.full_name}/{_METHODS[method].name}"
 
 
@@ -73,13 +75,13 @@ class BackupClient:
         # instead of the generated classes (which copy each chunk several times; see wire.py).
         self._stream_download: grpc.UnaryStreamMultiCallable[pb.StreamDownloadRequest, DownloadChunk] = (
             self.channel.unary_stream(
-                _path("StreamDownload"),
+                method_path("StreamDownload"),
                 request_serializer=pb.StreamDownloadRequest.SerializeToString,
                 response_deserializer=decode_download_response,
             )
         )
         self._upload: grpc.StreamStreamMultiCallable[bytes, pb.UploadAndRestoreResponse] = self.channel.stream_stream(
-            _path("UploadAndRestore"), response_deserializer=pb.UploadAndRestoreResponse.FromString
+            method_path("UploadAndRestore"), response_deserializer=pb.UploadAndRestoreResponse.FromString
         )
 
     def __enter__(self) -> BackupClient:
