@@ -249,6 +249,12 @@ def test_tokens_come_from_the_environment_or_from_files(tmp_path: Path) -> None:
     config = Config.from_env(_env(TOKEN_FILE=str(secret), READ_TOKEN_FILE=str(reader), LISTEN="0.0.0.0:1"))
     assert (config.token, config.read_token) == (ADMIN, READER)
     assert Config.from_env(_env(TOKEN=ADMIN)).token == ADMIN
+    url = tmp_path / "database_url"
+    url.write_text("postgresql://aperture:secret@db:5432/aperture\n")
+    assert (
+        Config.from_env(_env(DATABASE_URL_FILE=str(url))).database_url
+        == "postgresql://aperture:secret@db:5432/aperture"
+    )
 
 
 @pytest.mark.parametrize(

@@ -161,7 +161,7 @@ class Config:
         schedule = get("SCHEDULE") or DEFAULT_SCHEDULE
         enabled = schedule.lower() not in {"off", "disabled", "none"}
         config = cls(
-            database_url=get("DATABASE_URL"),
+            database_url=(url.strip() or None) if (url := secret_from_env(env, "DATABASE_URL")) else None,
             backup_dir=Path(get("DIR") or "./backups"),
             listen=get("LISTEN") or DEFAULT_LISTEN,
             schedule_time=parse_hhmm(schedule, variable=ENV_PREFIX + "SCHEDULE") if enabled else time(1, 0),

@@ -155,7 +155,6 @@ def _warn_about_exposure(config: Config, host: str, tls: ReloadableServerCredent
 def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly: no half-written archive is left behind. SIGHUP
     re-reads the TLS certificate and key."""
-    running = create_server(config)
     wake = threading.Event()
     stopping = False
 
@@ -171,12 +170,14 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
+    # Handlers first: a stop asked for while the server starts is honoured once it has started.
+    running = create_server(config)
     while True:
         wake.wait()
         wake.clear()
         if stopping:
             break
-        # Outside the signal handler: reading files and logging are not safe inside one.
+        # Here rather than in the handler, which could interrupt the reload's own lock.
         if running.tls is None:
             _logger.info("SIGHUP ignored: TLS is not configured")
         else:
