@@ -294,6 +294,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:  # the TLS files are read as the server starts
             print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"aperture-backup: {exc}", file=sys.stderr)
+            return 1
         return 0
     try:
         return run_client(args)

@@ -7,6 +7,7 @@ misconfigured container stops at once with a message an administrator can act on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -14,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import psycopg.conninfo
+import pytz
 
 ENV_PREFIX = "APERTURE_BACKUP_"
 
@@ -247,11 +249,23 @@ def parse_hhmm(value: str, *, variable: str) -> time:
     return time(int(match.group(1)), int(match.group(2)))
 
 
+@functools.cache
+def known_time_zones() -> frozenset[str]:
+    """Zone names both zoneinfo and the scheduler's pytz know. This leaves out names that are files of the
+    zone database but not zones a schedule can use (`right/UTC`, `posix/...`, `localtime`, `Factory`,
+    `posixrules`), which zoneinfo opens but pytz refuses."""
+    return frozenset(available_timezones() & pytz.all_timezones_set)
+
+
 def parse_time_zone(value: str, *, variable: str) -> ZoneInfo:
-    """Parse an IANA time zone name such as "Europe/Berlin"."""
+    """Parse an IANA time zone name such as "Europe/Berlin". The name is checked against the known names
+    before anything opens a file by it, so no input reaches the file system."""
+    if value not in known_time_zones():
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise ConfigError(f'{variable} must be an IANA time zone such as "Europe/Berlin", got {shown!r}')
     try:
         return ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ConfigError(f'{variable} must be an IANA time zone such as "Europe/Berlin", got {value!r}') from None
 
 
