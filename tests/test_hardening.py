@@ -281,3 +281,81 @@ def test_a_second_instance_never_takes_the_embedded_database_of_the_first(tmp_pa
     finally:
         first.terminate()
         first.wait(timeout=60)
+
+
+# -- secrets and data in messages ----------------------------------------------------------------------------
+
+
+def test_a_badly_encoded_password_is_not_echoed() -> None:
+    from aperture_backup.config import Config
+
+    with pytest.raises(ConfigError) as refused:
+        Config.from_env({"APERTURE_BACKUP_DATABASE_URL": "postgresql://aperture:s3cr%zzet@db:5432/aperture"})
+    message = str(refused.value)
+    assert "s3cr" not in message and "zzet" not in message
+    assert "percent-encoded" in message and "%25" in message
+
+
+def test_a_password_on_the_command_line_is_warned_about(tmp_path: Path, db16: Database) -> None:
+    url = db16.uri + " password=notreallysecret"  # trust authentication ignores it
+    assert "notreallysecret" in url
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "aperture_backup",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--dir",
+            str(tmp_path / "b"),
+            "--database-url",
+            url,
+            "--schedule",
+            "off",
+        ],
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if "listening on" in line:
+                break
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+    text = "".join(lines)
+    assert "--database-url carries a password" in text and "APERTURE_BACKUP_DATABASE_URL_FILE" in text
+    assert "notreallysecret" not in text
+
+
+def test_row_data_never_reaches_errors_or_logs(
+    db16: Database, service_factory: StartService, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psql's messages quote the row that failed; the service reports the table and line, not the data."""
+    secret = "alice.secret@example.com"
+    archive = tmp_path / "leaky.sql.gz"
+    archive.write_bytes(
+        gzip.compress(
+            b"-- PostgreSQL database dump\n"
+            b"CREATE TABLE people (id integer, email text UNIQUE);\n"
+            b"COPY people (id, email) FROM stdin;\n" + f"1\t{secret}\n2\t{secret}\n".encode() + b"\\.\n"
+        )
+    )
+    svc = service_factory(db16.uri)
+    code, _, details = _failure(lambda: svc.client.upload(archive, restore=True, skip_safety_backup=True))
+    assert code in {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.ABORTED,
+        grpc.StatusCode.INTERNAL,
+    }, details
+    assert "COPY people, line 2" in details and "Key (email)=(...)" in details, details
+    assert secret not in details
+    assert secret not in caplog.text

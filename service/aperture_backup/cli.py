@@ -16,7 +16,16 @@ import grpc
 from google.protobuf import json_format
 
 from . import logs, memory
-from .config import ENV_PREFIX, Config, ConfigError, parse_bool, parse_hhmm, read_secret_file, secret_from_env
+from .config import (
+    ENV_PREFIX,
+    Config,
+    ConfigError,
+    has_password,
+    parse_bool,
+    parse_hhmm,
+    read_secret_file,
+    secret_from_env,
+)
 
 if TYPE_CHECKING:
     from aperture_backup_client import BackupClient, ChannelSettings, pb
@@ -26,7 +35,11 @@ _logger = logging.getLogger(__name__)
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="run the gRPC service (flags override APERTURE_BACKUP_* variables)")
-    serve.add_argument("--database-url", help="libpq URI of the database (APERTURE_BACKUP_DATABASE_URL)")
+    serve.add_argument(
+        "--database-url",
+        help="libpq URI of the database; a password here shows in `ps`, so prefer APERTURE_BACKUP_DATABASE_URL "
+        "or a file named by APERTURE_BACKUP_DATABASE_URL_FILE",
+    )
     serve.add_argument("--dir", type=Path, help="backup directory (APERTURE_BACKUP_DIR)")
     serve.add_argument("--listen", help="host:port to listen on (APERTURE_BACKUP_LISTEN)")
     serve.add_argument("--schedule", help='daily time "HH:MM" or "off" (APERTURE_BACKUP_SCHEDULE)')
@@ -286,6 +299,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
             return 2
         logs.configure(config.log_level, config.log_format)
+        if args.database_url and has_password(args.database_url):
+            _logger.warning(
+                "--database-url carries a password, which every user of this machine can read with `ps`; "
+                "pass it in APERTURE_BACKUP_DATABASE_URL or a file named by APERTURE_BACKUP_DATABASE_URL_FILE"
+            )
         memory.limit_malloc_arenas()  # before the server starts its threads
         from .server import serve
 

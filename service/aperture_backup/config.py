@@ -95,8 +95,11 @@ class Config:
             try:
                 params = psycopg.conninfo.conninfo_to_dict(self.database_url)
             except psycopg.ProgrammingError as exc:
+                reason = _redact(str(exc))
+                if "percent-encod" in reason:
+                    reason += " (in a URL, write % as %25, @ as %40, : as %3A and / as %2F, in the password too)"
                 raise ConfigError(
-                    f"{ENV_PREFIX}DATABASE_URL is not a valid libpq connection string: {_redact(str(exc))}"
+                    f"{ENV_PREFIX}DATABASE_URL is not a valid libpq connection string: {reason}"
                 ) from None
             ports = str(params.get("port") or "5432").split(",")
             if not all(p.strip().isdigit() for p in ports):
@@ -300,5 +303,15 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _redact(message: str) -> str:
-    """libpq error messages can echo the connection string; never let a password through."""
-    return re.sub(r"(password\s*=\s*|://[^:/@]*:)[^@\s]*", r"\1***", message)
+    """libpq error messages can echo the connection string or quote the piece they could not parse (which
+    may be the password); never let either through."""
+    message = re.sub(r"(password\s*=\s*|://[^:/@]*:)[^@\s]*", r"\1***", message)
+    return re.sub(r'"[^"]*"', '"***"', message)
+
+
+def has_password(conninfo: str) -> bool:
+    """Whether a connection string carries a password (for the warning about command lines)."""
+    try:
+        return bool(psycopg.conninfo.conninfo_to_dict(conninfo).get("password"))
+    except psycopg.ProgrammingError:
+        return "@" in conninfo or "password" in conninfo
