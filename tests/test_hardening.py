@@ -10,6 +10,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -359,3 +360,80 @@ def test_row_data_never_reaches_errors_or_logs(
     assert "COPY people, line 2" in details and "Key (email)=(...)" in details, details
     assert secret not in details
     assert secret not in caplog.text
+
+
+# -- stalled transfers ---------------------------------------------------------------------------------------
+
+
+def test_stalled_uploads_neither_starve_other_calls_nor_stay(
+    db16: Database, service_factory: StartService, tmp_path: Path
+) -> None:
+    """16 clients send an upload's metadata and a chunk, then stall: at most `max_transfers` are taken, the
+    rest refused at once; List, GetStatus and health answer throughout; the stalled ones are dropped with
+    their temporary files after the idle timeout."""
+    import hashlib
+    import threading
+    import time
+
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    svc = service_factory(db16.uri, max_transfers=2, upload_idle_timeout=3.0)
+    data = gzip.compress(b"-- PostgreSQL database dump\n" + os.urandom(300_000).hex().encode())
+    release = threading.Event()
+    outcomes: list[grpc.StatusCode] = []
+    lock = threading.Lock()
+
+    def stalled_upload() -> None:
+        def requests() -> Iterator[pb.UploadAndRestoreRequest]:
+            digest = hashlib.sha256(data).hexdigest()
+            yield pb.UploadAndRestoreRequest(
+                metadata=pb.UploadMetadata(filename="slow.sql.gz", size_bytes=len(data), sha256=digest)
+            )
+            yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=0, data=data[: 256 * 1024]))
+            release.wait(60)
+
+        with grpc.insecure_channel(svc.target) as channel:
+            try:
+                list(
+                    channel.stream_stream(
+                        "/aperture.backup.v1.BackupService/UploadAndRestore",
+                        request_serializer=pb.UploadAndRestoreRequest.SerializeToString,
+                        response_deserializer=pb.UploadAndRestoreResponse.FromString,
+                    )(requests(), timeout=60)
+                )
+                code = grpc.StatusCode.OK
+            except grpc.RpcError as exc:
+                code = exc.code()
+        with lock:
+            outcomes.append(code)
+
+    threads = [threading.Thread(target=stalled_upload) for _ in range(16)]
+    for thread in threads:
+        thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while len(outcomes) < 14 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert outcomes.count(grpc.StatusCode.RESOURCE_EXHAUSTED) == 14, outcomes
+
+        # Two uploads hold their threads; every other call still answers, promptly.
+        with grpc.insecure_channel(svc.target) as channel:
+            health = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        for _ in range(20):
+            assert svc.client.stub.GetStatus(pb.GetStatusRequest(), timeout=2).database_reachable
+            svc.client.stub.List(pb.ListRequest(), timeout=2)
+
+        deadline = time.monotonic() + 30
+        while len(outcomes) < 16 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(c.name for c in outcomes[14:]) == ["DEADLINE_EXCEEDED"] * 2, outcomes
+    finally:
+        release.set()
+        for thread in threads:
+            thread.join(30)
+    leftovers = [p.name for p in svc.backup_dir.iterdir() if p.name != ".state"]
+    assert leftovers == [], "a dropped upload leaves nothing behind"
+    source = tmp_path / "whole.sql.gz"
+    source.write_bytes(data)
+    assert svc.client.upload(source).backup.state == pb.BACKUP_STATE_READY

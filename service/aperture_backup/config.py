@@ -28,6 +28,10 @@ DEFAULT_KEEP = 7
 MIN_KEEP = 1
 MAX_KEEP = 100
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**3
+DEFAULT_MAX_TRANSFERS = 4
+#: The server's threads (server.WORKERS) must leave room for control calls beside both kinds of transfer.
+MAX_TRANSFERS = 6
+DEFAULT_UPLOAD_IDLE_TIMEOUT = 120.0
 #: Shortest token accepted: a short token can be guessed, and one is enough to read every user's data.
 MIN_TOKEN_LENGTH = 16
 
@@ -62,6 +66,10 @@ class Config:
     pg_bin_dir: Path | None = None
     #: Largest archive UploadAndRestore accepts.
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    #: Uploads, and downloads, that may run at once (each kind); more are RESOURCE_EXHAUSTED.
+    max_transfers: int = DEFAULT_MAX_TRANSFERS
+    #: An upload that sends nothing for this many seconds is dropped.
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -110,6 +118,15 @@ class Config:
         parse_time_zone(self.time_zone, variable="TZ")
         if self.max_upload_bytes <= 0:
             raise ConfigError(f"{ENV_PREFIX}MAX_UPLOAD_BYTES must be positive, got {self.max_upload_bytes}")
+        if not 1 <= self.max_transfers <= MAX_TRANSFERS:
+            raise ConfigError(
+                f"{ENV_PREFIX}MAX_TRANSFERS must be between 1 and {MAX_TRANSFERS}, got {self.max_transfers}"
+            )
+        if not 0 < self.upload_idle_timeout <= 86400:
+            raise ConfigError(
+                f"{ENV_PREFIX}UPLOAD_IDLE_TIMEOUT must be a number of seconds from 1 to 86400, "
+                f"got {self.upload_idle_timeout:g}"
+            )
         if self.pg_bin_dir is not None and not self.pg_bin_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}PG_BIN_DIR is not a directory: {self.pg_bin_dir}")
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -177,6 +194,16 @@ class Config:
             pg_bin_dir=Path(p) if (p := get("PG_BIN_DIR")) else None,
             max_upload_bytes=parse_int(
                 get("MAX_UPLOAD_BYTES"), default=DEFAULT_MAX_UPLOAD_BYTES, variable=ENV_PREFIX + "MAX_UPLOAD_BYTES"
+            ),
+            max_transfers=parse_int(
+                get("MAX_TRANSFERS"), default=DEFAULT_MAX_TRANSFERS, variable=ENV_PREFIX + "MAX_TRANSFERS"
+            ),
+            upload_idle_timeout=float(
+                parse_int(
+                    get("UPLOAD_IDLE_TIMEOUT"),
+                    default=int(DEFAULT_UPLOAD_IDLE_TIMEOUT),
+                    variable=ENV_PREFIX + "UPLOAD_IDLE_TIMEOUT",
+                )
             ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),

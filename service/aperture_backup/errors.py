@@ -76,6 +76,12 @@ class DataLoss(BackupError):
     reason = "ARCHIVE_CORRUPT"
 
 
+class DeadlineExceeded(BackupError):
+    """A caller or an operation took longer than allowed (a stalled upload, a restore past its limit)."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
 class Unavailable(BackupError):
     """The database does not answer; trying again later may work."""
 
