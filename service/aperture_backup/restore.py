@@ -586,7 +586,7 @@ class RestoreManager:
             session = _PsqlSession(
                 toolset, self.database, Path(workdir), lock_timeout_seconds=self.lock_timeout_seconds
             )
-            sql_filter = SqlFilter(drop_restrict=session.restricted)
+            sql_filter = SqlFilter()
             try:
                 try:
                     if kind.format is Format.CUSTOM:
@@ -598,7 +598,7 @@ class RestoreManager:
                 except _PsqlGone:
                     pass  # psql stopped at an error; its exit status and the server tell the rest
                 except SqlFilterError as exc:
-                    raise DataLoss(f"{exc}; the database was left unchanged", reason="ARCHIVE_INVALID") from None
+                    raise exc.to_error() from None
             except BaseException:
                 session.kill()
                 session.transaction_status(settle=True)  # return only once the rollback is done
