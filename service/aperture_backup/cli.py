@@ -168,6 +168,7 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         ("download", "save a backup's archive to a file, checking its SHA-256 (--resume continues a partial file)"),
         ("upload", "upload an archive, store it as a backup and, with --restore, restore it"),
         ("restore", "restore a stored backup into the database (a safety backup is taken first)"),
+        ("cancel", "stop the running backup or restore (by its backup id; default: whatever runs now)"),
     ]:
         cmd = sub.add_parser(name, help=help_text, parents=[common])
         if name in {"get", "delete"}:
@@ -179,6 +180,8 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
             cmd.add_argument("--keep", type=int)
         if name in {"download", "restore"}:
             cmd.add_argument("id")
+        if name == "cancel":
+            cmd.add_argument("id", nargs="?", help="the backup being made or restored (GetStatus shows it)")
         if name == "download":
             cmd.add_argument("-o", "--output", type=Path, help="file to write (default: the backup's id, here)")
             cmd.add_argument("--resume", action="store_true", help="continue a partial file instead of starting over")
@@ -238,6 +241,13 @@ def run_client(args: argparse.Namespace) -> int:
             _print(client.delete(args.id))
         elif args.command == "status":
             _print(client.status())
+        elif args.command == "cancel":
+            backup_id = args.id or client.status().current_job.backup_id
+            if not backup_id:
+                print("aperture-backup: no backup or restore is running", file=sys.stderr)
+                return 1
+            response = client.cancel(backup_id)
+            print(f"{'stopped' if response.stopped else 'stopping'}: {backup_id}", file=sys.stderr)
         elif args.command == "retention":
             _print(client.set_retention(args.keep) if args.keep is not None else client.get_retention())
         elif args.command in {"download", "upload", "restore"}:

@@ -29,6 +29,7 @@ MIN_KEEP = 1
 MAX_KEEP = 100
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**3
 DEFAULT_MAX_TRANSFERS = 4
+DEFAULT_RESTORE_TIMEOUT = 6 * 3600
 #: The server's threads (server.WORKERS) must leave room for control calls beside both kinds of transfer.
 MAX_TRANSFERS = 6
 DEFAULT_UPLOAD_IDLE_TIMEOUT = 120.0
@@ -70,6 +71,8 @@ class Config:
     max_transfers: int = DEFAULT_MAX_TRANSFERS
     #: An upload that sends nothing for this many seconds is dropped.
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
+    #: A restore that loads for longer than this many seconds is stopped and rolled back.
+    restore_timeout: float = float(DEFAULT_RESTORE_TIMEOUT)
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -126,6 +129,11 @@ class Config:
             raise ConfigError(
                 f"{ENV_PREFIX}UPLOAD_IDLE_TIMEOUT must be a number of seconds from 1 to 86400, "
                 f"got {self.upload_idle_timeout:g}"
+            )
+        if not 0 < self.restore_timeout <= 7 * 86400:
+            raise ConfigError(
+                f"{ENV_PREFIX}RESTORE_TIMEOUT must be a number of seconds from 1 to 604800, "
+                f"got {self.restore_timeout:g}"
             )
         if self.pg_bin_dir is not None and not self.pg_bin_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}PG_BIN_DIR is not a directory: {self.pg_bin_dir}")
@@ -203,6 +211,11 @@ class Config:
                     get("UPLOAD_IDLE_TIMEOUT"),
                     default=int(DEFAULT_UPLOAD_IDLE_TIMEOUT),
                     variable=ENV_PREFIX + "UPLOAD_IDLE_TIMEOUT",
+                )
+            ),
+            restore_timeout=float(
+                parse_int(
+                    get("RESTORE_TIMEOUT"), default=DEFAULT_RESTORE_TIMEOUT, variable=ENV_PREFIX + "RESTORE_TIMEOUT"
                 )
             ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),

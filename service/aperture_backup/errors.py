@@ -76,6 +76,12 @@ class DataLoss(BackupError):
     reason = "ARCHIVE_CORRUPT"
 
 
+class Aborted(BackupError):
+    """An operation was stopped on purpose (a Cancel call, or the service shutting down)."""
+
+    reason = "CANCELLED"
+
+
 class DeadlineExceeded(BackupError):
     """A caller or an operation took longer than allowed (a stalled upload, a restore past its limit)."""
 

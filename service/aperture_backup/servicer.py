@@ -25,6 +25,8 @@ from .rpc_limits import TransferSlots, with_idle_timeout
 _logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
+#: How long Cancel waits for the job to stop before it answers.
+CANCEL_WAIT_SECONDS = 15.0
 MAX_PAGE_SIZE = 1000
 
 
@@ -157,6 +159,10 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         if status.current_job is not None:
             response.current_job.CopyFrom(convert.job_to_pb(status.current_job))
         return response
+
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
+        job = self._app.slot.cancel(request.backup_id, timeout=CANCEL_WAIT_SECONDS)
+        return pb.CancelResponse(job=convert.job_to_pb(job), stopped=job.done)
 
     def _next_run(self) -> timestamp_pb2.Timestamp | None:
         when = self._app.scheduler.next_run_time()
