@@ -33,6 +33,20 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--keep", type=int, help="retention: keep the newest N backups (APERTURE_BACKUP_KEEP)")
     serve.add_argument("--catch-up", help="run a missed daily backup after start-up: true/false")
     serve.add_argument("--pg-bin-dir", type=Path, help="directory with pg_dump/pg_restore/psql")
+    # Encryption at rest (age).
+    serve.add_argument(
+        "--age-recipient",
+        action="append",
+        help="encrypt new archives to this age public key, repeatable (APERTURE_BACKUP_AGE_RECIPIENTS)",
+    )
+    serve.add_argument(
+        "--age-recipients-file", type=Path, help="file of age public keys (APERTURE_BACKUP_AGE_RECIPIENTS_FILE)"
+    )
+    serve.add_argument(
+        "--age-identity-file",
+        type=Path,
+        help="age identity that decrypts archives to restore them (APERTURE_BACKUP_AGE_IDENTITY_FILE)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -58,6 +72,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
         changes["catch_up"] = parse_bool(args.catch_up, default=True, variable="--catch-up")
     if args.pg_bin_dir:
         changes["pg_bin_dir"] = args.pg_bin_dir
+    if args.age_recipient:
+        changes["age_recipients"] = tuple(args.age_recipient)
+    if args.age_recipients_file:
+        changes["age_recipients_file"] = args.age_recipients_file
+    if args.age_identity_file:
+        changes["age_identity_file"] = args.age_identity_file
     return config.with_overrides(**changes) if changes else config
 
 

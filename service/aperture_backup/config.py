@@ -17,6 +17,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg.conninfo
 
+from .encryption import AgeKeyError, AgeKeys
+
 ENV_PREFIX = "APERTURE_BACKUP_"
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -62,6 +64,14 @@ class Config:
     #: "text" or "json" (one object per line).
     log_format: str = "text"
 
+    # -- encryption at rest (age); kept together, last --------------------------------------------------
+    #: age public keys (`age1...`) every new archive is encrypted to; none: archives are not encrypted.
+    age_recipients: tuple[str, ...] = ()
+    #: A file of more such keys, one a line (`#` comments), as age's `-R` reads it.
+    age_recipients_file: Path | None = None
+    #: The age identity file (as age-keygen writes it) that decrypts archives to restore and check them.
+    age_identity_file: Path | None = None
+
     @property
     def state_dir(self) -> Path:
         """Service state (settings, embedded database) lives beside the archives but is never listed."""
@@ -99,6 +109,14 @@ class Config:
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.backup_dir.exists() and not self.backup_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}DIR exists but is not a directory: {self.backup_dir}")
+        self.age_keys()
+
+    def age_keys(self) -> AgeKeys:
+        """The age keys the configuration names, parsed and read (ConfigError naming the variable)."""
+        try:
+            return AgeKeys.load(self.age_recipients, self.age_recipients_file, self.age_identity_file)
+        except AgeKeyError as exc:
+            raise ConfigError(str(exc)) from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -126,6 +144,9 @@ class Config:
             ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
+            age_recipients=tuple(r.strip() for r in (get("AGE_RECIPIENTS") or "").split(",") if r.strip()),
+            age_recipients_file=Path(p) if (p := get("AGE_RECIPIENTS_FILE")) else None,
+            age_identity_file=Path(p) if (p := get("AGE_IDENTITY_FILE")) else None,
         )
         config.validate()
         return config
