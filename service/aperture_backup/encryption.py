@@ -36,7 +36,8 @@ from .pipes import enlarge_pipe
 
 _logger = logging.getLogger(__name__)
 
-#: The first line of every age file (the format's version line), in binary and armored form alike.
+#: The first line of every age file (the format's version line). ASCII-armored files (`age -a`) start with
+#: a PEM line instead; they are not archives this service writes, and are not recognised.
 AGE_MAGIC = b"age-encryption.org/v1"
 #: age encrypts its payload in chunks of 64 KiB plaintext (+16 bytes tag); the first one is needed to see
 #: what is inside. With the header (about 100 bytes per recipient) this covers up to hundreds of recipients.

@@ -208,7 +208,8 @@ class ArchiveReader:
         finally:
             close = getattr(plain, "close", None)
             if close is not None:
-                close()
+                close()  # stops and joins age's thread, so the file's generator is free to close
+            raw.close()
         if stopped.is_set():
             return
         if self.bytes_read == 0:
