@@ -31,7 +31,7 @@ from aperture_backup import cli
 from aperture_backup.app import App
 from aperture_backup.config import Config, ConfigError
 from aperture_backup.encryption import AGE_MAGIC
-from aperture_backup.model import Backup, Compression, Format
+from aperture_backup.model import Backup, Compression, Format, Trigger
 from aperture_backup_client import pb
 from tests.support import service as service_support
 from tests.support.age import AgeKey, age_decrypt, age_encrypt, age_keygen
@@ -39,7 +39,7 @@ from tests.support.archives import restore_by_hand
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
-from tests.support.service import RunningService, StartService
+from tests.support.service import RunningService, StartApp, StartService
 
 KiB = 1024
 
@@ -205,6 +205,40 @@ def test_the_service_restores_an_encrypted_backup_and_its_safety_backup_is_encry
     # The safety backup is a real, restorable backup of the changed database.
     _restore(svc, safety.id, skip_safety_backup=True)
     assert_same(changed, fingerprint(seeded_db.uri))
+
+
+def test_a_scheduled_backup_is_encrypted_too(
+    pg16: PgServer, make_database: MakeDatabase, app_factory: StartApp, key: AgeKey
+) -> None:
+    db = make_database(pg16, seeded=True, rows=20)
+    app = app_factory(db.uri, **_encrypting(key, decrypt=False))
+
+    app.scheduler._run_scheduled()  # what the schedule thread runs at the configured time
+
+    (backup,) = app.store.list_backups()
+    assert backup.trigger is Trigger.SCHEDULED and backup.kind.encrypted and backup.id.endswith(".sql.gz.age")
+    assert backup.age_recipients == (key.public_key,)
+    _assert_sealed(app.store.path_of(backup.id))
+
+
+def test_retention_and_resumed_downloads_work_on_encrypted_archives(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService, key: AgeKey, tmp_path: Path
+) -> None:
+    db = make_database(pg16, seeded=True, rows=50)
+    svc = service_factory(db.uri, **_encrypting(key))
+    older, newer = svc.client.create(), svc.client.create()
+
+    # A download cut short resumes at its offset; the pieces make the stored ciphertext.
+    stored = (svc.backup_dir / newer.id).read_bytes()
+    partial = tmp_path / "partial"
+    partial.write_bytes(stored[: len(stored) // 3])
+    svc.client.download(newer.id, partial, offset=partial.stat().st_size)
+    assert partial.read_bytes() == stored
+
+    response = svc.client.set_retention(1)
+    assert list(response.deleted_ids) == [older.id]
+    assert [b.id for b in svc.client.list()] == [newer.id]
+    assert not (svc.backup_dir / older.id).exists()
 
 
 def test_restore_without_an_identity_or_with_a_wrong_one_is_refused_and_changes_nothing(
