@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck proto-check protos bench clean ts-check ts-protos
+.PHONY: run test lint typecheck proto-check protos bench clean ts-check ts-protos age-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,15 @@ run: $(VENV)/.installed-run
 	$(BIN)/aperture-backup serve
 
 ## test: lint, type checks, contract checks (Python and TypeScript stubs), Dockerfile lint, then the whole test suite
-test: lint typecheck proto-check ts-check
+test: lint typecheck proto-check ts-check age-tools
 	$(BIN)/pytest
+
+## age-tools: the real age and age-keygen the encryption tests drive (Debian's age package), when missing
+age-tools:
+	@command -v age >/dev/null 2>&1 && command -v age-keygen >/dev/null 2>&1 || { \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends age \
+	  || { $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends age; }; }
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check service/aperture_backup clients/python tests scripts

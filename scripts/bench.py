@@ -11,8 +11,11 @@ its baseline in the same run, alternating the order from round to round, reporti
 
 - Create `.sql.gz` vs `pg_dump | gzip -6 > file` and vs `pg_dump > /dev/null` (the dump's own limit);
 - Create `.sql.zst`, `.sql` and custom-format `.dump` vs `pg_dump > /dev/null`;
+- Create `.sql.gz.age` and `.dump.age` (encrypted with age, by a second service configured with a key from
+  the real `age-keygen`) vs the unencrypted Create of the same kind, in the same rounds;
 - Restore (no safety backup) vs `gunzip -c file | psql --single-transaction -v ON_ERROR_STOP=1` into an
-  empty database; one more restore with the safety backup, which is reported on its own;
+  empty database; one more restore with the safety backup, which is reported on its own; the restore of the
+  encrypted `.sql.gz.age` vs the unencrypted restore, in the same rounds;
 - StreamDownload and UploadAndRestore (restore=false), through the project's Python client, vs a minimal
   grpcio server and client streaming the same file with the same chunk size (started from this script with
   `--reference-server`), with a small and a large archive; the download also through the generated stub.
@@ -279,19 +282,23 @@ def shell(command: str) -> float:
 class Service:
     """`python -m aperture_backup serve` as a subprocess, configured by environment like a container."""
 
-    def __init__(self, server: PgServer, work: Path):
+    def __init__(self, server: PgServer, work: Path, extra_env: dict[str, str] | None = None):
         self.backup_dir = work / "backups"
         self.port = free_port()
         self.log_path = work / "service.log"
-        env = clean_env() | {
-            "APERTURE_BACKUP_DATABASE_URL": server.database_uri(DATABASE),
-            "APERTURE_BACKUP_DIR": str(self.backup_dir),
-            "APERTURE_BACKUP_LISTEN": f"127.0.0.1:{self.port}",
-            "APERTURE_BACKUP_SCHEDULE": "off",
-            "APERTURE_BACKUP_CATCH_UP": "false",
-            "APERTURE_BACKUP_KEEP": "100",
-            "APERTURE_BACKUP_PG_BIN_DIR": str(server.bin_dir),
-        }
+        env = (
+            clean_env()
+            | {
+                "APERTURE_BACKUP_DATABASE_URL": server.database_uri(DATABASE),
+                "APERTURE_BACKUP_DIR": str(self.backup_dir),
+                "APERTURE_BACKUP_LISTEN": f"127.0.0.1:{self.port}",
+                "APERTURE_BACKUP_SCHEDULE": "off",
+                "APERTURE_BACKUP_CATCH_UP": "false",
+                "APERTURE_BACKUP_KEEP": "100",
+                "APERTURE_BACKUP_PG_BIN_DIR": str(server.bin_dir),
+            }
+            | (extra_env or {})
+        )
         with open(self.log_path, "wb") as log_file:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "aperture_backup", "serve"],
@@ -527,6 +534,8 @@ class Context:
     service: Service
     work: Path
     dump_cmd: str
+    #: The same service, encrypting every new archive with age (and holding the identity to restore them).
+    encrypted: Service | None = None
     rows: list[Row] = field(default_factory=list)
     facts: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
@@ -547,6 +556,24 @@ CREATE_KINDS = (
     ("Create .sql", pb.BACKUP_FORMAT_PLAIN, pb.COMPRESSION_NONE),
     ("Create .dump (custom)", pb.BACKUP_FORMAT_CUSTOM, pb.COMPRESSION_NONE),
 )
+#: Encrypted Creates, each against the unencrypted Create of the same kind in the same rounds.
+ENCRYPTED_KINDS = (
+    ("Create .sql.gz.age (encrypted)", "Create .sql.gz", pb.BACKUP_FORMAT_PLAIN, pb.COMPRESSION_GZIP),
+    ("Create .dump.age (encrypted)", "Create .dump (custom)", pb.BACKUP_FORMAT_CUSTOM, pb.COMPRESSION_NONE),
+)
+#: Encryption's cost, as the issue bounds it: encrypted over unencrypted, same run.
+ENCRYPTION_LIMIT = 1.15
+
+
+def age_key(work: Path) -> tuple[Path, str]:
+    """An identity file and its public key, from the real age-keygen (Debian's age, which make test installs)."""
+    keygen = shutil.which("age-keygen")
+    if keygen is None:
+        raise SystemExit("age-keygen is not installed (Debian package age; make test installs it)")
+    path = work / "age-identity.txt"
+    subprocess.run([keygen, "-o", str(path)], check=True, capture_output=True)
+    public = subprocess.run([keygen, "-y", str(path)], check=True, capture_output=True, text=True).stdout.strip()
+    return path, public
 
 
 def bench_create(ctx: Context) -> dict[str, pb.Backup]:
@@ -585,6 +612,21 @@ def bench_create(ctx: Context) -> dict[str, pb.Backup]:
             kept[name] = backup
 
         steps.append((name, create))
+    encrypted_rows: dict[str, Row] = {}
+    kept_encrypted: dict[str, pb.Backup] = {}
+    if ctx.encrypted is not None:
+        for name, plain_name, fmt, compression in ENCRYPTED_KINDS:
+            encrypted_rows[name] = ctx.row(name, f"{plain_name} (same rounds)")
+
+            def create_encrypted(name: str = name, fmt: int = fmt, compression: int = compression) -> None:
+                assert ctx.encrypted is not None
+                backup = timed_create(ctx.encrypted, encrypted_rows[name], fmt, compression)
+                previous = kept_encrypted.get(name)
+                if previous is not None:
+                    ctx.encrypted.stub.Delete(pb.DeleteRequest(id=previous.id))
+                kept_encrypted[name] = backup
+
+            steps.append((name, create_encrypted))
     for round_no in range(ctx.args.rounds):
         shift = round_no % len(steps)
         for label, step in steps[shift:] + steps[:shift]:
@@ -620,13 +662,25 @@ def bench_create(ctx: Context) -> dict[str, pb.Backup]:
     compressed = [rows["Create .sql.gz"], rows["Create .sql.zst"], rows["Create .dump (custom)"]]
     fastest = min(compressed, key=lambda r: r.median or float("inf"))
     ctx.target(f"fastest compressed Create ({fastest.operation}) / pg_dump > /dev/null", fastest.ratio, 1.25)
+    for name, plain_name, _, _ in ENCRYPTED_KINDS:
+        if name in encrypted_rows:
+            row = encrypted_rows[name]
+            row.baseline_seconds = rows[plain_name].seconds
+            row.work_bytes = sql_bytes
+            ctx.target(f"{name} / {plain_name}", row.ratio, ENCRYPTION_LIMIT)
+    if ctx.encrypted is not None:
+        ctx.encrypted.stub.Delete(pb.DeleteRequest(id=kept_encrypted["Create .dump.age (encrypted)"].id))
+        ctx.facts["encrypted_gzip_bytes"] = kept_encrypted["Create .sql.gz.age (encrypted)"].size_bytes
     os.unlink(gzip_file)
     ctx.service.stub.Delete(pb.DeleteRequest(id=kept["Create .sql.zst"].id))
     ctx.service.stub.Delete(pb.DeleteRequest(id=kept["Create .dump (custom)"].id))
-    return {"gz": kept["Create .sql.gz"], "sql": kept["Create .sql"]}
+    archives = {"gz": kept["Create .sql.gz"], "sql": kept["Create .sql"]}
+    if ctx.encrypted is not None:
+        archives["gz_age"] = kept_encrypted["Create .sql.gz.age (encrypted)"]
+    return archives
 
 
-def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int) -> None:
+def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_archive: pb.Backup | None = None) -> None:
     service = ctx.service
     row = ctx.row("Restore .sql.gz (no safety backup)", "gunzip | psql -1")
     row.work_bytes = sql_bytes
@@ -648,23 +702,35 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int) -> None:
         )
         ctx.server.drop_database(name)
 
-    def restore(skip_safety_backup: bool, target: Row) -> pb.RestoreResponse | None:
-        service.rss.begin()
+    def restore(
+        skip_safety_backup: bool, target: Row, by: Service = service, backup: pb.Backup = archive
+    ) -> pb.RestoreResponse | None:
+        by.rss.begin()
         start = time.perf_counter()
         last = None
-        request = pb.RestoreRequest(id=archive.id, skip_safety_backup=skip_safety_backup)
-        for message in service.stub.Restore(request):
+        request = pb.RestoreRequest(id=backup.id, skip_safety_backup=skip_safety_backup)
+        for message in by.stub.Restore(request):
             last = message
         target.seconds.append(time.perf_counter() - start)
-        target.record_rss(*service.rss.end())
+        target.record_rss(*by.rss.end())
         return last
 
+    steps: list[tuple[str, Callable[[], object]]] = [("baseline", baseline), ("service", lambda: restore(True, row))]
+    encrypted_row = None
+    if ctx.encrypted is not None and encrypted_archive is not None:
+        encrypted_row = ctx.row("Restore .sql.gz.age (encrypted)", "Restore .sql.gz (same rounds)")
+        encrypted_row.work_bytes = sql_bytes
+        by, backup = ctx.encrypted, encrypted_archive
+        steps.append(("encrypted", lambda: restore(True, encrypted_row, by, backup)))
     for round_no in range(ctx.args.restore_rounds):
-        steps = [("baseline", baseline), ("service", lambda: restore(True, row))]
-        for label, step in steps if round_no % 2 == 0 else steps[::-1]:
+        shift = round_no % len(steps)
+        for label, step in steps[shift:] + steps[:shift]:
             log(f"round {round_no + 1}: restore {label}")
             step()
     ctx.target("Restore / (gunzip | psql --single-transaction)", row.ratio, 1.05)
+    if encrypted_row is not None:
+        encrypted_row.baseline_seconds = row.seconds
+        ctx.target("Restore .sql.gz.age (encrypted) / Restore .sql.gz", encrypted_row.ratio, ENCRYPTION_LIMIT)
 
     safety = ctx.row("Restore .sql.gz with safety backup", "gunzip | psql -1")
     safety.work_bytes = sql_bytes
@@ -808,7 +874,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--small-mb", type=int, default=100, help="small archive for transfers, MB (100)")
     parser.add_argument("--large-mb", type=int, default=1100, help="large archive for transfers, MB (1100)")
-    parser.add_argument("--only", default="create,restore,transfer", help="comma-separated groups to run")
+    parser.add_argument(
+        "--only",
+        default="create,restore,transfer,encryption",
+        help="comma-separated groups to run (encryption adds the encrypted Create and Restore rows)",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json", help="JSON results")
     parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a fresh one under /tmp)")
     parser.add_argument("--reference-server", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
@@ -827,19 +897,33 @@ def main(argv: list[str] | None = None) -> int:
             data = prepare_database(server, args.scale)
             log(f"generated in {data['generate_seconds']:.1f} s; database {data['database_bytes'] / MB:,.0f} MB")
             service = Service(server, work)
+            encrypted = None
+            if "encryption" in groups:
+                identity, public_key = age_key(work)
+                (work / "encrypted").mkdir()
+                encrypted = Service(
+                    server,
+                    work / "encrypted",
+                    {
+                        "APERTURE_BACKUP_AGE_RECIPIENTS": public_key,
+                        "APERTURE_BACKUP_AGE_IDENTITY_FILE": str(identity),
+                    },
+                )
             dump_cmd = " ".join(
                 shlex.quote(a)
                 for a in (str(server.tool("pg_dump")), "--no-owner", "--no-acl", "-d", server.database_uri(DATABASE))
             )
-            ctx = Context(args, server, service, work, dump_cmd, facts={"data": data})
+            ctx = Context(args, server, service, work, dump_cmd, encrypted=encrypted, facts={"data": data})
             try:
                 archives = bench_create(ctx) if "create" in groups else {}
                 if archives and "restore" in groups:
-                    bench_restore(ctx, archives["gz"], archives["sql"].size_bytes)
+                    bench_restore(ctx, archives["gz"], archives["sql"].size_bytes, archives.get("gz_age"))
                 if archives and "transfer" in groups:
                     bench_transfer(ctx, archives["gz"])
             finally:
                 service.stop()
+                if encrypted is not None:
+                    encrypted.stop()
             server_rss = [r.server_peak_rss for r in ctx.rows if r.server_peak_rss]
             ctx.target("server peak RSS over all operations (MB)", max(server_rss) / MB if server_rss else None, 200)
             pg_dump_version = subprocess.run(

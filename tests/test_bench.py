@@ -26,6 +26,9 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "Create .sql",
         "Create .dump (custom)",
         "Restore .sql.gz (no safety backup)",
+        "Create .sql.gz.age (encrypted)",
+        "Create .dump.age (encrypted)",
+        "Restore .sql.gz.age (encrypted)",
         "Upload small (restore=false)",
         "StreamDownload large",
     ):
@@ -36,5 +39,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "Create .sql.gz time / (pg_dump | gzip -6) (aim 0.3)",
         "Restore / (gunzip | psql --single-transaction)",
         "server peak RSS over all operations (MB)",
+        "Create .sql.gz.age (encrypted) / Create .sql.gz",
+        "Restore .sql.gz.age (encrypted) / Restore .sql.gz",
     }
     assert "| operation" in done.stdout

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .backups import BackupManager
 from .config import Config
 from .database import Database
 from .embedded import EmbeddedPostgres
+from .encryption import AgeKeys
 from .jobs import JobSlot
 from .journal import JobJournal
 from .restore import RestoreManager
@@ -36,7 +38,16 @@ class App:
 
     @classmethod
     def build(cls, config: Config) -> App:
-        store = ArchiveStore(config.backup_dir)
+        keys = config.age_keys()
+        if keys.decrypts and keys.encrypts and not set(keys.identity_public_keys) & set(keys.recipients):
+            _logger.warning(
+                "the age identity (public key %s) is not among the recipients new archives are encrypted to "
+                "(%s): this service will not be able to restore its own new backups",
+                ", ".join(keys.identity_public_keys),
+                ", ".join(keys.recipients),
+            )
+        # Files copied in without a manifest are looked into with the identity, to list what they hold.
+        store = ArchiveStore(config.backup_dir, decrypt_head=_head_decrypter(keys))
         embedded = None
         url = config.database_url
         if url is None:
@@ -45,7 +56,7 @@ class App:
         database = Database(url)
         settings = SettingsStore(config.state_dir / "settings.json", config)
         slot = JobSlot(JobJournal(config.state_dir))
-        backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir)
+        backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir, keys=keys)
         scheduler = DailyScheduler(backups, settings)
         restores = RestoreManager(
             store,
@@ -53,6 +64,7 @@ class App:
             slot,
             backups,
             pg_bin_dir=config.pg_bin_dir,
+            keys=keys,
             restore_timeout_seconds=config.restore_timeout,
             work_dir=config.state_dir / "tmp",
         )
@@ -60,7 +72,11 @@ class App:
             store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
         )
         _logger.info(
-            "backing up %s%s into %s", database.describe(), " (embedded)" if embedded else "", config.backup_dir
+            "backing up %s%s into %s%s",
+            database.describe(),
+            " (embedded)" if embedded else "",
+            config.backup_dir,
+            f", encrypted with age to {len(keys.recipients)} recipient(s)" if keys.encrypts else "",
         )
         return cls(config, database, store, settings, slot, backups, scheduler, restores, transfers, embedded)
 
@@ -79,3 +95,13 @@ class App:
         self.slot.cancel_and_wait(timeout)
         if self.embedded is not None:
             self.embedded.stop()
+
+
+def _head_decrypter(keys: AgeKeys) -> Callable[[bytes], bytes] | None:
+    if not keys.decrypts:
+        return None
+
+    def decrypt_head(prefix: bytes) -> bytes:
+        return keys.decrypt_head(prefix, archive="a file in the backup directory")
+
+    return decrypt_head

@@ -15,6 +15,7 @@ from pathlib import Path
 from . import toolchain
 from .database import Database
 from .dump import run_dump
+from .encryption import AgeKeys
 from .errors import BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning
 from .jobs import Job, JobKind, JobSlot
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
@@ -68,8 +69,11 @@ class BackupManager:
         *,
         pg_bin_dir: Path | None = None,
         clock: Clock = utc_now,
+        keys: AgeKeys | None = None,
     ):
         self.store = store
+        #: With recipients, every new archive (manual, scheduled, safety backups) is encrypted to them.
+        self.keys = keys or AgeKeys()
         self.database = database
         self.settings = settings
         self.slot = slot
@@ -107,7 +111,10 @@ class BackupManager:
         return self._dump(job, kind, self._reserve(job, kind, trigger))
 
     def _reserve(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> ArchiveWriter:
-        writer = self.store.begin(kind, trigger, now=self.clock(), database=self.database.name)
+        kind = kind.with_encryption(self.keys.encrypts)
+        writer = self.store.begin(
+            kind, trigger, now=self.clock(), database=self.database.name, age_recipients=self.keys.recipients
+        )
         job.update(backup=writer.backup, progress=Progress(phase="preparing", elapsed_seconds=job.elapsed()))
         return writer
 
@@ -135,7 +142,15 @@ class BackupManager:
                     ),
                 )
 
-            result = run_dump(toolset, self.database, kind, writer, cancel=job.cancel, on_progress=on_progress)
+            result = run_dump(
+                toolset,
+                self.database,
+                writer.backup.kind,
+                writer,
+                cancel=job.cancel,
+                on_progress=on_progress,
+                keys=self.keys,
+            )
             job.update(
                 progress=Progress(phase="finalizing", bytes_done=result.size_bytes, elapsed_seconds=job.elapsed())
             )

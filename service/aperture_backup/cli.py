@@ -48,6 +48,20 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
         default=None,
         help="allow a non-loopback address without any token (APERTURE_BACKUP_INSECURE)",
     )
+    # Encryption at rest (age).
+    serve.add_argument(
+        "--age-recipient",
+        action="append",
+        help="encrypt new archives to this age public key, repeatable (APERTURE_BACKUP_AGE_RECIPIENTS)",
+    )
+    serve.add_argument(
+        "--age-recipients-file", type=Path, help="file of age public keys (APERTURE_BACKUP_AGE_RECIPIENTS_FILE)"
+    )
+    serve.add_argument(
+        "--age-identity-file",
+        type=Path,
+        help="age identity that decrypts archives to restore them (APERTURE_BACKUP_AGE_IDENTITY_FILE)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -82,6 +96,12 @@ def config_from_args(args: argparse.Namespace) -> Config:
             changes[flag] = getattr(args, flag)
     if args.insecure:
         changes["insecure"] = True
+    if args.age_recipient:
+        changes["age_recipients"] = tuple(args.age_recipient)
+    if args.age_recipients_file:
+        changes["age_recipients_file"] = args.age_recipients_file
+    if args.age_identity_file:
+        changes["age_identity_file"] = args.age_identity_file
     return config.with_overrides(**changes) if changes else config
 
 

@@ -65,8 +65,9 @@ class HashingFile(io.RawIOBase):
         return len(view)
 
 
-def compressor(compression: Compression, sink: HashingFile) -> Sink:
-    """A writer that compresses into `sink`; closing it flushes the compressed stream's end."""
+def compressor(compression: Compression, sink: io.RawIOBase) -> Sink:
+    """A writer that compresses into `sink` (the hashing file, or the encrypting stage before it); closing
+    it flushes the compressed stream's end, but does not close `sink`."""
     if compression is Compression.GZIP:
         gzip_writer = igzip_threaded.open(sink, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS)  # type: ignore[no-untyped-call]
         return cast(Sink, gzip_writer)
@@ -78,11 +79,11 @@ def compressor(compression: Compression, sink: HashingFile) -> Sink:
 
 
 class _Passthrough:
-    def __init__(self, sink: HashingFile):
+    def __init__(self, sink: io.RawIOBase):
         self._sink = sink
 
     def write(self, data: bytes | memoryview, /) -> int:
-        return self._sink.write(data)
+        return self._sink.write(data) or 0
 
     def close(self) -> None:
         pass

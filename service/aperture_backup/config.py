@@ -20,6 +20,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 import psycopg.conninfo
 import pytz
 
+from .encryption import AgeKeyError, AgeKeys
+
 ENV_PREFIX = "APERTURE_BACKUP_"
 
 DEFAULT_LISTEN = "127.0.0.1:50051"
@@ -89,6 +91,14 @@ class Config:
     #: PEM CA bundle: require client certificates signed by it (mutual TLS).
     tls_client_ca: Path | None = None
 
+    # -- encryption at rest (age); kept together, last --------------------------------------------------
+    #: age public keys (`age1...`) every new archive is encrypted to; none: archives are not encrypted.
+    age_recipients: tuple[str, ...] = ()
+    #: A file of more such keys, one a line (`#` comments), as age's `-R` reads it.
+    age_recipients_file: Path | None = None
+    #: The age identity file (as age-keygen writes it) that decrypts archives to restore and check them.
+    age_identity_file: Path | None = None
+
     @property
     def state_dir(self) -> Path:
         """Service state (settings, embedded database) lives beside the archives but is never listed."""
@@ -144,6 +154,14 @@ class Config:
         if self.backup_dir.exists() and not self.backup_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}DIR exists but is not a directory: {self.backup_dir}")
         self._validate_security()
+        self.age_keys()
+
+    def age_keys(self) -> AgeKeys:
+        """The age keys the configuration names, parsed and read (ConfigError naming the variable)."""
+        try:
+            return AgeKeys.load(self.age_recipients, self.age_recipients_file, self.age_identity_file)
+        except AgeKeyError as exc:
+            raise ConfigError(str(exc)) from None
 
     @property
     def authenticated(self) -> bool:
@@ -226,6 +244,9 @@ class Config:
             tls_cert=Path(p) if (p := get("TLS_CERT")) else None,
             tls_key=Path(p) if (p := get("TLS_KEY")) else None,
             tls_client_ca=Path(p) if (p := get("TLS_CLIENT_CA")) else None,
+            age_recipients=tuple(r.strip() for r in (get("AGE_RECIPIENTS") or "").split(",") if r.strip()),
+            age_recipients_file=Path(p) if (p := get("AGE_RECIPIENTS_FILE")) else None,
+            age_identity_file=Path(p) if (p := get("AGE_IDENTITY_FILE")) else None,
         )
         config.validate()
         return config

@@ -73,6 +73,8 @@ def backup_to_pb(backup: Backup) -> pb.Backup:
         server_version=backup.server_version,
         pg_dump_version=backup.pg_dump_version,
         error=backup.error,
+        encrypted=backup.kind.encrypted,
+        age_recipients=backup.age_recipients,
     )
     if backup.duration_seconds is not None:
         message.duration.CopyFrom(duration(backup.duration_seconds))

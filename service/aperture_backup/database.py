@@ -122,7 +122,14 @@ class Database:
                     "restore of this database; try again when it has finished",
                     metadata={"holder": "another replica"},
                 )
-            yield
+            try:
+                yield
+            finally:
+                # Unlocked explicitly, not only by closing: the server drops a closed session's locks only
+                # when its backend has exited, after close() returned, so a job started right after this
+                # one (a client's next Create) could find the lock still held and be refused.
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute("SELECT pg_advisory_unlock(%s)", (JOB_LOCK_KEY,))
         finally:
             with contextlib.suppress(psycopg.Error):
                 conn.close()

@@ -1,9 +1,12 @@
-"""Running pg_dump: its output streams through the compressor and the hasher to the archive's temporary
-file; its `--verbose` log on stderr drives the progress; its exit status alone decides success."""
+"""Running pg_dump: its output streams through the compressor, age (when archives are encrypted) and the
+hasher to the archive's temporary file; its `--verbose` log on stderr drives the progress; its exit status
+alone decides success."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import io
 import logging
 import re
 import subprocess
@@ -13,8 +16,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from .compression import HashingFile, compressor
+from .compression import HashingFile, Sink, compressor
 from .database import Database, first_line
+from .encryption import AgeKeys
 from .errors import Aborted, BackupError, Internal, ResourceExhausted, Unavailable
 from .model import ArchiveKind, Format
 from .pipes import StderrTail, enlarge_pipe, kill
@@ -81,9 +85,12 @@ def run_dump(
     *,
     cancel: threading.Event,
     on_progress: Callable[[int, int, str], None],
+    keys: AgeKeys | None = None,
 ) -> DumpResult:
-    """Dump the database into `writer`'s temporary file. Raises a BackupError on any failure; the caller
-    aborts the writer."""
+    """Dump the database into `writer`'s temporary file, encrypted to `keys`' recipients when `kind` is
+    encrypted. Raises a BackupError on any failure; the caller aborts the writer."""
+    if kind.encrypted and (keys is None or not keys.encrypts):
+        raise Internal("an encrypted backup was asked for without age recipients")
     command = pg_dump_command(toolset, database, kind)
     _logger.info("running pg_dump %s for %s", toolset.version, database.describe())
     proc = subprocess.Popen(
@@ -99,7 +106,11 @@ def run_dump(
     sink = HashingFile(writer.file)
     stderr = _PgDumpStderr(proc.stderr)
     stderr.start()
-    out = compressor(kind.compression, sink)
+    # The SHA-256 is of the stored bytes: age sits between the compressor and the hash.
+    stage: io.RawIOBase = sink
+    if keys is not None and kind.encrypted:
+        stage = keys.encrypting(sink)
+    out = compressor(kind.compression, stage)
     buffer = bytearray(READ_SIZE)
     view = memoryview(buffer)
     last_report = 0.0
@@ -116,10 +127,13 @@ def run_dump(
                 last_report = now
                 on_progress(sink.size, stderr.tables, stderr.current)
         out.close()
+        if stage is not sink:
+            stage.close()  # age's last chunk; waits for its thread
         returncode = proc.wait()
         stderr.join()
     except OSError as exc:
         kill(proc)
+        _discard(out, stage, sink)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise ResourceExhausted(
                 f"the backup directory is full ({exc.strerror}); free space or lower the retention",
@@ -128,6 +142,7 @@ def run_dump(
         raise Internal(f"writing the archive failed: {exc}") from None
     except BaseException:
         kill(proc)
+        _discard(out, stage, sink)
         raise
     finally:
         finished.set()
@@ -142,6 +157,16 @@ def run_dump(
 def _cancelled(cancel: threading.Event) -> BackupError:
     reason = getattr(cancel, "reason", "") or "the service is shutting down"
     return Aborted(f"the backup was cancelled: {reason}; no archive was kept", reason="CANCELLED")
+
+
+def _discard(out: Sink, stage: io.RawIOBase, sink: io.RawIOBase) -> None:
+    """After a failure: end the compressor's and age's threads (what they still write goes to the temporary
+    file the caller removes); their own errors are the same failure again."""
+    with contextlib.suppress(Exception):
+        out.close()
+    if stage is not sink:
+        with contextlib.suppress(Exception):
+            stage.close()
 
 
 def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event, finished: threading.Event) -> None:

@@ -42,20 +42,46 @@ class Trigger(StrEnum):
     EXTERNAL = "external"
 
 
+#: Added to the extension of an archive encrypted with age, as the `age` tool's own convention has it.
+AGE_EXTENSION = ".age"
+
+
 @dataclass(frozen=True)
 class ArchiveKind:
-    """Format and compression together decide the file extension and how to load the archive."""
+    """Format, compression and encryption together decide the file extension and how to load the archive.
+    Encryption wraps the compressed file as a whole (`.sql.gz.age`: decrypt, then gunzip)."""
 
     format: Format
     compression: Compression
+    encrypted: bool = False
 
     @property
     def extension(self) -> str:
         if self.format is Format.CUSTOM:
-            return {Compression.NONE: ".dump", Compression.GZIP: ".dump.gz", Compression.ZSTD: ".dump.zst"}[
+            base = {Compression.NONE: ".dump", Compression.GZIP: ".dump.gz", Compression.ZSTD: ".dump.zst"}[
                 self.compression
             ]
-        return {Compression.NONE: ".sql", Compression.GZIP: ".sql.gz", Compression.ZSTD: ".sql.zst"}[self.compression]
+        else:
+            base = {Compression.NONE: ".sql", Compression.GZIP: ".sql.gz", Compression.ZSTD: ".sql.zst"}[
+                self.compression
+            ]
+        return base + AGE_EXTENSION if self.encrypted else base
+
+    def with_encryption(self, encrypted: bool) -> ArchiveKind:
+        return dataclasses.replace(self, encrypted=encrypted)
+
+
+def kind_from_name(name: str) -> ArchiveKind | None:
+    """The kind a file name claims, by its extension. Only a hint, for the one case content cannot tell:
+    an encrypted file this service has no identity for."""
+    encrypted = name.endswith(AGE_EXTENSION)
+    stem = name.removesuffix(AGE_EXTENSION)
+    for fmt in Format:
+        for compression in Compression:
+            kind = ArchiveKind(fmt, compression, encrypted)
+            if stem.endswith(kind.with_encryption(False).extension):
+                return kind
+    return None
 
 
 DEFAULT_KIND = ArchiveKind(Format.PLAIN, Compression.GZIP)
@@ -77,6 +103,8 @@ class Backup:
     pg_dump_version: str = ""
     duration_seconds: float | None = None
     error: str = ""
+    #: The age public keys an encrypted archive was encrypted to, when known (never an identity).
+    age_recipients: tuple[str, ...] = ()
 
     @property
     def filename(self) -> str:
@@ -101,6 +129,8 @@ class Backup:
             "pg_dump_version": self.pg_dump_version,
             "duration_seconds": self.duration_seconds,
             "error": self.error,
+            "encrypted": self.kind.encrypted,
+            "age_recipients": list(self.age_recipients),
         }
 
     @classmethod
@@ -109,7 +139,8 @@ class Backup:
             id=str(data["id"]),
             state=State(data["state"]),
             create_time=datetime.fromisoformat(data["create_time"]),
-            kind=ArchiveKind(Format(data["format"]), Compression(data["compression"])),
+            # Manifests written before encryption existed have neither field: unencrypted.
+            kind=ArchiveKind(Format(data["format"]), Compression(data["compression"]), bool(data.get("encrypted"))),
             trigger=Trigger(data["trigger"]),
             size_bytes=int(data.get("size_bytes") or 0),
             sha256=str(data.get("sha256") or ""),
@@ -118,6 +149,7 @@ class Backup:
             pg_dump_version=str(data.get("pg_dump_version") or ""),
             duration_seconds=data.get("duration_seconds"),
             error=str(data.get("error") or ""),
+            age_recipients=tuple(str(r) for r in data.get("age_recipients") or ()),
         )
 
 

@@ -13,8 +13,9 @@ dump with large objects carries its own `BEGIN;`/`COMMIT;`, which would commit h
 later migration added would survive. Custom-format archives are turned into the same SQL by
 `pg_restore -f -` and take the same path.
 
-Checks happen while the data streams, not in a second pass: the SHA-256 of the file as read from disk and
-the integrity of its gzip/zstd stream (CRC, complete end) are known when the last byte has gone to psql,
+Checks happen while the data streams, not in a second pass: the SHA-256 of the file as read from disk, the
+authenticity of its age encryption (every chunk, and the end) and the integrity of its gzip/zstd stream
+(CRC, complete end) are known when the last byte has gone to psql,
 and decide whether COMMIT is sent. Success is decided by exit statuses and by asking the server whether
 our transaction committed (`pg_xact_status`), never by reading tool output for words.
 """
@@ -33,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -44,6 +45,7 @@ from . import toolchain
 from .backups import BackupManager
 from .compression import decompressor
 from .database import NOTIFY_CHANNEL, Database, first_line
+from .encryption import AgeKeys
 from .errors import BackupError, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, Unavailable
 from .jobs import Job, JobKind, JobSlot
 from .journal import JobRecord
@@ -167,17 +169,30 @@ class ArchiveInfo:
 # -- reading archives ------------------------------------------------------------------------------------
 
 
-class ArchiveReader:
-    """Reads an archive once: hashes the bytes as they come from disk, decompresses them, and checks that
-    the compressed stream is intact and complete. `verify()` after the last chunk decides."""
+#: Turns ciphertext pieces into plaintext pieces (`encryption.AgeKeys.decrypting`, bound to an archive).
+Decrypt = Callable[[Iterable[bytes]], Iterator[bytes]]
 
-    def __init__(self, path: Path, compression: Compression, *, on_read: Callable[[int], None] | None = None):
+
+class ArchiveReader:
+    """Reads an archive once: hashes the bytes as they come from disk, decrypts them (`decrypt`, for an
+    encrypted archive), decompresses them, and checks that the stream is authentic, intact and complete.
+    `verify()` after the last chunk decides."""
+
+    def __init__(
+        self,
+        path: Path,
+        compression: Compression,
+        *,
+        on_read: Callable[[int], None] | None = None,
+        decrypt: Decrypt | None = None,
+    ):
         self.path = path
         self.compression = compression
         self.bytes_read = 0
         self.complete = False
         self._sha256 = hashlib.sha256()
         self._on_read = on_read
+        self._decrypt = decrypt
 
     @property
     def sha256(self) -> str:
@@ -186,9 +201,34 @@ class ArchiveReader:
     def chunks(self, *, stop: threading.Event | None = None) -> Generator[bytes, None, None]:
         """The decompressed content; raises DataLoss on a corrupt or truncated stream."""
         stream = decompressor(self.compression)
+        stopped = threading.Event()
+        raw = self._raw(stop, stopped)
+        plain = self._decrypt(raw) if self._decrypt is not None else raw
+        try:
+            for piece in plain:
+                yield from stream.feed(piece)
+        except DataLoss:
+            if stopped.is_set():
+                return  # age saw the input end early because we stopped reading: not damage
+            raise
+        finally:
+            close = getattr(plain, "close", None)
+            if close is not None:
+                close()  # stops and joins age's thread, so the file's generator is free to close
+            raw.close()
+        if stopped.is_set():
+            return
+        if self.bytes_read == 0:
+            raise DataLoss(f"the archive {self.path.name} is empty")
+        stream.end()
+        self.complete = True
+
+    def _raw(self, stop: threading.Event | None, stopped: threading.Event) -> Generator[bytes, None, None]:
+        """The file's bytes as stored, hashed and counted (in age's thread, for an encrypted archive)."""
         with open(self.path, "rb", buffering=0) as handle:
             while True:
                 if stop is not None and stop.is_set():
+                    stopped.set()
                     return
                 raw = handle.read(READ_SIZE)
                 if not raw:
@@ -197,11 +237,7 @@ class ArchiveReader:
                 self.bytes_read += len(raw)
                 if self._on_read is not None:
                     self._on_read(self.bytes_read)
-                yield from stream.feed(raw)
-        if self.bytes_read == 0:
-            raise DataLoss(f"the archive {self.path.name} is empty")
-        stream.end()
-        self.complete = True
+                yield raw
 
     def verify(self, expected_sha256: str) -> None:
         """Raise unless the whole file was read intact and matches `expected_sha256` (when known)."""
@@ -422,6 +458,7 @@ class RestoreManager:
         backups: BackupManager,
         *,
         pg_bin_dir: Path | None = None,
+        keys: AgeKeys | None = None,
         restore_timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_SECONDS,
         work_dir: Path | None = None,
     ):
@@ -433,6 +470,7 @@ class RestoreManager:
         self.slot = slot
         self.backups = backups
         self._pg_bin_dir = pg_bin_dir
+        self.keys = keys or AgeKeys()
         self.lock_timeout_seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
         self.restore_timeout_seconds = restore_timeout_seconds
 
@@ -499,7 +537,10 @@ class RestoreManager:
         info = self.database.server_info()
         toolset = toolchain.for_server(info.major, self._pg_bin_dir)
         job.update(progress=Progress(phase="verifying", bytes_total=backup.size_bytes, elapsed_seconds=job.elapsed()))
-        self.inspect(path, backup.kind, server_major=info.major, toolset=toolset)
+        if backup.kind.encrypted:
+            self.keys.require_identity(backup.id, backup.age_recipients)
+        # A wrong identity shows here, at the first chunk, before the safety backup or the database.
+        self.inspect(path, backup.kind, server_major=info.major, toolset=toolset, recipients=backup.age_recipients)
 
         with contextlib.ExitStack() as stack:
             safety = None
@@ -507,7 +548,14 @@ class RestoreManager:
                 safety = self._safety_backup(job)
                 stack.enter_context(self.store.pinned(safety.id))
                 job.update(backup=backup)
-            self.restore_file(job, path, backup.kind, expected_sha256=backup.sha256, toolset=toolset)
+            self.restore_file(
+                job,
+                path,
+                backup.kind,
+                expected_sha256=backup.sha256,
+                toolset=toolset,
+                recipients=backup.age_recipients,
+            )
         try:
             self.database.notify_restored(backup.id)
         except (Unavailable, psycopg.Error) as exc:
@@ -545,14 +593,34 @@ class RestoreManager:
 
     # -- checking an archive before touching the database ----------------------------------------------
 
-    def inspect(self, path: Path, kind: ArchiveKind, *, server_major: int, toolset: Toolset) -> ArchiveInfo:
+    def reader(
+        self,
+        path: Path,
+        kind: ArchiveKind,
+        *,
+        recipients: Sequence[str] = (),
+        on_read: Callable[[int], None] | None = None,
+    ) -> ArchiveReader:
+        """A reader of the archive's content: decrypted with the service's identity when it is encrypted."""
+        decrypt: Decrypt | None = None
+        if kind.encrypted:
+            keys = self.keys
+
+            def decrypt(ciphertext: Iterable[bytes]) -> Iterator[bytes]:
+                return keys.decrypting(ciphertext, archive=path.name, recipients=recipients)
+
+        return ArchiveReader(path, kind.compression, on_read=on_read, decrypt=decrypt)
+
+    def inspect(
+        self, path: Path, kind: ArchiveKind, *, server_major: int, toolset: Toolset, recipients: Sequence[str] = ()
+    ) -> ArchiveInfo:
         """Refuse, before the database is touched, an archive this server cannot load: one made by a newer
         pg_dump major (pg_dump 18 writes `SET transaction_timeout`, which 15 and 16 reject), or one the
         chosen pg_restore cannot read. Also catches a corrupt start of a compressed file."""
         if kind.format is Format.CUSTOM:
-            text = self._pg_restore_list(path, kind, toolset)
+            text = self._pg_restore_list(path, kind, toolset, recipients)
         else:
-            text = self._head(path, kind.compression)
+            text = self._head(self.reader(path, kind, recipients=recipients))
         match = _DUMPED_BY_RE.search(text)
         if match is None:
             # Hand-written SQL has no pg_dump header; the restore itself will tell whether it loads.
@@ -570,9 +638,10 @@ class RestoreManager:
             )
         return ArchiveInfo(pg_dump_major=major, pg_dump_version=version)
 
-    def _head(self, path: Path, compression: Compression) -> bytes:
+    @staticmethod
+    def _head(reader: ArchiveReader) -> bytes:
         head = bytearray()
-        chunks = ArchiveReader(path, compression).chunks()
+        chunks = reader.chunks()
         try:
             for chunk in chunks:
                 head += chunk
@@ -582,20 +651,22 @@ class RestoreManager:
             chunks.close()
         return bytes(head[:HEAD_BYTES])
 
-    def _pg_restore_list(self, path: Path, kind: ArchiveKind, toolset: Toolset) -> bytes:
+    def _pg_restore_list(self, path: Path, kind: ArchiveKind, toolset: Toolset, recipients: Sequence[str]) -> bytes:
         """`pg_restore --list`: it reads only the archive's header and table of contents."""
         with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
             # Output to files, not pipes: pg_restore prints while we may still be writing its stdin.
-            source = str(path) if kind.compression is Compression.NONE else "-"
+            # pg_restore reads the file itself when it is stored as is, else its content from stdin (no
+            # file name: pg_restore takes "-" for a file name).
+            direct = kind.compression is Compression.NONE and not kind.encrypted
             proc = subprocess.Popen(
-                [toolset.tool("pg_restore"), "--list", source],
-                stdin=subprocess.PIPE if source == "-" else subprocess.DEVNULL,
+                [toolset.tool("pg_restore"), "--list", *([str(path)] if direct else [])],
+                stdin=subprocess.DEVNULL if direct else subprocess.PIPE,
                 stdout=out,
                 stderr=err,
             )
             try:
                 if proc.stdin is not None:
-                    chunks = ArchiveReader(path, kind.compression).chunks()
+                    chunks = self.reader(path, kind, recipients=recipients).chunks()
                     try:
                         for chunk in chunks:
                             proc.stdin.write(chunk)
@@ -630,6 +701,7 @@ class RestoreManager:
         *,
         expected_sha256: str = "",
         toolset: Toolset | None = None,
+        recipients: Sequence[str] = (),
     ) -> None:
         """Load `path` into the database in one transaction, replacing everything in it; commit only when
         the archive read intact (and matches `expected_sha256`, when given). Raises on any failure, after
@@ -651,7 +723,7 @@ class RestoreManager:
                 )
 
         on_read(0)
-        reader = ArchiveReader(path, kind.compression, on_read=on_read)
+        reader = self.reader(path, kind, recipients=recipients, on_read=on_read)
         _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
         deadline = time.monotonic() + self.restore_timeout_seconds
         if self.work_dir is not None:

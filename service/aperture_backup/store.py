@@ -3,7 +3,8 @@
 Layout: each archive `<id>` has a manifest `<id>.manifest.json` beside it. Archive data is written to a
 hidden temporary name (`.tmp-<id>`) in the same directory, fsynced, then renamed into place, so a listed
 READY archive is always complete. Files without a manifest (Aperture's own, or copied in by hand) are
-listed too, recognised by content. Dot-files (temporaries, the `.state` folder) are never listed.
+listed too, recognised by content (an encrypted one is looked into with the service's identity, when it
+has one). Dot-files (temporaries, the `.state` folder) are never listed.
 """
 
 from __future__ import annotations
@@ -151,8 +152,9 @@ class ArchiveWriter:
 class ArchiveStore:
     """The backup directory: create, list, read and delete archives, safely."""
 
-    def __init__(self, directory: Path):
+    def __init__(self, directory: Path, *, decrypt_head: archive_format.DecryptHead | None = None):
         self.directory = directory
+        self._decrypt_head = decrypt_head
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         self._lock = threading.Lock()
@@ -315,10 +317,18 @@ class ArchiveStore:
                 return None
             with open(path, "rb") as handle:
                 header = handle.read(archive_format.SNIFF_BYTES)
+                if archive_format.is_encrypted(header):
+                    header += handle.read(archive_format.sniff_bytes(header) - len(header))
             stat = path.stat()
         except OSError:
             return None
-        kind = archive_format.sniff(header)
+        try:
+            kind = archive_format.sniff(header, decrypt_head=self._decrypt_head, name=path.name)
+        except BackupError as exc:
+            # Not for this identity, or damaged: still listed (its name hints at the kind); a restore or a
+            # download's check says what is wrong with it.
+            _logger.info("cannot look into the encrypted file %s: %s", path.name, exc)
+            kind = archive_format.sniff(header, name=path.name)
         if kind is None:
             return None
         return Backup(

@@ -2,8 +2,10 @@
 that are checked while they arrive and stored (and, when asked, restored) only once every check passed.
 
 Memory stays flat however large the archive: a download reads one chunk at a time from disk; an upload
-keeps at most the first `archive_format.SNIFF_BYTES` (to recognise the archive before anything is written)
+keeps at most the first `archive_format.sniff_bytes` (to recognise the archive before anything is written)
 and one chunk, and checks a compressed stream with a decompressor whose output is bounded and thrown away.
+An encrypted upload is decrypted on the way to that check, so it is checked like any other; without the
+service's identity it cannot be, and is refused.
 
 Every refused upload leaves nothing behind: no temporary file, no manifest, no listed backup, and the
 database was never touched (the restore only starts once the archive is committed as a READY backup).
@@ -25,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO
@@ -33,6 +35,7 @@ from typing import IO, BinaryIO
 from . import archive_format, toolchain
 from .compression import Decompressor, decompressor
 from .database import Database, first_line
+from .encryption import AgeKeys
 from .errors import (
     BackupError,
     DataLoss,
@@ -45,8 +48,8 @@ from .errors import (
     ResourceExhausted,
 )
 from .jobs import JobSlot
-from .model import Backup, Compression, Format, Progress, State, Trigger
-from .restore import RestoreManager, RestoreResult
+from .model import ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
+from .restore import Decrypt, RestoreManager, RestoreResult
 from .store import ArchiveStore, ArchiveWriter
 
 _logger = logging.getLogger(__name__)
@@ -126,11 +129,13 @@ class _BackgroundCheck:
 
     QUEUE_CHUNKS = 8  # at most this many received chunks wait for the check: memory stays bounded
 
-    def __init__(self, stream: Decompressor):
+    def __init__(self, stream: Decompressor, decrypt: Decrypt | None = None):
         self._stream = stream
+        self._decrypt = decrypt
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE_CHUNKS)
-        self._error: DataLoss | None = None
+        self._error: BackupError | None = None
         self._abandoned = False
+        self._ended = False
         self._thread = threading.Thread(target=self._run, name="upload-check", daemon=True)
         self._thread.start()
 
@@ -151,19 +156,31 @@ class _BackgroundCheck:
         self._queue.put(None)
         self._thread.join()
 
-    def _run(self) -> None:
+    def _received(self) -> Iterator[bytes]:
         while (data := self._queue.get()) is not None:
-            if self._error is not None or self._abandoned:
-                continue  # keep taking from the queue so that a waiting `feed` never blocks forever
-            try:
+            yield data
+        self._ended = True
+
+    def _run(self) -> None:
+        received: Iterator[bytes] = self._received()
+        plain = self._decrypt(received) if self._decrypt is not None else received
+        try:
+            for data in plain:
+                if self._abandoned:
+                    break
                 _drain(self._stream.feed(data))
-            except DataLoss as exc:
-                self._error = exc
-        if self._error is None and not self._abandoned:
-            try:
+            if not self._abandoned:
                 self._stream.end()
-            except DataLoss as exc:
+        except BackupError as exc:  # DataLoss; or, decrypting, FailedPrecondition (a wrong identity)
+            if not self._abandoned:
                 self._error = exc
+        finally:
+            close = getattr(plain, "close", None)
+            if close is not None:
+                close()  # stops age's thread
+        # Keep taking from the queue so that a waiting `feed` never blocks forever.
+        while not self._ended and self._queue.get() is not None:
+            pass
 
 
 # -- an upload on its way to disk ------------------------------------------------------------------------
@@ -173,9 +190,11 @@ class _Incoming:
     """The bytes of one upload: the header kept until the archive is recognised, then a temporary file of
     the store, hashed, counted and checked as each chunk arrives."""
 
-    def __init__(self, store: ArchiveStore, metadata: UploadMetadata):
+    def __init__(self, store: ArchiveStore, metadata: UploadMetadata, restores: RestoreManager):
         self.store = store
         self.metadata = metadata
+        self.restores = restores
+        self.keys: AgeKeys = restores.keys
         self.received = 0
         self.sha256 = hashlib.sha256()
         self.writer: ArchiveWriter | None = None
@@ -200,7 +219,7 @@ class _Incoming:
         self.sha256.update(chunk.data)
         if self.writer is None:
             self._header += chunk.data
-            if len(self._header) >= archive_format.SNIFF_BYTES:
+            if len(self._header) >= archive_format.sniff_bytes(self._header):
                 self._recognise()
         else:
             self._write(self.writer, chunk.data)
@@ -238,17 +257,36 @@ class _Incoming:
 
     def _recognise(self) -> ArchiveWriter:
         header = bytes(self._header)
-        kind = archive_format.sniff(header[: archive_format.SNIFF_BYTES])
+        name = self.metadata.filename or "the upload"
+        encrypted = archive_format.is_encrypted(header)
+        if encrypted:
+            # Without the identity nothing inside could be checked, so it is not taken at all.
+            self.keys.require_identity(name)
+        keys = self.keys
+
+        def decrypt_head(prefix: bytes) -> bytes:
+            return keys.decrypt_head(prefix, archive=name)
+
+        kind = archive_format.sniff(
+            header[: archive_format.sniff_bytes(header)], decrypt_head=decrypt_head if encrypted else None
+        )
         if kind is None:
             raise InvalidArgument(
                 f"{self.metadata.filename or 'the upload'} is not a pg_dump archive: its first bytes are neither "
-                "pg_dump's custom format (PGDMP), nor plain SQL, nor gzip or zstd holding one of them",
+                "pg_dump's custom format (PGDMP), nor plain SQL, nor gzip or zstd holding one of them (encrypted "
+                "with age or not)",
                 reason="NOT_AN_ARCHIVE",
             )
         # Only now is the id known (its extension follows the content), so only now is anything written.
         writer = self.writer = self.store.begin(kind, Trigger.UPLOADED)
-        if kind.compression is not Compression.NONE:
-            self._check = _BackgroundCheck(decompressor(kind.compression))
+        if kind.compression is not Compression.NONE or kind.encrypted:
+            decrypt: Decrypt | None = None
+            if kind.encrypted:
+
+                def decrypt(ciphertext: Iterable[bytes]) -> Iterator[bytes]:
+                    return keys.decrypting(ciphertext, archive=name)
+
+            self._check = _BackgroundCheck(decompressor(kind.compression), decrypt)
         self._header = bytearray()
         self._write(writer, header)
         return writer
@@ -422,7 +460,7 @@ class TransferManager:
                 message=message,
             )
 
-        incoming = _Incoming(self.store, metadata)
+        incoming = _Incoming(self.store, metadata, self.restores)
         try:
             yield UploadEvent(progress("uploading", 0, f"receiving {metadata.filename}" if metadata.filename else ""))
             reported = 0
@@ -442,7 +480,7 @@ class TransferManager:
             kind = writer.backup.kind
             yield UploadEvent(progress("verifying", incoming.received, "checking the archive reads to its end"))
             if kind.format is Format.CUSTOM:
-                self._check_custom(writer.temp_path, kind.compression)
+                self._check_custom(writer.temp_path, kind)
             backup = writer.commit(
                 size_bytes=incoming.received,
                 sha256=incoming.sha256.hexdigest(),
@@ -494,7 +532,7 @@ class TransferManager:
             self.slot.ensure_free("an upload and restore")
         return dataclasses.replace(metadata, sha256=sha256)
 
-    def _check_custom(self, path: Path, compression: Compression) -> None:
+    def _check_custom(self, path: Path, kind: ArchiveKind) -> None:
         """A full read of a custom-format archive by pg_restore, into /dev/null. `pg_restore --list` reads
         only the header and table of contents: measured, it accepts an archive cut to two thirds, or missing
         its last 50 bytes, with exit status 0; the full read refuses both. It needs no database and reads a
@@ -509,16 +547,18 @@ class TransferManager:
             )
         toolset = max(toolsets)
         with tempfile.TemporaryFile() as err:
-            source = str(path) if compression is Compression.NONE else "-"
+            # The file itself when stored as is, else its content on stdin (no file name: pg_restore takes
+            # "-" for a file name).
+            direct = kind.compression is Compression.NONE and not kind.encrypted
             proc = subprocess.Popen(
-                [toolset.tool("pg_restore"), "--file", os.devnull, source],
-                stdin=subprocess.PIPE if source == "-" else subprocess.DEVNULL,
+                [toolset.tool("pg_restore"), "--file", os.devnull, *([str(path)] if direct else [])],
+                stdin=subprocess.DEVNULL if direct else subprocess.PIPE,
                 stdout=subprocess.DEVNULL,
                 stderr=err,
             )
             try:
                 if proc.stdin is not None:
-                    self._pipe_decompressed(path, compression, proc.stdin)
+                    self._pipe_content(path, kind, proc.stdin)
                 returncode = proc.wait(timeout=PG_RESTORE_CHECK_TIMEOUT)
             except BaseException:
                 if proc.poll() is None:
@@ -534,17 +574,16 @@ class TransferManager:
                 reason="ARCHIVE_CORRUPT",
             )
 
-    @staticmethod
-    def _pipe_decompressed(path: Path, compression: Compression, sink: IO[bytes]) -> None:
-        check = decompressor(compression)
+    def _pipe_content(self, path: Path, kind: ArchiveKind, sink: IO[bytes]) -> None:
+        """The archive's content (decrypted, decompressed) into pg_restore's stdin."""
+        chunks = self.restores.reader(path, kind, recipients=()).chunks()
         try:
-            with open(path, "rb", buffering=0) as handle:
-                while raw := handle.read(HASH_READ_SIZE):
-                    for piece in check.feed(raw):
-                        sink.write(piece)
+            for piece in chunks:
+                sink.write(piece)
         except BrokenPipeError:
             pass  # pg_restore stopped reading: its exit status says why
         finally:
+            chunks.close()
             with contextlib.suppress(BrokenPipeError):
                 sink.close()
 

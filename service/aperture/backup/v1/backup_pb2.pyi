@@ -240,6 +240,8 @@ class Backup(_message.Message):
     PG_DUMP_VERSION_FIELD_NUMBER: _builtins.int
     DURATION_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
+    ENCRYPTED_FIELD_NUMBER: _builtins.int
+    AGE_RECIPIENTS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The archive's file name in the backup directory, for example
     `aperture-backup-2026-11-28T01-00-00-123456Z-7f3a.sql.gz`. Unique, stable, sorts by time.
@@ -266,6 +268,11 @@ class Backup(_message.Message):
     """Version of the pg_dump that wrote the archive, for example "16.14"; empty when unknown."""
     error: _builtins.str
     """Why the backup failed, when FAILED; empty otherwise."""
+    encrypted: _builtins.bool
+    """Whether the archive is encrypted with age (its id then ends in `.age`). `size_bytes` and `sha256` are
+    those of the encrypted file as stored; `age -d -i IDENTITY_FILE FILE` gives back the archive inside,
+    of `format` and `compression`.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the backup started (for a file found in the directory: its modification time)."""
@@ -273,6 +280,13 @@ class Backup(_message.Message):
     @_builtins.property
     def duration(self) -> _duration_pb2.Duration:
         """How long the backup took; unset while CREATING or when unknown."""
+
+    @_builtins.property
+    def age_recipients(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The age public keys (`age1...`) an encrypted archive was encrypted to, when known: set for the
+        service's own backups, empty for uploads and files found in the directory (age files do not name
+        their recipients). Public keys only, never an identity.
+        """
 
     def __init__(
         self,
@@ -291,10 +305,12 @@ class Backup(_message.Message):
         pg_dump_version: _builtins.str = ...,
         duration: _duration_pb2.Duration | None = ...,
         error: _builtins.str = ...,
+        encrypted: _builtins.bool = ...,
+        age_recipients: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["compression", b"compression", "create_time", b"create_time", "database", b"database", "duration", b"duration", "error", b"error", "filename", b"filename", "format", b"format", "id", b"id", "pg_dump_version", b"pg_dump_version", "server_version", b"server_version", "sha256", b"sha256", "size_bytes", b"size_bytes", "state", b"state", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_recipients", b"age_recipients", "compression", b"compression", "create_time", b"create_time", "database", b"database", "duration", b"duration", "encrypted", b"encrypted", "error", b"error", "filename", b"filename", "format", b"format", "id", b"id", "pg_dump_version", b"pg_dump_version", "server_version", b"server_version", "sha256", b"sha256", "size_bytes", b"size_bytes", "state", b"state", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

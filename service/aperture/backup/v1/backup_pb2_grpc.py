@@ -150,7 +150,9 @@ class BackupServiceServicer:
     def UploadAndRestore(self, request_iterator, context):
         """Uploads an archive: the first message carries metadata, the following ones chunks. The archive is
         checked (size, SHA-256, format, readable to the end), stored as a backup with trigger UPLOADED and,
-        when asked, restored. Streams progress and ends with the result.
+        when asked, restored. Streams progress and ends with the result. An archive encrypted with age is
+        decrypted to be checked; without the service's identity it is refused (FAILED_PRECONDITION, reason
+        ENCRYPTION_KEY_MISSING).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -158,7 +160,9 @@ class BackupServiceServicer:
 
     def Restore(self, request, context):
         """Restores a stored backup into the database, atomically: on failure the database is left as it was.
-        Streams progress and ends with the result.
+        Streams progress and ends with the result. An encrypted backup needs the service's age identity:
+        without one FAILED_PRECONDITION (reason ENCRYPTION_KEY_MISSING), with one it was not encrypted to
+        FAILED_PRECONDITION (WRONG_ENCRYPTION_KEY), damaged ciphertext DATA_LOSS (ARCHIVE_CORRUPT).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,11 +62,15 @@ class BackupServiceStub:
     UploadAndRestore: _grpc.StreamStreamMultiCallable[_backup_pb2.UploadAndRestoreRequest, _backup_pb2.UploadAndRestoreResponse]
     """Uploads an archive: the first message carries metadata, the following ones chunks. The archive is
     checked (size, SHA-256, format, readable to the end), stored as a backup with trigger UPLOADED and,
-    when asked, restored. Streams progress and ends with the result.
+    when asked, restored. Streams progress and ends with the result. An archive encrypted with age is
+    decrypted to be checked; without the service's identity it is refused (FAILED_PRECONDITION, reason
+    ENCRYPTION_KEY_MISSING).
     """
     Restore: _grpc.UnaryStreamMultiCallable[_backup_pb2.RestoreRequest, _backup_pb2.RestoreResponse]
     """Restores a stored backup into the database, atomically: on failure the database is left as it was.
-    Streams progress and ends with the result.
+    Streams progress and ends with the result. An encrypted backup needs the service's age identity:
+    without one FAILED_PRECONDITION (reason ENCRYPTION_KEY_MISSING), with one it was not encrypted to
+    FAILED_PRECONDITION (WRONG_ENCRYPTION_KEY), damaged ciphertext DATA_LOSS (ARCHIVE_CORRUPT).
     """
     SetRetention: _grpc.UnaryUnaryMultiCallable[_backup_pb2.SetRetentionRequest, _backup_pb2.SetRetentionResponse]
     """Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
@@ -114,11 +118,15 @@ class BackupServiceAsyncStub(BackupServiceStub):
     UploadAndRestore: _aio.StreamStreamMultiCallable[_backup_pb2.UploadAndRestoreRequest, _backup_pb2.UploadAndRestoreResponse]  # type: ignore[assignment]
     """Uploads an archive: the first message carries metadata, the following ones chunks. The archive is
     checked (size, SHA-256, format, readable to the end), stored as a backup with trigger UPLOADED and,
-    when asked, restored. Streams progress and ends with the result.
+    when asked, restored. Streams progress and ends with the result. An archive encrypted with age is
+    decrypted to be checked; without the service's identity it is refused (FAILED_PRECONDITION, reason
+    ENCRYPTION_KEY_MISSING).
     """
     Restore: _aio.UnaryStreamMultiCallable[_backup_pb2.RestoreRequest, _backup_pb2.RestoreResponse]  # type: ignore[assignment]
     """Restores a stored backup into the database, atomically: on failure the database is left as it was.
-    Streams progress and ends with the result.
+    Streams progress and ends with the result. An encrypted backup needs the service's age identity:
+    without one FAILED_PRECONDITION (reason ENCRYPTION_KEY_MISSING), with one it was not encrypted to
+    FAILED_PRECONDITION (WRONG_ENCRYPTION_KEY), damaged ciphertext DATA_LOSS (ARCHIVE_CORRUPT).
     """
     SetRetention: _aio.UnaryUnaryMultiCallable[_backup_pb2.SetRetentionRequest, _backup_pb2.SetRetentionResponse]  # type: ignore[assignment]
     """Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
@@ -199,7 +207,9 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_backup_pb2.UploadAndRestoreResponse], _abc.AsyncIterator[_backup_pb2.UploadAndRestoreResponse]]:
         """Uploads an archive: the first message carries metadata, the following ones chunks. The archive is
         checked (size, SHA-256, format, readable to the end), stored as a backup with trigger UPLOADED and,
-        when asked, restored. Streams progress and ends with the result.
+        when asked, restored. Streams progress and ends with the result. An archive encrypted with age is
+        decrypted to be checked; without the service's identity it is refused (FAILED_PRECONDITION, reason
+        ENCRYPTION_KEY_MISSING).
         """
 
     @_abc_1.abstractmethod
@@ -209,7 +219,9 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_backup_pb2.RestoreResponse], _abc.AsyncIterator[_backup_pb2.RestoreResponse]]:
         """Restores a stored backup into the database, atomically: on failure the database is left as it was.
-        Streams progress and ends with the result.
+        Streams progress and ends with the result. An encrypted backup needs the service's age identity:
+        without one FAILED_PRECONDITION (reason ENCRYPTION_KEY_MISSING), with one it was not encrypted to
+        FAILED_PRECONDITION (WRONG_ENCRYPTION_KEY), damaged ciphertext DATA_LOSS (ARCHIVE_CORRUPT).
         """
 
     @_abc_1.abstractmethod

@@ -414,6 +414,18 @@ export interface Backup {
     | undefined;
   /** Why the backup failed, when FAILED; empty otherwise. */
   error: string;
+  /**
+   * Whether the archive is encrypted with age (its id then ends in `.age`). `size_bytes` and `sha256` are
+   * those of the encrypted file as stored; `age -d -i IDENTITY_FILE FILE` gives back the archive inside,
+   * of `format` and `compression`.
+   */
+  encrypted: boolean;
+  /**
+   * The age public keys (`age1...`) an encrypted archive was encrypted to, when known: set for the
+   * service's own backups, empty for uploads and files found in the directory (age files do not name
+   * their recipients). Public keys only, never an identity.
+   */
+  ageRecipients: string[];
 }
 
 /** Progress of a long operation. */
@@ -786,6 +798,8 @@ function createBaseBackup(): Backup {
     pgDumpVersion: "",
     duration: undefined,
     error: "",
+    encrypted: false,
+    ageRecipients: [],
   };
 }
 
@@ -832,6 +846,12 @@ export const Backup: MessageFns<Backup> = {
     }
     if (message.error !== "") {
       writer.uint32(114).string(message.error);
+    }
+    if (message.encrypted !== false) {
+      writer.uint32(120).bool(message.encrypted);
+    }
+    for (const v of message.ageRecipients) {
+      writer.uint32(130).string(v!);
     }
     return writer;
   },
@@ -961,6 +981,22 @@ export const Backup: MessageFns<Backup> = {
             message.error = reader.string();
             continue;
           }
+          case 15: {
+            if (tag !== 120) {
+              break;
+            }
+
+            message.encrypted = reader.bool();
+            continue;
+          }
+          case 16: {
+            if (tag !== 130) {
+              break;
+            }
+
+            message.ageRecipients.push(reader.string());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1005,6 +1041,12 @@ export const Backup: MessageFns<Backup> = {
         : "",
       duration: isSet(object.duration) ? Duration.fromJSON(object.duration) : undefined,
       error: isSet(object.error) ? globalThis.String(object.error) : "",
+      encrypted: isSet(object.encrypted) ? globalThis.Boolean(object.encrypted) : false,
+      ageRecipients: globalThis.Array.isArray(object?.ageRecipients)
+        ? object.ageRecipients.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.age_recipients)
+        ? object.age_recipients.map((e: any) => globalThis.String(e))
+        : [],
     };
   },
 
@@ -1052,6 +1094,12 @@ export const Backup: MessageFns<Backup> = {
     if (message.error !== "") {
       obj.error = message.error;
     }
+    if (message.encrypted !== false) {
+      obj.encrypted = message.encrypted;
+    }
+    if (message.ageRecipients?.length) {
+      obj.ageRecipients = message.ageRecipients;
+    }
     return obj;
   },
 
@@ -1076,6 +1124,8 @@ export const Backup: MessageFns<Backup> = {
       ? Duration.fromPartial(object.duration)
       : undefined;
     message.error = object.error ?? "";
+    message.encrypted = object.encrypted ?? false;
+    message.ageRecipients = object.ageRecipients?.map((e) => e) || [];
     return message;
   },
 };
@@ -4376,7 +4426,9 @@ export const BackupServiceService = {
   /**
    * Uploads an archive: the first message carries metadata, the following ones chunks. The archive is
    * checked (size, SHA-256, format, readable to the end), stored as a backup with trigger UPLOADED and,
-   * when asked, restored. Streams progress and ends with the result.
+   * when asked, restored. Streams progress and ends with the result. An archive encrypted with age is
+   * decrypted to be checked; without the service's identity it is refused (FAILED_PRECONDITION, reason
+   * ENCRYPTION_KEY_MISSING).
    */
   uploadAndRestore: {
     path: "/aperture.backup.v1.BackupService/UploadAndRestore" as const,
@@ -4391,7 +4443,9 @@ export const BackupServiceService = {
   },
   /**
    * Restores a stored backup into the database, atomically: on failure the database is left as it was.
-   * Streams progress and ends with the result.
+   * Streams progress and ends with the result. An encrypted backup needs the service's age identity:
+   * without one FAILED_PRECONDITION (reason ENCRYPTION_KEY_MISSING), with one it was not encrypted to
+   * FAILED_PRECONDITION (WRONG_ENCRYPTION_KEY), damaged ciphertext DATA_LOSS (ARCHIVE_CORRUPT).
    */
   restore: {
     path: "/aperture.backup.v1.BackupService/Restore" as const,
@@ -4498,12 +4552,16 @@ export interface BackupServiceServer extends UntypedServiceImplementation {
   /**
    * Uploads an archive: the first message carries metadata, the following ones chunks. The archive is
    * checked (size, SHA-256, format, readable to the end), stored as a backup with trigger UPLOADED and,
-   * when asked, restored. Streams progress and ends with the result.
+   * when asked, restored. Streams progress and ends with the result. An archive encrypted with age is
+   * decrypted to be checked; without the service's identity it is refused (FAILED_PRECONDITION, reason
+   * ENCRYPTION_KEY_MISSING).
    */
   uploadAndRestore: handleBidiStreamingCall<UploadAndRestoreRequest, UploadAndRestoreResponse>;
   /**
    * Restores a stored backup into the database, atomically: on failure the database is left as it was.
-   * Streams progress and ends with the result.
+   * Streams progress and ends with the result. An encrypted backup needs the service's age identity:
+   * without one FAILED_PRECONDITION (reason ENCRYPTION_KEY_MISSING), with one it was not encrypted to
+   * FAILED_PRECONDITION (WRONG_ENCRYPTION_KEY), damaged ciphertext DATA_LOSS (ARCHIVE_CORRUPT).
    */
   restore: handleServerStreamingCall<RestoreRequest, RestoreResponse>;
   /**
@@ -4601,7 +4659,9 @@ export interface BackupServiceClient extends Client {
   /**
    * Uploads an archive: the first message carries metadata, the following ones chunks. The archive is
    * checked (size, SHA-256, format, readable to the end), stored as a backup with trigger UPLOADED and,
-   * when asked, restored. Streams progress and ends with the result.
+   * when asked, restored. Streams progress and ends with the result. An archive encrypted with age is
+   * decrypted to be checked; without the service's identity it is refused (FAILED_PRECONDITION, reason
+   * ENCRYPTION_KEY_MISSING).
    */
   uploadAndRestore(): ClientDuplexStream<UploadAndRestoreRequest, UploadAndRestoreResponse>;
   uploadAndRestore(
@@ -4613,7 +4673,9 @@ export interface BackupServiceClient extends Client {
   ): ClientDuplexStream<UploadAndRestoreRequest, UploadAndRestoreResponse>;
   /**
    * Restores a stored backup into the database, atomically: on failure the database is left as it was.
-   * Streams progress and ends with the result.
+   * Streams progress and ends with the result. An encrypted backup needs the service's age identity:
+   * without one FAILED_PRECONDITION (reason ENCRYPTION_KEY_MISSING), with one it was not encrypted to
+   * FAILED_PRECONDITION (WRONG_ENCRYPTION_KEY), damaged ciphertext DATA_LOSS (ARCHIVE_CORRUPT).
    */
   restore(request: RestoreRequest, options?: Partial<CallOptions>): ClientReadableStream<RestoreResponse>;
   restore(
