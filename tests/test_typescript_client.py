@@ -1,5 +1,9 @@
-"""The Aperture backend's path: the generated TypeScript client (clients/typescript, ts-proto + grpc-js)
-against the real service, driven by a small script compiled with the package's own tsc.
+"""The Aperture backend's path: the TypeScript client (clients/typescript) against the real service.
+
+`test/drive.ts` (compiled with the package's own tsc) runs one scenario per command through the typed
+API and prints what it saw; these tests check that against the service's disk and database. Further
+down: the package's own `npm test` against the service, and the packed tarball installed into a scratch
+project and driven from plain JavaScript (import and require), so that what ships is what is tested.
 
 Needs node and npm; skips without them unless APERTURE_REQUIRE_NODE=1. The first run installs the
 package's dependencies with `npm ci` (from package-lock.json, kept in clients/typescript/node_modules).
@@ -10,10 +14,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
 
+import psycopg
 import pytest
 
 from scripts.gen_ts_client import (
@@ -25,11 +31,13 @@ from scripts.gen_ts_client import (
     ensure_node_modules,
     node_tools,
 )
+from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import MakeDatabase
-from tests.support.postgres import PgServer
-from tests.support.service import StartService
+from tests.support.postgres import PgServer, table_lock
+from tests.support.service import RunningService, StartService, wait_for
 
 MISSING_ID = "aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"
+ERROR_DOMAIN = "backup.aperture.dev"
 
 
 @pytest.fixture(scope="module")
@@ -46,70 +54,271 @@ def node() -> str:
 
 
 @pytest.fixture(scope="module")
-def smoke_script(node: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """test/smoke.ts compiled (with src/) into a temporary directory."""
+def drive_script(node: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """test/drive.ts compiled (with src/) into a temporary directory."""
     out = tmp_path_factory.mktemp("ts-build")
     result = subprocess.run(
         [str(TSC), "-p", str(PACKAGE / "tsconfig.json"), "--outDir", str(out)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=180,
         check=False,
     )
     assert result.returncode == 0, f"tsc failed:\n{result.stdout}{result.stderr}"
-    return out / "test" / "smoke.js"
+    return out / "test" / "drive.js"
 
 
-def test_typescript_client_drives_the_service(
-    node: str, smoke_script: Path, pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+def drive(node: str, script: Path, *args: str, env: dict[str, str] | None = None, timeout: int = 180) -> Any:
+    """Run one drive.ts command; its printed JSON."""
+    # NODE_PATH: the compiled script lives outside the package, so let it find the package's node_modules.
+    result = subprocess.run(
+        [node, str(script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+        env={**os.environ, "NODE_PATH": str(NODE_MODULES), **(env or {})},
+    )
+    assert result.returncode == 0, f"drive {args[0]} failed:\n{result.stdout}\n{result.stderr}"
+    return json.loads(result.stdout)
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def archives(svc: RunningService) -> set[str]:
+    """Every file in the backup directory (archives, manifests, leftovers), the state directory apart."""
+    return {p.name for p in svc.backup_dir.iterdir() if p.name != ".state"}
+
+
+def assert_status_error(error: dict[str, Any], code_name: str, reason: str) -> None:
+    assert error["name"] == "BackupServiceError", error
+    assert (error["codeName"], error["reason"], error["domain"]) == (code_name, reason, ERROR_DOMAIN), error
+    assert error["details"] and error["message"].startswith(f"{code_name}: ")
+
+
+def change_database(uri: str) -> None:
+    """What happens after a backup: a later migration adds a table, rows change and go."""
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("CREATE TABLE public.added_later (id int PRIMARY KEY)")
+        conn.execute("UPDATE public.movies SET title = title || ' (edited)' WHERE id % 3 = 0")
+        conn.execute("DELETE FROM public.ratings WHERE movie_id % 2 = 0")
+
+
+def test_every_rpc_through_the_typed_api(
+    node: str,
+    drive_script: Path,
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
 ) -> None:
     database = make_database(pg16, seeded=True)
     svc = service_factory(database.uri)
+    work = tmp_path / "work"
+    work.mkdir()
 
-    # NODE_PATH: the compiled script lives outside the package, so let it find the package's node_modules.
-    result = subprocess.run(
-        [node, str(smoke_script), svc.target, MISSING_ID],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "NODE_PATH": str(NODE_MODULES)},
+    out = drive(node, drive_script, "everything", svc.target, str(work), MISSING_ID)
+
+    plain, custom = out["plain"], out["custom"]
+    archive = svc.backup_dir / plain["id"]
+    # Enums as string unions, sizes as bigint (printed as decimal strings), times as Date.
+    assert (plain["state"], plain["format"], plain["compression"], plain["trigger"]) == (
+        "READY",
+        "PLAIN",
+        "GZIP",
+        "MANUAL",
     )
-    assert result.returncode == 0, f"smoke script failed:\n{result.stderr}"
-    out: dict[str, Any] = json.loads(result.stdout)
+    assert (custom["state"], custom["format"], custom["compression"]) == ("READY", "CUSTOM", "NONE")
+    assert custom["id"].endswith(".dump")
+    assert plain["sizeBytes"] == str(archive.stat().st_size)
+    assert plain["sha256"] == sha256(archive)
+    assert plain["database"] == database.dbname and plain["durationMs"] > 0
+    assert out["sizeIsBigint"] is True and out["createTimeIsDate"] is True
+    assert out["got"] == plain
 
-    created = out["created"]
-    archive = svc.backup_dir / created["id"]
-    assert created["state"] == "BACKUP_STATE_READY"
-    assert created["id"].endswith(".sql.gz")
-    assert created["createTimeIsDate"] is True
-    assert created["phases"][-1] == "PHASE_DONE" and "PHASE_DUMPING" in created["phases"]
-    # int64 arrives as a decimal string (forceLong=string).
-    assert created["sizeBytes"] == str(archive.stat().st_size)
-    assert created["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    # Progress as a callback and as an async iterator, each ending in DONE.
+    for phases in (out["callbackPhases"], out["iterated"]):
+        assert phases[0] == "PREPARING" and "DUMPING" in phases and phases[-1] == "DONE"
+    assert out["callbackBackupIds"] == [plain["id"]] and out["lastCallbackState"] == "READY"
 
-    custom = out["custom"]
-    assert custom["state"] == "BACKUP_STATE_READY" and custom["id"].endswith(".dump")
-    # Two pages of one: list() followed the page token; newest first.
-    assert out["listed"] == [custom["id"], created["id"]]
-
-    download = out["download"]
-    assert download["bytesWritten"] == archive.stat().st_size
-    assert download["sha256Verified"] is True
-    assert download["sha256"] == created["sha256"]
-    assert download["resumedBytesWritten"] == archive.stat().st_size - archive.stat().st_size // 2
-    assert download["resumedSha256Verified"] is False
-    assert download["resumedSha256"] == created["sha256"]
+    # Two pages of one: list() followed the token; newest first.
+    assert out["listed"] == [custom["id"], plain["id"]]
+    assert out["firstPage"] == {"ids": [custom["id"]], "hasNext": True}
 
     status = out["status"]
-    assert status["lastSuccessfulId"] == custom["id"]
-    assert status["database"] == database.dbname
-    assert status["databaseReachable"] is True
-    assert status["currentJob"] is None
+    assert status["lastSuccessfulId"] == custom["id"] and status["lastSuccessfulAgeMs"] >= 0
+    assert (status["database"], status["databaseReachable"], status["currentJob"]) == (database.dbname, True, None)
 
-    not_found = out["notFound"]
-    assert not_found["raised"] is True
-    assert not_found["code"] == 5 and not_found["isNotFound"] is True  # grpc status NOT_FOUND
-    assert MISSING_ID in not_found["details"]
-    assert not_found["domain"] == "backup.aperture.dev"
-    assert not_found["reason"]
+    retention = out["retention"]
+    assert retention["before"] == {"keepLast": 7}
+    assert retention["set"] == {"keepLast": 5, "deletedIds": []} and retention["after"] == {"keepLast": 5}
+    assert svc.client.get_retention().keep_last == 5
+    assert_status_error(retention["bad"], "INVALID_ARGUMENT", "INVALID_RETENTION")
+
+    schedule = out["schedule"]
+    assert schedule["before"]["enabled"] is False and "nextRunTime" not in schedule["before"]
+    assert schedule["on"]["timeOfDay"] == "03:30" and schedule["on"]["timeZone"] == "Europe/Berlin"
+    assert schedule["on"]["enabled"] is True and schedule["on"]["nextRunIsDate"] is True
+    assert schedule["off"]["enabled"] is False and "nextRunTime" not in schedule["off"]
+    assert svc.client.get_schedule().schedule.time_of_day == "03:30"
+    assert_status_error(schedule["bad"], "INVALID_ARGUMENT", "INVALID_SCHEDULE")
+
+    download = out["download"]
+    size = archive.stat().st_size
+    assert download["result"]["sha256Verified"] is True and download["result"]["bytesWritten"] == str(size)
+    assert download["sha256"] == plain["sha256"] and download["partLeft"] is False
+    assert (work / "whole.sql.gz").read_bytes() == archive.read_bytes()
+    # Resumed from the half in the part file: only the rest came over the wire, and the whole is checked.
+    assert download["resume"]["resumedFrom"] == str(size // 2)
+    assert download["resume"]["bytesWritten"] == str(size - size // 2)
+    assert download["resumedSha256"] == plain["sha256"] and not (work / "resumed.sql.gz.part").exists()
+    # Aborted after the first chunk: AbortError, a part to resume, no file under the final name (then
+    # resumed to the end).
+    assert download["aborted"]["name"] == "AbortError" and download["aborted"]["isAbortError"] is True
+    assert 0 < download["abortedPartBytes"] < size and download["abortedFinalExists"] is False
+    assert download["afterAbort"]["resumedFrom"] == str(download["abortedPartBytes"])
+    assert download["afterAbortSha256"] == plain["sha256"]
+    assert download["writableSha256"] == plain["sha256"] and download["intoWritable"]["sha256Verified"] is True
+    assert download["tailBytes"] == size - size // 2 and download["tail"]["sha256Verified"] is False
+    assert_status_error(download["missing"], "NOT_FOUND", "BACKUP_NOT_FOUND")
+    assert download["missingLeftFiles"] == [False, False]
+
+    errors = out["errors"]
+    assert_status_error(errors["missingGet"], "NOT_FOUND", "BACKUP_NOT_FOUND")
+    assert errors["missingGet"]["code"] == 5 and MISSING_ID in errors["missingGet"]["details"]
+    assert errors["guards"] == {"isNotFound": True, "isJobRunning": False}
+    assert errors["preAborted"]["name"] == "AbortError"
+
+    upload = out["upload"]
+    from_file = upload["fromFile"]
+    assert "restore" not in from_file  # undefined: no restore was asked for
+    assert from_file["backup"]["trigger"] == "UPLOADED" and from_file["backup"]["sha256"] == plain["sha256"]
+    assert (svc.backup_dir / from_file["backup"]["id"]).read_bytes() == archive.read_bytes()
+    assert upload["uploadEvents"][0] == "UPLOADING" and upload["uploadEvents"][-1] == "DONE"
+    assert "VERIFYING" in upload["uploadEvents"]
+    assert upload["fromStream"]["backup"]["sha256"] == plain["sha256"]
+    assert upload["noSize"]["name"] == "TypeError" and "sizeBytes" in upload["noSize"]["message"]
+    assert upload["wrongSize"]["name"] == "TransferError"
+    assert upload["aborted"]["name"] == "AbortError"
+
+    # The upload from the stream was deleted through the API; the refused and aborted ones left nothing.
+    assert out["deleted"]["id"] == upload["fromStream"]["backup"]["id"]
+    assert_status_error(out["deletedGet"], "NOT_FOUND", "BACKUP_NOT_FOUND")
+
+    def only_the_kept_archives() -> bool:
+        kept = {plain["id"], custom["id"], from_file["backup"]["id"]}
+        return archives(svc) == kept | {f"{name}.manifest.json" for name in kept}
+
+    wait_for(only_the_kept_archives, timeout=10)
+    assert [b.id for b in svc.client.list()] == [from_file["backup"]["id"], custom["id"], plain["id"]]
+
+
+def test_restore_and_upload_and_restore_bring_the_database_back(
+    node: str,
+    drive_script: Path,
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+) -> None:
+    database = make_database(pg16, seeded=True)
+    svc = service_factory(database.uri)
+    expected = fingerprint(database.uri)
+    created = drive(node, drive_script, "create", svc.target)["backup"]
+
+    # The admin page: restore a stored backup (a safety backup first).
+    change_database(database.uri)
+    restored = drive(node, drive_script, "restore", svc.target, created["id"])
+    assert_same(expected, fingerprint(database.uri))
+    result = restored["result"]
+    assert result["restored"]["id"] == created["id"] and result["reconnectRequired"] is True
+    assert result["notifyChannel"] == "aperture_backup_restored" and result["durationMs"] > 0
+    assert result["safetyBackup"]["trigger"] == "PRE_RESTORE"
+    assert "SAFETY_BACKUP" in restored["phases"] and "RESTORING" in restored["phases"]
+    assert restored["phases"][-1] == "DONE"
+
+    # The first-run wizard: upload an archive (a stream of known size) and restore it.
+    copy = tmp_path / "from-the-old-install.sql.gz"
+    shutil.copyfile(svc.backup_dir / created["id"], copy)
+    change_database(database.uri)
+    uploaded = drive(
+        node, drive_script, "upload", svc.target, str(copy), "--restore", "--stream", "--skip-safety-backup"
+    )
+    assert_same(expected, fingerprint(database.uri))
+    upload = uploaded["result"]
+    assert upload["backup"]["trigger"] == "UPLOADED" and upload["backup"]["sha256"] == sha256(copy)
+    assert upload["restore"]["restored"]["id"] == upload["backup"]["id"]
+    assert "safetyBackup" not in upload["restore"]
+    assert uploaded["phases"][0] == "UPLOADING" and "RESTORING" in uploaded["phases"]
+
+    # And from a file path, with the safety backup.
+    change_database(database.uri)
+    from_file = drive(node, drive_script, "upload", svc.target, str(copy), "--restore")["result"]
+    assert_same(expected, fingerprint(database.uri))
+    assert from_file["restore"]["safetyBackup"]["trigger"] == "PRE_RESTORE"
+
+    # A restore of an unknown id: NOT_FOUND, nothing touched.
+    before = fingerprint(database.uri)
+    refused = drive(node, drive_script, "restore", svc.target, MISSING_ID)
+    assert_status_error(refused["error"], "NOT_FOUND", "BACKUP_NOT_FOUND")
+    assert_same(before, fingerprint(database.uri))
+
+
+def test_a_second_job_is_refused_with_job_running_and_an_abort_leaves_the_backup_running(
+    node: str, drive_script: Path, pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    database = make_database(pg16, seeded=True)
+    svc = service_factory(database.uri)
+    ready = svc.client.create()
+    # pg_dump waits for this lock, so the first backup is certainly still running while the script runs.
+    with table_lock(database.uri, "public.movies") as blocker:
+        out = drive(node, drive_script, "job-running", svc.target, ready.id)
+        blocker.rollback()
+
+    assert out["runningState"] == "CREATING"
+    assert_status_error(out["second"], "FAILED_PRECONDITION", "JOB_RUNNING")
+    assert out["runningId"] in out["second"]["details"] and out["secondIsJobRunning"] is True
+    assert_status_error(out["restore"], "FAILED_PRECONDITION", "JOB_RUNNING")
+    assert out["currentJob"]["kind"] == "BACKUP" and out["currentJob"]["backupId"] == out["runningId"]
+    assert out["aborted"]["name"] == "AbortError"
+    # The caller stopped waiting; the service finished the backup all the same (as documented).
+    wait_for(lambda: svc.client.get(out["runningId"]).state == 2, timeout=60)  # READY
+
+
+def test_a_checksum_mismatch_leaves_no_file_under_the_final_name(
+    node: str,
+    drive_script: Path,
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+) -> None:
+    database = make_database(pg16, seeded=True)
+    svc = service_factory(database.uri)
+    backup = svc.client.create()
+    # The archive rots on the service's disk after its manifest recorded the SHA-256 (same size).
+    archive = svc.backup_dir / backup.id
+    data = bytearray(archive.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))
+
+    dest = tmp_path / "saved.sql.gz"
+    out = drive(node, drive_script, "download", svc.target, backup.id, str(dest))
+    assert out["error"]["name"] == "ChecksumMismatchError", out
+    assert backup.sha256 in out["error"]["message"]
+    assert not dest.exists() and not Path(f"{dest}.part").exists()
+
+    # A resumed part that does not belong to this archive: the whole is checked, and refused the same way.
+    data[len(data) // 2] ^= 0xFF
+    archive.write_bytes(bytes(data))  # healthy again
+    Path(f"{dest}.part").write_bytes(b"\0" * 100)
+    out = drive(node, drive_script, "download", svc.target, backup.id, str(dest), "--resume")
+    assert out["error"]["name"] == "ChecksumMismatchError"
+    assert not dest.exists() and not Path(f"{dest}.part").exists()
+
+    # And with a healthy archive and no part, the download lands under its name.
+    out = drive(node, drive_script, "download", svc.target, backup.id, str(dest), "--resume")
+    assert out["result"]["sha256Verified"] is True and out["result"]["resumedFrom"] == "0"
+    assert dest.read_bytes() == archive.read_bytes()
