@@ -22,6 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from aperture_backup_client import pb
 from scripts.gen_ts_client import (
     NODE_MODULES,
     PACKAGE,
@@ -284,7 +285,7 @@ def test_a_second_job_is_refused_with_job_running_and_an_abort_leaves_the_backup
     assert out["currentJob"]["kind"] == "BACKUP" and out["currentJob"]["backupId"] == out["runningId"]
     assert out["aborted"]["name"] == "AbortError"
     # The caller stopped waiting; the service finished the backup all the same (as documented).
-    wait_for(lambda: svc.client.get(out["runningId"]).state == 2, timeout=60)  # READY
+    wait_for(lambda: svc.client.get(out["runningId"]).state == pb.BACKUP_STATE_READY, timeout=60)
 
 
 def test_a_checksum_mismatch_leaves_no_file_under_the_final_name(
@@ -322,3 +323,28 @@ def test_a_checksum_mismatch_leaves_no_file_under_the_final_name(
     out = drive(node, drive_script, "download", svc.target, backup.id, str(dest), "--resume")
     assert out["result"]["sha256Verified"] is True and out["result"]["resumedFrom"] == "0"
     assert dest.read_bytes() == archive.read_bytes()
+
+
+def test_the_packages_own_npm_test_against_the_service(
+    node: str, pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    """`npm test` (test/client.test.ts, node's test runner) against this service, which it is handed
+    through APERTURE_BACKUP_ADDRESS; without it, the package starts `aperture-backup serve` itself."""
+    _, npm = node_tools()
+    database = make_database(pg16, seeded=True)
+    svc = service_factory(database.uri)
+    result = subprocess.run(
+        [npm, "test", "--silent"],
+        cwd=PACKAGE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env={**os.environ, "APERTURE_BACKUP_ADDRESS": svc.target},
+    )
+    assert result.returncode == 0, f"npm test failed:\n{result.stdout}\n{result.stderr}"
+    assert "# fail 0" in result.stdout and "# pass " in result.stdout
+    passed = int(result.stdout.split("# pass ")[1].split()[0])
+    assert passed >= 14
+    # It ran against this service: its backups are here (the ones it deleted apart).
+    assert any(b.trigger == pb.BACKUP_TRIGGER_MANUAL for b in svc.client.list())

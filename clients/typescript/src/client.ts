@@ -220,7 +220,8 @@ export class BackupClient {
   /**
    * Restores a stored backup, atomically: on failure the database is as it was. Takes a safety backup
    * first unless `skipSafetyBackup`. Resolves with the result; afterwards the application must reconnect
-   * (`reconnectRequired`). An abort cancels the call: the service rolls the restore back.
+   * (`reconnectRequired`). Rejects with JOB_RUNNING while another job runs. An abort stops waiting; the
+   * service carries the restore through (or rolls it back on failure) all the same.
    */
   restore(id: string, options: RestoreOptions = {}): Operation<RestoreResult> {
     return this.#streaming(options, async (signal, emit) => {
@@ -245,7 +246,8 @@ export class BackupClient {
    * Uploads an archive from a file path or a Node stream (give `sizeBytes` for a stream), with
    * back-pressure, so memory stays flat however large it is. The service checks it (size, SHA-256,
    * format, readable to the end), stores it as a backup with trigger UPLOADED and, with `restore: true`,
-   * restores it. A refused upload leaves nothing behind on the service.
+   * restores it. A refused upload leaves nothing behind on the service, and so does an abort while the
+   * data is still being sent; once it is all in, the service finishes checking and restoring regardless.
    */
   uploadAndRestore(source: UploadSource, options: UploadOptions = {}): Operation<UploadResult> {
     return this.#streaming(options, (signal, emit) => upload(this.raw, this.#context, source, options, signal, emit));

@@ -202,6 +202,8 @@ export async function* serverStream<T>(call: ClientReadableStream<T>, signal: Ab
     // Readable's own iterator yields `any`; the generated client's stream carries T.
     const messages: AsyncIterable<T> = call;
     for await (const message of messages) {
+      // Messages already buffered would still come after the cancel: stop at once instead.
+      throwIfAborted(signal);
       yield message;
     }
     finished = true;
