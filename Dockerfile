@@ -1,7 +1,9 @@
 # aperture-backup: the gRPC backup service for Aperture's PostgreSQL database.
 # Build: docker build -t aperture-backup .
-# Run:   docker run -e APERTURE_BACKUP_DATABASE_URL=postgresql://aperture:...@db/aperture \
-#                   -v aperture-backups:/backups -p 50051:50051 aperture-backup
+# Run:   docker run -e APERTURE_BACKUP_DATABASE_URL_FILE=/run/secrets/database_url \
+#                   -e APERTURE_BACKUP_TOKEN_FILE=/run/secrets/aperture_backup_token \
+#                   -v "$PWD/secrets:/run/secrets:ro" -v aperture-backups:/backups -p 50051:50051 aperture-backup
+# It listens on 0.0.0.0, so it refuses to start without a token (README, "Security").
 FROM python:3.12-slim-bookworm
 
 ARG PG_CLIENT_VERSIONS="16 17 18"

@@ -29,6 +29,7 @@ def test_environment_is_read() -> None:
             "APERTURE_BACKUP_DATABASE_URL": "postgresql://aperture:secret@db:5432/aperture",
             "APERTURE_BACKUP_DIR": "/backups",
             "APERTURE_BACKUP_LISTEN": "0.0.0.0:6000",
+            "APERTURE_BACKUP_TOKEN": "a-token-of-sixteen-or-more",
             "APERTURE_BACKUP_SCHEDULE": "03:30",
             "APERTURE_BACKUP_KEEP": "14",
             "TZ": "Europe/Berlin",

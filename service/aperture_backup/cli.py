@@ -6,8 +6,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -15,10 +16,10 @@ import grpc
 from google.protobuf import json_format
 
 from . import logs, memory
-from .config import Config, ConfigError, parse_bool, parse_hhmm
+from .config import ENV_PREFIX, Config, ConfigError, parse_bool, parse_hhmm, read_secret_file, secret_from_env
 
 if TYPE_CHECKING:
-    from aperture_backup_client import BackupClient, pb
+    from aperture_backup_client import BackupClient, ChannelSettings, pb
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +34,23 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--keep", type=int, help="retention: keep the newest N backups (APERTURE_BACKUP_KEEP)")
     serve.add_argument("--catch-up", help="run a missed daily backup after start-up: true/false")
     serve.add_argument("--pg-bin-dir", type=Path, help="directory with pg_dump/pg_restore/psql")
+    serve.add_argument("--token-file", type=Path, help="file holding the admin token (APERTURE_BACKUP_TOKEN_FILE)")
+    serve.add_argument(
+        "--read-token-file", type=Path, help="file holding the read-only token (APERTURE_BACKUP_READ_TOKEN_FILE)"
+    )
+    serve.add_argument("--tls-cert", type=Path, help="PEM certificate chain: serve TLS (APERTURE_BACKUP_TLS_CERT)")
+    serve.add_argument("--tls-key", type=Path, help="PEM private key of --tls-cert (APERTURE_BACKUP_TLS_KEY)")
+    serve.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        help="PEM CA: require client certificates it signed (APERTURE_BACKUP_TLS_CLIENT_CA)",
+    )
+    serve.add_argument(
+        "--insecure",
+        action="store_true",
+        default=None,
+        help="allow a non-loopback address without any token (APERTURE_BACKUP_INSECURE)",
+    )
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
@@ -58,6 +76,15 @@ def config_from_args(args: argparse.Namespace) -> Config:
         changes["catch_up"] = parse_bool(args.catch_up, default=True, variable="--catch-up")
     if args.pg_bin_dir:
         changes["pg_bin_dir"] = args.pg_bin_dir
+    if args.token_file:
+        changes["token"] = read_secret_file(args.token_file, variable="--token-file")
+    if args.read_token_file:
+        changes["read_token"] = read_secret_file(args.read_token_file, variable="--read-token-file")
+    for flag in ("tls_cert", "tls_key", "tls_client_ca"):
+        if getattr(args, flag):
+            changes[flag] = getattr(args, flag)
+    if args.insecure:
+        changes["insecure"] = True
     return config.with_overrides(**changes) if changes else config
 
 
@@ -65,7 +92,58 @@ def _print(message: object) -> None:
     print(json.dumps(json_format.MessageToDict(message), indent=2))  # type: ignore[arg-type]
 
 
+def _connection_options() -> argparse.ArgumentParser:
+    """How the client commands reach the service: flags, or the same APERTURE_BACKUP_* variables."""
+    common = argparse.ArgumentParser(add_help=False)
+    group = common.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        default=os.environ.get(ENV_PREFIX + "ADDRESS") or "127.0.0.1:50051",
+        help="host:port of the service (APERTURE_BACKUP_ADDRESS; default 127.0.0.1:50051)",
+    )
+    group.add_argument("--token", help="bearer token; prefer --token-file (APERTURE_BACKUP_TOKEN)")
+    group.add_argument("--token-file", type=Path, help="file holding the token (APERTURE_BACKUP_TOKEN_FILE)")
+    group.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
+    group.add_argument("--ca-cert", type=Path, help="PEM CA that signed the server's certificate; implies TLS")
+    group.add_argument("--client-cert", type=Path, help="PEM client certificate for mutual TLS")
+    group.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
+    group.add_argument("--tls-server-name", help="name the server's certificate must carry, if not the host")
+    return common
+
+
+def connection_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ChannelSettings:
+    """BackupClient's keyword arguments from flags, falling back to the environment."""
+    from aperture_backup_client import ChannelSettings
+
+    env = os.environ if env is None else env
+    if args.token is not None and args.token_file is not None:
+        raise ConfigError("pass --token or --token-file, not both")
+    if args.token_file is not None:
+        token: str | None = read_secret_file(args.token_file, variable="--token-file")
+    elif args.token is not None:
+        token = args.token
+    else:
+        token = secret_from_env(env, "TOKEN")
+
+    def path(flag: Path | None, variable: str) -> Path | None:
+        value = flag or (Path(v) if (v := env.get(ENV_PREFIX + variable, "").strip()) else None)
+        if value is not None and not value.is_file():
+            name = f"--{variable.lower().replace('_', '-')}" if flag else ENV_PREFIX + variable
+            raise ConfigError(f"{name} names {value}, which is not a readable file")
+        return value
+
+    return ChannelSettings(
+        token=token,
+        tls=args.tls,
+        ca_cert=path(args.ca_cert, "CA_CERT"),
+        client_cert=path(args.client_cert, "CLIENT_CERT"),
+        client_key=path(args.client_key, "CLIENT_KEY"),
+        server_name=args.tls_server_name or env.get(ENV_PREFIX + "TLS_SERVER_NAME") or None,
+    )
+
+
 def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = _connection_options()
     for name, help_text in [
         ("create", "make a backup now"),
         ("list", "list backups, newest first"),
@@ -78,8 +156,7 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         ("upload", "upload an archive, store it as a backup and, with --restore, restore it"),
         ("restore", "restore a stored backup into the database (a safety backup is taken first)"),
     ]:
-        cmd = sub.add_parser(name, help=help_text)
-        cmd.add_argument("--server", default="127.0.0.1:50051", help="host:port of the service")
+        cmd = sub.add_parser(name, help=help_text, parents=[common])
         if name in {"get", "delete"}:
             cmd.add_argument("id")
         if name == "create":
@@ -99,10 +176,12 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
             cmd.add_argument("--skip-safety-backup", action="store_true", help="do not take a safety backup first")
 
 
-def run_health(server: str) -> int:
+def run_health(server: str, settings: ChannelSettings) -> int:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    with grpc.insecure_channel(server) as channel:
+    from aperture_backup_client import open_channel
+
+    with open_channel(server, **settings) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
     serving = response.status == health_pb2.HealthCheckResponse.SERVING
     print(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
@@ -112,10 +191,11 @@ def run_health(server: str) -> int:
 def run_client(args: argparse.Namespace) -> int:
     from aperture_backup_client import BackupClient, pb
 
+    settings = connection_settings(args)
     if args.command == "health":
-        return run_health(args.server)
+        return run_health(args.server, settings)
 
-    with BackupClient(args.server) as client:
+    with BackupClient(args.server, **settings) as client:
         if args.command == "create":
             fmt = pb.BACKUP_FORMAT_CUSTOM if args.format == "custom" else pb.BACKUP_FORMAT_PLAIN
             compression = {
@@ -209,10 +289,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         memory.limit_malloc_arenas()  # before the server starts its threads
         from .server import serve
 
-        serve(config)
+        try:
+            serve(config)
+        except ConfigError as exc:  # the TLS files are read as the server starts
+            print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
+            return 2
         return 0
     try:
         return run_client(args)
+    except ConfigError as exc:
+        print(f"aperture-backup: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
         print(f"aperture-backup: {exc.code().name}: {exc.details()}", file=sys.stderr)
         return 1

@@ -7,10 +7,11 @@ misconfigured container stops at once with a message an administrator can act on
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import time
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -25,6 +26,8 @@ DEFAULT_KEEP = 7
 MIN_KEEP = 1
 MAX_KEEP = 100
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**3
+#: Shortest token accepted: a short token can be guessed, and one is enough to read every user's data.
+MIN_TOKEN_LENGTH = 16
 
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
@@ -61,6 +64,17 @@ class Config:
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
     log_format: str = "text"
+    #: Bearer token of the admin role (every RPC). Never shown in a repr, a log or an error.
+    token: str | None = field(default=None, repr=False)
+    #: Bearer token of the read-only role (List, Get, StreamDownload, Get* status calls).
+    read_token: str | None = field(default=None, repr=False)
+    #: Serve on a non-loopback address without any authentication (an explicit, logged choice).
+    insecure: bool = False
+    #: PEM certificate chain and private key: serve TLS. Re-read on SIGHUP.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    #: PEM CA bundle: require client certificates signed by it (mutual TLS).
+    tls_client_ca: Path | None = None
 
     @property
     def state_dir(self) -> Path:
@@ -99,6 +113,41 @@ class Config:
             raise ConfigError(f"{ENV_PREFIX}LOG_FORMAT must be text or json, got {self.log_format!r}")
         if self.backup_dir.exists() and not self.backup_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}DIR exists but is not a directory: {self.backup_dir}")
+        self._validate_security()
+
+    @property
+    def authenticated(self) -> bool:
+        """Whether callers must prove who they are (a token, or a client certificate under mutual TLS)."""
+        return self.token is not None or self.tls_client_ca is not None
+
+    def _validate_security(self) -> None:
+        for variable, value in (("TOKEN", self.token), ("READ_TOKEN", self.read_token)):
+            if value is not None:
+                check_token(value, variable=ENV_PREFIX + variable)
+        if self.read_token is not None and self.token is None:
+            raise ConfigError(
+                f"{ENV_PREFIX}READ_TOKEN is set but {ENV_PREFIX}TOKEN is not: set an admin token too, "
+                "or no caller could ever create or restore a backup"
+            )
+        if self.token is not None and self.token == self.read_token:
+            raise ConfigError(f"{ENV_PREFIX}TOKEN and {ENV_PREFIX}READ_TOKEN are the same; give each role its own")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            missing = "TLS_KEY" if self.tls_key is None else "TLS_CERT"
+            raise ConfigError(f"{ENV_PREFIX}{missing} is not set: TLS needs both TLS_CERT and TLS_KEY")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError(
+                f"{ENV_PREFIX}TLS_CLIENT_CA requires {ENV_PREFIX}TLS_CERT and {ENV_PREFIX}TLS_KEY: "
+                "client certificates are checked only over TLS"
+            )
+        host, _ = parse_listen(self.listen)
+        if not self.authenticated and not self.insecure and not is_loopback(host):
+            raise ConfigError(
+                f"refusing to listen on {self.listen} without authentication: anyone who reaches that "
+                "address could download and replace the whole database. Set a token of at least "
+                f"{MIN_TOKEN_LENGTH} characters in {ENV_PREFIX}TOKEN or, better, in a file named by "
+                f"{ENV_PREFIX}TOKEN_FILE (for example `openssl rand -hex 32`); or listen on 127.0.0.1; "
+                f"or set {ENV_PREFIX}INSECURE=true if something else in front of the service does this job"
+            )
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
@@ -112,7 +161,7 @@ class Config:
         schedule = get("SCHEDULE") or DEFAULT_SCHEDULE
         enabled = schedule.lower() not in {"off", "disabled", "none"}
         config = cls(
-            database_url=get("DATABASE_URL"),
+            database_url=(url.strip() or None) if (url := secret_from_env(env, "DATABASE_URL")) else None,
             backup_dir=Path(get("DIR") or "./backups"),
             listen=get("LISTEN") or DEFAULT_LISTEN,
             schedule_time=parse_hhmm(schedule, variable=ENV_PREFIX + "SCHEDULE") if enabled else time(1, 0),
@@ -126,9 +175,68 @@ class Config:
             ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
+            token=secret_from_env(env, "TOKEN"),
+            read_token=secret_from_env(env, "READ_TOKEN"),
+            insecure=parse_bool(get("INSECURE"), default=False, variable=ENV_PREFIX + "INSECURE"),
+            tls_cert=Path(p) if (p := get("TLS_CERT")) else None,
+            tls_key=Path(p) if (p := get("TLS_KEY")) else None,
+            tls_client_ca=Path(p) if (p := get("TLS_CLIENT_CA")) else None,
         )
         config.validate()
         return config
+
+
+def secret_from_env(env: Mapping[str, str], name: str) -> str | None:
+    """A secret from `APERTURE_BACKUP_<name>`, or read from the file `APERTURE_BACKUP_<name>_FILE` names
+    (as Docker and Kubernetes secrets provide it; one trailing newline ignored). Setting both is refused:
+    which one wins would be a guess."""
+    variable, file_variable = ENV_PREFIX + name, ENV_PREFIX + name + "_FILE"
+    value, path = env.get(variable) or None, (env.get(file_variable) or "").strip() or None
+    if value is not None and path is not None:
+        raise ConfigError(f"both {variable} and {file_variable} are set; set only one")
+    if path is not None:
+        return read_secret_file(Path(path), variable=file_variable)
+    return value
+
+
+def read_secret_file(path: Path, *, variable: str) -> str:
+    """The secret a file holds, without its trailing newline."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "it is not UTF-8 text"
+        raise ConfigError(f"{variable} names {path}, which cannot be read: {reason}") from None
+    secret = text.removesuffix("\n").removesuffix("\r")
+    if not secret:
+        raise ConfigError(f"{variable} names {path}, which is empty")
+    return secret
+
+
+def check_token(token: str, *, variable: str) -> None:
+    """A token must be long enough not to be guessed and sendable as a gRPC metadata value (visible ASCII);
+    the message never repeats it."""
+    if len(token) < MIN_TOKEN_LENGTH:
+        raise ConfigError(
+            f"{variable} is {len(token)} characters long; tokens need at least {MIN_TOKEN_LENGTH} "
+            "(make one with `openssl rand -hex 32`)"
+        )
+    if not all("!" <= c <= "~" for c in token):
+        raise ConfigError(
+            f"{variable} contains spaces, control or non-ASCII characters, which cannot travel in a gRPC "
+            "header; use letters, digits and punctuation (for example `openssl rand -hex 32`)"
+        )
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a listen host is reachable only from this machine. Host names other than localhost count as
+    reachable from outside: what they resolve to can change."""
+    name = host.strip("[]")
+    if name.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
 
 
 def parse_hhmm(value: str, *, variable: str) -> time:

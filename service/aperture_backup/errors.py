@@ -47,6 +47,18 @@ class JobRunning(FailedPrecondition):
     reason = "JOB_RUNNING"
 
 
+class Unauthenticated(BackupError):
+    """The caller sent no token, or one the service does not know."""
+
+    reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BackupError):
+    """The caller's token is valid but its role may not call this RPC."""
+
+    reason = "PERMISSION_DENIED"
+
+
 class ResourceExhausted(BackupError):
     """Too large, or not enough disk space."""
 

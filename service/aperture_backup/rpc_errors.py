@@ -28,6 +28,8 @@ STATUS_CODES: tuple[tuple[type[errors.BackupError], grpc.StatusCode], ...] = (
     (errors.NotFound, grpc.StatusCode.NOT_FOUND),
     (errors.OutOfRange, grpc.StatusCode.OUT_OF_RANGE),
     (errors.FailedPrecondition, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.Unauthenticated, grpc.StatusCode.UNAUTHENTICATED),
+    (errors.PermissionDenied, grpc.StatusCode.PERMISSION_DENIED),
     (errors.ResourceExhausted, grpc.StatusCode.RESOURCE_EXHAUSTED),
     (errors.DataLoss, grpc.StatusCode.DATA_LOSS),
     (errors.Unavailable, grpc.StatusCode.UNAVAILABLE),
@@ -53,8 +55,14 @@ def to_status(error: errors.BackupError) -> grpc.Status:
 
 def _abort(context: grpc.ServicerContext, error: errors.BackupError) -> None:
     code = status_code(error)
-    # Client mistakes are not server errors: log them below ERROR.
-    level = logging.ERROR if code is grpc.StatusCode.INTERNAL else logging.INFO
+    # Client mistakes are not server errors: log them below ERROR. Refused callers are logged by the
+    # authentication interceptor itself, at most once a minute per peer, so a scanner cannot flood the log.
+    if code is grpc.StatusCode.INTERNAL:
+        level = logging.ERROR
+    elif code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+        level = logging.DEBUG
+    else:
+        level = logging.INFO
     _logger.log(level, "request failed with %s: %s", code.name, error)
     context.abort_with_status(to_status(error))
 

@@ -20,10 +20,12 @@ from grpc_reflection.v1alpha import reflection
 from aperture.backup.v1 import backup_pb2, backup_pb2_grpc
 
 from .app import App
-from .config import Config, parse_listen
+from .auth import AuthInterceptor, TokenAuthenticator
+from .config import Config, is_loopback, parse_listen
 from .reflection_docs import documented_pool
 from .rpc_errors import ErrorInterceptor
 from .servicer import BackupServicer
+from .tls import ReloadableServerCredentials, TlsFiles
 
 _logger = logging.getLogger(__name__)
 
@@ -76,6 +78,11 @@ class RunningServer:
     port: int
     app: App
     health: HealthMonitor
+    tls: ReloadableServerCredentials | None = None
+
+    def reload_tls(self) -> bool:
+        """Re-read the TLS certificate and key (SIGHUP); False when TLS is off or the new files are bad."""
+        return self.tls.reload() if self.tls is not None else False
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, cancel a running job (its partial archive is removed), stop the app."""
@@ -86,12 +93,19 @@ class RunningServer:
 
 
 def create_server(config: Config, *, app: App | None = None, start_scheduler: bool = True) -> RunningServer:
-    """Build and start the server; the returned port is the one actually bound."""
+    """Build and start the server; the returned port is the one actually bound. Raises ConfigError when
+    the TLS files cannot be used, before anything starts."""
+    tls = None
+    if config.tls_cert is not None and config.tls_key is not None:
+        tls = ReloadableServerCredentials(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
+    host, port = parse_listen(config.listen)
+    _warn_about_exposure(config, host, tls)
     app = app or App.build(config)
     app.start(scheduler=start_scheduler)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
-        interceptors=[ErrorInterceptor()],
+        # Errors outermost, so that a refused token reaches the caller like any other domain error.
+        interceptors=[ErrorInterceptor(), AuthInterceptor(TokenAuthenticator(config.token, config.read_token))],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -105,29 +119,68 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
         server,
         pool=documented_pool(),
     )
-    host, port = parse_listen(config.listen)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
     if bound == 0:
         app.stop()
         raise OSError(f"cannot listen on {config.listen}: address in use or not available")
     server.start()
     monitor = HealthMonitor(app, health_servicer)
     monitor.start()
-    _logger.info("aperture-backup listening on %s:%d", host, bound)
-    return RunningServer(server, bound, app, monitor)
+    transport = ("mutual TLS" if tls.mutual else "TLS") if tls else "plaintext"
+    callers = "tokens" if config.token else "client certificates" if config.authenticated else "no authentication"
+    _logger.info("aperture-backup listening on %s:%d (%s, %s)", host, bound, transport, callers)
+    return RunningServer(server, bound, app, monitor, tls)
+
+
+def _warn_about_exposure(config: Config, host: str, tls: ReloadableServerCredentials | None) -> None:
+    """Say at every start what an operator chose that leaves the data less protected."""
+    if is_loopback(host):
+        return
+    if not config.authenticated:
+        _logger.warning(
+            "APERTURE_BACKUP_INSECURE is set: anyone who reaches %s can download, delete and restore the "
+            "whole database without a token; set APERTURE_BACKUP_TOKEN_FILE unless something in front of "
+            "the service authenticates callers",
+            config.listen,
+        )
+    elif tls is None:
+        _logger.warning(
+            "serving %s without TLS: tokens and archives cross the network in clear text; set "
+            "APERTURE_BACKUP_TLS_CERT and APERTURE_BACKUP_TLS_KEY unless the network is private",
+            config.listen,
+        )
 
 
 def serve(config: Config) -> None:
-    """Run until SIGINT or SIGTERM, then stop cleanly: no half-written archive is left behind."""
-    running = create_server(config)
-    stop = threading.Event()
+    """Run until SIGINT or SIGTERM, then stop cleanly: no half-written archive is left behind. SIGHUP
+    re-reads the TLS certificate and key."""
+    wake = threading.Event()
+    stopping = False
 
     def on_signal(signum: int, frame: FrameType | None) -> None:
-        _logger.info("received %s; shutting down", signal.Signals(signum).name)
-        stop.set()
+        nonlocal stopping
+        if signum == signal.SIGHUP:
+            _logger.info("received SIGHUP; reloading the TLS certificate")
+        else:
+            _logger.info("received %s; shutting down", signal.Signals(signum).name)
+            stopping = True
+        wake.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    stop.wait()
+    signal.signal(signal.SIGHUP, on_signal)
+    # Handlers first: a stop asked for while the server starts is honoured once it has started.
+    running = create_server(config)
+    while True:
+        wake.wait()
+        wake.clear()
+        if stopping:
+            break
+        # Here rather than in the handler, which could interrupt the reload's own lock.
+        if running.tls is None:
+            _logger.info("SIGHUP ignored: TLS is not configured")
+        else:
+            running.reload_tls()
     running.stop()
     _logger.info("stopped")

@@ -19,9 +19,20 @@ import grpc
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture.backup.v1 import backup_pb2_grpc
 
+from .connection import ChannelSettings, PemSource, open_channel
 from .wire import DownloadChunk, decode_download_response, encode_upload_chunk
 
-__all__ = ["BackupClient", "ChecksumMismatch", "DownloadChunk", "TransferError", "method_path", "pb"]
+__all__ = [
+    "BackupClient",
+    "ChannelSettings",
+    "ChecksumMismatch",
+    "DownloadChunk",
+    "PemSource",
+    "TransferError",
+    "method_path",
+    "open_channel",
+    "pb",
+]
 
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 #: Upload chunk size: large enough to amortise per-message cost, far below the 8 MiB message limit.
@@ -60,11 +71,31 @@ def method_path(method: str) -> str:
 
 
 class BackupClient:
-    """Connects to one aperture-backup server. Methods raise grpc.RpcError with the server's status."""
+    """Connects to one aperture-backup server. Methods raise grpc.RpcError with the server's status.
 
-    def __init__(self, target: str, *, channel: grpc.Channel | None = None):
-        self.channel = channel or grpc.insecure_channel(
+    `token` is sent as `authorization: Bearer <token>` with every call; `tls`, `ca_cert`, `client_cert`,
+    `client_key` and `server_name` as for `open_channel` (PEM bytes or file paths)."""
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        token: str | None = None,
+        tls: bool = False,
+        ca_cert: PemSource | None = None,
+        client_cert: PemSource | None = None,
+        client_key: PemSource | None = None,
+        server_name: str | None = None,
+        channel: grpc.Channel | None = None,
+    ):
+        self.channel = channel or open_channel(
             target,
+            token=token,
+            tls=tls,
+            ca_cert=ca_cert,
+            client_cert=client_cert,
+            client_key=client_key,
+            server_name=server_name,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
