@@ -22,7 +22,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from aperture_backup_client import pb
+from aperture_backup_client import BackupClient, pb
 from scripts.gen_ts_client import (
     NODE_MODULES,
     PACKAGE,
@@ -36,8 +36,11 @@ from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import MakeDatabase
 from tests.support.postgres import PgServer, table_lock
 from tests.support.service import RunningService, StartService, wait_for
+from tests.support.tls import make_authority
 
 MISSING_ID = "aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"
+ADMIN_TOKEN = "ts-client-admin-token-0123456789"
+READ_TOKEN = "ts-client-read-token-9876543210"
 ERROR_DOMAIN = "backup.aperture.dev"
 
 
@@ -332,7 +335,8 @@ def test_the_packages_own_npm_test_against_the_service(
     through APERTURE_BACKUP_ADDRESS; without it, the package starts `aperture-backup serve` itself."""
     _, npm = node_tools()
     database = make_database(pg16, seeded=True)
-    svc = service_factory(database.uri)
+    # With a token: every call of the suite carries it (the variable the service's CLI reads, too).
+    svc = service_factory(database.uri, token=ADMIN_TOKEN)
     result = subprocess.run(
         [npm, "test", "--silent"],
         cwd=PACKAGE,
@@ -340,11 +344,124 @@ def test_the_packages_own_npm_test_against_the_service(
         text=True,
         timeout=300,
         check=False,
-        env={**os.environ, "APERTURE_BACKUP_ADDRESS": svc.target},
+        env={**os.environ, "APERTURE_BACKUP_ADDRESS": svc.target, "APERTURE_BACKUP_TOKEN": ADMIN_TOKEN},
     )
     assert result.returncode == 0, f"npm test failed:\n{result.stdout}\n{result.stderr}"
     assert "# fail 0" in result.stdout and "# pass " in result.stdout
     passed = int(result.stdout.split("# pass ")[1].split()[0])
     assert passed >= 14
     # It ran against this service: its backups are here (the ones it deleted apart).
-    assert any(b.trigger == pb.BACKUP_TRIGGER_MANUAL for b in svc.client.list())
+    with BackupClient(svc.target, token=ADMIN_TOKEN) as admin_client:
+        assert any(b.trigger == pb.BACKUP_TRIGGER_MANUAL for b in admin_client.list())
+
+
+def test_tokens_admin_read_only_missing_and_wrong(
+    node: str,
+    drive_script: Path,
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+) -> None:
+    database = make_database(pg16, seeded=True, rows=50)
+    svc = service_factory(database.uri, token=ADMIN_TOKEN, read_token=READ_TOKEN)
+
+    def calls(**env: str) -> dict[str, Any]:
+        work = tmp_path / f"calls-{len(list(tmp_path.iterdir()))}"
+        work.mkdir()
+        return dict(drive(node, drive_script, "calls", svc.target, str(work), env=env))
+
+    admin = calls(APERTURE_BACKUP_TOKEN=ADMIN_TOKEN)
+    assert all(admin[name]["ok"] for name in ("list", "status", "create", "download", "upload")), admin
+    assert admin["download"]["sha256"] == sha256(svc.backup_dir / admin["create"]["id"])
+
+    # Without a token, or with a wrong one: UNAUTHENTICATED, typed, on reads and writes alike.
+    for env, reason in (
+        ({}, "TOKEN_MISSING"),
+        ({"APERTURE_BACKUP_TOKEN": "not-the-token-of-this-service"}, "TOKEN_INVALID"),
+    ):
+        refused = calls(**env)
+        for name in ("list", "status", "create", "download"):
+            assert_status_error(refused[name], "UNAUTHENTICATED", reason)
+            assert refused[name]["guards"]["isUnauthenticated"] is True
+        assert refused["upload"] == {"skipped": True}  # the download left no file to upload
+
+    # The read-only token reads and downloads, and may not write: PERMISSION_DENIED naming the roles.
+    token_file = tmp_path / "read-token"
+    token_file.write_text(READ_TOKEN + "\n")
+    reader = calls(APERTURE_BACKUP_TOKEN_FILE=str(token_file))
+    assert reader["list"]["ok"] and reader["status"]["ok"] and reader["download"]["ok"], reader
+    for name in ("create", "upload"):
+        assert_status_error(reader[name], "PERMISSION_DENIED", "ROLE_INSUFFICIENT")
+        assert reader[name]["guards"]["isPermissionDenied"] is True
+    assert reader["create"]["metadata"] == {"method": "Create", "required_role": "admin", "role": "read-only"}
+    # Only the admin's calls changed anything: its backup and its upload.
+    with BackupClient(svc.target, token=ADMIN_TOKEN) as admin_client:
+        triggers = sorted(b.trigger for b in admin_client.list())
+    assert triggers == [pb.BACKUP_TRIGGER_MANUAL, pb.BACKUP_TRIGGER_UPLOADED]
+
+
+def test_tls_and_mutual_tls(
+    node: str,
+    drive_script: Path,
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+) -> None:
+    database = make_database(pg16, seeded=True, rows=50)
+    ca = make_authority(tmp_path / "pki", "ca")
+    server = ca.server()
+    tls = service_factory(database.uri, tls_cert=server.cert, tls_key=server.key, token=ADMIN_TOKEN)
+    work = tmp_path / "work"
+    work.mkdir()
+
+    trusted = {"APERTURE_BACKUP_TOKEN": ADMIN_TOKEN, "APERTURE_BACKUP_CA_CERT": str(ca.cert)}
+    out = drive(node, drive_script, "calls", tls.target, str(work), env=trusted)
+    assert all(out[name]["ok"] for name in ("list", "status", "create", "download", "upload")), out
+    # By name rather than by address: the certificate carries localhost too.
+    port = tls.target.rpartition(":")[2]
+    by_name = drive(node, drive_script, "calls", f"localhost:{port}", str(work), env=trusted)
+    assert by_name["list"]["ok"], by_name
+    # Plaintext to a TLS port, or a CA that did not sign the certificate: UNAVAILABLE, not UNKNOWN.
+    plaintext = drive(node, drive_script, "calls", tls.target, str(work), env={"APERTURE_BACKUP_TOKEN": ADMIN_TOKEN})
+    assert plaintext["list"]["codeName"] == "UNAVAILABLE", plaintext
+    other = make_authority(tmp_path / "other", "other")
+    untrusted = drive(
+        node,
+        drive_script,
+        "calls",
+        tls.target,
+        str(work),
+        env={"APERTURE_BACKUP_TOKEN": ADMIN_TOKEN, "APERTURE_BACKUP_CA_CERT": str(other.cert)},
+    )
+    assert untrusted["list"]["codeName"] == "UNAVAILABLE", untrusted
+
+    # Mutual TLS: a client certificate from the CA gets in; none, or one from another CA, does not.
+    mtls = service_factory(database.uri, tls_cert=server.cert, tls_key=server.key, tls_client_ca=ca.cert)
+    client = ca.client("aperture-backend")
+    with_cert = {
+        "APERTURE_BACKUP_CA_CERT": str(ca.cert),
+        "APERTURE_BACKUP_CLIENT_CERT": str(client.cert),
+        "APERTURE_BACKUP_CLIENT_KEY": str(client.key),
+    }
+    out = drive(node, drive_script, "calls", mtls.target, str(work), env=with_cert)
+    assert all(out[name]["ok"] for name in ("list", "status", "create", "download", "upload")), out
+    anonymous = drive(
+        node, drive_script, "calls", mtls.target, str(work), env={"APERTURE_BACKUP_CA_CERT": str(ca.cert)}
+    )
+    assert anonymous["list"]["codeName"] == "UNAVAILABLE", anonymous
+    stranger = other.client("mallory")
+    refused = drive(
+        node,
+        drive_script,
+        "calls",
+        mtls.target,
+        str(work),
+        env={
+            **with_cert,
+            "APERTURE_BACKUP_CLIENT_CERT": str(stranger.cert),
+            "APERTURE_BACKUP_CLIENT_KEY": str(stranger.key),
+        },
+    )
+    assert refused["list"]["codeName"] == "UNAVAILABLE", refused

@@ -20,6 +20,7 @@ export type {
 } from "./client";
 export type { CallOptions, ConnectOptions, TlsOptions } from "./connection";
 export { MAX_MESSAGE_BYTES } from "./connection";
+export { connectFromEnv, connectionFromEnv, DEFAULT_ADDRESS } from "./env";
 export {
   AbortError,
   BackupServiceError,

@@ -17,6 +17,7 @@ import {
   BackupServiceError,
   ChecksumMismatchError,
   connect,
+  connectionFromEnv,
   GrpcStatus,
   isAbortError,
   isInvalidArgument,
@@ -41,7 +42,8 @@ describe("aperture-backup client", { concurrency: false }, () => {
 
   before(async () => {
     service = await startService();
-    client = connect(service.address, process.env.APERTURE_BACKUP_TOKEN ? { token: process.env.APERTURE_BACKUP_TOKEN } : {});
+    // A token and TLS, when the environment names them (the same variables as the service's CLI).
+    client = connect(service.address, connectionFromEnv().options);
     work = mkdtempSync(join(tmpdir(), "aperture-backup-client-test-"));
   });
 
@@ -293,5 +295,16 @@ describe("aperture-backup client", { concurrency: false }, () => {
     assert.throws(() => client.create({ format: "TAR" as "PLAIN" }), TypeError);
     assert.throws(() => connect("127.0.0.1:1", { tls: { ca: "/etc/ssl/ca.pem" } }), TypeError);
     assert.throws(() => connect("127.0.0.1:1", { token: "two\nlines" }), TypeError);
+  });
+
+  it("reads its connection from the variables the service's CLI reads", () => {
+    const tokenFile = join(work, "token");
+    writeFileSync(tokenFile, "a-token-from-a-secret-file\n");
+    const { address, options } = connectionFromEnv({ APERTURE_BACKUP_ADDRESS: "backup:50051", APERTURE_BACKUP_TOKEN_FILE: tokenFile });
+    assert.equal(address, "backup:50051");
+    assert.deepEqual(options, { token: "a-token-from-a-secret-file" });
+    assert.equal(connectionFromEnv({}).address, "127.0.0.1:50051");
+    assert.throws(() => connectionFromEnv({ APERTURE_BACKUP_TOKEN: "x", APERTURE_BACKUP_TOKEN_FILE: tokenFile }), TypeError);
+    assert.throws(() => connectionFromEnv({ APERTURE_BACKUP_CA_CERT: join(work, "no-such.pem") }), TypeError);
   });
 });

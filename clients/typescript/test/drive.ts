@@ -15,15 +15,16 @@ import { Writable } from "node:stream";
 import {
   type BackupClient,
   BackupServiceError,
-  type ConnectOptions,
   connect,
+  connectionFromEnv,
   isAbortError,
   isJobRunning,
   isNotFound,
   jsonReplacer,
   type Phase,
   type ProgressEvent,
-  type TlsOptions,
+  isPermissionDenied,
+  isUnauthenticated,
 } from "../src/index";
 
 type Json = Record<string, unknown>;
@@ -40,6 +41,12 @@ export function describeError(error: unknown): Json {
       domain: error.domain,
       metadata: error.metadata,
       message: error.message,
+      guards: {
+        isNotFound: isNotFound(error),
+        isJobRunning: isJobRunning(error),
+        isUnauthenticated: isUnauthenticated(error),
+        isPermissionDenied: isPermissionDenied(error),
+      },
     };
   }
   if (error instanceof Error) {
@@ -71,23 +78,6 @@ class Collect extends Writable {
     this.chunks.push(chunk);
     setImmediate(done);
   }
-}
-
-function connectOptions(): ConnectOptions {
-  const env = process.env;
-  const options: ConnectOptions = {};
-  if (env.APERTURE_BACKUP_TOKEN) {
-    options.token = env.APERTURE_BACKUP_TOKEN;
-  }
-  if (env.APERTURE_BACKUP_TLS_CA || env.APERTURE_BACKUP_TLS_CERT) {
-    const tls: TlsOptions = {};
-    if (env.APERTURE_BACKUP_TLS_CA) tls.ca = readFileSync(env.APERTURE_BACKUP_TLS_CA);
-    if (env.APERTURE_BACKUP_TLS_CERT) tls.cert = readFileSync(env.APERTURE_BACKUP_TLS_CERT);
-    if (env.APERTURE_BACKUP_TLS_KEY) tls.key = readFileSync(env.APERTURE_BACKUP_TLS_KEY);
-    if (env.APERTURE_BACKUP_TLS_SERVER_NAME) tls.serverName = env.APERTURE_BACKUP_TLS_SERVER_NAME;
-    options.tls = tls;
-  }
-  return options;
 }
 
 /** Every RPC through the typed API, on a service with a seeded database and no backups yet. */
@@ -314,12 +304,35 @@ async function download(client: BackupClient, id: string, dest: string, flags: s
   }
 }
 
+/**
+ * A read call, a write call, a download and an upload, each reporting its outcome: unary, server- and
+ * bidirectional streams, for token and TLS checks.
+ */
+async function calls(client: BackupClient, work: string): Promise<Json> {
+  const outcome = <T>(promise: PromiseLike<T>, ok: (value: T) => Json): Promise<Json> =>
+    Promise.resolve(promise).then(
+      (value) => ({ ok: true, ...ok(value) }),
+      (error: unknown) => describeError(error),
+    );
+  const list = await outcome(client.list(), (backups) => ({ ids: backups.map((b) => b.id) }));
+  const status = await outcome(client.status(), (s) => ({ databaseReachable: s.databaseReachable }));
+  const created = await outcome(client.create(), (backup) => ({ id: backup.id }));
+  const target = (list.ids as string[] | undefined)?.[0] ?? (created.id as string | undefined) ?? "none";
+  const path = join(work, "calls.sql.gz");
+  const download = await outcome(client.download(target, path), (result) => ({ sha256: result.backup.sha256 }));
+  const upload = existsSync(path)
+    ? await outcome(client.uploadAndRestore(path), (result) => ({ id: result.backup.id }))
+    : { skipped: true };
+  return { list, status, create: created, download, upload };
+}
+
 async function main(argv: string[]): Promise<Json> {
   const [command, address, ...args] = argv;
   if (command === undefined || address === undefined) {
     throw new Error("usage: node drive.js COMMAND ADDRESS [ARGS...]");
   }
-  const client = connect(address, connectOptions());
+  // The address is the command line's; token and TLS come from the same variables the CLI reads.
+  const client = connect(address, connectionFromEnv().options);
   try {
     switch (command) {
       case "everything":
@@ -334,18 +347,8 @@ async function main(argv: string[]): Promise<Json> {
         return await upload(client, args[0] ?? "", args.slice(1));
       case "download":
         return await download(client, args[0] ?? "", args[1] ?? "", args.slice(2));
-      case "calls": {
-        // One read and one write call, each reporting its outcome: for token and TLS checks.
-        const list = await client.list().then(
-          (backups) => ({ ok: true, count: backups.length }),
-          (error: unknown) => describeError(error),
-        );
-        const created = await client.create().then(
-          (backup) => ({ ok: true, id: backup.id }),
-          (error: unknown) => describeError(error),
-        );
-        return { list, create: created };
-      }
+      case "calls":
+        return await calls(client, args[0] ?? ".");
       default:
         throw new Error(`unknown command ${command}`);
     }

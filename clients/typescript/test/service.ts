@@ -13,7 +13,7 @@ import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 
-import { connect } from "../src/index";
+import { connect, connectionFromEnv } from "../src/index";
 
 export interface TestService {
   address: string;
@@ -76,7 +76,7 @@ export async function startService(): Promise<TestService> {
     rmSync(directory, { recursive: true, force: true });
   };
 
-  const client = connect(address, process.env.APERTURE_BACKUP_TOKEN ? { token: process.env.APERTURE_BACKUP_TOKEN } : {});
+  const client = connect(address, connectionFromEnv().options);
   const deadline = Date.now() + 90_000;
   try {
     for (;;) {
