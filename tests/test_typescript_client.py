@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import subprocess
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -465,3 +466,138 @@ def test_tls_and_mutual_tls(
         },
     )
     assert refused["list"]["codeName"] == "UNAVAILABLE", refused
+
+
+def _fresh_checkout(destination: Path) -> Path:
+    """The package's files as a fresh clone has them (what git tracks: no dist/, no node_modules/)."""
+    root = PACKAGE.parent.parent
+    listed = subprocess.run(
+        ["git", "-C", str(root), "ls-files", "-z", "--", "clients/typescript"],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if listed.returncode == 0 and listed.stdout:
+        for name in listed.stdout.decode().split("\0"):
+            if name:
+                target = destination / Path(name).relative_to("clients/typescript")
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(root / name, target)
+    else:  # not a git checkout (an unpacked source archive): the same, by the package's .gitignore
+        shutil.copytree(
+            PACKAGE,
+            destination,
+            dirs_exist_ok=True,
+            ignore=shutil.ignore_patterns("node_modules", "dist", "build", "*.tgz", ".install.lock"),
+        )
+    assert not (destination / "dist").exists()
+    return destination
+
+
+def test_the_packed_package_installed_into_a_scratch_project_drives_the_service(
+    node: str,
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+) -> None:
+    _, npm = node_tools()
+    quiet = ["--no-audit", "--no-fund", "--loglevel=error"]
+    checkout = _fresh_checkout(tmp_path / "checkout")
+    # The build tools (typescript) of the already installed dev dependencies, as `npm ci` would bring.
+    (checkout / "node_modules").symlink_to(NODE_MODULES, target_is_directory=True)
+    packed = subprocess.run(
+        [npm, "pack", "--json", "--pack-destination", str(tmp_path), *quiet],
+        cwd=checkout,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert packed.returncode == 0, packed.stderr
+    tarball = tmp_path / json.loads(packed.stdout)[0]["filename"]
+    with tarfile.open(tarball) as archive:
+        files = set(archive.getnames())
+    # prepare built dist/ in the fresh checkout: JavaScript and declarations for both entry points.
+    for name in ("index.js", "index.d.ts", "index.mjs", "index.d.mts", "client.js", "transfers.d.ts"):
+        assert f"package/dist/{name}" in files, sorted(files)
+    assert "package/dist/generated/aperture/backup/v1/backup.js" in files
+    assert {"package/package.json", "package/README.md"} <= files
+    assert not [f for f in files if f.startswith(("package/src/", "package/test/", "package/node_modules/"))]
+
+    # A scratch project installs the tarball; its dependencies come from the npm registry (or npm's cache).
+    app = tmp_path / "app"
+    app.mkdir()
+    (app / "package.json").write_text(json.dumps({"name": "scratch-backend", "version": "1.0.0", "private": True}))
+    installed = subprocess.run(
+        [npm, "install", str(tarball), "--prefer-offline", *quiet],
+        cwd=app,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert installed.returncode == 0, installed.stderr
+    for name in ("scenario.cjs", "consumer.cjs", "consumer.mjs", "types.mts", "types.cts"):
+        shutil.copyfile(PACKAGE / "test" / "consumer" / name, app / name)
+
+    # Its declarations type-check from an ES module and a CommonJS module (the package's own tsc).
+    (app / "tsconfig.json").write_text(
+        json.dumps(
+            {
+                "compilerOptions": {
+                    "module": "node16",
+                    "moduleResolution": "node16",
+                    "target": "ES2022",
+                    "strict": True,
+                    "noEmit": True,
+                    "types": ["node"],
+                    "typeRoots": [str(NODE_MODULES / "@types")],
+                },
+                "files": ["types.mts", "types.cts"],
+            }
+        )
+    )
+    checked = subprocess.run(
+        [str(TSC), "-p", str(app / "tsconfig.json")], capture_output=True, text=True, timeout=180, check=False
+    )
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+
+    database = make_database(pg16, seeded=True, rows=50)
+    svc = service_factory(database.uri, token=ADMIN_TOKEN)
+    expected = fingerprint(database.uri)
+    environment = {k: v for k, v in os.environ.items() if k != "NODE_PATH"}
+    for entry in ("consumer.mjs", "consumer.cjs"):
+        work = tmp_path / entry
+        work.mkdir()
+        result = subprocess.run(
+            [node, entry, svc.target, str(work)],
+            cwd=app,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+            env={**environment, "APERTURE_BACKUP_TOKEN": ADMIN_TOKEN},
+        )
+        assert result.returncode == 0, f"{entry} failed:\n{result.stderr}"
+        out = json.loads(result.stdout)
+        backup = out["backup"]
+        archive = svc.backup_dir / backup["id"]
+        assert backup["state"] == "READY" and out["phases"][-1] == "DONE" and out["sizeIsBigint"] is True
+        assert backup["id"] in out["listed"] and out["sameAsGet"] is True
+        assert out["status"] == {"lastSuccessfulId": backup["id"], "databaseReachable": True}
+        assert out["retention"]["set"]["deletedIds"] == [] and out["schedule"]["set"] == "02:45"
+        assert out["download"]["sha256"] == backup["sha256"] == sha256(archive)
+        assert out["download"]["sha256Verified"] is True and out["download"]["bytes"] == str(archive.stat().st_size)
+        assert out["upload"]["trigger"] == "UPLOADED" and "RESTORING" in out["upload"]["phases"]
+        assert out["restore"]["restoredId"] == backup["id"] and out["restore"]["reconnectRequired"] is True
+        assert out["deleted"] == out["upload"]["restoredId"]
+        assert out["notFound"] == {
+            "isNotFound": True,
+            "isBackupServiceError": True,
+            "codeName": "NOT_FOUND",
+            "reason": "BACKUP_NOT_FOUND",
+        }
+        assert out["aborted"] == {"name": "AbortError", "isAbortError": True}
+        # Restored twice from a backup of this very database: the same as before.
+        assert_same(expected, fingerprint(database.uri))
