@@ -204,7 +204,8 @@ def test_every_rpc_through_the_typed_api(
     assert upload["uploadEvents"][0] == "UPLOADING" and upload["uploadEvents"][-1] == "DONE"
     assert "VERIFYING" in upload["uploadEvents"]
     assert upload["fromStream"]["backup"]["sha256"] == plain["sha256"]
-    assert upload["noSize"]["name"] == "TypeError" and "sizeBytes" in upload["noSize"]["message"]
+    # Without sizeBytes the stream was spooled (and the spool removed), then sent with its SHA-256.
+    assert upload["spooled"]["backup"]["sha256"] == plain["sha256"] and upload["spooled"]["left"] == []
     assert upload["wrongSize"]["name"] == "TransferError"
     assert upload["aborted"]["name"] == "AbortError"
 

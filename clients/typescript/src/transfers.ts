@@ -7,8 +7,9 @@
 import { createHash, type Hash } from "node:crypto";
 import { once } from "node:events";
 import { createReadStream } from "node:fs";
-import { type FileHandle, open, rename, rm, stat } from "node:fs/promises";
-import { basename, dirname } from "node:path";
+import { type FileHandle, mkdtemp, open, rename, rm, stat } from "node:fs/promises";
+import { tmpdir } from "node:os";
+import { basename, dirname, join } from "node:path";
 
 import type { BackupServiceClient, UploadAndRestoreRequest, UploadAndRestoreResponse } from "./generated/aperture/backup/v1/backup";
 import * as convert from "./conversions";
@@ -264,14 +265,50 @@ export interface UploadOptions extends CallOptions {
   skipSafetyBackup?: boolean;
   /** Informative name; the file's own name by default. */
   filename?: string;
-  /** Exact size in bytes: required for a stream, taken from the file otherwise. */
+  /**
+   * Exact size of a stream in bytes: it is then sent as it is read. Without it, a stream is first
+   * spooled to a temporary file (in `spoolDirectory`), which also gives the service its SHA-256 to check.
+   * For a file, taken from the file.
+   */
   sizeBytes?: number | bigint;
+  /** Where a stream of unknown size is spooled; the system's temporary directory by default. */
+  spoolDirectory?: string;
   /** SHA-256 (lowercase hex) the service checks the upload against; computed from a file when unset. */
   sha256?: string;
   /** Bytes per chunk, default 1 MiB, at most 4 MiB. */
   chunkSize?: number;
   /** The service's progress events: UPLOADING (bytes received), VERIFYING, SAFETY_BACKUP, RESTORING, DONE. */
   onProgress?: (event: ProgressEvent) => void;
+}
+
+/** Writes `source` into a new private temporary directory; its file's path and SHA-256. */
+async function spool(
+  source: AsyncIterable<unknown>,
+  directory: string,
+  signal: AbortSignal,
+): Promise<{ path: string; sha256: string }> {
+  const folder = await mkdtemp(join(directory, "aperture-backup-upload-"));
+  const path = join(folder, "upload");
+  const hash = createHash("sha256");
+  try {
+    const handle = await open(path, "wx", 0o600);
+    try {
+      for await (const piece of rechunk(source, UPLOAD_CHUNK_BYTES)) {
+        throwIfAborted(signal);
+        hash.update(piece);
+        let done = 0;
+        while (done < piece.length) {
+          done += (await handle.write(piece, done, piece.length - done)).bytesWritten;
+        }
+      }
+    } finally {
+      await handle.close();
+    }
+  } catch (error) {
+    await rm(folder, { recursive: true, force: true });
+    throw error;
+  }
+  return { path, sha256: hash.digest("hex") };
 }
 
 /** Chunks of exactly `size` bytes (the last may be shorter) from any stream of byte pieces. */
@@ -334,10 +371,16 @@ export async function upload(
     filename ||= basename(source);
     sha256 ||= await fileSha256(source, signal);
     stream = createReadStream(source, { highWaterMark: chunkSize, signal });
-  } else {
-    if (options.sizeBytes === undefined) {
-      throw new TypeError("uploading a stream needs its exact size: pass { sizeBytes }");
+  } else if (options.sizeBytes === undefined) {
+    // The service needs the size first: spool the stream to a temporary file (hashed on the way, so the
+    // service checks the SHA-256 too), send that, and remove it.
+    const spooled = await spool(source, options.spoolDirectory ?? tmpdir(), signal);
+    try {
+      return await upload(raw, context, spooled.path, { ...options, sha256: spooled.sha256, filename }, signal, emit);
+    } finally {
+      await rm(dirname(spooled.path), { recursive: true, force: true });
     }
+  } else {
     size = convert.toBigInt(options.sizeBytes, "sizeBytes");
     stream = source;
   }

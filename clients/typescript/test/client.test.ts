@@ -5,9 +5,10 @@
  */
 import assert from "node:assert/strict";
 import { createHash } from "node:crypto";
-import { createReadStream, existsSync, mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
+import { createReadStream, existsSync, mkdtempSync, readdirSync, readFileSync, rmSync, statSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { Readable } from "node:stream";
 import { after, before, describe, it } from "node:test";
 
 import {
@@ -209,8 +210,15 @@ describe("aperture-backup client", { concurrency: false }, () => {
     assert.equal(restored.restore?.reconnectRequired, true);
     assert.equal(restored.restore?.safetyBackup, undefined);
 
+    // A stream of unknown size (a browser's upload relayed as it comes): spooled, then sent and checked.
+    const pieces = [readFileSync(path).subarray(0, 10), readFileSync(path).subarray(10)];
+    const spooled = await client.uploadAndRestore(Readable.from(pieces), { spoolDirectory: work });
+    assert.equal(spooled.backup.sha256, backup.sha256);
+    assert.deepEqual(readdirSync(work).filter((name) => name.startsWith("aperture-backup-upload-")), []);
+
     await client.delete(stored.backup.id);
     await client.delete(restored.backup.id);
+    await client.delete(spooled.backup.id);
   });
 
   it("restores a stored backup, with a safety backup first", async () => {
@@ -286,8 +294,10 @@ describe("aperture-backup client", { concurrency: false }, () => {
   });
 
   it("reports an unreachable service as UNAVAILABLE and bad arguments as TypeError", async () => {
+    await client.waitForReady({ timeoutMs: 5000 });
     const nowhere = connect("127.0.0.1:1");
     try {
+      await assert.rejects(nowhere.waitForReady({ timeoutMs: 300 }), isUnavailable);
       await assert.rejects(nowhere.list({ timeoutMs: 3000 }), (error: unknown) => isUnavailable(error) || String(error).includes("DEADLINE"));
     } finally {
       nowhere.close();

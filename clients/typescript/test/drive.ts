@@ -8,7 +8,7 @@
  */
 import { createHash } from "node:crypto";
 import { once } from "node:events";
-import { createReadStream, existsSync, readFileSync, statSync, writeFileSync } from "node:fs";
+import { createReadStream, existsSync, readdirSync, readFileSync, statSync, writeFileSync } from "node:fs";
 import { join } from "node:path";
 import { Writable } from "node:stream";
 
@@ -149,7 +149,10 @@ async function everything(client: BackupClient, work: string, missingId: string)
     sizeBytes: statSync(whole).size,
     filename: "wizard.sql.gz",
   });
-  const noSize = await failure(client.uploadAndRestore(createReadStream(whole)));
+  // A stream of unknown size: spooled to a temporary file first, then sent with its SHA-256.
+  const spooled = await client.uploadAndRestore(createReadStream(whole), { spoolDirectory: work });
+  const spoolLeft = readdirSync(work).filter((name) => name.startsWith("aperture-backup-upload-"));
+  await client.delete(spooled.backup.id);
   const wrongSize = await failure(
     client.uploadAndRestore(createReadStream(whole), { sizeBytes: statSync(whole).size + 10 }),
   );
@@ -219,7 +222,7 @@ async function everything(client: BackupClient, work: string, missingId: string)
       fromFile,
       uploadEvents,
       fromStream,
-      noSize,
+      spooled: { backup: spooled.backup, left: spoolLeft },
       wrongSize,
       aborted: uploadAborted,
     },
