@@ -14,7 +14,7 @@ import { basename, dirname, join } from "node:path";
 import type { BackupServiceClient, UploadAndRestoreRequest, UploadAndRestoreResponse } from "./generated/aperture/backup/v1/backup";
 import * as convert from "./conversions";
 import { type CallContext, type CallOptions, serverStream, throwIfAborted } from "./connection";
-import { abortError, ChecksumMismatchError, TransferError } from "./errors";
+import { abortError, ChecksumMismatchError, isOutOfRange, TransferError } from "./errors";
 import type { Backup, DownloadResult, ProgressEvent, TransferProgress, UploadResult } from "./types";
 
 /** Upload chunk size: large enough to amortise per-message cost, far below the message limit. */
@@ -116,7 +116,8 @@ async function receive(
 /**
  * Downloads into the file `dest`: writes `<dest>.part`, checks size and SHA-256, fsyncs, then renames it
  * to `dest`. A checksum mismatch removes the part (resuming it would only repeat the mismatch); any
- * other failure keeps it for `{ resume: true }`, unless nothing was received. A NOT_FOUND creates no file.
+ * other failure keeps it for `{ resume: true }`, unless nothing was received; a part longer than the
+ * archive (OUT_OF_RANGE) is discarded and the download starts over. A NOT_FOUND creates no file.
  */
 export async function downloadToFile(
   raw: BackupServiceClient,
@@ -164,7 +165,16 @@ export async function downloadToFile(
   };
   let result: { backup: Backup; digest: string | undefined };
   try {
-    result = await receive(raw, context, id, offset, hash, receiver, options);
+    try {
+      result = await receive(raw, context, id, offset, hash, receiver, options);
+    } catch (error) {
+      if (offset > 0n && isOutOfRange(error)) {
+        // The part is longer than the archive, so it is not a piece of it: start over.
+        await rm(part, { force: true });
+        return await downloadToFile(raw, context, id, dest, { ...options, resume: false });
+      }
+      throw error;
+    }
     if (result.digest !== result.backup.sha256) {
       throw new ChecksumMismatchError(
         `the download of ${id} has SHA-256 ${result.digest}, the service's record says ${result.backup.sha256}; ` +

@@ -173,6 +173,13 @@ describe("aperture-backup client", { concurrency: false }, () => {
     assert.equal(existsSync(dest), false);
     assert.equal(existsSync(dest + PARTIAL_SUFFIX), false);
 
+    // A part longer than the archive is not a piece of it: discarded, and the download starts over.
+    const long = join(work, "long.sql.gz");
+    writeFileSync(long + PARTIAL_SUFFIX, Buffer.alloc(Number(backup.sizeBytes) + 5));
+    const fresh = await client.download(backup.id, long, { resume: true });
+    assert.equal(fresh.resumedFrom, 0n);
+    assert.equal(sha256(readFileSync(long)), backup.sha256);
+
     const missing = join(work, "missing.sql.gz");
     await assert.rejects(client.download(MISSING, missing), (error: unknown) => {
       assert.ok(isNotFound(error));
