@@ -16,7 +16,9 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tarfile
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -355,6 +357,35 @@ def test_the_packages_own_npm_test_against_the_service(
     # It ran against this service: its backups are here (the ones it deleted apart).
     with BackupClient(svc.target, token=ADMIN_TOKEN) as admin_client:
         assert any(b.trigger == pb.BACKUP_TRIGGER_MANUAL for b in admin_client.list())
+
+
+def test_npm_test_starts_a_service_of_its_own_when_none_is_given(node: str) -> None:
+    """Without APERTURE_BACKUP_ADDRESS, `npm test` starts `aperture-backup serve` (this project's, named by
+    APERTURE_BACKUP_BIN here) on a free port with the embedded PostgreSQL, and stops it afterwards."""
+    _, npm = node_tools()
+    command = Path(sys.executable).parent / "aperture-backup"
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    environment["APERTURE_BACKUP_BIN"] = str(command)
+    # The system's temporary directory, not tmp_path: the embedded PostgreSQL's socket path must stay short.
+    scratch = Path(tempfile.gettempdir())
+
+    def own_directories() -> set[Path]:
+        return set(scratch.glob("aperture-backup-npm-test-*"))
+
+    before = own_directories()
+    result = subprocess.run(
+        [npm, "test", "--silent"],
+        cwd=PACKAGE,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+        env=environment,
+    )
+    assert result.returncode == 0, f"npm test failed:\n{result.stdout}\n{result.stderr}"
+    assert "# fail 0" in result.stdout and int(result.stdout.split("# pass ")[1].split()[0]) >= 14
+    # The service it started was stopped, and its directory removed.
+    assert own_directories() == before
 
 
 def test_tokens_admin_read_only_missing_and_wrong(

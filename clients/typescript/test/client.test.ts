@@ -86,6 +86,28 @@ describe("aperture-backup client", { concurrency: false }, () => {
     await assert.rejects(client.get(custom.id), isNotFound);
   });
 
+  it("replays the latest event to an iterator made late, and throws a failed operation's error", async () => {
+    const op = client.restore(MISSING);
+    const late = client.create();
+    const made = await late;
+    const phases: Phase[] = [];
+    for await (const event of late) {
+      phases.push(event.phase);
+    }
+    assert.deepEqual(phases, ["DONE"]);
+    assert.equal(late.latest?.backup?.id, made.id);
+    await assert.rejects(
+      (async () => {
+        for await (const _ of op) {
+          /* a restore of an unknown id sends no progress */
+        }
+      })(),
+      isNotFound,
+    );
+    await assert.rejects(op, isNotFound);
+    await client.delete(made.id);
+  });
+
   it("lists backups newest first, following page tokens, and gets one", async () => {
     const listed = await client.list({ pageSize: 1 });
     assert.ok(listed.some((b) => b.id === backup.id));
