@@ -46,7 +46,9 @@ class App:
         slot = JobSlot()
         backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir)
         scheduler = DailyScheduler(backups, settings)
-        restores = RestoreManager(store, database, slot, backups, pg_bin_dir=config.pg_bin_dir)
+        restores = RestoreManager(
+            store, database, slot, backups, pg_bin_dir=config.pg_bin_dir, restore_timeout_seconds=config.restore_timeout
+        )
         transfers = TransferManager(
             store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
         )

@@ -26,6 +26,10 @@ _logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 
 
+#: Backups retention leaves alone (see `apply_retention`).
+UNCOUNTED_TRIGGERS = frozenset({Trigger.UPLOADED})
+
+
 def utc_now() -> datetime:
     return datetime.now(UTC)
 
@@ -205,11 +209,14 @@ class BackupManager:
     def apply_retention(self) -> list[str]:
         """Keep the newest N READY backups; delete older READY ones and FAILED entries older than the
         oldest kept one. Never delete the newest READY backup, anything CREATING, or an archive in use
-        (being downloaded or restored, or the safety backup of a running restore)."""
+        (being downloaded or restored, or the safety backup of a running restore).
+
+        Uploads neither count nor are deleted: whoever uploads can upload many, and junk uploads must not
+        push out the backups of this database. They stay until deleted by hand."""
         keep = self.settings.current.keep
         deleted: list[str] = []
         with self._retention_lock:
-            backups = self.store.list_backups()
+            backups = [b for b in self.store.list_backups() if b.trigger not in UNCOUNTED_TRIGGERS]
             ready = [b for b in backups if b.state is State.READY]
             kept, surplus = ready[:keep], ready[keep:]
             oldest_kept = kept[-1].create_time if kept else None

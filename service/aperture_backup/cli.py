@@ -16,7 +16,16 @@ import grpc
 from google.protobuf import json_format
 
 from . import logs, memory
-from .config import ENV_PREFIX, Config, ConfigError, parse_bool, parse_hhmm, read_secret_file, secret_from_env
+from .config import (
+    ENV_PREFIX,
+    Config,
+    ConfigError,
+    has_password,
+    parse_bool,
+    parse_hhmm,
+    read_secret_file,
+    secret_from_env,
+)
 
 if TYPE_CHECKING:
     from aperture_backup_client import BackupClient, ChannelSettings, pb
@@ -26,7 +35,11 @@ _logger = logging.getLogger(__name__)
 
 def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     serve = sub.add_parser("serve", help="run the gRPC service (flags override APERTURE_BACKUP_* variables)")
-    serve.add_argument("--database-url", help="libpq URI of the database (APERTURE_BACKUP_DATABASE_URL)")
+    serve.add_argument(
+        "--database-url",
+        help="libpq URI of the database; a password here shows in `ps`, so prefer APERTURE_BACKUP_DATABASE_URL "
+        "or a file named by APERTURE_BACKUP_DATABASE_URL_FILE",
+    )
     serve.add_argument("--dir", type=Path, help="backup directory (APERTURE_BACKUP_DIR)")
     serve.add_argument("--listen", help="host:port to listen on (APERTURE_BACKUP_LISTEN)")
     serve.add_argument("--schedule", help='daily time "HH:MM" or "off" (APERTURE_BACKUP_SCHEDULE)')
@@ -155,6 +168,7 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
         ("download", "save a backup's archive to a file, checking its SHA-256 (--resume continues a partial file)"),
         ("upload", "upload an archive, store it as a backup and, with --restore, restore it"),
         ("restore", "restore a stored backup into the database (a safety backup is taken first)"),
+        ("cancel", "stop the running backup or restore (by its backup id; default: whatever runs now)"),
     ]:
         cmd = sub.add_parser(name, help=help_text, parents=[common])
         if name in {"get", "delete"}:
@@ -166,6 +180,8 @@ def _client_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -
             cmd.add_argument("--keep", type=int)
         if name in {"download", "restore"}:
             cmd.add_argument("id")
+        if name == "cancel":
+            cmd.add_argument("id", nargs="?", help="the backup being made or restored (GetStatus shows it)")
         if name == "download":
             cmd.add_argument("-o", "--output", type=Path, help="file to write (default: the backup's id, here)")
             cmd.add_argument("--resume", action="store_true", help="continue a partial file instead of starting over")
@@ -225,6 +241,13 @@ def run_client(args: argparse.Namespace) -> int:
             _print(client.delete(args.id))
         elif args.command == "status":
             _print(client.status())
+        elif args.command == "cancel":
+            backup_id = args.id or client.status().current_job.backup_id
+            if not backup_id:
+                print("aperture-backup: no backup or restore is running", file=sys.stderr)
+                return 1
+            response = client.cancel(backup_id)
+            print(f"{'stopped' if response.stopped else 'stopping'}: {backup_id}", file=sys.stderr)
         elif args.command == "retention":
             _print(client.set_retention(args.keep) if args.keep is not None else client.get_retention())
         elif args.command in {"download", "upload", "restore"}:
@@ -286,6 +309,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
             return 2
         logs.configure(config.log_level, config.log_format)
+        if args.database_url and has_password(args.database_url):
+            _logger.warning(
+                "--database-url carries a password, which every user of this machine can read with `ps`; "
+                "pass it in APERTURE_BACKUP_DATABASE_URL or a file named by APERTURE_BACKUP_DATABASE_URL_FILE"
+            )
         memory.limit_malloc_arenas()  # before the server starts its threads
         from .server import serve
 
@@ -294,6 +322,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         except ConfigError as exc:  # the TLS files are read as the server starts
             print(f"aperture-backup: configuration error: {exc}", file=sys.stderr)
             return 2
+        except OSError as exc:
+            print(f"aperture-backup: {exc}", file=sys.stderr)
+            return 1
         return 0
     try:
         return run_client(args)

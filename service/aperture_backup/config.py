@@ -7,6 +7,7 @@ misconfigured container stops at once with a message an administrator can act on
 from __future__ import annotations
 
 import dataclasses
+import functools
 import ipaddress
 import os
 import re
@@ -14,9 +15,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
 from pathlib import Path
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import psycopg.conninfo
+import pytz
 
 ENV_PREFIX = "APERTURE_BACKUP_"
 
@@ -26,6 +28,11 @@ DEFAULT_KEEP = 7
 MIN_KEEP = 1
 MAX_KEEP = 100
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**3
+DEFAULT_MAX_TRANSFERS = 4
+DEFAULT_RESTORE_TIMEOUT = 6 * 3600
+#: The server's threads (server.WORKERS) must leave room for control calls beside both kinds of transfer.
+MAX_TRANSFERS = 6
+DEFAULT_UPLOAD_IDLE_TIMEOUT = 120.0
 #: Shortest token accepted: a short token can be guessed, and one is enough to read every user's data.
 MIN_TOKEN_LENGTH = 16
 
@@ -60,6 +67,12 @@ class Config:
     pg_bin_dir: Path | None = None
     #: Largest archive UploadAndRestore accepts.
     max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+    #: Uploads, and downloads, that may run at once (each kind); more are RESOURCE_EXHAUSTED.
+    max_transfers: int = DEFAULT_MAX_TRANSFERS
+    #: An upload that sends nothing for this many seconds is dropped.
+    upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
+    #: A restore that loads for longer than this many seconds is stopped and rolled back.
+    restore_timeout: float = float(DEFAULT_RESTORE_TIMEOUT)
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -93,8 +106,11 @@ class Config:
             try:
                 params = psycopg.conninfo.conninfo_to_dict(self.database_url)
             except psycopg.ProgrammingError as exc:
+                reason = _redact(str(exc))
+                if "percent-encod" in reason:
+                    reason += " (in a URL, write % as %25, @ as %40, : as %3A and / as %2F, in the password too)"
                 raise ConfigError(
-                    f"{ENV_PREFIX}DATABASE_URL is not a valid libpq connection string: {_redact(str(exc))}"
+                    f"{ENV_PREFIX}DATABASE_URL is not a valid libpq connection string: {reason}"
                 ) from None
             ports = str(params.get("port") or "5432").split(",")
             if not all(p.strip().isdigit() for p in ports):
@@ -105,6 +121,20 @@ class Config:
         parse_time_zone(self.time_zone, variable="TZ")
         if self.max_upload_bytes <= 0:
             raise ConfigError(f"{ENV_PREFIX}MAX_UPLOAD_BYTES must be positive, got {self.max_upload_bytes}")
+        if not 1 <= self.max_transfers <= MAX_TRANSFERS:
+            raise ConfigError(
+                f"{ENV_PREFIX}MAX_TRANSFERS must be between 1 and {MAX_TRANSFERS}, got {self.max_transfers}"
+            )
+        if not 0 < self.upload_idle_timeout <= 86400:
+            raise ConfigError(
+                f"{ENV_PREFIX}UPLOAD_IDLE_TIMEOUT must be a number of seconds from 1 to 86400, "
+                f"got {self.upload_idle_timeout:g}"
+            )
+        if not 0 < self.restore_timeout <= 7 * 86400:
+            raise ConfigError(
+                f"{ENV_PREFIX}RESTORE_TIMEOUT must be a number of seconds from 1 to 604800, "
+                f"got {self.restore_timeout:g}"
+            )
         if self.pg_bin_dir is not None and not self.pg_bin_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}PG_BIN_DIR is not a directory: {self.pg_bin_dir}")
         if self.log_level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
@@ -172,6 +202,21 @@ class Config:
             pg_bin_dir=Path(p) if (p := get("PG_BIN_DIR")) else None,
             max_upload_bytes=parse_int(
                 get("MAX_UPLOAD_BYTES"), default=DEFAULT_MAX_UPLOAD_BYTES, variable=ENV_PREFIX + "MAX_UPLOAD_BYTES"
+            ),
+            max_transfers=parse_int(
+                get("MAX_TRANSFERS"), default=DEFAULT_MAX_TRANSFERS, variable=ENV_PREFIX + "MAX_TRANSFERS"
+            ),
+            upload_idle_timeout=float(
+                parse_int(
+                    get("UPLOAD_IDLE_TIMEOUT"),
+                    default=int(DEFAULT_UPLOAD_IDLE_TIMEOUT),
+                    variable=ENV_PREFIX + "UPLOAD_IDLE_TIMEOUT",
+                )
+            ),
+            restore_timeout=float(
+                parse_int(
+                    get("RESTORE_TIMEOUT"), default=DEFAULT_RESTORE_TIMEOUT, variable=ENV_PREFIX + "RESTORE_TIMEOUT"
+                )
             ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
@@ -247,11 +292,23 @@ def parse_hhmm(value: str, *, variable: str) -> time:
     return time(int(match.group(1)), int(match.group(2)))
 
 
+@functools.cache
+def known_time_zones() -> frozenset[str]:
+    """Zone names both zoneinfo and the scheduler's pytz know. This leaves out names that are files of the
+    zone database but not zones a schedule can use (`right/UTC`, `posix/...`, `localtime`, `Factory`,
+    `posixrules`), which zoneinfo opens but pytz refuses."""
+    return frozenset(available_timezones() & pytz.all_timezones_set)
+
+
 def parse_time_zone(value: str, *, variable: str) -> ZoneInfo:
-    """Parse an IANA time zone name such as "Europe/Berlin"."""
+    """Parse an IANA time zone name such as "Europe/Berlin". The name is checked against the known names
+    before anything opens a file by it, so no input reaches the file system."""
+    if value not in known_time_zones():
+        shown = value if len(value) <= 64 else value[:64] + "..."
+        raise ConfigError(f'{variable} must be an IANA time zone such as "Europe/Berlin", got {shown!r}')
     try:
         return ZoneInfo(value)
-    except (ZoneInfoNotFoundError, ValueError):
+    except (ZoneInfoNotFoundError, ValueError, OSError):
         raise ConfigError(f'{variable} must be an IANA time zone such as "Europe/Berlin", got {value!r}') from None
 
 
@@ -286,5 +343,15 @@ def parse_listen(value: str) -> tuple[str, int]:
 
 
 def _redact(message: str) -> str:
-    """libpq error messages can echo the connection string; never let a password through."""
-    return re.sub(r"(password\s*=\s*|://[^:/@]*:)[^@\s]*", r"\1***", message)
+    """libpq error messages can echo the connection string or quote the piece they could not parse (which
+    may be the password); never let either through."""
+    message = re.sub(r"(password\s*=\s*|://[^:/@]*:)[^@\s]*", r"\1***", message)
+    return re.sub(r'"[^"]*"', '"***"', message)
+
+
+def has_password(conninfo: str) -> bool:
+    """Whether a connection string carries a password (for the warning about command lines)."""
+    try:
+        return bool(psycopg.conninfo.conninfo_to_dict(conninfo).get("password"))
+    except psycopg.ProgrammingError:
+        return "@" in conninfo or "password" in conninfo

@@ -15,7 +15,7 @@ from typing import IO
 
 from .compression import HashingFile, compressor
 from .database import Database, first_line
-from .errors import BackupError, Internal, ResourceExhausted, Unavailable
+from .errors import Aborted, BackupError, Internal, ResourceExhausted, Unavailable
 from .model import ArchiveKind, Format
 from .pipes import StderrTail, enlarge_pipe, kill
 from .store import ArchiveWriter
@@ -106,7 +106,7 @@ def run_dump(
     try:
         while True:
             if cancel.is_set():
-                raise Internal("the backup was cancelled: the service is shutting down", reason="CANCELLED")
+                raise _cancelled(cancel)
             n = proc.stdout.readinto(view)  # type: ignore[attr-defined]
             if not n:
                 break
@@ -132,11 +132,16 @@ def run_dump(
     finally:
         finished.set()
     if cancel.is_set():
-        raise Internal("the backup was cancelled: the service is shutting down", reason="CANCELLED")
+        raise _cancelled(cancel)
     if returncode != 0:
         raise _dump_failure(returncode, stderr, database)
     on_progress(sink.size, stderr.tables, "")
     return DumpResult(size_bytes=sink.size, sha256=sink.sha256.hexdigest(), tables=stderr.tables)
+
+
+def _cancelled(cancel: threading.Event) -> BackupError:
+    reason = getattr(cancel, "reason", "") or "the service is shutting down"
+    return Aborted(f"the backup was cancelled: {reason}; no archive was kept", reason="CANCELLED")
 
 
 def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event, finished: threading.Event) -> None:

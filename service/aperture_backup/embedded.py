@@ -17,6 +17,25 @@ _logger = logging.getLogger(__name__)
 STOP_TIMEOUT_SECONDS = 30.0
 
 
+class EmbeddedInUse(OSError):
+    """The embedded server's data directory belongs to a server another process started."""
+
+
+def running_postmaster(data_dir: Path) -> int | None:
+    """The pid of a live postmaster in `data_dir` (from its `postmaster.pid`), or None."""
+    try:
+        pid = int((data_dir / "postmaster.pid").read_text().split("\n", 1)[0])
+    except (OSError, ValueError):
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return None  # a crash's leftover: PostgreSQL itself deals with a stale file
+    except PermissionError:
+        return pid  # alive, another user's
+    return pid
+
+
 class EmbeddedPostgres:
     """A PostgreSQL server owned by this process; `uri` reaches its `postgres` database."""
 
@@ -29,6 +48,15 @@ class EmbeddedPostgres:
                 "installed; install aperture-backup[embedded] or set APERTURE_BACKUP_DATABASE_URL"
             ) from None
         data_dir.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        owner = running_postmaster(data_dir)
+        if owner is not None:
+            # Another process's server: using it would tie our life to theirs, and stopping it at our exit
+            # would take their database away mid-backup.
+            raise EmbeddedInUse(
+                f"the embedded PostgreSQL in {data_dir} is already running (pid {owner}), started by another "
+                "process: is another aperture-backup using the same APERTURE_BACKUP_DIR? Stop it, or give "
+                "this one its own directory or APERTURE_BACKUP_DATABASE_URL"
+            )
         self._server = get_server(data_dir, cleanup_mode="stop")
         if os.geteuid() == 0:
             # The server runs with its data directory as working directory, so the folders above can be

@@ -3,6 +3,11 @@ in one table (`rpc_errors.py`), so nothing below the servicer knows about gRPC."
 
 from __future__ import annotations
 
+import errno
+
+#: errno values that mean "no room", whatever the file system calls it.
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
 
 class BackupError(Exception):
     """Base of every error the service reports to callers. The message is meant for a person."""
@@ -71,6 +76,18 @@ class DataLoss(BackupError):
     reason = "ARCHIVE_CORRUPT"
 
 
+class Aborted(BackupError):
+    """An operation was stopped on purpose (a Cancel call, or the service shutting down)."""
+
+    reason = "CANCELLED"
+
+
+class DeadlineExceeded(BackupError):
+    """A caller or an operation took longer than allowed (a stalled upload, a restore past its limit)."""
+
+    reason = "DEADLINE_EXCEEDED"
+
+
 class Unavailable(BackupError):
     """The database does not answer; trying again later may work."""
 
@@ -81,3 +98,15 @@ class Internal(BackupError):
     """A tool failed in a way the caller cannot fix (pg_dump crashed, disk error)."""
 
     reason = "INTERNAL"
+
+
+def from_os_error(exc: OSError, doing: str) -> BackupError:
+    """The domain error for a failed file operation: a full disk is RESOURCE_EXHAUSTED with advice, anything
+    else INTERNAL. `doing` says what was being written ("saving the settings")."""
+    if exc.errno in DISK_FULL_ERRNOS:
+        return ResourceExhausted(
+            f"{doing} failed: the backup directory's disk is full ({exc.strerror}); free space, delete old "
+            "backups or lower the retention, then try again",
+            reason="DISK_FULL",
+        )
+    return Internal(f"{doing} failed: {exc.strerror or exc}")

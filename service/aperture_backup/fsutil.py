@@ -25,13 +25,19 @@ def write_json(path: Path, data: Any, *, temp: Path | None = None, exclusive: bo
     name beside `path`), fsync, rename over `path`, fsync the directory."""
     target = path if exclusive else temp or path.with_name(f".{path.name}.tmp")
     flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
-    with os.fdopen(os.open(target, flags, 0o600), "w") as handle:
-        json.dump(data, handle, indent=2)
-        handle.flush()
-        os.fsync(handle.fileno())
-    if not exclusive:
-        os.replace(target, path)
-        fsync_directory(path.parent)
+    fd = os.open(target, flags, 0o600)
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if not exclusive:
+            os.replace(target, path)
+            fsync_directory(path.parent)
+    except BaseException:
+        # A full disk fails the write or the close: leave neither a temporary file nor a half reservation.
+        target.unlink(missing_ok=True)
+        raise
 
 
 #: An archive file hands what it has written to the disk every this many bytes.

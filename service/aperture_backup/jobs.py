@@ -18,7 +18,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 
 from . import memory
-from .errors import BackupError, Internal, JobRunning
+from .errors import Aborted, BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning, NotFound
 from .model import Backup, Progress, Trigger
 
 _logger = logging.getLogger(__name__)
@@ -27,6 +27,28 @@ _logger = logging.getLogger(__name__)
 class JobKind(StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
+
+
+#: Why a job was asked to stop, for its error message.
+SHUTTING_DOWN = "the service is shutting down"
+CANCELLED_BY_CALLER = "a Cancel call asked for it"
+
+
+class Cancellation(threading.Event):
+    """Set when a job must stop; `reason` says why. Whatever a job runs (pg_dump, psql) watches it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reason = ""
+
+    def request(self, reason: str) -> None:
+        if not self.is_set():
+            self.reason = reason
+        self.set()
+
+    def error(self, what: str) -> Aborted:
+        """The error a job reports when it stopped because of this."""
+        return Aborted(f"{what} was cancelled: {self.reason or SHUTTING_DOWN}", reason="CANCELLED")
 
 
 @dataclass
@@ -40,10 +62,12 @@ class Job:
     started_monotonic: float = field(default_factory=time.monotonic)
     progress: Progress = field(default_factory=lambda: Progress(phase="preparing"))
     backup: Backup | None = None
+    #: For a restore: the backup being restored (`backup` is the safety backup while that one is made).
+    subject: Backup | None = None
     result: object = None
     error: BackupError | None = None
     done: bool = False
-    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel: Cancellation = field(default_factory=Cancellation)
     _version: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -90,6 +114,11 @@ class Job:
     @property
     def backup_id(self) -> str:
         return self.backup.id if self.backup else ""
+
+    @property
+    def subject_id(self) -> str:
+        """The backup a restore restores, also while `backup` shows its safety backup."""
+        return self.subject.id if self.subject else ""
 
 
 class JobSlot:
@@ -150,11 +179,33 @@ class JobSlot:
         thread.start()
         return job
 
+    def cancel(self, backup_id: str, *, timeout: float) -> Job:
+        """Stop the running job whose backup is `backup_id` (a backup being made, or the one being restored)
+        and wait up to `timeout` seconds for it to end; the job, done or still stopping."""
+        if not backup_id:
+            raise InvalidArgument(
+                "backup_id is empty: pass the id of the backup being made or restored (GetStatus shows it)",
+                reason="INVALID_BACKUP_ID",
+            )
+        job = self.current
+        if job is None:
+            raise FailedPrecondition("no backup or restore is running; there is nothing to cancel", reason="NO_JOB")
+        ids = {job.backup_id, *((job.subject_id,) if job.subject_id else ())}
+        if backup_id not in ids:
+            raise NotFound(
+                f"the running job is {job.description}, not one of {backup_id}; GetStatus shows the running job",
+                reason="JOB_NOT_FOUND",
+            )
+        _logger.info("cancelling %s at a caller's request", job.description)
+        job.cancel.request(CANCELLED_BY_CALLER)
+        job.wait(timeout)
+        return job
+
     def cancel_and_wait(self, timeout: float) -> None:
         """Shutdown: ask the running job to stop and wait for its thread to clean up."""
         job = self.current
         if job is not None:
-            job.cancel.set()
+            job.cancel.request(SHUTTING_DOWN)
         deadline = time.monotonic() + timeout
         with self._lock:
             threads = list(self._threads)

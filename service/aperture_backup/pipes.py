@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import fcntl
 import logging
+import re
 import subprocess
 import threading
 from typing import IO
@@ -44,6 +45,28 @@ def _pipe_max_size() -> int:
         return 0
 
 
+#: What PostgreSQL's messages quote of the data itself, and what is kept of it: the table, the line, the
+#: column and the kind of problem, never a row's values (they end up in gRPC errors and logs).
+_ROW_DATA = (
+    (re.compile(r"(COPY \S+, line \d+(?:, column [^:]+)?): .*"), r"\1"),
+    (re.compile(r"Failing row contains \(.*\)"), "Failing row contains (...)"),
+    (re.compile(r"Key \((.*?)\)=\(.*\)( already exists| is not present in table| conflicts)"), r"Key (\1)=(...)\2"),
+    (re.compile(r"(invalid input (?:syntax|value) for (?:type )?[^:]+): .*"), r"\1"),
+)
+#: psql's echo of the failing statement (`LINE 3: INSERT ... VALUES ('...')`) and its caret line.
+_STATEMENT_ECHO = re.compile(r"(?:^|:\s)LINE \d+: |^\s*\^\s*$")
+
+
+def redact_row_data(line: str) -> str | None:
+    """A tool's stderr line without the row data PostgreSQL quotes in it; None for a line that is nothing
+    but archive text (psql's statement echo)."""
+    if _STATEMENT_ECHO.search(line):
+        return None
+    for pattern, replacement in _ROW_DATA:
+        line = pattern.sub(replacement, line)
+    return line
+
+
 class StderrTail(threading.Thread):
     """Reads a child's stderr in a thread of its own (a full stderr pipe would stall the child) and keeps
     the last lines, for the message shown to a person only: success is decided by exit statuses."""
@@ -55,7 +78,7 @@ class StderrTail(threading.Thread):
 
     def run(self) -> None:
         for raw in self._stream:
-            line = raw.decode("utf-8", "replace").rstrip()
+            line = redact_row_data(raw.decode("utf-8", "replace").rstrip())
             if line and self.keep(line):
                 self.lines.append(line)
 

@@ -43,7 +43,7 @@ from . import toolchain
 from .backups import BackupManager
 from .compression import decompressor
 from .database import NOTIFY_CHANNEL, Database, first_line
-from .errors import BackupError, DataLoss, FailedPrecondition, Internal, Unavailable
+from .errors import BackupError, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, Unavailable
 from .jobs import Job, JobKind, JobSlot
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
 from .pipes import StderrTail, enlarge_pipe, kill
@@ -59,6 +59,8 @@ READ_SIZE = 1024 * 1024
 HEAD_BYTES = 64 * 1024
 #: How long the preamble waits for locks the application holds before the restore gives up (and rolls back).
 DEFAULT_LOCK_TIMEOUT_SECONDS = 60.0
+#: Longest a restore may load before it is stopped and rolled back (APERTURE_BACKUP_RESTORE_TIMEOUT).
+DEFAULT_RESTORE_TIMEOUT_SECONDS = 6 * 3600.0
 #: How long to wait for the server to finish rolling back after psql ended without COMMIT.
 ROLLBACK_WAIT_SECONDS = 30.0
 _PROGRESS_INTERVAL = 0.25
@@ -238,6 +240,7 @@ class _PsqlSession:
         self._database = database
         self._start_xid_file = workdir / "xid-start"
         self._end_xid_file = workdir / "xid-end"
+        self._backend_pid_file = workdir / "backend-pid"
         self._token = secrets.token_hex(16)
         self._restrict_key = secrets.token_hex(16)
         self.commit_sent = False
@@ -267,6 +270,9 @@ class _PsqlSession:
         self.stderr = StderrTail(self._proc.stderr, "psql")
         self.stderr.start()
         prologue = (
+            # The server process of this session, so that a cancelled restore can end it even while it
+            # runs a statement that takes forever (psql gone, the server would go on holding every lock).
+            f"SELECT pg_catalog.pg_backend_pid() \\g '{self._backend_pid_file}'\n"
             "BEGIN;\n"
             # Our transaction id, into a file of ours: after psql ends, the server says whether it committed.
             f"SELECT pg_catalog.pg_current_xact_id() \\g '{self._start_xid_file}'\n"
@@ -308,8 +314,36 @@ class _PsqlSession:
             self._stdin.close()
 
     def kill(self) -> None:
+        """End psql and the server process behind it; PostgreSQL rolls back what was not committed."""
         self.close_input()
         kill(self._proc)
+        self.terminate_backend()
+
+    def terminate_backend(self) -> None:
+        pid = _read_xid(self._backend_pid_file)
+        if pid is None:
+            return
+        try:
+            with self._database.connect() as conn:
+                conn.execute("SELECT pg_catalog.pg_terminate_backend(%s, 10000)", (pid,))
+        except (Unavailable, psycopg.Error) as exc:
+            _logger.warning("could not end the restore's server process %d: %s", pid, exc)
+
+    def watch(self, cancel: threading.Event, deadline: float) -> threading.Event:
+        """Kill the session as soon as `cancel` is set or `deadline` (monotonic) passes, even while psql sits
+        in a statement and reads nothing; returns an event to set when the session is over."""
+        over = threading.Event()
+
+        def run() -> None:
+            while not over.wait(0.2):
+                if cancel.is_set() or time.monotonic() >= deadline:
+                    why = "cancelled" if cancel.is_set() else "past its time limit"
+                    _logger.info("stopping psql (pid %d): the restore was %s", self._proc.pid, why)
+                    self.kill()
+                    return
+
+        threading.Thread(target=run, name="psql-cancel", daemon=True).start()
+        return over
 
     def wait(self) -> int:
         self.close_input()
@@ -382,6 +416,7 @@ class RestoreManager:
         backups: BackupManager,
         *,
         pg_bin_dir: Path | None = None,
+        restore_timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_SECONDS,
     ):
         self.store = store
         self.database = database
@@ -389,6 +424,7 @@ class RestoreManager:
         self.backups = backups
         self._pg_bin_dir = pg_bin_dir
         self.lock_timeout_seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
+        self.restore_timeout_seconds = restore_timeout_seconds
 
     def start_restore(self, backup_id: str, *, skip_safety_backup: bool, trigger: Trigger = Trigger.MANUAL) -> Job:
         """Start restoring a stored backup in its own thread (trigger UPLOADED for UploadAndRestore). Raises at
@@ -396,7 +432,9 @@ class RestoreManager:
         job runs."""
         backup = self.restorable(backup_id)
         subject = f"the upload {backup.id}" if trigger is Trigger.UPLOADED else backup.id
-        job = Job(kind=JobKind.RESTORE, trigger=trigger, description=f"a restore of {subject}", backup=backup)
+        job = Job(
+            kind=JobKind.RESTORE, trigger=trigger, description=f"a restore of {subject}", backup=backup, subject=backup
+        )
 
         def body(job: Job) -> RestoreResult:
             with self.database.job_lock(job.description), self.store.pinned(backup.id):
@@ -582,11 +620,13 @@ class RestoreManager:
         on_read(0)
         reader = ArchiveReader(path, kind.compression, on_read=on_read)
         _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
+        deadline = time.monotonic() + self.restore_timeout_seconds
         with tempfile.TemporaryDirectory(prefix="aperture-restore-") as workdir:
             session = _PsqlSession(
                 toolset, self.database, Path(workdir), lock_timeout_seconds=self.lock_timeout_seconds
             )
-            sql_filter = SqlFilter(drop_restrict=session.restricted)
+            watching = session.watch(job.cancel, deadline)
+            sql_filter = SqlFilter()
             try:
                 try:
                     if kind.format is Format.CUSTOM:
@@ -598,13 +638,25 @@ class RestoreManager:
                 except _PsqlGone:
                     pass  # psql stopped at an error; its exit status and the server tell the rest
                 except SqlFilterError as exc:
-                    raise DataLoss(f"{exc}; the database was left unchanged", reason="ARCHIVE_INVALID") from None
+                    raise exc.to_error() from None
             except BaseException:
                 session.kill()
                 session.transaction_status(settle=True)  # return only once the rollback is done
+                watching.set()
                 raise
             returncode = session.wait()
+            watching.set()
             status = session.transaction_status(settle=not session.commit_sent or returncode != 0)
+            if status != "committed":
+                # A stop asked for (or a time limit passed) explains the failure better than psql's exit.
+                if job.cancel.is_set():
+                    raise job.cancel.error("the restore") from None
+                if time.monotonic() >= deadline:
+                    raise DeadlineExceeded(
+                        f"the restore took longer than its limit of {self.restore_timeout_seconds:g} s "
+                        "(APERTURE_BACKUP_RESTORE_TIMEOUT) and was rolled back; the database is unchanged",
+                        reason="RESTORE_TIMEOUT",
+                    )
             self._judge(session, returncode, status)  # while the transaction id files still exist
 
     @staticmethod
@@ -723,4 +775,4 @@ class _Feeder(threading.Thread):
 
 def _check_cancel(job: Job) -> None:
     if job.cancel.is_set():
-        raise Internal("the restore was cancelled: the service is shutting down", reason="CANCELLED")
+        raise job.cancel.error("the restore")

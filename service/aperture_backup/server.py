@@ -100,8 +100,6 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
         tls = ReloadableServerCredentials(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
     host, port = parse_listen(config.listen)
     _warn_about_exposure(config, host, tls)
-    app = app or App.build(config)
-    app.start(scheduler=start_scheduler)
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
         # Errors outermost, so that a refused token reaches the caller like any other domain error.
@@ -109,8 +107,29 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC sets SO_REUSEPORT by default, so a second instance on the same address would "listen"
+            # too and take half the calls; without it, that instance fails to bind, as it should.
+            ("grpc.so_reuseport", 0),
         ],
     )
+    # Bind before the app starts: an instance that cannot listen must not sweep the backup directory or
+    # start a database that another instance is using.
+    address = f"{host}:{port}"
+    try:
+        bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
+    except RuntimeError:  # newer gRPC raises where older ones returned 0
+        bound = 0
+    if bound == 0:
+        raise OSError(
+            f"cannot listen on {config.listen}: the address is in use (another aperture-backup?) or not "
+            "available on this machine; stop the other program or set APERTURE_BACKUP_LISTEN"
+        )
+    try:
+        app = app or App.build(config)
+        app.start(scheduler=start_scheduler)
+    except BaseException:
+        server.stop(None)
+        raise
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(app), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -119,11 +138,6 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
         server,
         pool=documented_pool(),
     )
-    address = f"{host}:{port}"
-    bound = server.add_secure_port(address, tls.credentials()) if tls else server.add_insecure_port(address)
-    if bound == 0:
-        app.stop()
-        raise OSError(f"cannot listen on {config.listen}: address in use or not available")
     server.start()
     monitor = HealthMonitor(app, health_servicer)
     monitor.start()

@@ -20,16 +20,21 @@ from .backups import resolve_kind
 from .errors import InvalidArgument
 from .model import Trigger
 from .restore import RestoreResult
+from .rpc_limits import TransferSlots, with_idle_timeout
 
 _logger = logging.getLogger(__name__)
 
 DEFAULT_PAGE_SIZE = 50
+#: How long Cancel waits for the job to stop before it answers.
+CANCEL_WAIT_SECONDS = 15.0
 MAX_PAGE_SIZE = 1000
 
 
 class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def __init__(self, app: App):
         self._app = app
+        self._uploads = TransferSlots("upload", app.config.max_transfers)
+        self._downloads = TransferSlots("download", app.config.max_transfers)
 
     def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> Iterator[pb.CreateResponse]:
         kind = resolve_kind(convert.format_from_pb(request.format), convert.compression_from_pb(request.compression))
@@ -65,18 +70,19 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     ) -> Iterator[bytes]:
         """Yields each StreamDownloadResponse already serialized (`wire`: 30 times cheaper per chunk than a
         message), which the generated base class's signature does not foresee."""
-        chunks = self._app.transfers.download(request.id, offset=request.offset, chunk_size=request.chunk_size)
-        # When the client cancels, gRPC drops this generator, which closes `chunks` and releases its pin.
-        for chunk in chunks:
-            backup = convert.backup_to_pb(chunk.backup) if chunk.backup is not None else None
-            yield wire.encode_download_response(chunk.offset, chunk.data, backup)
+        with self._downloads.hold():
+            chunks = self._app.transfers.download(request.id, offset=request.offset, chunk_size=request.chunk_size)
+            # When the client cancels, gRPC drops this generator, which closes `chunks` and releases its pin.
+            for chunk in chunks:
+                backup = convert.backup_to_pb(chunk.backup) if chunk.backup is not None else None
+                yield wire.encode_download_response(chunk.offset, chunk.data, backup)
 
     def UploadAndRestore(
         self, request_iterator: Iterator[pb.UploadAndRestoreRequest], context: grpc.ServicerContext
     ) -> Iterator[pb.UploadAndRestoreResponse]:
         def messages() -> Iterator[transfer.UploadMessage]:
             # Lazily, one request at a time: the domain consumes the stream as it arrives, never as a list.
-            for request in request_iterator:
+            for request in with_idle_timeout(request_iterator, self._app.config.upload_idle_timeout, "upload"):
                 payload = request.WhichOneof("payload")
                 if payload == "metadata":
                     meta = request.metadata
@@ -92,13 +98,14 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
                 else:
                     raise InvalidArgument("an upload message must carry metadata or a chunk", reason="EMPTY_MESSAGE")
 
-        for event in self._app.transfers.upload(messages()):
-            response = pb.UploadAndRestoreResponse(progress=convert.progress_to_pb(event.progress))
-            if event.backup is not None:
-                response.backup.CopyFrom(convert.backup_to_pb(event.backup))
-            if event.result is not None:
-                response.result.CopyFrom(convert.restore_result_to_pb(event.result))
-            yield response
+        with self._uploads.hold():
+            for event in self._app.transfers.upload(messages()):
+                response = pb.UploadAndRestoreResponse(progress=convert.progress_to_pb(event.progress))
+                if event.backup is not None:
+                    response.backup.CopyFrom(convert.backup_to_pb(event.backup))
+                if event.result is not None:
+                    response.result.CopyFrom(convert.restore_result_to_pb(event.result))
+                yield response
 
     def Restore(self, request: pb.RestoreRequest, context: grpc.ServicerContext) -> Iterator[pb.RestoreResponse]:
         job = self._app.restores.start_restore(request.id, skip_safety_backup=request.skip_safety_backup)
@@ -152,6 +159,10 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         if status.current_job is not None:
             response.current_job.CopyFrom(convert.job_to_pb(status.current_job))
         return response
+
+    def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
+        job = self._app.slot.cancel(request.backup_id, timeout=CANCEL_WAIT_SECONDS)
+        return pb.CancelResponse(job=convert.job_to_pb(job), stopped=job.done)
 
     def _next_run(self) -> timestamp_pb2.Timestamp | None:
         when = self._app.scheduler.next_run_time()

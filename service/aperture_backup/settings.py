@@ -15,7 +15,7 @@ from datetime import time
 from pathlib import Path
 
 from .config import MAX_KEEP, MIN_KEEP, Config, ConfigError, parse_hhmm, parse_time_zone
-from .errors import InvalidArgument
+from .errors import InvalidArgument, from_os_error
 from .fsutil import write_json
 
 _logger = logging.getLogger(__name__)
@@ -136,5 +136,9 @@ class SettingsStore:
         return loaded
 
     def _save(self, settings: Settings) -> None:
-        self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        write_json(self._path, asdict(settings))
+        try:
+            self._path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            write_json(self._path, asdict(settings))
+        except OSError as exc:
+            # Nothing changes: the caller keeps the old settings in memory, as on disk.
+            raise from_os_error(exc, "saving the settings") from None

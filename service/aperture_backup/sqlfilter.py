@@ -13,9 +13,16 @@ procedures) are never touched, because removal is anchored on the header. COPY d
 up to the line `\\.`) is passed on without looking at its lines: the terminator is found with
 `bytes.find`, so the cost of a multi-gigabyte table is a few C-level scans, not a Python loop per row.
 
-Optionally the archive's own `\\restrict KEY` / `\\unrestrict KEY` lines are dropped: the restore puts psql
-into restricted mode itself, with its own key, before the archive starts, and psql refuses a second
+The archive's own `\\restrict KEY` / `\\unrestrict KEY` lines are dropped: the restore puts psql into
+restricted mode itself, with its own key, before the archive starts, and psql refuses a second
 `\\restrict`.
+
+Every line outside COPY data also goes through `sqlscan.StatementScanner`, which splits the SQL into
+statements as psql does and refuses, before psql sees it, a top-level statement that would end the
+restore's transaction (`COMMIT`, `ROLLBACK`, `BEGIN`, ...) or any psql meta-command. COPY data is entered
+where the scanner sees psql enter it (a `COPY ... FROM stdin` statement ending its line), so that the two
+never disagree about what is data and what is SQL. A line outside COPY data longer than MAX_LINE_BYTES
+is refused, so that memory stays bounded whatever the archive holds.
 """
 
 from __future__ import annotations
@@ -23,7 +30,14 @@ from __future__ import annotations
 import re
 from enum import Enum
 
-__all__ = ["SqlFilter", "SqlFilterError"]
+from .errors import BackupError, DataLoss, FailedPrecondition
+from .sqlscan import ScanError, StatementScanner
+
+__all__ = ["MAX_LINE_BYTES", "SqlFilter", "SqlFilterError"]
+
+#: Longest line outside COPY data. pg_dump's own lines are far shorter (data goes into COPY blocks, large
+#: objects into lowrite calls of a few KB; a function body of megabytes would be extreme).
+MAX_LINE_BYTES = 64 * 1024 * 1024
 
 #: A pg_dump TOC header line, e.g. `-- Data for Name: BLOBS; Type: BLOBS; Schema: -; Owner: -`.
 _HEADER_RE = re.compile(rb"^-- (?:Data for )?Name: .*; Type: (?P<type>[^;]*); Schema: ")
@@ -31,12 +45,25 @@ _LARGE_OBJECT_TYPES = frozenset({b"BLOBS", b"LARGE OBJECTS"})
 #: What pg_dump writes between the BEGIN and COMMIT of large-object data: lo_open, lowrite, lo_close.
 _LARGE_OBJECT_CALLS = (b"SELECT pg_catalog.lo_open(", b"SELECT pg_catalog.lowrite(", b"SELECT pg_catalog.lo_close(")
 _RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict [A-Za-z0-9]+\r?$")
-_COPY_TERMINATOR = b"\\.\n"
+#: psql ends COPY data at a line `\.` (with a Unix or a Windows line end).
+_COPY_TERMINATOR = b"\\."
+_COPY_TERMINATOR_ENDS = (b"\n", b"\r\n")
 
 
 class SqlFilterError(ValueError):
     """The SQL is not shaped like pg_dump output where the filter must understand it (truncated COPY data,
-    foreign statements inside large-object data)."""
+    foreign statements inside large-object data), or does what a restore must not allow (`refused`)."""
+
+    def __init__(self, message: str, *, refused_reason: str | None = None):
+        super().__init__(message)
+        self.refused_reason = refused_reason
+
+    def to_error(self) -> BackupError:
+        """The domain error a restore reports; the database was never changed by what was refused."""
+        message = f"{self}; the database was left unchanged"
+        if self.refused_reason is not None:
+            return FailedPrecondition(message, reason=self.refused_reason)
+        return DataLoss(message, reason="ARCHIVE_INVALID")
 
 
 class _State(Enum):
@@ -49,8 +76,8 @@ class SqlFilter:
     """Push-based: `feed(chunk)` returns the bytes to pass on (in order), `finish()` the rest. Raises
     SqlFilterError when the input cannot be restored atomically or ends in the middle of data."""
 
-    def __init__(self, *, drop_restrict: bool = False):
-        self._drop_restrict = drop_restrict
+    def __init__(self) -> None:
+        self._scanner = StatementScanner()
         self._buf = bytearray()
         self._state = _State.SQL
         #: TOC type of the last header seen, until the first statement after it.
@@ -101,23 +128,24 @@ class SqlFilter:
         search = pos
         while True:
             idx = buf.find(_COPY_TERMINATOR, search)
-            if idx < 0:
-                # Keep back what could be the start of a terminator split across chunks, plus the byte
-                # before it (a terminator must start a line).
-                keep = max(pos, len(buf) - len(_COPY_TERMINATOR))
+            after = idx + len(_COPY_TERMINATOR)
+            if idx < 0 or bytes(buf[after : after + 2]) in (b"", b"\r"):
+                # Not found, or found but its line end not yet arrived: pass on what surely is data, and keep
+                # back what could start a terminator split across chunks, with the newline before it.
+                keep = max(pos, len(buf) - 3 if idx < 0 else idx - 1)
                 if keep > pos:
                     out.append(bytes(buf[pos:keep]))
                     self._line += buf.count(b"\n", pos, keep)
                     if self._copy_start >= 0 and keep > self._copy_start:
                         self._copy_start = -1
                 return keep, False
-            if idx == self._copy_start or (idx > 0 and buf[idx - 1] == 0x0A):
-                end = idx + len(_COPY_TERMINATOR)
-                out.append(bytes(buf[pos:end]))
-                self._line += buf.count(b"\n", pos, end)
+            line_end = next((after + len(e) for e in _COPY_TERMINATOR_ENDS if buf.startswith(e, after)), -1)
+            if line_end >= 0 and (idx == self._copy_start or (idx > 0 and buf[idx - 1] == 0x0A)):
+                out.append(bytes(buf[pos:line_end]))
+                self._line += buf.count(b"\n", pos, line_end)
                 self._state = _State.SQL
                 self._copy_start = -1
-                return end, True
+                return line_end, True
             search = idx + 1
 
     def _lines(self, pos: int, out: list[bytes], *, final: bool) -> tuple[int, bool]:
@@ -127,6 +155,11 @@ class SqlFilter:
         while True:
             nl = buf.find(b"\n", pos)
             if nl < 0:
+                if len(buf) - pos > MAX_LINE_BYTES:
+                    raise SqlFilterError(
+                        f"line {self._line + 1} of the archive is longer than {MAX_LINE_BYTES // (1024 * 1024)} "
+                        "MiB outside COPY data; pg_dump writes no such lines, so the archive was refused"
+                    )
                 if not final or pos >= len(buf):
                     break
                 nl = len(buf)  # last line without a newline
@@ -148,32 +181,36 @@ class SqlFilter:
 
     def _line_kept(self, line: bytes) -> bool:
         """Look at one line outside COPY data; update the state; False when the line must be dropped."""
+        top_level = self._scanner.at_top_level
         if self._state is _State.LARGE_OBJECTS:
-            if line == b"COMMIT;":
+            if line == b"COMMIT;" and top_level:
                 self._state = _State.SQL
                 return False
-            if not line or line.startswith(_LARGE_OBJECT_CALLS):
-                return True
-            raise SqlFilterError(
-                f"unexpected statement in large-object data at line {self._line + 1}: {line[:80]!r}; "
-                "the archive is not what pg_dump writes and cannot be restored atomically"
-            )
-        if self._pending_type is not None and line and not line.startswith(b"--"):
-            toc_type, self._pending_type = self._pending_type, None
-            if toc_type in _LARGE_OBJECT_TYPES and line == b"BEGIN;":
-                self._state = _State.LARGE_OBJECTS
-                self.large_object_sections += 1
+            if not (not line or line.startswith(_LARGE_OBJECT_CALLS)) or not top_level:
+                raise SqlFilterError(
+                    f"unexpected statement in large-object data at line {self._line + 1}: {line[:80]!r}; "
+                    "the archive is not what pg_dump writes and cannot be restored atomically"
+                )
+        elif top_level:
+            if self._pending_type is not None and line and not line.startswith(b"--"):
+                toc_type, self._pending_type = self._pending_type, None
+                if toc_type in _LARGE_OBJECT_TYPES and line == b"BEGIN;":
+                    self._state = _State.LARGE_OBJECTS
+                    self.large_object_sections += 1
+                    return False
+            if line.startswith(b"-- "):
+                header = _HEADER_RE.match(line)
+                if header is not None:
+                    self._pending_type = header.group("type")
+            elif line.startswith(b"\\") and _RESTRICT_RE.match(line):
                 return False
-            if toc_type == b"TABLE DATA" and line.startswith(b"COPY ") and line.endswith(b" FROM stdin;"):
-                self._state = _State.COPY
-                self._copy_table = line.split(b" ", 2)[1]
-                return True
-        if line.startswith(b"-- "):
-            header = _HEADER_RE.match(line)
-            if header is not None:
-                self._pending_type = header.group("type")
-        elif self._drop_restrict and line.startswith(b"\\") and _RESTRICT_RE.match(line):
-            return False
+        try:
+            self._scanner.line(line)
+        except ScanError as exc:
+            raise SqlFilterError(str(exc), refused_reason=exc.reason) from None
+        if self._scanner.copy_from_stdin:
+            self._state = _State.COPY
+            self._copy_table = line.split(b" ", 2)[1] if line.startswith(b"COPY ") else b"a COPY statement"
         return True
 
     def _compact(self, pos: int) -> None:

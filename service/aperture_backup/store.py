@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from . import archive_format
-from .errors import InvalidArgument, NotFound
+from .errors import BackupError, InvalidArgument, NotFound, from_os_error
 from .fsutil import WritebackFile, fsync_directory, write_json
 from .model import ArchiveKind, Backup, State, Trigger
 
@@ -71,7 +71,11 @@ class PageToken:
     def decode(cls, token: str) -> PageToken:
         try:
             when, backup_id = json.loads(base64.urlsafe_b64decode(token.encode()))
-            return cls(datetime.fromisoformat(when), str(backup_id))
+            create_time = datetime.fromisoformat(when)
+            if create_time.tzinfo is None or not isinstance(backup_id, str):
+                # List's own tokens carry an aware time and a string; a naive one cannot be compared.
+                raise ValueError("not a token of List")
+            return cls(create_time, backup_id)
         except (ValueError, TypeError):
             raise InvalidArgument(
                 "page_token is not a token returned by List; start again with an empty token",
@@ -90,18 +94,25 @@ class ArchiveWriter:
         self.store = store
         self.backup = backup
         self.temp_path = store.directory / (TEMP_PREFIX + backup.id)
-        fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fd = os.open(self.temp_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            store.manifest_path(backup.id).unlink(missing_ok=True)
+            raise from_os_error(exc, f"creating the archive {backup.id}") from None
         self.file: BinaryIO = WritebackFile(fd)
         self._done = False
 
     def commit(self, **fields: object) -> Backup:
         """fsync the data, rename it into place, fsync the directory, then mark the manifest READY."""
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        final = self.store.directory / self.backup.id
-        os.replace(self.temp_path, final)
-        self.store.fsync_directory()
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            final = self.store.directory / self.backup.id
+            os.replace(self.temp_path, final)
+            self.store.fsync_directory()
+        except OSError as exc:
+            raise from_os_error(exc, f"saving the archive {self.backup.id}") from None
         self._done = True
         self.backup = self.backup.replace(state=State.READY, **fields)
         self.store.write_manifest(self.backup)
@@ -127,7 +138,13 @@ class ArchiveWriter:
             self.file.close()
         self.temp_path.unlink(missing_ok=True)
         self.backup = self.backup.replace(state=State.FAILED, error=error, size_bytes=0, sha256="")
-        self.store.write_manifest(self.backup)
+        try:
+            self.store.write_manifest(self.backup)
+        except BackupError as exc:
+            # No room even for the record (a full disk): drop the reservation rather than leave it CREATING
+            # forever; the caller still gets the failure.
+            _logger.warning("could not record the failure of %s (%s); removing its manifest", self.backup.id, exc)
+            self.store.manifest_path(self.backup.id).unlink(missing_ok=True)
         return self.backup
 
 
@@ -164,7 +181,10 @@ class ArchiveStore:
         """Write the manifest atomically (temporary file, fsync, rename), readable by the owner only."""
         # The temporary name starts with TEMP_PREFIX, so the start-up sweep removes one a crash left.
         temp = self.directory / f"{TEMP_PREFIX}{backup.id}{MANIFEST_SUFFIX}"
-        write_json(self.manifest_path(backup.id), backup.to_json(), temp=temp, exclusive=exclusive)
+        try:
+            write_json(self.manifest_path(backup.id), backup.to_json(), temp=temp, exclusive=exclusive)
+        except OSError as exc:
+            raise from_os_error(exc, f"writing the manifest of {backup.id}") from None
 
     def fsync_directory(self) -> None:
         fsync_directory(self.directory)

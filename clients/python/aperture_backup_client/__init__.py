@@ -175,6 +175,10 @@ class BackupClient:
     def status(self) -> pb.GetStatusResponse:
         return self.stub.GetStatus(pb.GetStatusRequest())
 
+    def cancel(self, backup_id: str, *, timeout: float | None = 60) -> pb.CancelResponse:
+        """Stop the running backup or restore of `backup_id`; waits a few seconds for it to stop."""
+        return self.stub.Cancel(pb.CancelRequest(backup_id=backup_id), timeout=timeout)
+
     def stream_download(
         self, backup_id: str, *, offset: int = 0, chunk_size: int = 0, timeout: float | None = None
     ) -> Iterator[DownloadChunk]:

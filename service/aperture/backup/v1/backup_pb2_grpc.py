@@ -96,6 +96,11 @@ class BackupServiceStub:
                 request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.GetStatusResponse.FromString,
                 _registered_method=True)
+        self.Cancel = channel.unary_unary(
+                '/aperture.backup.v1.BackupService/Cancel',
+                request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelRequest.SerializeToString,
+                response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -194,6 +199,16 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Cancel(self, request, context):
+        """Stops the running job, named by its backup: a backup ends FAILED ("cancelled") and keeps no archive;
+        a restore is rolled back and the database is unchanged (a restore is also named by the backup it
+        restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
+        to a few seconds; `stopped` says whether it has.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +271,11 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.GetStatusRequest.FromString,
                     response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.GetStatusResponse.SerializeToString,
+            ),
+            'Cancel': grpc.unary_unary_rpc_method_handler(
+                    servicer.Cancel,
+                    request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelRequest.FromString,
+                    response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -584,6 +604,33 @@ class BackupService:
             '/aperture.backup.v1.BackupService/GetStatus',
             aperture_dot_backup_dot_v1_dot_backup__pb2.GetStatusRequest.SerializeToString,
             aperture_dot_backup_dot_v1_dot_backup__pb2.GetStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Cancel(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aperture.backup.v1.BackupService/Cancel',
+            aperture_dot_backup_dot_v1_dot_backup__pb2.CancelRequest.SerializeToString,
+            aperture_dot_backup_dot_v1_dot_backup__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -78,6 +78,12 @@ class BackupServiceStub:
     """Returns the daily backup schedule and its next run."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_backup_pb2.GetStatusRequest, _backup_pb2.GetStatusResponse]
     """Tells the last successful backup, the next scheduled run and the job running now."""
+    Cancel: _grpc.UnaryUnaryMultiCallable[_backup_pb2.CancelRequest, _backup_pb2.CancelResponse]
+    """Stops the running job, named by its backup: a backup ends FAILED ("cancelled") and keeps no archive;
+    a restore is rolled back and the database is unchanged (a restore is also named by the backup it
+    restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
+    to a few seconds; `stopped` says whether it has.
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -122,6 +128,12 @@ class BackupServiceAsyncStub(BackupServiceStub):
     """Returns the daily backup schedule and its next run."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_backup_pb2.GetStatusRequest, _backup_pb2.GetStatusResponse]  # type: ignore[assignment]
     """Tells the last successful backup, the next scheduled run and the job running now."""
+    Cancel: _aio.UnaryUnaryMultiCallable[_backup_pb2.CancelRequest, _backup_pb2.CancelResponse]  # type: ignore[assignment]
+    """Stops the running job, named by its backup: a backup ends FAILED ("cancelled") and keeps no archive;
+    a restore is rolled back and the database is unchanged (a restore is also named by the backup it
+    restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
+    to a few seconds; `stopped` says whether it has.
+    """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     """Makes, keeps, moves and restores backups of one PostgreSQL database. One job (backup or restore) runs at
@@ -235,5 +247,17 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_backup_pb2.GetStatusResponse, _abc.Awaitable[_backup_pb2.GetStatusResponse]]:
         """Tells the last successful backup, the next scheduled run and the job running now."""
+
+    @_abc_1.abstractmethod
+    def Cancel(
+        self,
+        request: _backup_pb2.CancelRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_pb2.CancelResponse, _abc.Awaitable[_backup_pb2.CancelResponse]]:
+        """Stops the running job, named by its backup: a backup ends FAILED ("cancelled") and keeps no archive;
+        a restore is rolled back and the database is unchanged (a restore is also named by the backup it
+        restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
+        to a few seconds; `stopped` says whether it has.
+        """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -741,6 +741,25 @@ export interface GetStatusResponse {
   databaseReachable: boolean;
 }
 
+/** Request of Cancel. */
+export interface CancelRequest {
+  /**
+   * The backup the running job makes or restores (`GetStatusResponse.current_job.backup_id`, or the id
+   * given to Restore).
+   */
+  backupId: string;
+}
+
+/** Response of Cancel. */
+export interface CancelResponse {
+  /** The job, as it was when Cancel returned. */
+  job:
+    | Job
+    | undefined;
+  /** Whether the job has stopped; false when it is still stopping (ask GetStatus). */
+  stopped: boolean;
+}
+
 function createBaseBackup(): Backup {
   return {
     id: "",
@@ -4073,6 +4092,164 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
   },
 };
 
+function createBaseCancelRequest(): CancelRequest {
+  return { backupId: "" };
+}
+
+export const CancelRequest: MessageFns<CancelRequest> = {
+  encode(message: CancelRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.backupId !== "") {
+      writer.uint32(10).string(message.backupId);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CancelRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCancelRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.backupId = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CancelRequest {
+    return {
+      backupId: isSet(object.backupId)
+        ? globalThis.String(object.backupId)
+        : isSet(object.backup_id)
+        ? globalThis.String(object.backup_id)
+        : "",
+    };
+  },
+
+  toJSON(message: CancelRequest): unknown {
+    const obj: any = {};
+    if (message.backupId !== "") {
+      obj.backupId = message.backupId;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CancelRequest>, I>>(base?: I): CancelRequest {
+    return CancelRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CancelRequest>, I>>(object: I): CancelRequest {
+    const message = createBaseCancelRequest();
+    message.backupId = object.backupId ?? "";
+    return message;
+  },
+};
+
+function createBaseCancelResponse(): CancelResponse {
+  return { job: undefined, stopped: false };
+}
+
+export const CancelResponse: MessageFns<CancelResponse> = {
+  encode(message: CancelResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.job !== undefined) {
+      Job.encode(message.job, writer.uint32(10).fork()).join();
+    }
+    if (message.stopped !== false) {
+      writer.uint32(16).bool(message.stopped);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): CancelResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseCancelResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.job = Job.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.stopped = reader.bool();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): CancelResponse {
+    return {
+      job: isSet(object.job) ? Job.fromJSON(object.job) : undefined,
+      stopped: isSet(object.stopped) ? globalThis.Boolean(object.stopped) : false,
+    };
+  },
+
+  toJSON(message: CancelResponse): unknown {
+    const obj: any = {};
+    if (message.job !== undefined) {
+      obj.job = Job.toJSON(message.job);
+    }
+    if (message.stopped !== false) {
+      obj.stopped = message.stopped;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<CancelResponse>, I>>(base?: I): CancelResponse {
+    return CancelResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<CancelResponse>, I>>(object: I): CancelResponse {
+    const message = createBaseCancelResponse();
+    message.job = (object.job !== undefined && object.job !== null) ? Job.fromPartial(object.job) : undefined;
+    message.stopped = object.stopped ?? false;
+    return message;
+  },
+};
+
 /**
  * Makes, keeps, moves and restores backups of one PostgreSQL database. One job (backup or restore) runs at
  * a time, across every replica of the service that backs up the same database.
@@ -4222,6 +4399,21 @@ export const BackupServiceService = {
     responseSerialize: (value: GetStatusResponse): Buffer => Buffer.from(GetStatusResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): GetStatusResponse => GetStatusResponse.decode(value),
   },
+  /**
+   * Stops the running job, named by its backup: a backup ends FAILED ("cancelled") and keeps no archive;
+   * a restore is rolled back and the database is unchanged (a restore is also named by the backup it
+   * restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
+   * to a few seconds; `stopped` says whether it has.
+   */
+  cancel: {
+    path: "/aperture.backup.v1.BackupService/Cancel" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: CancelRequest): Buffer => Buffer.from(CancelRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): CancelRequest => CancelRequest.decode(value),
+    responseSerialize: (value: CancelResponse): Buffer => Buffer.from(CancelResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): CancelResponse => CancelResponse.decode(value),
+  },
 } as const;
 
 export interface BackupServiceServer extends UntypedServiceImplementation {
@@ -4266,6 +4458,13 @@ export interface BackupServiceServer extends UntypedServiceImplementation {
   getSchedule: handleUnaryCall<GetScheduleRequest, GetScheduleResponse>;
   /** Tells the last successful backup, the next scheduled run and the job running now. */
   getStatus: handleUnaryCall<GetStatusRequest, GetStatusResponse>;
+  /**
+   * Stops the running job, named by its backup: a backup ends FAILED ("cancelled") and keeps no archive;
+   * a restore is rolled back and the database is unchanged (a restore is also named by the backup it
+   * restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
+   * to a few seconds; `stopped` says whether it has.
+   */
+  cancel: handleUnaryCall<CancelRequest, CancelResponse>;
 }
 
 export interface BackupServiceClient extends Client {
@@ -4440,6 +4639,27 @@ export interface BackupServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: GetStatusResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Stops the running job, named by its backup: a backup ends FAILED ("cancelled") and keeps no archive;
+   * a restore is rolled back and the database is unchanged (a restore is also named by the backup it
+   * restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
+   * to a few seconds; `stopped` says whether it has.
+   */
+  cancel(
+    request: CancelRequest,
+    callback: (error: ServiceError | null, response: CancelResponse) => void,
+  ): ClientUnaryCall;
+  cancel(
+    request: CancelRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: CancelResponse) => void,
+  ): ClientUnaryCall;
+  cancel(
+    request: CancelRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: CancelResponse) => void,
   ): ClientUnaryCall;
 }
 
