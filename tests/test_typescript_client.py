@@ -38,7 +38,7 @@ from scripts.gen_ts_client import (
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import MakeDatabase
 from tests.support.postgres import PgServer, table_lock
-from tests.support.service import RunningService, StartService, wait_for
+from tests.support.service import RunningService, StartService, pg_dump_children, wait_for
 from tests.support.tls import make_authority
 
 MISSING_ID = "aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"
@@ -293,6 +293,48 @@ def test_a_second_job_is_refused_with_job_running_and_an_abort_leaves_the_backup
     assert out["aborted"]["name"] == "AbortError"
     # The caller stopped waiting; the service finished the backup all the same (as documented).
     wait_for(lambda: svc.client.get(out["runningId"]).state == pb.BACKUP_STATE_READY, timeout=60)
+
+
+def test_cancel_and_an_abort_with_cancel_job_on_abort_stop_jobs_on_the_service(
+    node: str, drive_script: Path, pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    database = make_database(pg16, seeded=True, rows=20)
+    svc = service_factory(database.uri)
+    # pg_dump waits for this lock: each backup is still running when the script stops it.
+    with table_lock(database.uri, "public.movies"):
+        out = drive(node, drive_script, "cancel-backups", svc.target)
+
+    # An abort with cancelJobOnAbort: AbortError for the caller, and the backup stopped on the service.
+    assert out["abortedError"]["name"] == "AbortError"
+    assert out["afterAbort"]["state"] == "FAILED" and "cancelled" in out["afterAbort"]["error"]
+    assert out["currentJobAfterAbort"] is None
+    # cancel() by the backup's id: stopped, and the job's own call rejects with ABORTED / CANCELLED.
+    assert out["cancelled"]["stopped"] is True and out["cancelled"]["job"]["kind"] == "BACKUP"
+    assert out["cancelled"]["job"]["backupId"] == out["otherId"]
+    assert_status_error(out["otherError"], "ABORTED", "CANCELLED")
+    assert out["otherIsJobCancelled"] is True
+    assert out["afterCancel"]["state"] == "FAILED"
+    assert_status_error(out["nothing"], "FAILED_PRECONDITION", "NO_JOB")
+    assert pg_dump_children() == []
+    # Neither cancelled backup kept an archive: only their FAILED manifests are there.
+    assert archives(svc) == {f"{out['abortedId']}.manifest.json", f"{out['otherId']}.manifest.json"}
+
+
+def test_an_aborted_restore_with_cancel_job_on_abort_is_rolled_back(
+    node: str, drive_script: Path, pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    database = make_database(pg16, seeded=True, rows=20)
+    svc = service_factory(database.uri)
+    before = fingerprint(database.uri)
+    # A hand-made archive whose second statement takes forever: the restore is certainly running.
+    sleeper = "sleeper.sql"
+    (svc.backup_dir / sleeper).write_bytes(
+        b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catalog.pg_sleep(100000);\n"
+    )
+    out = drive(node, drive_script, "cancel-restore", svc.target, sleeper)
+    assert out["error"]["name"] == "AbortError" and "RESTORING" in out["phases"]
+    assert out["currentJob"] is None  # cancelled on the service before the promise rejected
+    assert_same(before, fingerprint(database.uri))
 
 
 def test_a_checksum_mismatch_leaves_no_file_under_the_final_name(

@@ -27,6 +27,7 @@ import type {
   Backup,
   BackupFormat,
   BackupPage,
+  CancelResult,
   Compression,
   DownloadResult,
   ProgressEvent,
@@ -41,6 +42,13 @@ import type {
 /** Options of a long operation: progress as a callback (or iterate the returned Operation). */
 export interface OperationOptions extends CallOptions {
   onProgress?: (event: ProgressEvent) => void;
+  /**
+   * When `signal` aborts, also stop the job on the service (the Cancel RPC) before rejecting: a backup
+   * ends FAILED and keeps nothing, a restore is rolled back. Without it an abort only stops waiting and
+   * the service finishes the job. A backup can be named, and so cancelled, from its first progress event
+   * on; an upload's restore once the upload is stored.
+   */
+  cancelJobOnAbort?: boolean;
 }
 
 export interface CreateOptions extends OperationOptions {
@@ -224,7 +232,9 @@ export class BackupClient {
    * service carries the restore through (or rolls it back on failure) all the same.
    */
   restore(id: string, options: RestoreOptions = {}): Operation<RestoreResult> {
-    return this.#streaming(options, async (signal, emit) => {
+    return this.#streaming(
+      options,
+      async (signal, emit) => {
       const call = this.raw.restore(
         { id, skipSafetyBackup: options.skipSafetyBackup ?? false },
         this.#context.metadata(options),
@@ -239,7 +249,9 @@ export class BackupClient {
         throw new TypeError(`Restore of ${id} ended without a result`);
       }
       return convert.restoreResult(result);
-    });
+      },
+      id,
+    );
   }
 
   /**
@@ -264,6 +276,18 @@ export class BackupClient {
       : downloadToWritable(this.raw, this.#context, id, dest, options);
   }
 
+  /**
+   * Stops the running job, named by its backup (the one being made, or the one being restored): a backup
+   * ends FAILED and keeps no archive, a restore is rolled back. The job's own call rejects with ABORTED,
+   * reason CANCELLED (`isJobCancelled`). Waits a few seconds for the job to stop; `stopped` says whether
+   * it has. Rejects with FAILED_PRECONDITION (reason NO_JOB) when nothing runs, NOT_FOUND (JOB_NOT_FOUND)
+   * when another job runs.
+   */
+  async cancel(backupId: string, options?: CallOptions): Promise<CancelResult> {
+    const response = await unary(this.#context, this.raw.cancel.bind(this.raw), { backupId }, options);
+    return { job: convert.optionalJob(response.job), stopped: response.stopped };
+  }
+
   /** Resolves once the channel is connected; rejects with UNAVAILABLE after `timeoutMs` (default 10 s). */
   waitForReady(options: { timeoutMs?: number; signal?: AbortSignal } = {}): Promise<void> {
     return new Promise((resolve, reject) => {
@@ -285,15 +309,33 @@ export class BackupClient {
     this.raw.close();
   }
 
+  /**
+   * A long operation: `run` gets the signal (the caller's, or a progress callback's failure) and `emit`.
+   * `subject` names the job for `cancelJobOnAbort` (a restore's backup); otherwise the latest backup its
+   * events named does.
+   */
   #streaming<T>(
     options: OperationOptions,
     run: (signal: AbortSignal, emit: (event: ProgressEvent) => void) => Promise<T>,
+    subject?: string,
   ): Operation<T> {
     const controller = linkedSignal(options.signal);
+    let named = subject;
     return new Operation<T>(
       async (emit) => {
         throwIfAborted(options.signal);
-        return run(controller.signal, emit);
+        try {
+          return await run(controller.signal, (event) => {
+            named = subject ?? event.backup?.id ?? named;
+            emit(event);
+          });
+        } catch (error) {
+          if (options.cancelJobOnAbort && options.signal?.aborted && named !== undefined) {
+            // Best effort: the job may have ended meanwhile (NO_JOB), which is what the caller wanted.
+            await this.cancel(named, { timeoutMs: 30_000 }).catch(() => undefined);
+          }
+          throw error;
+        }
       },
       options.onProgress,
       (reason) => controller.abort(reason),

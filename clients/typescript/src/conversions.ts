@@ -126,6 +126,8 @@ export function schedule(value: wire.Schedule | undefined, nextRunTime: Date | u
   };
 }
 
+export const optionalJob = (value: wire.Job | undefined): Job | undefined => (value === undefined ? undefined : job(value));
+
 function job(value: wire.Job): Job {
   return {
     kind: jobKind(value.kind),

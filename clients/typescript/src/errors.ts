@@ -181,6 +181,9 @@ export const isNotFound = (error: unknown): error is BackupServiceError => hasCo
 /** FAILED_PRECONDITION with reason JOB_RUNNING: another backup or restore runs; try again later. */
 export const isJobRunning = (error: unknown): error is BackupServiceError =>
   hasCode(error, GrpcStatus.FAILED_PRECONDITION) && error.reason === "JOB_RUNNING";
+/** ABORTED with reason CANCELLED: a Cancel call (or the service's shutdown) stopped this job. */
+export const isJobCancelled = (error: unknown): error is BackupServiceError =>
+  hasCode(error, GrpcStatus.ABORTED) && error.reason === "CANCELLED";
 /** UNAUTHENTICATED: the token is missing or wrong. */
 export const isUnauthenticated = (error: unknown): error is BackupServiceError =>
   hasCode(error, GrpcStatus.UNAUTHENTICATED);

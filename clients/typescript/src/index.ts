@@ -32,6 +32,7 @@ export {
   isDeadlineExceeded,
   isFailedPrecondition,
   isInvalidArgument,
+  isJobCancelled,
   isJobRunning,
   isNotFound,
   isOutOfRange,

@@ -135,6 +135,14 @@ export interface Job {
   progress: Progress | undefined;
 }
 
+/** What `cancel()` did. */
+export interface CancelResult {
+  /** The job as it was when the service answered. */
+  job: Job | undefined;
+  /** Whether the job has stopped; false while it is still stopping (`status()` tells when it has). */
+  stopped: boolean;
+}
+
 /** What `status()` tells. */
 export interface ServiceStatus {
   /** The newest READY backup; undefined when there is none. */

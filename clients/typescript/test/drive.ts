@@ -18,6 +18,7 @@ import {
   connect,
   connectionFromEnv,
   isAbortError,
+  isJobCancelled,
   isJobRunning,
   isNotFound,
   jsonReplacer,
@@ -262,6 +263,70 @@ async function jobRunning(client: BackupClient, readyId: string): Promise<Json> 
   };
 }
 
+/**
+ * While the test holds a table lock (backups stay running): an abort with cancelJobOnAbort stops the
+ * backup on the service, and so does cancel() from another caller; with nothing running, NO_JOB.
+ */
+async function cancelBackups(client: BackupClient): Promise<Json> {
+  const firstEvent = async (op: AsyncIterable<ProgressEvent>): Promise<ProgressEvent | undefined> => {
+    for await (const event of op) {
+      return event;
+    }
+    return undefined;
+  };
+  const controller = new AbortController();
+  const aborted = client.create({ signal: controller.signal, cancelJobOnAbort: true });
+  const abortedId = (await firstEvent(aborted))?.backup?.id ?? "";
+  controller.abort();
+  const abortedError = await failure(aborted);
+  const afterAbort = await client.get(abortedId);
+  const statusAfterAbort = await client.status();
+
+  const other = client.create();
+  const otherId = (await firstEvent(other))?.backup?.id ?? "";
+  const cancelled = await client.cancel(otherId);
+  const otherError = await failure(other);
+  let otherIsJobCancelled = false;
+  await other.catch((error: unknown) => {
+    otherIsJobCancelled = isJobCancelled(error);
+  });
+  const afterCancel = await client.get(otherId);
+  const nothing = await failure(client.cancel(otherId));
+  return {
+    abortedId,
+    abortedError,
+    afterAbort,
+    currentJobAfterAbort: statusAfterAbort.currentJob ?? null,
+    otherId,
+    cancelled,
+    otherError,
+    otherIsJobCancelled,
+    afterCancel,
+    nothing,
+  };
+}
+
+/** A restore stuck in the archive's SQL, aborted with cancelJobOnAbort once it is RESTORING: rolled back. */
+async function cancelRestore(client: BackupClient, id: string): Promise<Json> {
+  const controller = new AbortController();
+  const phases: Phase[] = [];
+  const error = await failure(
+    client.restore(id, {
+      skipSafetyBackup: true,
+      signal: controller.signal,
+      cancelJobOnAbort: true,
+      onProgress: (event) => {
+        phases.push(event.phase);
+        if (event.phase === "RESTORING") {
+          setTimeout(() => controller.abort(), 500); // once psql is in the archive's statements
+        }
+      },
+    }),
+  );
+  const status = await client.status();
+  return { phases, error, currentJob: status.currentJob ?? null };
+}
+
 async function create(client: BackupClient, format: string | undefined): Promise<Json> {
   const phases: Phase[] = [];
   const backup = await client.create({
@@ -340,6 +405,10 @@ async function main(argv: string[]): Promise<Json> {
     switch (command) {
       case "everything":
         return await everything(client, args[0] ?? ".", args[1] ?? "no-such-backup.sql.gz");
+      case "cancel-backups":
+        return await cancelBackups(client);
+      case "cancel-restore":
+        return await cancelRestore(client, args[0] ?? "");
       case "job-running":
         return await jobRunning(client, args[0] ?? "");
       case "create":
