@@ -672,6 +672,7 @@ def test_the_packed_package_installed_into_a_scratch_project_drives_the_service(
             "codeName": "NOT_FOUND",
             "reason": "BACKUP_NOT_FOUND",
         }
+        assert out["noJob"] == {"refused": True, "codeName": "FAILED_PRECONDITION", "reason": "NO_JOB"}
         assert out["aborted"] == {"name": "AbortError", "isAbortError": True}
         # Restored twice from a backup of this very database: the same as before.
         assert_same(expected, fingerprint(database.uri))

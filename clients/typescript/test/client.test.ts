@@ -266,6 +266,13 @@ describe("aperture-backup client", { concurrency: false }, () => {
       await client.delete(result.safetyBackup.id);
     }
     await assert.rejects(client.restore(MISSING), isNotFound);
+    // Nothing runs now: Cancel says so.
+    await assert.rejects(client.cancel(backup.id), (error: unknown) => {
+      assert.ok(error instanceof BackupServiceError);
+      assert.equal(error.codeName, "FAILED_PRECONDITION");
+      assert.equal(error.reason, "NO_JOB");
+      return true;
+    });
   });
 
   it("cancels with an AbortSignal", async () => {

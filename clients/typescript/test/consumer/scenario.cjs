@@ -50,6 +50,11 @@ module.exports = async function scenario(api, address, work) {
         reason: error.reason,
       };
     }
+    // Cancel with nothing running: refused with a reason (a real cancel is tested in the project's tests).
+    const noJob = await client.cancel(backup.id).then(
+      () => ({ refused: false }),
+      (error) => ({ refused: true, codeName: error.codeName, reason: error.reason }),
+    );
     let aborted = null;
     try {
       await client.list({ signal: AbortSignal.abort() });
@@ -72,6 +77,7 @@ module.exports = async function scenario(api, address, work) {
         restore: { restoredId: restored.restored.id, reconnectRequired: restored.reconnectRequired, phases: restorePhases },
         deleted: deleted.id,
         notFound,
+        noJob,
         aborted,
       },
       api.jsonReplacer,
