@@ -227,3 +227,72 @@ def _answers(client: BackupClient) -> bool:
     except grpc.RpcError:
         return False
     return True
+
+
+def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Database, tmp_path: Path) -> None:
+    backup_dir = tmp_path / "backups"
+    backup_dir.mkdir()
+    (backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
+    before = fingerprint(db.uri)
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    environment["APERTURE_BACKUP_DATABASE_URL"] = db.uri
+
+    def serve(port: int) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "aperture_backup",
+                "serve",
+                "--listen",
+                f"127.0.0.1:{port}",
+                "--dir",
+                str(backup_dir),
+                "--schedule",
+                "off",
+                "--catch-up",
+                "false",
+            ],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    port = _free_port()
+    first = serve(port)
+    try:
+        with BackupClient(f"127.0.0.1:{port}") as client:
+            wait_for(lambda: _answers(client), timeout=60)
+            call = client.stub.Restore(pb.RestoreRequest(id=SLEEPER, skip_safety_backup=True), timeout=300)
+            running = _Background(call)
+            wait_for(lambda: _sleepers(db.uri), timeout=60)
+            assert list((backup_dir / ".state" / "tmp").iterdir()), "the restore's working files are there"
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+            running.join(30)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert _sleepers(db.uri), "PostgreSQL alone does not notice: the statement still runs"
+
+    port = _free_port()
+    second = serve(port)
+    try:
+        with BackupClient(f"127.0.0.1:{port}") as client:
+            wait_for(lambda: _answers(client), timeout=60)
+            status = client.status()
+            assert status.HasField("interrupted_job")
+            job = status.interrupted_job
+            assert job.kind == pb.JOB_KIND_RESTORE and job.backup_id == SLEEPER
+            assert "interrupted" in job.progress.message and "as it was" in job.progress.message
+            wait_for(lambda: not _sleepers(db.uri), timeout=15)  # the restart ended the orphaned session
+            assert list((backup_dir / ".state" / "tmp").iterdir()) == []
+            assert_same(before, fingerprint(db.uri))
+
+            # A later restore supersedes the record.
+            backup = client.create()
+            list(client.stub.Restore(pb.RestoreRequest(id=backup.id, skip_safety_backup=True), timeout=300))
+            assert not client.status().HasField("interrupted_job")
+    finally:
+        second.terminate()
+        second.wait(timeout=30)

@@ -10,6 +10,7 @@ from .config import Config
 from .database import Database
 from .embedded import EmbeddedPostgres
 from .jobs import JobSlot
+from .journal import JobJournal
 from .restore import RestoreManager
 from .scheduler import DailyScheduler
 from .settings import SettingsStore
@@ -43,11 +44,17 @@ class App:
             url = embedded.uri
         database = Database(url)
         settings = SettingsStore(config.state_dir / "settings.json", config)
-        slot = JobSlot()
+        slot = JobSlot(JobJournal(config.state_dir))
         backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir)
         scheduler = DailyScheduler(backups, settings)
         restores = RestoreManager(
-            store, database, slot, backups, pg_bin_dir=config.pg_bin_dir, restore_timeout_seconds=config.restore_timeout
+            store,
+            database,
+            slot,
+            backups,
+            pg_bin_dir=config.pg_bin_dir,
+            restore_timeout_seconds=config.restore_timeout,
+            work_dir=config.state_dir / "tmp",
         )
         transfers = TransferManager(
             store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
@@ -59,6 +66,8 @@ class App:
 
     def start(self, *, scheduler: bool = True) -> None:
         self.store.sweep()
+        interrupted = self.slot.journal.recover() if self.slot.journal else None
+        self.restores.sweep_leftovers(interrupted)
         if scheduler:
             self.scheduler.start(catch_up=self.settings.current.schedule.catch_up)
         self._started = True

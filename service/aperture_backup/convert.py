@@ -10,6 +10,7 @@ from aperture.backup.v1 import backup_pb2 as pb
 
 from .errors import InvalidArgument
 from .jobs import Job, JobKind
+from .journal import JobRecord
 from .model import Backup, Compression, Format, Progress, State, Trigger
 from .restore import RestoreResult
 from .settings import Schedule
@@ -97,6 +98,21 @@ def job_to_pb(job: Job) -> pb.Job:
         trigger=TRIGGERS[job.trigger],
         start_time=timestamp(job.start_time),
         progress=progress_to_pb(job.progress),
+    )
+
+
+def interrupted_job_to_pb(record: JobRecord) -> pb.Job:
+    """A job the previous process did not finish (journal.py)."""
+    what = "rolled back by PostgreSQL; the database is as it was" if record.kind == "restore" else "no archive kept"
+    return pb.Job(
+        kind=JOB_KINDS[JobKind(record.kind)],
+        backup_id=record.backup_id,
+        trigger=TRIGGERS[Trigger(record.trigger)],
+        start_time=timestamp(record.start_time),
+        progress=pb.Progress(
+            phase=pb.PHASE_UNSPECIFIED,
+            message=f"{record.description} was interrupted: the service stopped before it finished ({what})",
+        ),
     )
 
 

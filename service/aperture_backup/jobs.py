@@ -19,6 +19,7 @@ from enum import StrEnum
 
 from . import memory
 from .errors import Aborted, BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning, NotFound
+from .journal import JobJournal, JobRecord
 from .model import Backup, Progress, Trigger
 
 _logger = logging.getLogger(__name__)
@@ -68,6 +69,9 @@ class Job:
     error: BackupError | None = None
     done: bool = False
     cancel: Cancellation = field(default_factory=Cancellation)
+    #: Facts worth keeping should the process die during the job (journal.py), e.g. psql's session name.
+    notes: dict[str, str] = field(default_factory=dict)
+    on_note: Callable[[Job], None] | None = field(default=None, repr=False)
     _version: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -82,6 +86,21 @@ class Job:
                 self.backup = backup
             self._version += 1
             self._cond.notify_all()
+
+    def note(self, key: str, value: str) -> None:
+        self.notes[key] = value
+        if self.on_note is not None:
+            self.on_note(self)
+
+    def record(self) -> JobRecord:
+        return JobRecord(
+            kind=self.kind.value,
+            trigger=self.trigger.value,
+            description=self.description,
+            start_time=self.start_time,
+            backup_id=self.subject_id or self.backup_id,
+            notes=dict(self.notes),
+        )
 
     def finish(self, *, result: object = None, error: BackupError | None = None) -> None:
         with self._cond:
@@ -124,10 +143,11 @@ class Job:
 class JobSlot:
     """The single place where a job may run in this process."""
 
-    def __init__(self) -> None:
+    def __init__(self, journal: JobJournal | None = None) -> None:
         self._lock = threading.Lock()
         self._current: Job | None = None
         self._threads: list[threading.Thread] = []
+        self.journal = journal
 
     @property
     def current(self) -> Job | None:
@@ -158,6 +178,10 @@ class JobSlot:
     def start(self, job: Job, body: Callable[[Job], object]) -> Job:
         """Claim the slot and run `body(job)` in a thread; the job records its result or error."""
         self.claim(job)
+        journal = self.journal
+        if journal is not None:
+            journal.begin(job.record())
+            job.on_note = lambda j: journal.begin(j.record())
 
         def run() -> None:
             try:
@@ -171,6 +195,8 @@ class JobSlot:
             else:
                 job.finish(result=result)
             finally:
+                if journal is not None:
+                    journal.end(job.record())
                 memory.release_free_memory()
 
         thread = threading.Thread(target=run, name=f"job-{job.kind.value}", daemon=True)

@@ -28,6 +28,7 @@ import hashlib
 import logging
 import re
 import secrets
+import shutil
 import subprocess
 import tempfile
 import threading
@@ -45,6 +46,7 @@ from .compression import decompressor
 from .database import NOTIFY_CHANNEL, Database, first_line
 from .errors import BackupError, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, Unavailable
 from .jobs import Job, JobKind, JobSlot
+from .journal import JobRecord
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
 from .pipes import StderrTail, enlarge_pipe, kill
 from .sqlfilter import SqlFilter, SqlFilterError
@@ -65,6 +67,8 @@ DEFAULT_RESTORE_TIMEOUT_SECONDS = 6 * 3600.0
 ROLLBACK_WAIT_SECONDS = 30.0
 _PROGRESS_INTERVAL = 0.25
 
+#: Prefix of the application_name of a restore's psql session.
+APPLICATION_NAME_PREFIX = "aperture-backup-restore-"
 _DUMPED_BY_RE = re.compile(rb"Dumped by pg_dump version:? (\d+)(?:\.(\d+))?")
 #: First minor release of each major whose psql knows `\restrict` (August 2025 security releases).
 _RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
@@ -238,6 +242,8 @@ class _PsqlSession:
 
     def __init__(self, toolset: Toolset, database: Database, workdir: Path, *, lock_timeout_seconds: float):
         self._database = database
+        #: Names the session in pg_stat_activity, so that a restarted service can find and end it (journal.py).
+        self.application_name = f"{APPLICATION_NAME_PREFIX}{secrets.token_hex(8)}"
         self._start_xid_file = workdir / "xid-start"
         self._end_xid_file = workdir / "xid-end"
         self._backend_pid_file = workdir / "backend-pid"
@@ -254,7 +260,7 @@ class _PsqlSession:
             "--set",
             "ON_ERROR_STOP=1",
             "--dbname",
-            database.child_conninfo(),
+            psycopg.conninfo.make_conninfo(database.child_conninfo(), application_name=self.application_name),
         ]
         self._proc = subprocess.Popen(
             command,
@@ -417,8 +423,12 @@ class RestoreManager:
         *,
         pg_bin_dir: Path | None = None,
         restore_timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_SECONDS,
+        work_dir: Path | None = None,
     ):
         self.store = store
+        #: Where restores keep their small working files, swept at start-up (`sweep_leftovers`); without
+        #: one, the system's temporary directory, where nothing is swept.
+        self.work_dir = work_dir
         self.database = database
         self.slot = slot
         self.backups = backups
@@ -443,6 +453,29 @@ class RestoreManager:
                 return self.restore_stored(job, pinned, skip_safety_backup=skip_safety_backup)
 
         return self.slot.start(job, body)
+
+    def sweep_leftovers(self, interrupted: JobRecord | None) -> None:
+        """At start-up: remove the working files of restores a dead process left, and end the server process
+        of an interrupted restore that still runs (it would hold its locks until its statement ends)."""
+        if self.work_dir is not None and self.work_dir.is_dir():
+            for entry in self.work_dir.iterdir():
+                _logger.info("removing %s, left by a restore that did not finish", entry)
+                shutil.rmtree(entry, ignore_errors=True)
+        name = interrupted.notes.get("application_name", "") if interrupted else ""
+        if not name.startswith(APPLICATION_NAME_PREFIX):
+            return
+        try:
+            with self.database.connect() as conn:
+                ended = conn.execute(
+                    "SELECT pg_catalog.pg_terminate_backend(pid, 10000) FROM pg_catalog.pg_stat_activity "
+                    "WHERE application_name = %s",
+                    (name,),
+                ).fetchall()
+        except (Unavailable, psycopg.Error) as exc:
+            _logger.warning("could not look for the interrupted restore's server process: %s", exc)
+            return
+        if ended:
+            _logger.warning("ended the server process of the interrupted restore (%s); it was rolled back", name)
 
     def restorable(self, backup_id: str) -> Backup:
         """The backup, or NOT_FOUND / INVALID_ARGUMENT / FAILED_PRECONDITION when it cannot be restored."""
@@ -621,10 +654,13 @@ class RestoreManager:
         reader = ArchiveReader(path, kind.compression, on_read=on_read)
         _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
         deadline = time.monotonic() + self.restore_timeout_seconds
-        with tempfile.TemporaryDirectory(prefix="aperture-restore-") as workdir:
+        if self.work_dir is not None:
+            self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        with tempfile.TemporaryDirectory(prefix="aperture-restore-", dir=self.work_dir) as workdir:
             session = _PsqlSession(
                 toolset, self.database, Path(workdir), lock_timeout_seconds=self.lock_timeout_seconds
             )
+            job.note("application_name", session.application_name)
             watching = session.watch(job.cancel, deadline)
             sql_filter = SqlFilter()
             try:

@@ -158,6 +158,9 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
             response.last_failed_backup.CopyFrom(convert.backup_to_pb(status.last_failed))
         if status.current_job is not None:
             response.current_job.CopyFrom(convert.job_to_pb(status.current_job))
+        interrupted = self._app.slot.journal.interrupted if self._app.slot.journal else None
+        if interrupted is not None:
+            response.interrupted_job.CopyFrom(convert.interrupted_job_to_pb(interrupted))
         return response
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:

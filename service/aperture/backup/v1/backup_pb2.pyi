@@ -1199,6 +1199,7 @@ class GetStatusResponse(_message.Message):
     CURRENT_JOB_FIELD_NUMBER: _builtins.int
     DATABASE_FIELD_NUMBER: _builtins.int
     DATABASE_REACHABLE_FIELD_NUMBER: _builtins.int
+    INTERRUPTED_JOB_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """The database this service backs up (name only, never credentials)."""
     database_reachable: _builtins.bool
@@ -1223,6 +1224,13 @@ class GetStatusResponse(_message.Message):
     def current_job(self) -> Global___Job:
         """The job running now; unset when idle."""
 
+    @_builtins.property
+    def interrupted_job(self) -> Global___Job:
+        """A job that was running when the service last stopped without finishing it (killed, crashed, power
+        lost); unset otherwise, and once a later job of the same kind has ended. A restore interrupted so was
+        rolled back by PostgreSQL: the database is as it was. `progress.message` says what happened.
+        """
+
     def __init__(
         self,
         *,
@@ -1233,10 +1241,11 @@ class GetStatusResponse(_message.Message):
         current_job: Global___Job | None = ...,
         database: _builtins.str = ...,
         database_reachable: _builtins.bool = ...,
+        interrupted_job: Global___Job | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -739,6 +739,12 @@ export interface GetStatusResponse {
   database: string;
   /** Whether the database answers right now. */
   databaseReachable: boolean;
+  /**
+   * A job that was running when the service last stopped without finishing it (killed, crashed, power
+   * lost); unset otherwise, and once a later job of the same kind has ended. A restore interrupted so was
+   * rolled back by PostgreSQL: the database is as it was. `progress.message` says what happened.
+   */
+  interruptedJob: Job | undefined;
 }
 
 /** Request of Cancel. */
@@ -3896,6 +3902,7 @@ function createBaseGetStatusResponse(): GetStatusResponse {
     currentJob: undefined,
     database: "",
     databaseReachable: false,
+    interruptedJob: undefined,
   };
 }
 
@@ -3921,6 +3928,9 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     }
     if (message.databaseReachable !== false) {
       writer.uint32(56).bool(message.databaseReachable);
+    }
+    if (message.interruptedJob !== undefined) {
+      Job.encode(message.interruptedJob, writer.uint32(66).fork()).join();
     }
     return writer;
   },
@@ -3994,6 +4004,14 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
             message.databaseReachable = reader.bool();
             continue;
           }
+          case 8: {
+            if (tag !== 66) {
+              break;
+            }
+
+            message.interruptedJob = Job.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4039,6 +4057,11 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
         : isSet(object.database_reachable)
         ? globalThis.Boolean(object.database_reachable)
         : false,
+      interruptedJob: isSet(object.interruptedJob)
+        ? Job.fromJSON(object.interruptedJob)
+        : isSet(object.interrupted_job)
+        ? Job.fromJSON(object.interrupted_job)
+        : undefined,
     };
   },
 
@@ -4065,6 +4088,9 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     if (message.databaseReachable !== false) {
       obj.databaseReachable = message.databaseReachable;
     }
+    if (message.interruptedJob !== undefined) {
+      obj.interruptedJob = Job.toJSON(message.interruptedJob);
+    }
     return obj;
   },
 
@@ -4088,6 +4114,9 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
       : undefined;
     message.database = object.database ?? "";
     message.databaseReachable = object.databaseReachable ?? false;
+    message.interruptedJob = (object.interruptedJob !== undefined && object.interruptedJob !== null)
+      ? Job.fromPartial(object.interruptedJob)
+      : undefined;
     return message;
   },
 };
