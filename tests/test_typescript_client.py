@@ -15,6 +15,8 @@ import hashlib
 import json
 import os
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tarfile
@@ -22,6 +24,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import grpc
 import psycopg
 import pytest
 
@@ -335,6 +338,63 @@ def test_an_aborted_restore_with_cancel_job_on_abort_is_rolled_back(
     assert out["error"]["name"] == "AbortError" and "RESTORING" in out["phases"]
     assert out["currentJob"] is None  # cancelled on the service before the promise rejected
     assert_same(before, fingerprint(database.uri))
+
+
+def test_status_tells_a_restore_interrupted_by_sigkill(
+    node: str, drive_script: Path, pg16: PgServer, make_database: MakeDatabase, tmp_path: Path
+) -> None:
+    """The service killed mid-restore and started again: status() reports the interrupted job."""
+    database = make_database(pg16, seeded=True, rows=20)
+    backup_dir = tmp_path / "backups"
+    backup_dir.mkdir()
+    sleeper = "sleeper.sql"
+    (backup_dir / sleeper).write_bytes(b"-- hand-made\nSELECT pg_catalog.pg_sleep(100000);\n")
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    environment["APERTURE_BACKUP_DATABASE_URL"] = database.uri
+
+    def serve() -> tuple[subprocess.Popen[bytes], str]:
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{probe.getsockname()[1]}"
+        command = [sys.executable, "-m", "aperture_backup", "serve", "--listen", address, "--dir", str(backup_dir)]
+        process = subprocess.Popen(
+            [*command, "--schedule", "off", "--catch-up", "false"],
+            env=environment,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        with BackupClient(address) as client:
+            wait_for(lambda: _answers(client), timeout=60)
+        return process, address
+
+    first, address = serve()
+    try:
+        with BackupClient(address) as client:
+            restore = client.stub.Restore(pb.RestoreRequest(id=sleeper, skip_safety_backup=True), timeout=300)
+            wait_for(lambda: next(restore).progress.phase == pb.PHASE_RESTORING, timeout=60)
+            first.send_signal(signal.SIGKILL)
+            first.wait(timeout=10)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    second, address = serve()
+    try:
+        status = drive(node, drive_script, "status", address)["status"]
+    finally:
+        second.terminate()
+        second.wait(timeout=30)
+    assert "currentJob" not in status  # undefined: nothing runs after the restart
+    job = status["interruptedJob"]
+    assert (job["kind"], job["backupId"], job["trigger"]) == ("RESTORE", sleeper, "MANUAL"), job
+    assert "interrupted" in job["progress"]["message"]
+
+
+def _answers(client: BackupClient) -> bool:
+    try:
+        client.status()
+    except grpc.RpcError:
+        return False
+    return True
 
 
 def test_a_checksum_mismatch_leaves_no_file_under_the_final_name(

@@ -144,7 +144,8 @@ export function serviceStatus(value: wire.GetStatusResponse): ServiceStatus {
     lastSuccessfulAgeMs: durationMs(value.lastSuccessfulAge),
     lastFailedBackup: optionalBackup(value.lastFailedBackup),
     nextScheduledRun: value.nextScheduledRun,
-    currentJob: value.currentJob === undefined ? undefined : job(value.currentJob),
+    currentJob: optionalJob(value.currentJob),
+    interruptedJob: optionalJob(value.interruptedJob),
     database: value.database,
     databaseReachable: value.databaseReachable,
   };

@@ -155,6 +155,11 @@ export interface ServiceStatus {
   nextScheduledRun: Date | undefined;
   /** The job running now; undefined when idle. */
   currentJob: Job | undefined;
+  /**
+   * A job that was running when the service last stopped without finishing it (killed, crashed); an
+   * interrupted restore was rolled back. `progress.message` says what happened. Undefined otherwise.
+   */
+  interruptedJob: Job | undefined;
   /** The database the service backs up (its name only). */
   database: string;
   /** Whether the database answers right now. */

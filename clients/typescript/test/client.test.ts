@@ -125,6 +125,7 @@ describe("aperture-backup client", { concurrency: false }, () => {
     assert.equal(status.databaseReachable, true);
     assert.ok(status.database.length > 0);
     assert.equal(status.currentJob, undefined);
+    assert.equal(status.interruptedJob, undefined);
     assert.ok(status.lastSuccessfulBackup !== undefined);
     assert.ok((status.lastSuccessfulAgeMs ?? -1) >= 0);
   });

@@ -405,6 +405,8 @@ async function main(argv: string[]): Promise<Json> {
     switch (command) {
       case "everything":
         return await everything(client, args[0] ?? ".", args[1] ?? "no-such-backup.sql.gz");
+      case "status":
+        return { status: await client.status() };
       case "cancel-backups":
         return await cancelBackups(client);
       case "cancel-restore":
