@@ -13,7 +13,7 @@ import {
   throwIfAborted,
   unary,
 } from "./connection";
-import { abortError, BackupServiceError } from "./errors";
+import { abortError, BackupServiceError, TransferError } from "./errors";
 import { Operation } from "./operation";
 import {
   type DownloadOptions,
@@ -85,7 +85,7 @@ export interface ScheduleChange {
 
 function requireBackup(response: { backup?: wire.Backup | undefined }, what: string): Backup {
   if (response.backup === undefined) {
-    throw new TypeError(`${what}: the service's response carries no backup`);
+    throw new TransferError(`${what}: the service's response carries no backup`);
   }
   return convert.backup(response.backup);
 }
@@ -140,7 +140,7 @@ export class BackupClient {
         emit(convert.progressEvent(message.progress, message.backup));
       }
       if (last === undefined || last.state !== "READY") {
-        throw new TypeError(`Create ended without a READY backup (last state: ${last?.state ?? "none"})`);
+        throw new TransferError(`Create ended without a READY backup (last state: ${last?.state ?? "none"})`);
       }
       return last;
     });
@@ -235,28 +235,28 @@ export class BackupClient {
     return this.#streaming(
       options,
       async (signal, emit) => {
-      const call = this.raw.restore(
-        { id, skipSafetyBackup: options.skipSafetyBackup ?? false },
-        this.#context.metadata(options),
-        this.#context.callOptions(options, false),
-      );
-      let result: wire.RestoreResult | undefined;
-      for await (const message of serverStream(call, signal)) {
-        result = message.result ?? result;
-        emit(convert.progressEvent(message.progress, undefined));
-      }
-      if (result === undefined) {
-        throw new TypeError(`Restore of ${id} ended without a result`);
-      }
-      return convert.restoreResult(result);
+        const call = this.raw.restore(
+          { id, skipSafetyBackup: options.skipSafetyBackup ?? false },
+          this.#context.metadata(options),
+          this.#context.callOptions(options, false),
+        );
+        let result: wire.RestoreResult | undefined;
+        for await (const message of serverStream(call, signal)) {
+          result = message.result ?? result;
+          emit(convert.progressEvent(message.progress, undefined));
+        }
+        if (result === undefined) {
+          throw new TransferError(`Restore of ${id} ended without a result`);
+        }
+        return convert.restoreResult(result);
       },
       id,
     );
   }
 
   /**
-   * Uploads an archive from a file path or a Node stream (give `sizeBytes` for a stream), with
-   * back-pressure, so memory stays flat however large it is. The service checks it (size, SHA-256,
+   * Uploads an archive from a file path or a Node stream (of `sizeBytes`; one of unknown size is spooled
+   * to a temporary file first), with back-pressure, so memory stays flat however large it is. The service checks it (size, SHA-256,
    * format, readable to the end), stores it as a backup with trigger UPLOADED and, with `restore: true`,
    * restores it. A refused upload leaves nothing behind on the service, and so does an abort while the
    * data is still being sent; once it is all in, the service finishes checking and restoring regardless.

@@ -1,4 +1,5 @@
 /** Between the generated wire messages (numeric enums, int64 as decimal strings) and the client's types. */
+import { TransferError } from "./errors";
 import * as wire from "./generated/aperture/backup/v1/backup";
 import type { Duration } from "./generated/google/protobuf/duration";
 import type {
@@ -105,7 +106,7 @@ export function progressEvent(value: wire.Progress | undefined, about: wire.Back
 
 export function restoreResult(value: wire.RestoreResult): RestoreResult {
   if (value.restored === undefined) {
-    throw new TypeError("the service's restore result names no restored backup");
+    throw new TransferError("the service's restore result names no restored backup");
   }
   return {
     restored: backup(value.restored),

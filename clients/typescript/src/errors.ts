@@ -93,7 +93,11 @@ export class BackupServiceError extends Error {
   }
 }
 
-/** A download or upload did not give what the service promised: a gap, a short stream, a size mismatch. */
+/**
+ * A call did not give what the service promised: a download with a gap or cut short, an upload source
+ * whose size differs from `sizeBytes`, a long operation that ended without its result, a response
+ * without the backup it must carry.
+ */
 export class TransferError extends Error {
   override name = "TransferError";
 }
