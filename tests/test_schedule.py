@@ -97,9 +97,9 @@ def test_set_schedule_changes_persist_and_validate(
     assert (next_run.hour, next_run.minute) == (3, 15)
     assert svc.client.status().next_scheduled_run == response.next_run_time
 
-    for bad in ({"time_of_day": "24:00"}, {"time_of_day": "3pm"}, {"time_zone": "Nowhere/City"}):
+    for bad_time, bad_zone in (("24:00", None), ("3pm", None), (None, "Nowhere/City")):
         with pytest.raises(grpc.RpcError) as info:
-            svc.client.set_schedule(**bad)
+            svc.client.set_schedule(time_of_day=bad_time, time_zone=bad_zone)
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
     off = svc.client.set_schedule(enabled=False)

@@ -727,16 +727,22 @@ def test_cli_download_upload_and_restore(
     source = service_factory(source_db.uri)
     backup = source.client.create()
     output = tmp_path / "out.sql.gz"
-    output.write_bytes((source.backup_dir / backup.id).read_bytes()[:1000])  # a partial earlier download
+    # A partial earlier download, kept under FILE.part as the CLI leaves it.
+    (tmp_path / "out.sql.gz.part").write_bytes((source.backup_dir / backup.id).read_bytes()[:1000])
 
     assert cli.main(["download", backup.id, "--server", source.target, "-o", str(output), "--resume"]) == 0
     assert _sha256(output.read_bytes()) == backup.sha256
+    assert not (tmp_path / "out.sql.gz.part").exists()
 
     target = service_factory(target_db.uri)
     assert cli.main(["upload", str(output), "--server", target.target]) == 0
     stored = next(iter(target.client.list()))
     assert stored.trigger == pb.BACKUP_TRIGGER_UPLOADED
-    assert cli.main(["restore", stored.id, "--server", target.target, "--skip-safety-backup"]) == 0
+    before = fingerprint(target_db.uri)
+    # Without a terminal to ask on, replacing the database needs --yes.
+    assert cli.main(["restore", stored.id, "--server", target.target, "--skip-safety-backup"]) == 2
+    assert_same(before, fingerprint(target_db.uri))
+    assert cli.main(["restore", stored.id, "--server", target.target, "--skip-safety-backup", "--yes"]) == 0
     assert_same(fingerprint(source_db.uri), fingerprint(target_db.uri))
 
 

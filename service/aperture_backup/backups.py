@@ -202,18 +202,22 @@ class BackupManager:
 
     # -- retention -------------------------------------------------------------------------------------
 
-    def set_retention(self, keep: int) -> tuple[int, list[str]]:
+    def set_retention(self, keep: int, *, dry_run: bool = False) -> tuple[int, list[str]]:
+        """Save and apply `keep`; with `dry_run`, only say what it would delete."""
+        if dry_run:
+            self.settings.check_keep(keep)
+            return keep, self.apply_retention(keep=keep, dry_run=True)
         self.settings.set_keep(keep)
         return keep, self.apply_retention()
 
-    def apply_retention(self) -> list[str]:
+    def apply_retention(self, *, keep: int | None = None, dry_run: bool = False) -> list[str]:
         """Keep the newest N READY backups; delete older READY ones and FAILED entries older than the
         oldest kept one. Never delete the newest READY backup, anything CREATING, or an archive in use
         (being downloaded or restored, or the safety backup of a running restore).
 
         Uploads neither count nor are deleted: whoever uploads can upload many, and junk uploads must not
         push out the backups of this database. They stay until deleted by hand."""
-        keep = self.settings.current.keep
+        keep = self.settings.current.keep if keep is None else keep
         deleted: list[str] = []
         with self._retention_lock:
             backups = [b for b in self.store.list_backups() if b.trigger not in UNCOUNTED_TRIGGERS]
@@ -229,13 +233,16 @@ class BackupManager:
                 if self.store.is_pinned(backup.id):
                     _logger.info("retention keeps %s: it is in use", backup.id)
                     continue
+                if dry_run:
+                    deleted.append(backup.id)
+                    continue
                 try:
                     self.store.delete(backup.id)
                 except OSError as exc:
                     _logger.warning("retention could not delete %s: %s", backup.id, exc)
                     continue
                 deleted.append(backup.id)
-        if deleted:
+        if deleted and not dry_run:
             _logger.info("retention (keep %d) deleted %s", keep, ", ".join(deleted))
         return deleted
 

@@ -64,7 +64,8 @@ class EmbeddedPostgres:
             for folder in (data_dir.parent, data_dir.parent.parent):
                 folder.chmod(0o700)
         self.uri: str = self._server.get_uri()
-        _logger.info("started embedded PostgreSQL with data in %s", data_dir)
+        # Say how to reach it, so that a newcomer can put data in and see it come back after a restore.
+        _logger.info("started embedded PostgreSQL with data in %s; connect with: psql '%s'", data_dir, self.uri)
 
     def stop(self) -> None:
         """Fast shutdown (SIGINT to the postmaster): rolls back open sessions and stops cleanly. Sent

@@ -680,6 +680,18 @@ class RestoreManager:
                 session.transaction_status(settle=True)  # return only once the rollback is done
                 watching.set()
                 raise
+            if session.commit_sent:
+                # Every byte is read, but psql is still at work on what the archive ends with: pg_dump puts
+                # index builds and constraint checks after the data, and they can take longest.
+                job.update(
+                    progress=Progress(
+                        phase="restoring",
+                        bytes_done=total,
+                        bytes_total=total,
+                        elapsed_seconds=job.elapsed(),
+                        message="all data sent; PostgreSQL is building indexes and checking constraints",
+                    )
+                )
             returncode = session.wait()
             watching.set()
             status = session.transaction_status(settle=not session.commit_sent or returncode != 0)

@@ -120,7 +120,7 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def SetRetention(self, request: pb.SetRetentionRequest, context: grpc.ServicerContext) -> pb.SetRetentionResponse:
         if not request.HasField("policy"):
             raise InvalidArgument('policy is required, for example {"policy": {"keep_last": 7}}')
-        keep, deleted = self._app.backups.set_retention(request.policy.keep_last)
+        keep, deleted = self._app.backups.set_retention(request.policy.keep_last, dry_run=request.validate_only)
         return pb.SetRetentionResponse(policy=pb.RetentionPolicy(keep_last=keep), deleted_ids=deleted)
 
     def GetRetention(self, request: pb.GetRetentionRequest, context: grpc.ServicerContext) -> pb.GetRetentionResponse:

@@ -64,11 +64,15 @@ class SettingsStore:
         with self._lock:
             return self._settings
 
-    def set_keep(self, keep: int) -> Settings:
+    @staticmethod
+    def check_keep(keep: int) -> None:
         if not MIN_KEEP <= keep <= MAX_KEEP:
             raise InvalidArgument(
                 f"keep_last must be between {MIN_KEEP} and {MAX_KEEP}, got {keep}", reason="INVALID_RETENTION"
             )
+
+    def set_keep(self, keep: int) -> Settings:
+        self.check_keep(keep)
         return self._update(lambda s: replace(s, keep=keep))
 
     def set_schedule(

@@ -160,20 +160,60 @@ class BackupClient:
     def delete(self, backup_id: str) -> pb.Backup:
         return self.stub.Delete(pb.DeleteRequest(id=backup_id)).backup
 
-    def set_retention(self, keep_last: int) -> pb.SetRetentionResponse:
-        return self.stub.SetRetention(pb.SetRetentionRequest(policy=pb.RetentionPolicy(keep_last=keep_last)))
+    def set_retention(self, keep_last: int, *, validate_only: bool = False) -> pb.SetRetentionResponse:
+        """Keep the newest `keep_last` backups; `deleted_ids` says what went (with `validate_only`: what would
+        go, nothing changes)."""
+        return self.stub.SetRetention(
+            pb.SetRetentionRequest(policy=pb.RetentionPolicy(keep_last=keep_last), validate_only=validate_only)
+        )
 
     def get_retention(self) -> pb.RetentionPolicy:
         return self.stub.GetRetention(pb.GetRetentionRequest()).policy
 
-    def set_schedule(self, **fields: object) -> pb.SetScheduleResponse:
-        return self.stub.SetSchedule(pb.SetScheduleRequest(**fields))  # type: ignore[arg-type]
+    def set_schedule(
+        self,
+        *,
+        enabled: bool | None = None,
+        time_of_day: str | None = None,
+        time_zone: str | None = None,
+        catch_up: bool | None = None,
+    ) -> pb.SetScheduleResponse:
+        """Change what is given; unset arguments keep their current value."""
+        request = pb.SetScheduleRequest()
+        if enabled is not None:
+            request.enabled = enabled
+        if time_of_day is not None:
+            request.time_of_day = time_of_day
+        if time_zone is not None:
+            request.time_zone = time_zone
+        if catch_up is not None:
+            request.catch_up = catch_up
+        return self.stub.SetSchedule(request)
 
     def get_schedule(self) -> pb.GetScheduleResponse:
         return self.stub.GetSchedule(pb.GetScheduleRequest())
 
     def status(self) -> pb.GetStatusResponse:
         return self.stub.GetStatus(pb.GetStatusRequest())
+
+    def restore(
+        self,
+        backup_id: str,
+        *,
+        skip_safety_backup: bool = False,
+        on_progress: Callable[[pb.RestoreResponse], None] | None = None,
+        timeout: float | None = None,
+    ) -> pb.RestoreResult:
+        """Restore a stored backup (after a safety backup, unless skipped); returns the result once committed."""
+        last: pb.RestoreResponse | None = None
+        request = pb.RestoreRequest(id=backup_id, skip_safety_backup=skip_safety_backup)
+        for message in self.stub.Restore(request, timeout=timeout):
+            last = message
+            if on_progress is not None:
+                on_progress(message)
+        if last is None or not last.HasField("result"):
+            raise TransferError("the server closed the Restore stream without a result")
+        return last.result
 
     def cancel(self, backup_id: str, *, timeout: float | None = 60) -> pb.CancelResponse:
         """Stop the running backup or restore of `backup_id`; waits a few seconds for it to stop."""
@@ -201,8 +241,10 @@ class BackupClient:
         offset: int = 0,
         chunk_size: int = 0,
         timeout: float | None = None,
+        on_progress: Callable[[int], None] | None = None,
     ) -> pb.Backup:
-        """Save a backup's archive to `dest_path` and check its SHA-256; returns the backup.
+        """Save a backup's archive to `dest_path` and check its SHA-256; returns the backup. `on_progress`
+        gets the bytes the file holds so far, after each chunk.
 
         To resume a broken download, pass `offset=` the size of the partial file: its bytes are kept (and
         hashed) and only the rest is fetched. Raises ChecksumMismatch when the result differs from the
@@ -215,19 +257,29 @@ class BackupClient:
         digest = file_sha256(dest, limit=offset) if offset else hashlib.sha256()
         backup: pb.Backup | None = None
         position = offset
-        with open(dest, "r+b" if offset else "wb") as handle:
-            if offset:
-                # Bytes past the offset (from an earlier, longer attempt) are replaced by the server's.
-                handle.truncate(offset)
-                handle.seek(offset)
+        handle = None
+        try:
             for chunk in self.stream_download(backup_id, offset=offset, chunk_size=chunk_size, timeout=timeout):
+                if handle is None:
+                    # Opened once the server has answered, so that an unknown id leaves no empty file.
+                    handle = open(dest, "r+b" if offset else "wb")  # noqa: SIM115 - closed below
+                    if offset:
+                        # Bytes past the offset (from an earlier, longer attempt) are replaced by the server's.
+                        handle.truncate(offset)
+                        handle.seek(offset)
                 if chunk.backup is not None:
                     backup = chunk.backup
                 handle.write(chunk.data)
                 digest.update(chunk.data)
                 position += len(chunk.data)
-            handle.flush()
-            os.fsync(handle.fileno())
+                if on_progress is not None:
+                    on_progress(position)
+            if handle is not None:
+                handle.flush()
+                os.fsync(handle.fileno())
+        finally:
+            if handle is not None:
+                handle.close()
         if backup is None:
             raise TransferError("the server closed the download without the backup's metadata")
         if position != backup.size_bytes:

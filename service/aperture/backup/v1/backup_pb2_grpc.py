@@ -165,7 +165,8 @@ class BackupServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def SetRetention(self, request, context):
-        """Sets how many backups to keep, applies it at once and returns what it deleted.
+        """Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
+        what it would delete, changing nothing).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -69,7 +69,9 @@ class BackupServiceStub:
     Streams progress and ends with the result.
     """
     SetRetention: _grpc.UnaryUnaryMultiCallable[_backup_pb2.SetRetentionRequest, _backup_pb2.SetRetentionResponse]
-    """Sets how many backups to keep, applies it at once and returns what it deleted."""
+    """Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
+    what it would delete, changing nothing).
+    """
     GetRetention: _grpc.UnaryUnaryMultiCallable[_backup_pb2.GetRetentionRequest, _backup_pb2.GetRetentionResponse]
     """Returns the retention policy."""
     SetSchedule: _grpc.UnaryUnaryMultiCallable[_backup_pb2.SetScheduleRequest, _backup_pb2.SetScheduleResponse]
@@ -119,7 +121,9 @@ class BackupServiceAsyncStub(BackupServiceStub):
     Streams progress and ends with the result.
     """
     SetRetention: _aio.UnaryUnaryMultiCallable[_backup_pb2.SetRetentionRequest, _backup_pb2.SetRetentionResponse]  # type: ignore[assignment]
-    """Sets how many backups to keep, applies it at once and returns what it deleted."""
+    """Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
+    what it would delete, changing nothing).
+    """
     GetRetention: _aio.UnaryUnaryMultiCallable[_backup_pb2.GetRetentionRequest, _backup_pb2.GetRetentionResponse]  # type: ignore[assignment]
     """Returns the retention policy."""
     SetSchedule: _aio.UnaryUnaryMultiCallable[_backup_pb2.SetScheduleRequest, _backup_pb2.SetScheduleResponse]  # type: ignore[assignment]
@@ -214,7 +218,9 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _backup_pb2.SetRetentionRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_backup_pb2.SetRetentionResponse, _abc.Awaitable[_backup_pb2.SetRetentionResponse]]:
-        """Sets how many backups to keep, applies it at once and returns what it deleted."""
+        """Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
+        what it would delete, changing nothing).
+        """
 
     @_abc_1.abstractmethod
     def GetRetention(

@@ -616,7 +616,11 @@ export interface RetentionPolicy {
 /** Request of SetRetention. */
 export interface SetRetentionRequest {
   /** The new policy. Persisted and applied at once. */
-  policy: RetentionPolicy | undefined;
+  policy:
+    | RetentionPolicy
+    | undefined;
+  /** Only check the policy and say what it would delete (`deleted_ids`); nothing is saved or deleted. */
+  validateOnly: boolean;
 }
 
 /** Response of SetRetention. */
@@ -2926,13 +2930,16 @@ export const RetentionPolicy: MessageFns<RetentionPolicy> = {
 };
 
 function createBaseSetRetentionRequest(): SetRetentionRequest {
-  return { policy: undefined };
+  return { policy: undefined, validateOnly: false };
 }
 
 export const SetRetentionRequest: MessageFns<SetRetentionRequest> = {
   encode(message: SetRetentionRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.policy !== undefined) {
       RetentionPolicy.encode(message.policy, writer.uint32(10).fork()).join();
+    }
+    if (message.validateOnly !== false) {
+      writer.uint32(16).bool(message.validateOnly);
     }
     return writer;
   },
@@ -2958,6 +2965,14 @@ export const SetRetentionRequest: MessageFns<SetRetentionRequest> = {
             message.policy = RetentionPolicy.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.validateOnly = reader.bool();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -2971,13 +2986,23 @@ export const SetRetentionRequest: MessageFns<SetRetentionRequest> = {
   },
 
   fromJSON(object: any): SetRetentionRequest {
-    return { policy: isSet(object.policy) ? RetentionPolicy.fromJSON(object.policy) : undefined };
+    return {
+      policy: isSet(object.policy) ? RetentionPolicy.fromJSON(object.policy) : undefined,
+      validateOnly: isSet(object.validateOnly)
+        ? globalThis.Boolean(object.validateOnly)
+        : isSet(object.validate_only)
+        ? globalThis.Boolean(object.validate_only)
+        : false,
+    };
   },
 
   toJSON(message: SetRetentionRequest): unknown {
     const obj: any = {};
     if (message.policy !== undefined) {
       obj.policy = RetentionPolicy.toJSON(message.policy);
+    }
+    if (message.validateOnly !== false) {
+      obj.validateOnly = message.validateOnly;
     }
     return obj;
   },
@@ -2990,6 +3015,7 @@ export const SetRetentionRequest: MessageFns<SetRetentionRequest> = {
     message.policy = (object.policy !== undefined && object.policy !== null)
       ? RetentionPolicy.fromPartial(object.policy)
       : undefined;
+    message.validateOnly = object.validateOnly ?? false;
     return message;
   },
 };
@@ -4376,7 +4402,10 @@ export const BackupServiceService = {
     responseSerialize: (value: RestoreResponse): Buffer => Buffer.from(RestoreResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): RestoreResponse => RestoreResponse.decode(value),
   },
-  /** Sets how many backups to keep, applies it at once and returns what it deleted. */
+  /**
+   * Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
+   * what it would delete, changing nothing).
+   */
   setRetention: {
     path: "/aperture.backup.v1.BackupService/SetRetention" as const,
     requestStream: false as const,
@@ -4477,7 +4506,10 @@ export interface BackupServiceServer extends UntypedServiceImplementation {
    * Streams progress and ends with the result.
    */
   restore: handleServerStreamingCall<RestoreRequest, RestoreResponse>;
-  /** Sets how many backups to keep, applies it at once and returns what it deleted. */
+  /**
+   * Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
+   * what it would delete, changing nothing).
+   */
   setRetention: handleUnaryCall<SetRetentionRequest, SetRetentionResponse>;
   /** Returns the retention policy. */
   getRetention: handleUnaryCall<GetRetentionRequest, GetRetentionResponse>;
@@ -4589,7 +4621,10 @@ export interface BackupServiceClient extends Client {
     metadata?: Metadata,
     options?: Partial<CallOptions>,
   ): ClientReadableStream<RestoreResponse>;
-  /** Sets how many backups to keep, applies it at once and returns what it deleted. */
+  /**
+   * Sets how many backups to keep, applies it at once and returns what it deleted (with `validate_only`:
+   * what it would delete, changing nothing).
+   */
   setRetention(
     request: SetRetentionRequest,
     callback: (error: ServiceError | null, response: SetRetentionResponse) => void,

@@ -1,0 +1,639 @@
+"""The client commands of `aperture-backup`: what an administrator (or a script) does with a running
+service. Humans get progress bars and tables on a terminal; scripts get `--json` (one JSON document, or
+JSON lines for streams, with the API's field names) and exit codes that tell outcomes apart."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, TextIO
+
+import grpc
+from google.protobuf import json_format
+from google.protobuf.message import Message
+
+from .config import ENV_PREFIX, ConfigError, parse_hhmm, read_secret_file, secret_from_env
+
+if TYPE_CHECKING:
+    from rich.progress import Progress as RichProgress
+
+    from aperture_backup_client import BackupClient, ChannelSettings, pb
+
+# -- exit codes ------------------------------------------------------------------------------------------
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_REFUSED = 4
+EXIT_UNREACHABLE = 5
+EXIT_DENIED = 6
+EXIT_INTERRUPTED = 130
+
+EXIT_CODES_HELP = """exit codes:
+  0    success
+  1    the server failed (or a download did not match its checksum)
+  2    usage error: bad arguments or configuration, a file that cannot be read, a refused confirmation
+  3    not found: no backup with that id
+  4    refused: another job runs, the backup is in use or not ready, no room, cancelled
+  5    the server cannot be reached (or did not answer in time)
+  6    not allowed: no token, a wrong token, or a read-only token for a change
+  130  interrupted (Ctrl-C)"""
+
+_STATUS_EXIT = {
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    grpc.StatusCode.INVALID_ARGUMENT: EXIT_USAGE,
+    grpc.StatusCode.OUT_OF_RANGE: EXIT_USAGE,
+    grpc.StatusCode.FAILED_PRECONDITION: EXIT_REFUSED,
+    grpc.StatusCode.ABORTED: EXIT_REFUSED,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: EXIT_REFUSED,
+    grpc.StatusCode.ALREADY_EXISTS: EXIT_REFUSED,
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNREACHABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED: EXIT_UNREACHABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
+}
+
+
+def exit_code(code: grpc.StatusCode) -> int:
+    return _STATUS_EXIT.get(code, EXIT_FAILED)
+
+
+class UsageError(Exception):
+    """A mistake of the caller's that the CLI finds itself (exit code 2)."""
+
+
+# -- words for people ----------------------------------------------------------------------------------------
+
+_PHASE_WORDS = {
+    "PHASE_PREPARING": "preparing",
+    "PHASE_DUMPING": "dumping",
+    "PHASE_FINALIZING": "finishing the archive",
+    "PHASE_UPLOADING": "uploading",
+    "PHASE_VERIFYING": "checking the archive",
+    "PHASE_SAFETY_BACKUP": "safety backup",
+    "PHASE_RESTORING": "restoring",
+    "PHASE_DONE": "done",
+}
+
+
+def phase_words(progress: pb.Progress) -> str:
+    from aperture_backup_client import pb
+
+    words = _PHASE_WORDS.get(pb.Phase.Name(progress.phase), "working")
+    return f"{words}: {progress.message}" if progress.message else words
+
+
+def human_size(size: int) -> str:
+    if size >= 1024**3:
+        return f"{size / 1024**3:.2f} GB"
+    if size >= 1024**2:
+        return f"{size / 1024**2:.1f} MB"
+    if size >= 1024:
+        return f"{size / 1024:.0f} kB"
+    return f"{size} B"
+
+
+def local_time(timestamp: Any) -> str:
+    """A protobuf Timestamp as local time, minutes precision."""
+    when: datetime = timestamp.ToDatetime(tzinfo=UTC)
+    return when.astimezone().strftime("%Y-%m-%d %H:%M")
+
+
+def _name(enum: Any, value: int, prefix: str) -> str:
+    return str(enum.Name(value)).removeprefix(prefix).lower().replace("_", "-")
+
+
+# -- output ------------------------------------------------------------------------------------------------------
+
+
+class Output:
+    """Where results go: JSON for scripts, words and tables for people; progress on stderr only on a
+    terminal (elsewhere the final line says it all)."""
+
+    def __init__(self, *, as_json: bool, stdout: TextIO | None = None, stderr: TextIO | None = None):
+        self.as_json = as_json
+        self.stdout = stdout or sys.stdout
+        self.stderr = stderr or sys.stderr
+        self.interactive = self.stderr.isatty() and not as_json
+
+    def document(self, message: Message | Mapping[str, Any]) -> None:
+        """One JSON document (--json)."""
+        data = message if isinstance(message, Mapping) else json_format.MessageToDict(message)
+        self.stdout.write(json.dumps(data, indent=2) + "\n")
+
+    def line(self, message: Message) -> None:
+        """One JSON line of a stream (--json)."""
+        self.stdout.write(json.dumps(json_format.MessageToDict(message), separators=(",", ":")) + "\n")
+        self.stdout.flush()
+
+    def text(self, text: str) -> None:
+        self.stdout.write(text + "\n")
+
+    def note(self, text: str) -> None:
+        self.stderr.write(text + "\n")
+
+    @contextlib.contextmanager
+    def progress(self, title: str) -> Iterator[Callable[[pb.Progress], None]]:
+        """A live progress bar on a terminal: phase in words, bytes, rate and, where the total is known,
+        the time left. Off a terminal, nothing until the command's final line."""
+        if not self.interactive:
+            yield lambda progress: None
+            return
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        bar: RichProgress = Progress(
+            TextColumn("[bold]{task.fields[title]}[/]"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            TimeRemainingColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[phase]}"),
+            console=Console(file=self.stderr),
+            transient=True,
+        )
+        with bar:
+            task = bar.add_task(title, total=None, title=title, phase="starting")
+
+            def update(progress: pb.Progress) -> None:
+                total = progress.bytes_total or None
+                bar.update(task, completed=progress.bytes_done, total=total, phase=phase_words(progress))
+
+            yield update
+
+
+# -- the commands ------------------------------------------------------------------------------------------------
+
+
+def connection_options() -> argparse.ArgumentParser:
+    """How the client commands reach the service: flags, or the same APERTURE_BACKUP_* variables."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="machine-readable output (JSON; JSON lines for streams)")
+    group = common.add_argument_group("connection")
+    group.add_argument(
+        "--server",
+        default=os.environ.get(ENV_PREFIX + "ADDRESS") or "127.0.0.1:50051",
+        help="host:port of the service (APERTURE_BACKUP_ADDRESS; default 127.0.0.1:50051)",
+    )
+    group.add_argument("--token", help="bearer token; prefer --token-file (APERTURE_BACKUP_TOKEN)")
+    group.add_argument("--token-file", type=Path, help="file holding the token (APERTURE_BACKUP_TOKEN_FILE)")
+    group.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CAs")
+    group.add_argument("--ca-cert", type=Path, help="PEM CA that signed the server's certificate; implies TLS")
+    group.add_argument("--client-cert", type=Path, help="PEM client certificate for mutual TLS")
+    group.add_argument("--client-key", type=Path, help="PEM private key of --client-cert")
+    group.add_argument("--tls-server-name", help="name the server's certificate must carry, if not the host")
+    return common
+
+
+def connection_settings(args: argparse.Namespace, env: Mapping[str, str] | None = None) -> ChannelSettings:
+    """BackupClient's keyword arguments from flags, falling back to the environment."""
+    from aperture_backup_client import ChannelSettings
+
+    env = os.environ if env is None else env
+    if args.token is not None and args.token_file is not None:
+        raise ConfigError("pass --token or --token-file, not both")
+    if args.token_file is not None:
+        token: str | None = read_secret_file(args.token_file, variable="--token-file")
+    elif args.token is not None:
+        token = args.token
+    else:
+        token = secret_from_env(env, "TOKEN")
+
+    def path(flag: Path | None, variable: str) -> Path | None:
+        value = flag or (Path(v) if (v := env.get(ENV_PREFIX + variable, "").strip()) else None)
+        if value is not None and not value.is_file():
+            name = f"--{variable.lower().replace('_', '-')}" if flag else ENV_PREFIX + variable
+            raise ConfigError(f"{name} names {value}, which is not a readable file")
+        return value
+
+    return ChannelSettings(
+        token=token,
+        tls=args.tls,
+        ca_cert=path(args.ca_cert, "CA_CERT"),
+        client_cert=path(args.client_cert, "CLIENT_CERT"),
+        client_key=path(args.client_key, "CLIENT_KEY"),
+        server_name=args.tls_server_name or env.get(ENV_PREFIX + "TLS_SERVER_NAME") or None,
+    )
+
+
+def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    common = connection_options()
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            parents=[common],
+            epilog=EXIT_CODES_HELP,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+
+    cmd = command("create", "make a backup now")
+    cmd.add_argument("--format", choices=["plain", "custom"], default="plain")
+    cmd.add_argument("--compression", choices=["gzip", "zstd", "none"], default=None)
+    command("list", "list backups, newest first")
+    command("get", "show one backup").add_argument("id")
+    cmd = command("delete", "delete one backup (asks first on a terminal)")
+    cmd.add_argument("id")
+    cmd.add_argument("-y", "--yes", action="store_true", help="do not ask")
+    command("status", "last backup, next scheduled run, running job")
+    cmd = command("retention", "show or set how many backups to keep")
+    cmd.add_argument("--keep", type=int, help="keep the newest N backups")
+    cmd.add_argument("--dry-run", action="store_true", help="only say what --keep would delete")
+    cmd.add_argument("-y", "--yes", action="store_true", help="do not ask before deleting")
+    cmd = command("schedule", "show or change the daily backup")
+    cmd.add_argument("time", nargs="?", help='time of day "HH:MM" (turns the schedule on)')
+    cmd.add_argument("--tz", help='IANA time zone, e.g. "Europe/Berlin"')
+    cmd.add_argument("--off", action="store_true", help="no daily backup")
+    cmd.add_argument("--on", action="store_true", help="daily backup at the time set")
+    command("health", "exit 0 when the service reports SERVING (for container health checks)")
+    cmd = command("download", "save a backup's archive to a file, checking size and SHA-256")
+    cmd.add_argument("id")
+    cmd.add_argument("-o", "--output", type=Path, help="file to write (default: the backup's id, here)")
+    cmd.add_argument("--resume", action="store_true", help="continue the partial download (FILE.part)")
+    cmd = command("upload", "upload an archive and store it as a backup; --restore also restores it")
+    cmd.add_argument("path", type=Path)
+    cmd.add_argument("--restore", action="store_true", help="restore the archive once it is stored")
+    cmd.add_argument("--skip-safety-backup", action="store_true", help="do not take a safety backup first")
+    cmd.add_argument("-y", "--yes", action="store_true", help="do not ask before replacing the database")
+    cmd = command("restore", "replace the database with a stored backup (a safety backup is taken first)")
+    cmd.add_argument("id")
+    cmd.add_argument("--skip-safety-backup", action="store_true", help="do not take a safety backup first")
+    cmd.add_argument("-y", "--yes", action="store_true", help="do not ask before replacing the database")
+    cmd = command("cancel", "stop the running backup or restore")
+    cmd.add_argument("id", nargs="?", help="the backup being made or restored (default: whatever runs now)")
+
+
+def run(args: argparse.Namespace, out: Output | None = None) -> int:
+    """Run one client command; returns the exit code. Errors a person can fix become a message and an exit
+    code, never a traceback."""
+    out = out or Output(as_json=args.json)
+    try:
+        result = _dispatch(args, out)
+        out.stdout.flush()  # here, where a closed pipe can still be answered quietly
+        return result
+    except grpc.RpcError as exc:
+        code = exc.code()
+        out.note(f"aperture-backup: {_status_words(code)}: {exc.details()}")
+        return exit_code(code)
+    except (ConfigError, UsageError) as exc:
+        out.note(f"aperture-backup: {exc}")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        if args.command in {"create", "restore", "upload"}:
+            out.note(
+                "aperture-backup: interrupted. The service goes on with the job on its own; "
+                "`aperture-backup status` shows it, `aperture-backup cancel` stops it"
+            )
+        else:
+            out.note("aperture-backup: interrupted")
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `aperture-backup list | head`: the reader has all it wanted.
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - keeps Python's exit flush quiet
+        return EXIT_OK
+
+
+def _status_words(code: grpc.StatusCode) -> str:
+    return {
+        grpc.StatusCode.UNAVAILABLE: "the server cannot be reached",
+        grpc.StatusCode.UNAUTHENTICATED: "not allowed",
+        grpc.StatusCode.PERMISSION_DENIED: "not allowed",
+    }.get(code, code.name)
+
+
+def _dispatch(args: argparse.Namespace, out: Output) -> int:
+    from aperture_backup_client import BackupClient
+
+    settings = connection_settings(args)
+    if args.command == "health":
+        return _health(args.server, settings, out)
+    if args.command == "upload":
+        _check_readable(args.path)
+    with BackupClient(args.server, **settings) as client:
+        handler: Callable[[BackupClient, argparse.Namespace, Output], int] = _HANDLERS[args.command]
+        return handler(client, args, out)
+
+
+def _check_readable(path: Path) -> None:
+    if path.is_dir():
+        raise UsageError(f"{path} is a directory; upload takes an archive file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise UsageError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _confirm(out: Output, question: str, *, yes: bool) -> None:
+    """Ask on a terminal; without one, refuse unless --yes: a script must say what it means."""
+    if yes:
+        return
+    if not (sys.stdin.isatty() and out.stderr.isatty()):
+        raise UsageError(f"{question.rstrip('?')}: refused without a terminal to ask on; pass --yes to do it")
+    out.stderr.write(f"{question} [y/N] ")
+    out.stderr.flush()
+    answer = sys.stdin.readline().strip().lower()
+    if answer not in {"y", "yes"}:
+        raise UsageError("not confirmed; nothing was changed")
+
+
+def _health(server: str, settings: ChannelSettings, out: Output) -> int:
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from aperture_backup_client import open_channel
+
+    with open_channel(server, **settings) as channel:
+        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=5)
+    serving = response.status == health_pb2.HealthCheckResponse.SERVING
+    if out.as_json:
+        out.document(response)
+    else:
+        out.text(health_pb2.HealthCheckResponse.ServingStatus.Name(response.status))
+    return EXIT_OK if serving else EXIT_FAILED
+
+
+def _describe(backup: pb.Backup) -> str:
+    from aperture_backup_client import pb
+
+    return (
+        f"{backup.id} ({human_size(backup.size_bytes)}, {local_time(backup.create_time)}, "
+        f"{_name(pb.BackupTrigger, backup.trigger, 'BACKUP_TRIGGER_')})"
+    )
+
+
+def _create(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    from aperture_backup_client import pb
+
+    fmt = pb.BACKUP_FORMAT_CUSTOM if args.format == "custom" else pb.BACKUP_FORMAT_PLAIN
+    compression = {
+        None: pb.COMPRESSION_UNSPECIFIED,
+        "gzip": pb.COMPRESSION_GZIP,
+        "zstd": pb.COMPRESSION_ZSTD,
+        "none": pb.COMPRESSION_NONE,
+    }[args.compression]
+    with out.progress("backup") as show:
+
+        def on_message(message: pb.CreateResponse) -> None:
+            if out.as_json:
+                out.line(message)
+            show(message.progress)
+
+        backup = client.create(format=fmt, compression=compression, on_progress=on_message)
+    if not out.as_json:
+        seconds = backup.duration.ToTimedelta().total_seconds()
+        out.text(f"{backup.id}: READY, {human_size(backup.size_bytes)} in {seconds:.1f} s")
+    return EXIT_OK
+
+
+def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    from aperture_backup_client import pb
+
+    backups = list(client.list())
+    if out.as_json:
+        out.document({"backups": [json_format.MessageToDict(b) for b in backups]})
+        return EXIT_OK
+    if not backups:
+        out.note("no backups yet (aperture-backup create makes one)")
+        return EXIT_OK
+    rows = [("ID", "CREATED", "SIZE", "FORMAT", "TRIGGER", "STATE", "ERROR")]
+    for b in backups:
+        kind = _name(pb.BackupFormat, b.format, "BACKUP_FORMAT_")
+        if b.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_UNSPECIFIED):
+            kind += "+" + _name(pb.Compression, b.compression, "COMPRESSION_")
+        state = _name(pb.BackupState, b.state, "BACKUP_STATE_")
+        rows.append(
+            (
+                b.id,
+                local_time(b.create_time),
+                human_size(b.size_bytes) if b.state == pb.BACKUP_STATE_READY else "-",
+                kind,
+                _name(pb.BackupTrigger, b.trigger, "BACKUP_TRIGGER_"),
+                state.upper(),
+                b.error if b.state == pb.BACKUP_STATE_FAILED else "",
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    return EXIT_OK
+
+
+def _get(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    backup = client.get(args.id)
+    if out.as_json:
+        out.document(backup)
+    else:
+        for key, value in json_format.MessageToDict(backup).items():
+            out.text(f"{key}: {value}")
+    return EXIT_OK
+
+
+def _delete(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    backup = client.get(args.id)
+    _confirm(out, f"Delete the backup {_describe(backup)}?", yes=args.yes)
+    deleted = client.delete(args.id)
+    if out.as_json:
+        out.document(deleted)
+    else:
+        out.text(f"deleted {deleted.id}")
+    return EXIT_OK
+
+
+def _status(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    status = client.status()
+    if out.as_json:
+        out.document(status)
+        return EXIT_OK
+    out.text(f"database: {status.database} ({'reachable' if status.database_reachable else 'NOT reachable'})")
+    if status.HasField("last_successful_backup"):
+        age = status.last_successful_age.ToTimedelta()
+        out.text(f"last backup: {_describe(status.last_successful_backup)}, {age.total_seconds() / 3600:.1f} h ago")
+    else:
+        out.text("last backup: none")
+    if status.HasField("last_failed_backup"):
+        out.text(f"last failure: {status.last_failed_backup.id}: {status.last_failed_backup.error}")
+    if status.HasField("next_scheduled_run"):
+        out.text(f"next scheduled backup: {local_time(status.next_scheduled_run)}")
+    if status.HasField("current_job"):
+        job = status.current_job
+        out.text(f"running: {job.backup_id} ({phase_words(job.progress)})")
+    if status.HasField("interrupted_job"):
+        out.text(f"interrupted: {status.interrupted_job.progress.message}")
+    return EXIT_OK
+
+
+def _retention(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    if args.keep is None:
+        policy = client.get_retention()
+        if out.as_json:
+            out.document(policy)
+        else:
+            out.text(f"keep the newest {policy.keep_last} backups")
+        return EXIT_OK
+    preview = client.set_retention(args.keep, validate_only=True)
+    if args.dry_run:
+        if out.as_json:
+            out.document(preview)
+        else:
+            gone = ", ".join(preview.deleted_ids) or "nothing"
+            out.text(f"keeping {args.keep} would delete: {gone}")
+        return EXIT_OK
+    if preview.deleted_ids:
+        listed = "\n  ".join(preview.deleted_ids)
+        _confirm(
+            out, f"Keeping {args.keep} deletes {len(preview.deleted_ids)} backups:\n  {listed}\nGo on?", yes=args.yes
+        )
+    response = client.set_retention(args.keep)
+    if out.as_json:
+        out.document(response)
+    else:
+        out.text(
+            f"keep the newest {response.policy.keep_last}; deleted: {', '.join(response.deleted_ids) or 'nothing'}"
+        )
+    return EXIT_OK
+
+
+def _schedule(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    if args.on and args.off:
+        raise UsageError("pass --on or --off, not both")
+    if args.time is not None:
+        parse_hhmm(args.time, variable="the time")
+    changes = args.time is not None or args.tz is not None or args.on or args.off
+    if changes:
+        enabled = False if args.off else True if (args.on or args.time) else None
+        response = client.set_schedule(enabled=enabled, time_of_day=args.time, time_zone=args.tz)
+        schedule, next_run = response.schedule, response.next_run_time if response.HasField("next_run_time") else None
+    else:
+        got = client.get_schedule()
+        schedule, next_run = got.schedule, got.next_run_time if got.HasField("next_run_time") else None
+    if out.as_json:
+        document = {"schedule": json_format.MessageToDict(schedule)}
+        if next_run is not None:
+            document["nextRunTime"] = json_format.MessageToDict(next_run)
+        out.document(document)
+    elif schedule.enabled:
+        when = f"; next {local_time(next_run)}" if next_run is not None else ""
+        out.text(f"daily at {schedule.time_of_day} {schedule.time_zone}{when}")
+    else:
+        out.text(f"off (would run at {schedule.time_of_day} {schedule.time_zone})")
+    return EXIT_OK
+
+
+def _download(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    from aperture_backup_client import ChecksumMismatch, TransferError
+
+    output: Path = args.output or Path(args.id)
+    if output.is_dir():
+        raise UsageError(f"{output} is a directory; pass -o FILE")
+    # Written to FILE.part and renamed once size and SHA-256 match: the final name only ever holds a whole,
+    # checked archive.
+    partial = output.with_name(output.name + ".part")
+    offset = partial.stat().st_size if args.resume and partial.exists() else 0
+    backup = client.get(args.id)
+    with out.progress("download") as show:
+        from aperture_backup_client import pb
+
+        def on_chunk(done: int) -> None:
+            show(pb.Progress(phase=pb.PHASE_UNSPECIFIED, bytes_done=done, bytes_total=backup.size_bytes))
+
+        try:
+            result = client.download(args.id, partial, offset=offset, on_progress=on_chunk)
+        except ChecksumMismatch as exc:
+            partial.unlink(missing_ok=True)
+            out.note(f"aperture-backup: {exc}")
+            return EXIT_FAILED
+        except TransferError as exc:
+            out.note(f"aperture-backup: {exc} (the partial file {partial} is kept: --resume continues it)")
+            return EXIT_FAILED
+    os.replace(partial, output)
+    if out.as_json:
+        out.document(result)
+    else:
+        out.text(f"{output}: {human_size(result.size_bytes)}, SHA-256 {result.sha256} (verified)")
+    return EXIT_OK
+
+
+def _replacing(client: BackupClient) -> str:
+    status = client.status()
+    return f"the database {status.database!r}" if status.database else "the database"
+
+
+def _upload(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    if args.restore:
+        _confirm(out, f"Replace {_replacing(client)} with {args.path}?", yes=args.yes)
+    with out.progress("upload") as show:
+
+        def on_message(message: pb.UploadAndRestoreResponse) -> None:
+            if out.as_json:
+                out.line(message)
+            show(message.progress)
+
+        last = client.upload(
+            args.path, restore=args.restore, skip_safety_backup=args.skip_safety_backup, on_progress=on_message
+        )
+    if not out.as_json:
+        out.text(f"stored as {last.backup.id}" + (", and restored" if last.HasField("result") else ""))
+    return EXIT_OK
+
+
+def _restore(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    backup = client.get(args.id)
+    _confirm(out, f"Replace {_replacing(client)} with the backup {_describe(backup)}?", yes=args.yes)
+    with out.progress("restore") as show:
+
+        def on_message(message: pb.RestoreResponse) -> None:
+            if out.as_json:
+                out.line(message)
+            show(message.progress)
+
+        result = client.restore(args.id, skip_safety_backup=args.skip_safety_backup, on_progress=on_message)
+    if not out.as_json:
+        safety = f"; safety backup {result.safety_backup.id}" if result.HasField("safety_backup") else ""
+        out.text(f"restored {result.restored.id} in {result.duration.ToTimedelta().total_seconds():.1f} s{safety}")
+    return EXIT_OK
+
+
+def _cancel(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    backup_id = args.id or client.status().current_job.backup_id
+    if not backup_id:
+        raise UsageError("no backup or restore is running")
+    response = client.cancel(backup_id)
+    if out.as_json:
+        out.document(response)
+    else:
+        out.text(f"{'stopped' if response.stopped else 'stopping'}: {backup_id}")
+    return EXIT_OK
+
+
+_HANDLERS: dict[str, Callable[[BackupClient, argparse.Namespace, Output], int]] = {
+    "create": _create,
+    "list": _list,
+    "get": _get,
+    "delete": _delete,
+    "status": _status,
+    "retention": _retention,
+    "schedule": _schedule,
+    "download": _download,
+    "upload": _upload,
+    "restore": _restore,
+    "cancel": _cancel,
+}

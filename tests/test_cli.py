@@ -1,0 +1,296 @@
+"""The CLI as people and scripts use it: a subprocess against the real service, with and without a
+pseudo-terminal. Progress bars and questions only on a terminal, JSON with --json, distinct exit codes,
+and no traceback for any mistake of the user's."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from aperture.backup.v1 import backup_pb2 as pb
+from tests.support.fingerprint import assert_same, fingerprint
+from tests.support.fixtures import Database, MakeDatabase
+from tests.support.postgres import PgServer, table_lock
+from tests.support.service import RunningService, StartService, pg_dump_children, wait_for
+
+
+@pytest.fixture
+def db(pg16: PgServer, make_database: MakeDatabase) -> Database:
+    return make_database(pg16, seeded=True, rows=50)
+
+
+@pytest.fixture
+def svc(db: Database, service_factory: StartService) -> RunningService:
+    return service_factory(db.uri)
+
+
+def _env(svc: RunningService) -> dict[str, str]:
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    environment["APERTURE_BACKUP_ADDRESS"] = svc.target
+    environment["TZ"] = "Europe/Berlin"
+    return environment
+
+
+def cli(svc: RunningService, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "aperture_backup", *args],
+        env=_env(svc),
+        input=stdin,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def in_terminal(svc: RunningService, *args: str, answer: str | None = None, timeout: float = 120) -> tuple[int, str]:
+    """Run the CLI with stdin, stdout and stderr on a pseudo-terminal; type `answer` when it asks."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "aperture_backup", *args],
+        env={**_env(svc), "COLUMNS": "160", "TERM": "xterm"},
+        stdin=follower,
+        stdout=follower,
+        stderr=follower,
+        close_fds=True,
+    )
+    os.close(follower)
+    output = b""
+    answered = answer is None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([leader], [], [], 0.1)
+        if ready:
+            try:
+                data = os.read(leader, 65536)
+            except OSError:
+                break
+            if not data:
+                break
+            output += data
+            if answer is not None and not answered and b"[y/N]" in output:
+                os.write(leader, answer.encode() + b"\n")
+                answered = True
+        elif proc.poll() is not None:
+            break
+    proc.wait(timeout=30)
+    os.close(leader)
+    return proc.returncode, output.decode("utf-8", "replace")
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+# -- progress ----------------------------------------------------------------------------------------------
+
+
+def test_create_shows_progress_only_on_a_terminal(svc: RunningService) -> None:
+    plain = cli(svc, "create")
+    assert plain.returncode == 0, plain.stderr
+    assert plain.stderr == "", "no progress, no noise off a terminal"
+    assert plain.stdout.count("\n") == 1 and ": READY, " in plain.stdout
+
+    code, screen = in_terminal(svc, "create")
+    assert code == 0, screen
+    assert "backup" in screen and ("dumping" in screen or "preparing" in screen or "done" in screen), screen
+    assert ": READY, " in screen
+
+
+def test_restore_asks_on_a_terminal_and_says_what_it_replaces(
+    svc: RunningService, db: Database, tmp_path: Path
+) -> None:
+    backup = svc.client.create()
+    with psycopg_connect(db.uri) as conn:
+        conn.execute("CREATE TABLE public.after_backup (a int)")
+    before = fingerprint(db.uri)
+
+    code, screen = in_terminal(svc, "restore", backup.id, "--skip-safety-backup", answer="n")
+    assert code == 2 and "not confirmed" in screen, screen
+    assert f"Replace the database '{db.dbname}' with the backup {backup.id}" in screen
+    assert_same(before, fingerprint(db.uri))
+
+    code, screen = in_terminal(svc, "restore", backup.id, "--skip-safety-backup", answer="y")
+    assert code == 0, screen
+    assert f"restored {backup.id}" in screen
+    assert "after_backup" not in _tables(db.uri)
+
+    refused = cli(svc, "restore", backup.id)
+    assert refused.returncode == 2 and "pass --yes" in refused.stderr
+
+
+def psycopg_connect(uri: str):  # type: ignore[no-untyped-def]
+    import psycopg
+
+    return psycopg.connect(uri, autocommit=True)
+
+
+def _tables(uri: str) -> set[str]:
+    with psycopg_connect(uri) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = 'public'").fetchall()
+    return {str(r[0]) for r in rows}
+
+
+# -- tables and JSON ---------------------------------------------------------------------------------------
+
+
+def test_list_is_a_readable_table_and_json_for_scripts(svc: RunningService) -> None:
+    made = svc.client.create()
+    custom = svc.client.create(format=pb.BACKUP_FORMAT_CUSTOM)
+    table = cli(svc, "list")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["ID", "CREATED", "SIZE", "FORMAT", "TRIGGER", "STATE", "ERROR"]
+    assert lines[1].startswith(custom.id) and "custom" in lines[1] and "READY" in lines[1]
+    assert lines[2].startswith(made.id) and "plain+gzip" in lines[2] and "manual" in lines[2]
+    assert " kB " in lines[2] or " MB " in lines[2]
+    local = made.create_time.ToDatetime().replace(tzinfo=__import__("datetime").UTC)
+    assert local.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")).strftime("%Y-%m-%d %H:%M") in lines[2]
+
+    listed = json.loads(cli(svc, "list", "--json").stdout)
+    assert [b["id"] for b in listed["backups"]] == [custom.id, made.id]
+    assert listed["backups"][0]["sizeBytes"] == str(custom.size_bytes), "the API's own JSON names and types"
+    got = json.loads(cli(svc, "get", made.id, "--json").stdout)
+    assert got["id"] == made.id and got["state"] == "BACKUP_STATE_READY"
+    status = json.loads(cli(svc, "status", "--json").stdout)
+    assert status["lastSuccessfulBackup"]["id"] == custom.id
+    assert json.loads(cli(svc, "retention", "--json").stdout) == {"keepLast": 7}
+
+    stream = cli(svc, "create", "--json")
+    messages = [json.loads(line) for line in stream.stdout.splitlines()]
+    assert len(messages) >= 2 and messages[-1]["backup"]["state"] == "BACKUP_STATE_READY"
+    assert all("progress" in m for m in messages)
+
+
+def test_schedule_shows_and_changes_the_daily_backup(svc: RunningService) -> None:
+    changed = cli(svc, "schedule", "03:30", "--tz", "Europe/Berlin")
+    assert changed.returncode == 0, changed.stderr
+    assert changed.stdout.startswith("daily at 03:30 Europe/Berlin; next ")
+    assert cli(svc, "schedule", "--off").stdout.startswith("off (would run at 03:30")
+    shown = json.loads(cli(svc, "schedule", "--json").stdout)
+    assert shown["schedule"]["timeOfDay"] == "03:30" and not shown["schedule"].get("enabled", False)
+    bad = cli(svc, "schedule", "25:00")
+    assert bad.returncode == 2 and "HH:MM" in bad.stderr
+
+
+def test_retention_previews_and_asks_before_deleting(svc: RunningService) -> None:
+    ids = [svc.client.create().id for _ in range(3)]
+    preview = cli(svc, "retention", "--keep", "1", "--dry-run")
+    assert preview.returncode == 0 and ids[0] in preview.stdout and ids[1] in preview.stdout
+    assert len(list(svc.client.list())) == 3 and svc.client.get_retention().keep_last == 7
+    refused = cli(svc, "retention", "--keep", "1")
+    assert refused.returncode == 2 and "pass --yes" in refused.stderr and ids[0] in refused.stderr
+    assert len(list(svc.client.list())) == 3
+    done = cli(svc, "retention", "--keep", "1", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert [b.id for b in svc.client.list()] == [ids[2]]
+    assert cli(svc, "delete", ids[2]).returncode == 2
+    assert cli(svc, "delete", ids[2], "--yes").returncode == 0
+    assert list(svc.client.list()) == []
+
+
+# -- exit codes and mistakes --------------------------------------------------------------------------------
+
+
+def test_exit_codes_tell_outcomes_apart(svc: RunningService, db: Database, tmp_path: Path) -> None:
+    missing = "aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"
+    assert cli(svc, "get", missing).returncode == 3
+    assert cli(svc, "get", "../etc/passwd").returncode == 2
+    assert cli(svc, "frobnicate").returncode == 2
+    assert cli(svc, "list", "--no-such-flag").returncode == 2
+
+    with table_lock(db.uri):
+        running = svc.client.stub.Create(pb.CreateRequest(), timeout=120)
+        next(running)
+        busy = cli(svc, "create")
+        assert busy.returncode == 4 and "is running" in busy.stderr
+        svc.client.cancel(svc.client.status().current_job.backup_id)
+
+    nobody = subprocess.run(
+        [sys.executable, "-m", "aperture_backup", "status", "--server", f"127.0.0.1:{_free_port()}"],
+        env=_env(svc),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert nobody.returncode == 5 and "cannot be reached" in nobody.stderr
+
+    version = cli(svc, "--version")
+    assert version.returncode == 0 and version.stdout.startswith("aperture-backup ")
+    assert "exit codes:" in cli(svc, "create", "--help").stdout
+
+
+def test_user_mistakes_never_show_a_traceback(svc: RunningService, tmp_path: Path) -> None:
+    for args in (
+        ["upload", str(tmp_path / "nope.sql.gz")],
+        ["upload", str(tmp_path)],
+        ["download", "x", "-o", str(tmp_path)],
+    ):
+        result = cli(svc, *args)
+        assert result.returncode == 2, result
+        assert "Traceback" not in result.stderr and result.stderr.startswith("aperture-backup: ")
+
+    missing = "aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"
+    target = tmp_path / "out.sql.gz"
+    assert cli(svc, "download", missing, "-o", str(target)).returncode == 3
+    assert not target.exists() and not (tmp_path / "out.sql.gz.part").exists(), "no empty file left behind"
+
+    # A download whose bytes do not match the server's record: nothing under the final name.
+    backup = svc.client.create()
+    stored = svc.backup_dir / backup.id
+    data = bytearray(stored.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    stored.write_bytes(bytes(data))
+    bad = cli(svc, "download", backup.id, "-o", str(target))
+    assert bad.returncode == 1 and "SHA-256" in bad.stderr
+    assert not target.exists() and not (tmp_path / "out.sql.gz.part").exists()
+
+
+def test_a_closed_pipe_is_not_an_error(svc: RunningService) -> None:
+    for _ in range(3):
+        svc.client.create()
+    shell = subprocess.run(  # noqa: S602 - the pipe is the point
+        f"{sys.executable} -m aperture_backup list | head -n 1",
+        shell=True,
+        env=_env(svc),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert shell.stdout.startswith("ID ")
+    assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr, shell.stderr
+
+
+def test_ctrl_c_says_the_job_goes_on(svc: RunningService, db: Database) -> None:
+    with table_lock(db.uri) as locker:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aperture_backup", "create"],
+            env=_env(svc),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        wait_for(pg_dump_children)
+        proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=30)
+        assert proc.returncode == 130
+        assert "goes on with the job" in stderr and "aperture-backup cancel" in stderr
+        assert "Traceback" not in stderr
+        assert svc.client.status().HasField("current_job")
+        locker.rollback()
+    wait_for(lambda: not svc.client.status().HasField("current_job"))
+    assert next(iter(svc.client.list())).state == pb.BACKUP_STATE_READY
