@@ -163,6 +163,9 @@ def test_every_rpc_through_the_typed_api(
 
     retention = out["retention"]
     assert retention["before"] == {"keepLast": 7}
+    # validateOnly: what keeping one would delete (the older backup), with nothing deleted or saved.
+    assert retention["dryRun"]["deletedIds"] == [plain["id"]]
+    assert retention["afterDryRun"] == [custom["id"], plain["id"]]
     assert retention["set"] == {"keepLast": 5, "deletedIds": []} and retention["after"] == {"keepLast": 5}
     assert svc.client.get_retention().keep_last == 5
     assert_status_error(retention["bad"], "INVALID_ARGUMENT", "INVALID_RETENTION")

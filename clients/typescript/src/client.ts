@@ -197,12 +197,19 @@ export class BackupClient {
     return { keepLast: response.policy?.keepLast ?? 0 };
   }
 
-  /** Keeps the newest `keepLast` READY backups (1 to 100), applied at once; tells what it deleted. */
-  async setRetention(policy: RetentionPolicy, options?: CallOptions): Promise<SetRetentionResult> {
+  /**
+   * Keeps the newest `keepLast` READY backups (1 to 100), applied at once; tells what it deleted. With
+   * `validateOnly: true` nothing is saved or deleted: `deletedIds` says what the policy would delete (for
+   * the admin page to show before the administrator saves).
+   */
+  async setRetention(
+    policy: RetentionPolicy & { validateOnly?: boolean },
+    options?: CallOptions,
+  ): Promise<SetRetentionResult> {
     const response = await unary(
       this.#context,
       this.raw.setRetention.bind(this.raw),
-      { policy: { keepLast: policy.keepLast } },
+      { policy: { keepLast: policy.keepLast }, validateOnly: policy.validateOnly ?? false },
       options,
     );
     return { keepLast: response.policy?.keepLast ?? 0, deletedIds: response.deletedIds };

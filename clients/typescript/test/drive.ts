@@ -99,6 +99,9 @@ async function everything(client: BackupClient, work: string, missingId: string)
   const status = await client.status();
 
   const retentionBefore = await client.getRetention();
+  // A dry run first: with two backups and one to keep, it names the older, and deletes nothing.
+  const retentionDryRun = await client.setRetention({ keepLast: 1, validateOnly: true });
+  const afterDryRun = (await client.list()).map((backup) => backup.id);
   const retentionSet = await client.setRetention({ keepLast: 5 });
   const retentionAfter = await client.getRetention();
   const badRetention = await failure(client.setRetention({ keepLast: 0 }));
@@ -193,7 +196,14 @@ async function everything(client: BackupClient, work: string, missingId: string)
       databaseReachable: status.databaseReachable,
       currentJob: status.currentJob ?? null,
     },
-    retention: { before: retentionBefore, set: retentionSet, after: retentionAfter, bad: badRetention },
+    retention: {
+      before: retentionBefore,
+      dryRun: retentionDryRun,
+      afterDryRun,
+      set: retentionSet,
+      after: retentionAfter,
+      bad: badRetention,
+    },
     schedule: {
       before: scheduleBefore,
       on: { ...scheduleOn, nextRunIsDate: scheduleOn.nextRunTime instanceof Date },
