@@ -1,0 +1,204 @@
+/**
+ * The client's view of the contract: enums as string unions ("READY", not 2), int64 sizes as `bigint`,
+ * timestamps as `Date`, durations as milliseconds. The generated wire types stay available as `wire`.
+ *
+ * "UNSPECIFIED" stands for a value the service left unset, or one this client does not know yet (sent by
+ * a newer service).
+ */
+
+/** Where a backup is in its life cycle. */
+export type BackupState = "CREATING" | "READY" | "FAILED" | "UNSPECIFIED";
+/** pg_dump's output format: plain SQL (psql) or custom (`.dump`, pg_restore). */
+export type BackupFormat = "PLAIN" | "CUSTOM" | "UNSPECIFIED";
+/** Compression of the archive file as a whole; a custom-format archive is NONE (compressed inside). */
+export type Compression = "NONE" | "GZIP" | "ZSTD" | "UNSPECIFIED";
+/** What started a backup. */
+export type BackupTrigger = "MANUAL" | "SCHEDULED" | "PRE_RESTORE" | "UPLOADED" | "EXTERNAL" | "UNSPECIFIED";
+/** A step of a long operation. */
+export type Phase =
+  | "PREPARING"
+  | "DUMPING"
+  | "FINALIZING"
+  | "UPLOADING"
+  | "VERIFYING"
+  | "SAFETY_BACKUP"
+  | "RESTORING"
+  | "DONE"
+  | "UNSPECIFIED";
+/** The kind of job running now. */
+export type JobKind = "BACKUP" | "RESTORE" | "UNSPECIFIED";
+
+/** One archive in the service's backup directory. */
+export interface Backup {
+  /** The archive's file name, e.g. `aperture-backup-2026-11-28T01-00-00-123456Z-7f3a.sql.gz`. */
+  id: string;
+  /** What a download should be saved as (equal to `id` today). */
+  filename: string;
+  state: BackupState;
+  /** When the backup started (for a file found in the directory: its modification time). */
+  createTime: Date | undefined;
+  /** Size of the archive in bytes (written so far while CREATING). */
+  sizeBytes: bigint;
+  /** SHA-256 of the archive, lowercase hex; "" while CREATING or when FAILED. */
+  sha256: string;
+  format: BackupFormat;
+  compression: Compression;
+  trigger: BackupTrigger;
+  /** Name of the database that was dumped; "" when unknown. */
+  database: string;
+  /** PostgreSQL server version that was dumped, e.g. "16.14"; "" when unknown. */
+  serverVersion: string;
+  /** Version of the pg_dump that wrote the archive; "" when unknown. */
+  pgDumpVersion: string;
+  /** How long the backup took, in milliseconds; undefined while CREATING or when unknown. */
+  durationMs: number | undefined;
+  /** Why the backup failed, when FAILED; "" otherwise. */
+  error: string;
+}
+
+/** Progress of a long operation (create, restore, upload). */
+export interface Progress {
+  phase: Phase;
+  /** Bytes processed in this step so far. */
+  bytesDone: bigint;
+  /** Bytes this step processes in all; 0n when unknown. */
+  bytesTotal: bigint;
+  tablesDone: number;
+  /** 0 when unknown. */
+  tablesTotal: number;
+  /** Time since the operation started, in milliseconds. */
+  elapsedMs: number;
+  /** A short note for a person, e.g. the table being dumped. */
+  message: string;
+}
+
+/** One progress message of a long operation, with the backup it concerns when the message names one. */
+export interface ProgressEvent extends Progress {
+  /** Create: the backup being made (CREATING, then READY). Upload: the stored upload, once stored. */
+  backup: Backup | undefined;
+}
+
+/** The outcome of a successful restore. */
+export interface RestoreResult {
+  /** The backup that was restored. */
+  restored: Backup;
+  /** The safety backup taken just before; undefined when it was skipped. */
+  safetyBackup: Backup | undefined;
+  /** Always true: connections opened before the restore must be reopened, caches reloaded. */
+  reconnectRequired: boolean;
+  /** The PostgreSQL channel the service sent a NOTIFY on after the restore ("aperture_backup_restored"). */
+  notifyChannel: string;
+  /** How long the restore took, in milliseconds. */
+  durationMs: number;
+}
+
+/** The outcome of `uploadAndRestore`. */
+export interface UploadResult {
+  /** The upload, stored as a READY backup with trigger UPLOADED. */
+  backup: Backup;
+  /** The restore's outcome when `restore: true` was asked for; undefined otherwise. */
+  restore: RestoreResult | undefined;
+}
+
+/** The daily backup schedule and its next run. */
+export interface Schedule {
+  enabled: boolean;
+  /** Local time of day, "HH:MM" (24-hour clock). */
+  timeOfDay: string;
+  /** IANA time zone of `timeOfDay`, e.g. "Europe/Berlin". */
+  timeZone: string;
+  /** After start-up, run one backup at once when the newest successful one is more than a day old. */
+  catchUp: boolean;
+  /** When the next scheduled backup runs; undefined when disabled. */
+  nextRunTime: Date | undefined;
+}
+
+/** Which backups the service keeps. */
+export interface RetentionPolicy {
+  /** Keep the newest N READY backups (1 to 100). */
+  keepLast: number;
+}
+
+/** What `setRetention` did. */
+export interface SetRetentionResult extends RetentionPolicy {
+  /** Ids of the backups deleted by applying the new policy. */
+  deletedIds: string[];
+}
+
+/** A job running now. */
+export interface Job {
+  kind: JobKind;
+  /** The backup being made or restored. */
+  backupId: string;
+  trigger: BackupTrigger;
+  startTime: Date | undefined;
+  progress: Progress | undefined;
+}
+
+/** What `cancel()` did. */
+export interface CancelResult {
+  /** The job as it was when the service answered. */
+  job: Job | undefined;
+  /** Whether the job has stopped; false while it is still stopping (`status()` tells when it has). */
+  stopped: boolean;
+}
+
+/** What `status()` tells. */
+export interface ServiceStatus {
+  /** The newest READY backup; undefined when there is none. */
+  lastSuccessfulBackup: Backup | undefined;
+  /** Age of that backup, in milliseconds. */
+  lastSuccessfulAgeMs: number | undefined;
+  /** The newest FAILED backup when it is newer than the last successful one. */
+  lastFailedBackup: Backup | undefined;
+  /** When the next scheduled backup runs; undefined when the schedule is off. */
+  nextScheduledRun: Date | undefined;
+  /** The job running now; undefined when idle. */
+  currentJob: Job | undefined;
+  /**
+   * A job that was running when the service last stopped without finishing it (killed, crashed); an
+   * interrupted restore was rolled back. `progress.message` says what happened. Undefined otherwise.
+   */
+  interruptedJob: Job | undefined;
+  /** The database the service backs up (its name only). */
+  database: string;
+  /** Whether the database answers right now. */
+  databaseReachable: boolean;
+}
+
+/** One page of `listPage`. */
+export interface BackupPage {
+  backups: Backup[];
+  /** Pass as `pageToken` for the next page; "" on the last page. */
+  nextPageToken: string;
+}
+
+/** What a download to a file did. */
+export interface DownloadResult {
+  /** The backup's metadata from the first message (size, SHA-256). */
+  backup: Backup;
+  /** The file written (the destination asked for), or undefined for a download into a Writable. */
+  path: string | undefined;
+  /** Bytes received by this call. */
+  bytesWritten: bigint;
+  /** Where this call started: the size of the partial file it resumed, else 0n. */
+  resumedFrom: bigint;
+  /** Whether the whole archive's SHA-256 was checked against the service's record. */
+  sha256Verified: boolean;
+}
+
+/** Transfer progress of a download. */
+export interface TransferProgress {
+  /** Bytes of the archive in place so far (a resumed part included). */
+  bytesDone: bigint;
+  /** The archive's size. */
+  bytesTotal: bigint;
+}
+
+/**
+ * A `JSON.stringify` replacer that writes `bigint` (sizes) as decimal strings, for handing backups to a
+ * browser: `JSON.stringify(backups, jsonReplacer)`.
+ */
+export function jsonReplacer(_key: string, value: unknown): unknown {
+  return typeof value === "bigint" ? value.toString() : value;
+}
