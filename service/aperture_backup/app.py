@@ -67,6 +67,7 @@ class App:
             keys=keys,
             restore_timeout_seconds=config.restore_timeout,
             work_dir=config.state_dir / "tmp",
+            isolation=config.restore_isolation,
         )
         transfers = TransferManager(
             store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir

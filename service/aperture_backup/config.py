@@ -32,6 +32,7 @@ MAX_KEEP = 100
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**3
 DEFAULT_MAX_TRANSFERS = 4
 DEFAULT_RESTORE_TIMEOUT = 6 * 3600
+RESTORE_ISOLATIONS = ("in-place", "staging")
 #: The server's threads (server.WORKERS) must leave room for control calls beside both kinds of transfer.
 MAX_TRANSFERS = 6
 DEFAULT_UPLOAD_IDLE_TIMEOUT = 120.0
@@ -75,6 +76,9 @@ class Config:
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
     #: A restore that loads for longer than this many seconds is stopped and rolled back.
     restore_timeout: float = float(DEFAULT_RESTORE_TIMEOUT)
+    #: "in-place" (one transaction in the live database) or "staging" (a database of its own, loaded by a
+    #: role without the service's powers, swapped in by rename; isolation.py).
+    restore_isolation: str = "in-place"
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -144,6 +148,11 @@ class Config:
             raise ConfigError(
                 f"{ENV_PREFIX}RESTORE_TIMEOUT must be a number of seconds from 1 to 604800, "
                 f"got {self.restore_timeout:g}"
+            )
+        if self.restore_isolation not in RESTORE_ISOLATIONS:
+            raise ConfigError(
+                f"{ENV_PREFIX}RESTORE_ISOLATION must be one of {', '.join(RESTORE_ISOLATIONS)}, "
+                f"got {self.restore_isolation!r}"
             )
         if self.pg_bin_dir is not None and not self.pg_bin_dir.is_dir():
             raise ConfigError(f"{ENV_PREFIX}PG_BIN_DIR is not a directory: {self.pg_bin_dir}")
@@ -236,6 +245,7 @@ class Config:
                     get("RESTORE_TIMEOUT"), default=DEFAULT_RESTORE_TIMEOUT, variable=ENV_PREFIX + "RESTORE_TIMEOUT"
                 )
             ),
+            restore_isolation=(get("RESTORE_ISOLATION") or "in-place").lower(),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
             token=secret_from_env(env, "TOKEN"),

@@ -44,6 +44,22 @@ class Database:
         self._params.setdefault("connect_timeout", str(CONNECT_TIMEOUT_SECONDS))
         self._params.setdefault("application_name", "aperture-backup")
 
+    def with_dbname(self, dbname: str) -> Database:
+        """The same server and credentials, another database."""
+        params = {k: v for k, v in self._params.items() if v is not None}
+        params["dbname"] = dbname
+        return Database(psycopg.conninfo.make_conninfo(**params))  # type: ignore[arg-type]
+
+    def with_login(self, user: str, password: str, dbname: str) -> Database:
+        """The same server, logging in as another role (a staging restore's, isolation.py)."""
+        params = {k: v for k, v in self._params.items() if v is not None}
+        params.update(user=user, password=password, dbname=dbname)
+        return Database(psycopg.conninfo.make_conninfo(**params))  # type: ignore[arg-type]
+
+    def maintenance(self) -> Database:
+        """The server's `postgres` database, from which databases are created, renamed and dropped."""
+        return self.with_dbname("postgres")
+
     @property
     def name(self) -> str:
         return str(self._params.get("dbname") or self._params.get("user") or os.environ.get("PGDATABASE", ""))
@@ -110,10 +126,12 @@ class Database:
         return int(row[0]) if row else 0
 
     @contextlib.contextmanager
-    def job_lock(self, description: str) -> Iterator[None]:
+    def job_lock(self, description: str) -> Iterator[JobLock]:
         """Hold the cross-replica advisory lock for the duration of a job; refuse when another replica
-        holds it. The lock lives in its own session and disappears if this process dies."""
+        holds it. The lock lives in its own session and disappears if this process dies. A staging restore
+        releases it early (`JobLock.release`), at the swap, when no one can connect to the database."""
         conn = self.connect()
+        handle = JobLock(conn)
         try:
             row = conn.execute("SELECT pg_try_advisory_lock(%s)", (JOB_LOCK_KEY,)).fetchone()
             if not row or not row[0]:
@@ -123,13 +141,9 @@ class Database:
                     metadata={"holder": "another replica"},
                 )
             try:
-                yield
+                yield handle
             finally:
-                # Unlocked explicitly, not only by closing: the server drops a closed session's locks only
-                # when its backend has exited, after close() returned, so a job started right after this
-                # one (a client's next Create) could find the lock still held and be refused.
-                with contextlib.suppress(psycopg.Error):
-                    conn.execute("SELECT pg_advisory_unlock(%s)", (JOB_LOCK_KEY,))
+                handle.release()
         finally:
             with contextlib.suppress(psycopg.Error):
                 conn.close()
@@ -137,6 +151,26 @@ class Database:
     def notify_restored(self, payload: str) -> None:
         with self.connect() as conn:
             conn.execute("SELECT pg_notify(%s, %s)", (NOTIFY_CHANNEL, payload))
+
+
+class JobLock:
+    """The session holding the job lock."""
+
+    def __init__(self, conn: psycopg.Connection[tuple[Any, ...]]):
+        self._conn = conn
+        self.released = False
+
+    def release(self) -> None:
+        if self.released:
+            return
+        self.released = True
+        # Unlocked explicitly, not only by closing: the server drops a closed session's locks only when its
+        # backend has exited, after close() returned, so a job started right after this one (a client's
+        # next Create) could find the lock still held and be refused.
+        with contextlib.suppress(psycopg.Error):
+            self._conn.execute("SELECT pg_advisory_unlock(%s)", (JOB_LOCK_KEY,))
+        with contextlib.suppress(psycopg.Error):
+            self._conn.close()
 
 
 def first_line(message: str) -> str:

@@ -41,10 +41,10 @@ from typing import IO
 
 import psycopg
 
-from . import toolchain
+from . import isolation, toolchain
 from .backups import BackupManager
 from .compression import decompressor
-from .database import NOTIFY_CHANNEL, Database, first_line
+from .database import NOTIFY_CHANNEL, Database, JobLock, first_line
 from .encryption import AgeKeys
 from .errors import BackupError, DataLoss, DeadlineExceeded, FailedPrecondition, Internal, Unavailable
 from .jobs import Job, JobKind, JobSlot
@@ -71,6 +71,10 @@ _PROGRESS_INTERVAL = 0.25
 
 #: Prefix of the application_name of a restore's psql session.
 APPLICATION_NAME_PREFIX = "aperture-backup-restore-"
+#: pg_dump's extensions, in plain SQL (they come right after the schemas, well within the head read) and in
+#: the list `pg_restore --list` prints of a custom archive.
+_SQL_EXTENSION_RE = re.compile(rb"^CREATE EXTENSION IF NOT EXISTS ([A-Za-z_][A-Za-z0-9_]*) WITH SCHEMA public;", re.M)
+_TOC_EXTENSION_RE = re.compile(rb"^\d+; \d+ \d+ EXTENSION - ([A-Za-z_][A-Za-z0-9_]*)", re.M)
 _DUMPED_BY_RE = re.compile(rb"Dumped by pg_dump version:? (\d+)(?:\.(\d+))?")
 #: First minor release of each major whose psql knows `\restrict` (August 2025 security releases).
 _RESTRICT_SINCE = {13: 22, 14: 19, 15: 14, 16: 10, 17: 6}
@@ -164,6 +168,8 @@ class ArchiveInfo:
 
     pg_dump_major: int | None
     pg_dump_version: str
+    #: Extensions its table of contents (or head) creates in the public schema, for a staging restore.
+    extensions: tuple[str, ...] = ()
 
 
 # -- reading archives ------------------------------------------------------------------------------------
@@ -276,7 +282,15 @@ class _PsqlSession:
     """The one psql process a restore talks to. Opens the transaction and empties the database on start;
     `commit()` sends the final check and COMMIT; `kill()` ends it without (PostgreSQL rolls back)."""
 
-    def __init__(self, toolset: Toolset, database: Database, workdir: Path, *, lock_timeout_seconds: float):
+    def __init__(
+        self,
+        toolset: Toolset,
+        database: Database,
+        workdir: Path,
+        *,
+        lock_timeout_seconds: float,
+        empty_first: bool = True,
+    ):
         self._database = database
         #: Names the session in pg_stat_activity, so that a restarted service can find and end it (journal.py).
         self.application_name = f"{APPLICATION_NAME_PREFIX}{secrets.token_hex(8)}"
@@ -319,7 +333,12 @@ class _PsqlSession:
             # Our transaction id, into a file of ours: after psql ends, the server says whether it committed.
             f"SELECT pg_catalog.pg_current_xact_id() \\g '{self._start_xid_file}'\n"
             f"SELECT pg_catalog.set_config('aperture_backup.restore_token', '{self._token}', true);\n"
-            + _PREAMBLE.replace("@LOCK_TIMEOUT_MS@", str(max(1, int(lock_timeout_seconds * 1000))))
+            # A staging database is new and empty: nothing to drop (and nothing its role could).
+            + (
+                _PREAMBLE.replace("@LOCK_TIMEOUT_MS@", str(max(1, int(lock_timeout_seconds * 1000))))
+                if empty_first
+                else ""
+            )
         )
         if self.restricted:
             # From here on psql refuses every backslash command (`\!` would run a shell command): an
@@ -461,6 +480,7 @@ class RestoreManager:
         keys: AgeKeys | None = None,
         restore_timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_SECONDS,
         work_dir: Path | None = None,
+        isolation: str = "in-place",
     ):
         self.store = store
         #: Where restores keep their small working files, swept at start-up (`sweep_leftovers`); without
@@ -473,6 +493,9 @@ class RestoreManager:
         self.keys = keys or AgeKeys()
         self.lock_timeout_seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
         self.restore_timeout_seconds = restore_timeout_seconds
+        #: "staging": the archive runs as a role without the service's powers in a database that replaces the
+        #: live one (isolation.py); "in-place": in the live database, in one transaction.
+        self.isolation = isolation
 
     def start_restore(self, backup_id: str, *, skip_safety_backup: bool, trigger: Trigger = Trigger.MANUAL) -> Job:
         """Start restoring a stored backup in its own thread (trigger UPLOADED for UploadAndRestore). Raises at
@@ -485,10 +508,10 @@ class RestoreManager:
         )
 
         def body(job: Job) -> RestoreResult:
-            with self.database.job_lock(job.description), self.store.pinned(backup.id):
+            with self.database.job_lock(job.description) as lock, self.store.pinned(backup.id):
                 # Again, now that it is pinned: a Delete may have come between the request and the pin.
                 pinned = self.restorable(backup.id)
-                return self.restore_stored(job, pinned, skip_safety_backup=skip_safety_backup)
+                return self.restore_stored(job, pinned, skip_safety_backup=skip_safety_backup, lock=lock)
 
         return self.slot.start(job, body)
 
@@ -529,7 +552,9 @@ class RestoreManager:
             )
         return backup
 
-    def restore_stored(self, job: Job, backup: Backup, *, skip_safety_backup: bool) -> RestoreResult:
+    def restore_stored(
+        self, job: Job, backup: Backup, *, skip_safety_backup: bool, lock: JobLock | None = None
+    ) -> RestoreResult:
         """Check the archive, take the safety backup, restore, notify. The caller holds the job slot, the
         database lock and a pin on `backup` (UploadAndRestore calls this after storing the upload)."""
         started = time.monotonic()
@@ -540,7 +565,9 @@ class RestoreManager:
         if backup.kind.encrypted:
             self.keys.require_identity(backup.id, backup.age_recipients)
         # A wrong identity shows here, at the first chunk, before the safety backup or the database.
-        self.inspect(path, backup.kind, server_major=info.major, toolset=toolset, recipients=backup.age_recipients)
+        archive = self.inspect(
+            path, backup.kind, server_major=info.major, toolset=toolset, recipients=backup.age_recipients
+        )
 
         with contextlib.ExitStack() as stack:
             safety = None
@@ -555,6 +582,8 @@ class RestoreManager:
                 expected_sha256=backup.sha256,
                 toolset=toolset,
                 recipients=backup.age_recipients,
+                lock=lock,
+                extensions=archive.extensions,
             )
         try:
             self.database.notify_restored(backup.id)
@@ -621,10 +650,12 @@ class RestoreManager:
             text = self._pg_restore_list(path, kind, toolset, recipients)
         else:
             text = self._head(self.reader(path, kind, recipients=recipients))
+        pattern = _TOC_EXTENSION_RE if kind.format is Format.CUSTOM else _SQL_EXTENSION_RE
+        extensions = tuple(dict.fromkeys(m.decode() for m in pattern.findall(text)))
         match = _DUMPED_BY_RE.search(text)
         if match is None:
             # Hand-written SQL has no pg_dump header; the restore itself will tell whether it loads.
-            return ArchiveInfo(pg_dump_major=None, pg_dump_version="")
+            return ArchiveInfo(pg_dump_major=None, pg_dump_version="", extensions=extensions)
         major = int(match.group(1))
         version = match.group(1).decode() + (f".{match.group(2).decode()}" if match.group(2) else "")
         if major > server_major:
@@ -636,7 +667,7 @@ class RestoreManager:
                 reason="ARCHIVE_TOO_NEW",
                 metadata={"archive_pg_dump_version": version, "server_major": str(server_major)},
             )
-        return ArchiveInfo(pg_dump_major=major, pg_dump_version=version)
+        return ArchiveInfo(pg_dump_major=major, pg_dump_version=version, extensions=extensions)
 
     @staticmethod
     def _head(reader: ArchiveReader) -> bytes:
@@ -702,11 +733,16 @@ class RestoreManager:
         expected_sha256: str = "",
         toolset: Toolset | None = None,
         recipients: Sequence[str] = (),
+        lock: JobLock | None = None,
+        extensions: Sequence[str] = (),
     ) -> None:
         """Load `path` into the database in one transaction, replacing everything in it; commit only when
         the archive read intact (and matches `expected_sha256`, when given). Raises on any failure, after
-        the server has rolled back. The caller holds the job slot and the database lock, and has
-        `inspect`ed the archive."""
+        the server has rolled back. The caller holds the job slot and the database lock (`lock`, which a
+        staging restore gives up at the swap), and has `inspect`ed the archive.
+
+        Where the service's role is a superuser, the archive runs as a role without its powers in a staging
+        database that then replaces the live one (isolation.py); elsewhere in place."""
         if toolset is None:
             toolset = toolchain.for_server(self.database.server_info().major, self._pg_bin_dir)
         total = path.stat().st_size
@@ -724,17 +760,69 @@ class RestoreManager:
 
         on_read(0)
         reader = self.reader(path, kind, recipients=recipients, on_read=on_read)
-        _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
         deadline = time.monotonic() + self.restore_timeout_seconds
+        if self.isolation != "staging":
+            _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
+            self._load(
+                job,
+                reader,
+                kind=kind,
+                target=self.database,
+                sql_filter=SqlFilter(),
+                toolset=toolset,
+                expected_sha256=expected_sha256,
+                total=total,
+                deadline=deadline,
+            )
+            return
+        with isolation.staging(self.database) as stage:
+            target = stage.create(extensions)
+            job.note("staging_database", stage.name)
+            _logger.info(
+                "restoring %s into the staging database %s as %s with psql %s",
+                path.name,
+                stage.name,
+                isolation.RESTORE_ROLE,
+                toolset.version,
+            )
+            sql_filter = SqlFilter(skip_extension_comments=True)
+            self._load(
+                job,
+                reader,
+                kind=kind,
+                target=target,
+                sql_filter=sql_filter,
+                toolset=toolset,
+                expected_sha256=expected_sha256,
+                total=total,
+                deadline=deadline,
+                empty_first=False,
+            )
+            stage.swap(release_lock=lock.release if lock is not None else None)
+
+    def _load(
+        self,
+        job: Job,
+        reader: ArchiveReader,
+        *,
+        kind: ArchiveKind,
+        target: Database,
+        sql_filter: SqlFilter,
+        toolset: Toolset,
+        expected_sha256: str,
+        total: int,
+        deadline: float,
+        empty_first: bool = True,
+    ) -> None:
+        """One psql session loads the archive into `target` in one transaction; raises unless it committed."""
         if self.work_dir is not None:
             self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(prefix="aperture-restore-", dir=self.work_dir) as workdir:
             session = _PsqlSession(
-                toolset, self.database, Path(workdir), lock_timeout_seconds=self.lock_timeout_seconds
+                toolset, target, Path(workdir), lock_timeout_seconds=self.lock_timeout_seconds, empty_first=empty_first
             )
             job.note("application_name", session.application_name)
             watching = session.watch(job.cancel, deadline)
-            sql_filter = SqlFilter()
             try:
                 try:
                     if kind.format is Format.CUSTOM:

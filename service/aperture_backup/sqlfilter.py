@@ -44,6 +44,7 @@ _HEADER_RE = re.compile(rb"^-- (?:Data for )?Name: .*; Type: (?P<type>[^;]*); Sc
 _LARGE_OBJECT_TYPES = frozenset({b"BLOBS", b"LARGE OBJECTS"})
 #: What pg_dump writes between the BEGIN and COMMIT of large-object data: lo_open, lowrite, lo_close.
 _LARGE_OBJECT_CALLS = (b"SELECT pg_catalog.lo_open(", b"SELECT pg_catalog.lowrite(", b"SELECT pg_catalog.lo_close(")
+_EXTENSION_COMMENT_RE = re.compile(rb"^COMMENT ON EXTENSION [A-Za-z_][A-Za-z0-9_]* IS '(?:[^'\\]|'')*';\r?$")
 _RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict [A-Za-z0-9]+\r?$")
 #: psql ends COPY data at a line `\.` (with a Unix or a Windows line end).
 _COPY_TERMINATOR = b"\\."
@@ -76,7 +77,10 @@ class SqlFilter:
     """Push-based: `feed(chunk)` returns the bytes to pass on (in order), `finish()` the rest. Raises
     SqlFilterError when the input cannot be restored atomically or ends in the middle of data."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, skip_extension_comments: bool = False) -> None:
+        #: In a staging restore the extensions belong to the privileged session, and only their owner may
+        #: comment on them: pg_dump's `COMMENT ON EXTENSION` lines (the extension's own comment) are left out.
+        self._skip_extension_comments = skip_extension_comments
         self._scanner = StatementScanner()
         self._buf = bytearray()
         self._state = _State.SQL
@@ -103,6 +107,11 @@ class SqlFilter:
                 break
         self._compact(pos)
         return out
+
+    @property
+    def created_extensions(self) -> set[str]:
+        """Extensions the SQL that went through creates."""
+        return self._scanner.created_extensions
 
     def finish(self) -> bytes:
         """The last bytes; raises when the input ended inside COPY data or large-object data."""
@@ -202,7 +211,9 @@ class SqlFilter:
                 header = _HEADER_RE.match(line)
                 if header is not None:
                     self._pending_type = header.group("type")
-            elif line.startswith(b"\\") and _RESTRICT_RE.match(line):
+            elif (line.startswith(b"\\") and _RESTRICT_RE.match(line)) or (
+                self._skip_extension_comments and _EXTENSION_COMMENT_RE.match(line)
+            ):
                 return False
         try:
             self._scanner.line(line)
