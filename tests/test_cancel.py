@@ -21,6 +21,7 @@ from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
 from aperture.backup.v1 import backup_pb2 as pb
+from aperture_backup.isolation import STAGING_MARK
 from aperture_backup_client import BackupClient
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
@@ -287,6 +288,11 @@ def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Databas
             assert "interrupted" in job.progress.message and "as it was" in job.progress.message
             wait_for(lambda: not _sleepers(db.uri), timeout=15)  # the restart ended the orphaned session
             assert list((backup_dir / ".state" / "tmp").iterdir()) == []
+            with psycopg.connect(db.uri) as conn:  # and dropped the staging database it loaded into
+                staged = conn.execute(
+                    "SELECT datname FROM pg_catalog.pg_database WHERE datname LIKE %s", (f"{db.dbname}{STAGING_MARK}%",)
+                ).fetchall()
+            assert staged == []
             assert_same(before, fingerprint(db.uri))
 
             # A later restore supersedes the record.

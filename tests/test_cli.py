@@ -294,3 +294,26 @@ def test_ctrl_c_says_the_job_goes_on(svc: RunningService, db: Database) -> None:
         locker.rollback()
     wait_for(lambda: not svc.client.status().HasField("current_job"))
     assert next(iter(svc.client.list())).state == pb.BACKUP_STATE_READY
+
+
+def test_restore_says_when_postgresql_is_still_at_work_after_the_last_byte(svc: RunningService) -> None:
+    """The bytes can all be sent while psql still builds indexes: the phase says so, not "done"."""
+    backup = svc.client.create()
+    stream = cli(svc, "restore", backup.id, "--yes", "--json", "--skip-safety-backup")
+    assert stream.returncode == 0, stream.stderr
+    messages = [json.loads(line) for line in stream.stdout.splitlines()]
+    notes = [m.get("progress", {}).get("message", "") for m in messages]
+    assert any("building indexes" in note for note in notes), notes
+    assert messages[-1]["progress"]["phase"] == "PHASE_DONE" and "result" in messages[-1]
+
+
+def test_cancel_from_the_cli_stops_the_running_job(svc: RunningService, db: Database) -> None:
+    assert cli(svc, "cancel").returncode == 2  # nothing runs
+    with table_lock(db.uri):
+        running = svc.client.stub.Create(pb.CreateRequest(), timeout=120)
+        first = next(running)
+        wait_for(pg_dump_children)
+        stopped = cli(svc, "cancel")
+        assert stopped.returncode == 0, stopped.stderr
+        assert stopped.stdout.strip() == f"stopped: {first.backup.id}"
+    assert svc.client.get(first.backup.id).state == pb.BACKUP_STATE_FAILED

@@ -40,9 +40,12 @@ def _staging(service_factory: StartService, db: Database) -> RunningService:
     return service_factory(db.uri, restore_isolation="staging")
 
 
-def _leftover_databases(server: PgServer) -> list[str]:
+def _leftover_databases(server: PgServer, db: Database) -> list[str]:
+    """Staging databases of `db` still on the server."""
     with psycopg.connect(server.database_uri("postgres"), autocommit=True) as conn:
-        rows = conn.execute("SELECT datname FROM pg_catalog.pg_database WHERE datname LIKE %s", (f"%{STAGING_MARK}%",))
+        rows = conn.execute(
+            "SELECT datname FROM pg_catalog.pg_database WHERE datname LIKE %s", (f"{db.dbname}{STAGING_MARK}%",)
+        )
         return [str(r[0]) for r in rows.fetchall()]
 
 
@@ -80,7 +83,7 @@ def test_a_staging_restore_brings_back_exactly_the_backup(
     assert result.reconnect_required and result.safety_backup.trigger == pb.BACKUP_TRIGGER_PRE_RESTORE
     assert_same(expected, fingerprint(db.uri))
     assert _owned_by_restore_role(db.uri) == 0, "everything belongs to the database's owner again"
-    assert _leftover_databases(server) == []
+    assert _leftover_databases(server, db) == []
     # The safety backup is a real backup of what was there, and restores the same way.
     svc.client.restore(result.safety_backup.id, skip_safety_backup=True)
     with psycopg.connect(db.uri) as conn:
@@ -110,13 +113,30 @@ def test_a_hostile_archive_cannot_reach_beyond_its_database(
         auto_conf = conn.execute("SELECT count(*) FROM pg_catalog.pg_file_settings WHERE name = 'log_statement'")
         assert auto_conf.fetchone() == (0,)
     assert_same(before, fingerprint(db.uri))
-    assert _leftover_databases(pg16) == []
+    assert _leftover_databases(pg16, db) == []
 
 
-def test_in_place_stays_the_default(pg16: PgServer, make_database: MakeDatabase, service_factory: StartService) -> None:
-    db = make_database(pg16, seeded=True, rows=20)
-    svc = service_factory(db.uri)
+def test_a_role_that_is_not_a_superuser_restores_in_place(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    """Such a role cannot do what a hostile archive wants anyway: the restore stays in place, in one
+    transaction, and cuts no connection."""
+    db = make_database(pg16)
+    owner = f"app_{db.dbname[-8:]}"
+    with psycopg.connect(pg16.database_uri("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER')
+        conn.execute(f'ALTER DATABASE "{db.dbname}" OWNER TO "{owner}"')
+    uri = db.uri + f" user={owner}"
+    _execute(
+        uri, "CREATE TABLE public.items (id int PRIMARY KEY, name text)", "INSERT INTO public.items VALUES (1, 'one')"
+    )
+    svc = service_factory(uri)
+    expected = fingerprint(db.uri)  # read as a superuser: the fingerprint sets lc_messages
     backup = svc.client.create()
-    with psycopg.connect(db.uri, autocommit=True) as application:
+    _execute(uri, "INSERT INTO public.items VALUES (2, 'two')")
+    with psycopg.connect(uri, autocommit=True) as application:
         svc.client.restore(backup.id, skip_safety_backup=True)
         assert application.execute("SELECT 1").fetchone() == (1,), "in place, no connection is cut"
+    assert_same(expected, fingerprint(db.uri))
+    assert _leftover_databases(pg16, db) == []
+    svc.stop()

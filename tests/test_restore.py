@@ -209,14 +209,16 @@ def test_filter_refuses_foreign_statements_inside_large_object_data() -> None:
     ],
     ids=["sql.gz", "custom", "sql.zst"],
 )
+@pytest.mark.parametrize("isolation", ["staging", "in-place"])
 def test_restore_brings_back_exactly_the_backup(
     seeded_db: Database,
     service_factory: StartService,
     fmt: pb.BackupFormat.ValueType,
     compression: pb.Compression.ValueType,
+    isolation: str,
 ) -> None:
     _execute(seeded_db.uri, _TRAPS)
-    svc = service_factory(seeded_db.uri)
+    svc = service_factory(seeded_db.uri, restore_isolation=isolation)
     expected = fingerprint(seeded_db.uri)
     backup = svc.client.create(format=fmt, compression=compression)
     _change_everything(seeded_db.uri)
@@ -224,7 +226,13 @@ def test_restore_brings_back_exactly_the_backup(
     with psycopg.connect(seeded_db.uri, autocommit=True) as listener:
         listener.execute(f"LISTEN {NOTIFY_CHANNEL}")
         messages = _restore(svc, backup.id)
-        notifies = list(listener.notifies(timeout=10, stop_after=1))
+        if isolation == "staging":
+            # The swap cuts every session of the database: the application learns it that way.
+            with pytest.raises(psycopg.OperationalError):
+                list(listener.notifies(timeout=10, stop_after=1))
+        else:
+            notifies = list(listener.notifies(timeout=10, stop_after=1))
+            assert [(n.channel, n.payload) for n in notifies] == [(NOTIFY_CHANNEL, backup.id)]
 
     assert_same(expected, fingerprint(seeded_db.uri))
     result = messages[-1].result
@@ -232,7 +240,6 @@ def test_restore_brings_back_exactly_the_backup(
     assert result.reconnect_required
     assert result.notify_channel == NOTIFY_CHANNEL
     assert result.duration.ToTimedelta().total_seconds() > 0
-    assert [(n.channel, n.payload) for n in notifies] == [(NOTIFY_CHANNEL, backup.id)]
 
     # The safety backup was taken first, is listed with its trigger, and holds the changed database.
     safety = result.safety_backup
@@ -475,7 +482,9 @@ def test_bad_unknown_and_unusable_ids(seeded_db: Database, service_factory: Star
 def test_application_holding_locks_makes_the_restore_fail_cleanly(
     seeded_db: Database, service_factory: StartService
 ) -> None:
-    svc = service_factory(seeded_db.uri)
+    """In place, the restore must wait for the application's locks; it gives up cleanly (a staging restore
+    does not wait: it cuts the application's sessions at the swap, see the next test)."""
+    svc = service_factory(seeded_db.uri, restore_isolation="in-place")
     backup = svc.client.create()
     _change_everything(seeded_db.uri)
     before = fingerprint(seeded_db.uri)
@@ -487,6 +496,21 @@ def test_application_holding_locks_makes_the_restore_fail_cleanly(
     assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RESTORE_FAILED")
     assert "lock timeout" in message
     assert_same(before, fingerprint(seeded_db.uri))
+
+
+def test_a_staging_restore_cuts_the_sessions_that_hold_locks(
+    seeded_db: Database, service_factory: StartService
+) -> None:
+    svc = service_factory(seeded_db.uri)  # a superuser: staging, by default
+    expected = fingerprint(seeded_db.uri)
+    backup = svc.client.create()
+    _change_everything(seeded_db.uri)
+    with psycopg.connect(seeded_db.uri) as application:
+        application.execute("SELECT count(*) FROM public.movies")  # holds its lock until the transaction ends
+        _restore(svc, backup.id, skip_safety_backup=True)
+        with pytest.raises(psycopg.OperationalError):
+            application.execute("SELECT 1")
+    assert_same(expected, fingerprint(seeded_db.uri))
 
 
 def _write_compressed(path: Path, parts: list[bytes], compression: Compression) -> None:

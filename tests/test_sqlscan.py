@@ -212,3 +212,46 @@ def test_the_filter_gives_the_same_answer_whatever_the_chunks(fragments: list[by
     assert error == whole_error
     if not error:
         assert out == whole_out
+
+
+def test_a_gigabyte_line_does_not_grow_the_server(target: Database, service_factory: StartService) -> None:
+    """A 1 GiB line compresses to about a megabyte; restored, it is refused at the line limit, and the
+    server's memory stays bounded (it used to grow by several GiB)."""
+    import gzip as gzip_module
+    import io
+
+    import psutil
+
+    svc = service_factory(target.uri)
+    name = "long-line.sql.gz"
+    buffer = io.BytesIO()
+    with gzip_module.GzipFile(fileobj=buffer, mode="wb", compresslevel=6) as out:
+        out.write(b"-- hand-made\nSELECT '")
+        block = b"x" * (16 * 1024 * 1024)
+        for _ in range(64):
+            out.write(block)
+        out.write(b"';\n")
+    (svc.backup_dir / name).write_bytes(buffer.getvalue())
+    import threading
+
+    process = psutil.Process()
+    before = process.memory_info().rss
+    peak = [before]
+    done = threading.Event()
+
+    def sample() -> None:  # the peak while it runs, not what is left after
+        while not done.wait(0.02):
+            peak[0] = max(peak[0], process.memory_info().rss)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    try:
+        with pytest.raises(Exception, match="longer than 64 MiB") as refused:
+            list(svc.client.stub.Restore(pb.RestoreRequest(id=name, skip_safety_backup=True), timeout=300))
+    finally:
+        done.set()
+        sampler.join()
+    grown = peak[0] - before
+    assert refused.value.code().name == "DATA_LOSS"  # type: ignore[attr-defined]
+    assert grown < 400 * 1024 * 1024, f"the server grew by {grown / 2**20:.0f} MiB"
+    assert _tables(target.uri) == {"important"}

@@ -67,7 +67,10 @@ class App:
             keys=keys,
             restore_timeout_seconds=config.restore_timeout,
             work_dir=config.state_dir / "tmp",
-            isolation=config.restore_isolation,
+            # The embedded server (a first try on one machine) restores in place: as root, its data directory
+            # sits in folders closed to the server's own user, and the checkpoint of a DROP DATABASE, which
+            # opens files by their full path, would stop it.
+            isolation="in-place" if embedded and config.restore_isolation == "auto" else config.restore_isolation,
         )
         transfers = TransferManager(
             store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir

@@ -32,7 +32,7 @@ MAX_KEEP = 100
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**3
 DEFAULT_MAX_TRANSFERS = 4
 DEFAULT_RESTORE_TIMEOUT = 6 * 3600
-RESTORE_ISOLATIONS = ("in-place", "staging")
+RESTORE_ISOLATIONS = ("auto", "staging", "in-place")
 #: The server's threads (server.WORKERS) must leave room for control calls beside both kinds of transfer.
 MAX_TRANSFERS = 6
 DEFAULT_UPLOAD_IDLE_TIMEOUT = 120.0
@@ -76,9 +76,10 @@ class Config:
     upload_idle_timeout: float = DEFAULT_UPLOAD_IDLE_TIMEOUT
     #: A restore that loads for longer than this many seconds is stopped and rolled back.
     restore_timeout: float = float(DEFAULT_RESTORE_TIMEOUT)
-    #: "in-place" (one transaction in the live database) or "staging" (a database of its own, loaded by a
-    #: role without the service's powers, swapped in by rename; isolation.py).
-    restore_isolation: str = "in-place"
+    #: "staging" (a database of its own, loaded by a role without the service's powers, swapped in by
+    #: rename; isolation.py), "in-place" (one transaction in the live database), or "auto": staging where
+    #: the service's role is a superuser, whose powers an archive must not have, in place elsewhere.
+    restore_isolation: str = "auto"
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -245,7 +246,7 @@ class Config:
                     get("RESTORE_TIMEOUT"), default=DEFAULT_RESTORE_TIMEOUT, variable=ENV_PREFIX + "RESTORE_TIMEOUT"
                 )
             ),
-            restore_isolation=(get("RESTORE_ISOLATION") or "in-place").lower(),
+            restore_isolation=(get("RESTORE_ISOLATION") or "auto").lower(),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
             token=secret_from_env(env, "TOKEN"),

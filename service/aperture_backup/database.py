@@ -57,8 +57,9 @@ class Database:
         return Database(psycopg.conninfo.make_conninfo(**params))  # type: ignore[arg-type]
 
     def maintenance(self) -> Database:
-        """The server's `postgres` database, from which databases are created, renamed and dropped."""
-        return self.with_dbname("postgres")
+        """The database from which databases are created, renamed and dropped: the server's `postgres`, or
+        `template1` when `postgres` is the one backed up (the embedded server's)."""
+        return self.with_dbname("template1" if self.name == "postgres" else "postgres")
 
     @property
     def name(self) -> str:

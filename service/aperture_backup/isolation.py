@@ -133,8 +133,10 @@ class StagingRestore:
         return self._database.with_login(RESTORE_ROLE, self._password, self.name)
 
     def _prepare_role(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
+        # INHERIT: the privileges of the staging database's owner come through the implicit pg_database_owner
+        # membership, which a NOINHERIT role does not use on PostgreSQL 15. It is a member of nothing else.
         attributes = sql.SQL(
-            "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS NOINHERIT PASSWORD {}"
+            "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOREPLICATION NOBYPASSRLS INHERIT PASSWORD {}"
         ).format(sql.Literal(self._password))
         exists = conn.execute("SELECT 1 FROM pg_catalog.pg_roles WHERE rolname = %s", (RESTORE_ROLE,)).fetchone()
         verb = "ALTER" if exists else "CREATE"

@@ -480,7 +480,7 @@ class RestoreManager:
         keys: AgeKeys | None = None,
         restore_timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_SECONDS,
         work_dir: Path | None = None,
-        isolation: str = "in-place",
+        isolation: str = "auto",
     ):
         self.store = store
         #: Where restores keep their small working files, swept at start-up (`sweep_leftovers`); without
@@ -494,7 +494,8 @@ class RestoreManager:
         self.lock_timeout_seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
         self.restore_timeout_seconds = restore_timeout_seconds
         #: "staging": the archive runs as a role without the service's powers in a database that replaces the
-        #: live one (isolation.py); "in-place": in the live database, in one transaction.
+        #: live one (isolation.py); "in-place": in the live database, in one transaction; "auto": staging
+        #: where the service's role is a superuser.
         self.isolation = isolation
 
     def start_restore(self, backup_id: str, *, skip_safety_backup: bool, trigger: Trigger = Trigger.MANUAL) -> Job:
@@ -522,6 +523,10 @@ class RestoreManager:
             for entry in self.work_dir.iterdir():
                 _logger.info("removing %s, left by a restore that did not finish", entry)
                 shutil.rmtree(entry, ignore_errors=True)
+        staging_name = interrupted.notes.get("staging_database", "") if interrupted else ""
+        if staging_name:
+            _logger.warning("dropping %s, the staging database of the interrupted restore", staging_name)
+            isolation.drop_staging(self.database, staging_name)
         name = interrupted.notes.get("application_name", "") if interrupted else ""
         if not name.startswith(APPLICATION_NAME_PREFIX):
             return
@@ -761,7 +766,10 @@ class RestoreManager:
         on_read(0)
         reader = self.reader(path, kind, recipients=recipients, on_read=on_read)
         deadline = time.monotonic() + self.restore_timeout_seconds
-        if self.isolation != "staging":
+        staged = self.isolation == "staging" or (
+            self.isolation == "auto" and isolation.role_powers(self.database).superuser
+        )
+        if not staged:
             _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
             self._load(
                 job,
@@ -785,7 +793,7 @@ class RestoreManager:
                 isolation.RESTORE_ROLE,
                 toolset.version,
             )
-            sql_filter = SqlFilter(skip_extension_comments=True)
+            sql_filter = SqlFilter(staging=True)
             self._load(
                 job,
                 reader,

@@ -45,6 +45,8 @@ _LARGE_OBJECT_TYPES = frozenset({b"BLOBS", b"LARGE OBJECTS"})
 #: What pg_dump writes between the BEGIN and COMMIT of large-object data: lo_open, lowrite, lo_close.
 _LARGE_OBJECT_CALLS = (b"SELECT pg_catalog.lo_open(", b"SELECT pg_catalog.lowrite(", b"SELECT pg_catalog.lo_close(")
 _EXTENSION_COMMENT_RE = re.compile(rb"^COMMENT ON EXTENSION [A-Za-z_][A-Za-z0-9_]* IS '(?:[^'\\]|'')*';\r?$")
+#: pg_dump's ownership statements, one line each, no string literal in them.
+_OWNER_RE = re.compile(rb"^ALTER [^';]* OWNER TO [^';]*;\r?$")
 _RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict [A-Za-z0-9]+\r?$")
 #: psql ends COPY data at a line `\.` (with a Unix or a Windows line end).
 _COPY_TERMINATOR = b"\\."
@@ -77,10 +79,12 @@ class SqlFilter:
     """Push-based: `feed(chunk)` returns the bytes to pass on (in order), `finish()` the rest. Raises
     SqlFilterError when the input cannot be restored atomically or ends in the middle of data."""
 
-    def __init__(self, *, skip_extension_comments: bool = False) -> None:
-        #: In a staging restore the extensions belong to the privileged session, and only their owner may
-        #: comment on them: pg_dump's `COMMENT ON EXTENSION` lines (the extension's own comment) are left out.
-        self._skip_extension_comments = skip_extension_comments
+    def __init__(self, *, staging: bool = False) -> None:
+        #: In a staging restore the archive runs as a role that may not do what its owner statements ask:
+        #: pg_dump's `ALTER ... OWNER TO` lines are left out (everything goes to the live database's owner at
+        #: the swap, as with --no-owner), and so are its `COMMENT ON EXTENSION` lines (the extensions belong
+        #: to the privileged session; the comment is the extension's own).
+        self._staging = staging
         self._scanner = StatementScanner()
         self._buf = bytearray()
         self._state = _State.SQL
@@ -212,7 +216,7 @@ class SqlFilter:
                 if header is not None:
                     self._pending_type = header.group("type")
             elif (line.startswith(b"\\") and _RESTRICT_RE.match(line)) or (
-                self._skip_extension_comments and _EXTENSION_COMMENT_RE.match(line)
+                self._staging and (_EXTENSION_COMMENT_RE.match(line) or _OWNER_RE.match(line))
             ):
                 return False
         try:
