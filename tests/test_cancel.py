@@ -4,11 +4,8 @@ running: no psql or pg_dump, no server process, no lock."""
 
 from __future__ import annotations
 
-import os
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,7 +23,15 @@ from aperture_backup_client import BackupClient
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, table_lock
-from tests.support.service import RunningService, StartService, pg_dump_children, wait_for
+from tests.support.service import (
+    RunningService,
+    StartService,
+    clean_environment,
+    free_port,
+    pg_dump_children,
+    serve_process,
+    wait_for,
+)
 
 SLEEPER = "sleeper.sql"
 SLEEPER_SQL = b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catalog.pg_sleep(100000);\n"
@@ -168,37 +173,15 @@ def test_cancel_says_what_is_wrong(db: Database, service_factory: StartService) 
         running.join(30)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_sigterm_ends_a_stuck_restore_at_once(db: Database, tmp_path: Path) -> None:
     backup_dir = tmp_path / "backups"
     backup_dir.mkdir()
     (backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
     before = fingerprint(db.uri)
-    port = _free_port()
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "aperture_backup",
-            "serve",
-            "--listen",
-            f"127.0.0.1:{port}",
-            "--dir",
-            str(backup_dir),
-            "--schedule",
-            "off",
-            "--catch-up",
-            "false",
-        ],
-        env={**environment, "APERTURE_BACKUP_DATABASE_URL": db.uri},
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    port = free_port()
+    args = ("--listen", f"127.0.0.1:{port}", "--dir", str(backup_dir), "--schedule", "off", "--catch-up", "false")
+    proc = serve_process(
+        *args, env=clean_environment(DATABASE_URL=db.uri), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
     try:
         with BackupClient(f"127.0.0.1:{port}") as client:
@@ -235,31 +218,14 @@ def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Databas
     backup_dir.mkdir()
     (backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
     before = fingerprint(db.uri)
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
-    environment["APERTURE_BACKUP_DATABASE_URL"] = db.uri
+    environment = clean_environment(DATABASE_URL=db.uri)
 
     def serve(port: int) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "aperture_backup",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--dir",
-                str(backup_dir),
-                "--schedule",
-                "off",
-                "--catch-up",
-                "false",
-            ],
-            env=environment,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
+        listen = f"127.0.0.1:{port}"
+        args = ("--listen", listen, "--dir", str(backup_dir), "--schedule", "off", "--catch-up", "false")
+        return serve_process(*args, env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
-    port = _free_port()
+    port = free_port()
     first = serve(port)
     try:
         with BackupClient(f"127.0.0.1:{port}") as client:
@@ -276,7 +242,7 @@ def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Databas
             first.kill()
     assert _sleepers(db.uri), "PostgreSQL alone does not notice: the statement still runs"
 
-    port = _free_port()
+    port = free_port()
     second = serve(port)
     try:
         with BackupClient(f"127.0.0.1:{port}") as client:

@@ -9,7 +9,6 @@ import os
 import pty
 import select
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,7 @@ from aperture.backup.v1 import backup_pb2 as pb
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, table_lock
-from tests.support.service import RunningService, StartService, pg_dump_children, wait_for
+from tests.support.service import RunningService, StartService, free_port, pg_dump_children, wait_for
 
 
 @pytest.fixture
@@ -86,12 +85,6 @@ def in_terminal(svc: RunningService, *args: str, answer: str | None = None, time
     proc.wait(timeout=30)
     os.close(leader)
     return proc.returncode, output.decode("utf-8", "replace")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 # -- progress ----------------------------------------------------------------------------------------------
@@ -219,7 +212,7 @@ def test_exit_codes_tell_outcomes_apart(svc: RunningService, db: Database, tmp_p
         svc.client.cancel(svc.client.status().current_job.backup_id)
 
     nobody = subprocess.run(
-        [sys.executable, "-m", "aperture_backup", "status", "--server", f"127.0.0.1:{_free_port()}"],
+        [sys.executable, "-m", "aperture_backup", "status", "--server", f"127.0.0.1:{free_port()}"],
         env=_env(svc),
         capture_output=True,
         text=True,

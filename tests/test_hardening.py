@@ -25,7 +25,7 @@ from aperture_backup_client import BackupClient
 from tests.support.filesystem import fill, small_filesystem
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
-from tests.support.service import StartService
+from tests.support.service import StartService, clean_environment, free_port, serve_process
 from tests.support.service import test_config as service_config
 
 BAD_ZONES = ["right/UTC", "posix/Europe/Berlin", "localtime", "Factory", "posixrules", "Europe/" + "x" * 5000, ""]
@@ -232,35 +232,12 @@ def test_a_port_taken_by_another_program_is_reported(db16: Database, tmp_path: P
 
 
 def test_a_second_instance_never_takes_the_embedded_database_of_the_first(tmp_path: Path) -> None:
-    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    environment = clean_environment()
     backup_dir = tmp_path / "backups"
 
     def serve(port: int) -> subprocess.Popen[str]:
-        return subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "aperture_backup",
-                "serve",
-                "--listen",
-                f"127.0.0.1:{port}",
-                "--dir",
-                str(backup_dir),
-                "--schedule",
-                "off",
-                "--catch-up",
-                "false",
-            ],
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-
-    def free_port() -> int:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            return int(sock.getsockname()[1])
+        args = ("--listen", f"127.0.0.1:{port}", "--dir", str(backup_dir), "--schedule", "off", "--catch-up", "false")
+        return serve_process(*args, env=environment, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
     first_port = free_port()
     first = serve(first_port)

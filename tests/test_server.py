@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.fixtures import Database
 from tests.support.postgres import table_lock
-from tests.support.service import StartService, grpcurl_path, pg_dump_children, wait_for
+from tests.support.service import StartService, free_port, grpcurl_path, pg_dump_children, wait_for
 
 SERVICE = "aperture.backup.v1.BackupService"
 
@@ -35,12 +34,6 @@ def _grpcurl(target: str, *words: str, flags: tuple[str, ...] = ()) -> str:
     return result.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_health_is_serving_while_the_database_answers(seeded_db: Database, service_factory: StartService) -> None:
     svc = service_factory(seeded_db.uri)
     with grpc.insecure_channel(svc.target) as channel:
@@ -51,7 +44,7 @@ def test_health_is_serving_while_the_database_answers(seeded_db: Database, servi
 
 
 def test_health_is_not_serving_when_the_database_is_down(service_factory: StartService) -> None:
-    svc = service_factory(f"postgresql://postgres@127.0.0.1:{_free_port()}/postgres")
+    svc = service_factory(f"postgresql://postgres@127.0.0.1:{free_port()}/postgres")
     with grpc.insecure_channel(svc.target) as channel:
         response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=10)
     assert response.status == health_pb2.HealthCheckResponse.NOT_SERVING
@@ -91,7 +84,7 @@ def test_grpcurl_lists_describes_and_checks_health(seeded_db: Database, service_
 
 
 def _start_serve(database_uri: str, backup_dir: Path) -> tuple[subprocess.Popen[str], str]:
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
     env.update(
         APERTURE_BACKUP_DATABASE_URL=database_uri,

@@ -8,7 +8,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ from aperture_backup.server import create_server
 from aperture_backup_client import BackupClient
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
-from tests.support.service import StartService, grpcurl_path
+from tests.support.service import StartService, free_port, grpcurl_path
 from tests.support.service import test_config as service_config
 from tests.support.tls import Authority, make_authority
 
@@ -162,12 +161,6 @@ def test_bad_tls_files_stop_start_up_naming_the_variable(
         create_server(config)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.fixture
 def tls_process(db16: Database, ca: Authority, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], str, Path]]:
     """`aperture-backup serve` as an operator runs it: TLS from files, a token from a secret file."""
@@ -177,7 +170,7 @@ def tls_process(db16: Database, ca: Authority, tmp_path: Path) -> Iterator[tuple
     live_key.write_bytes(pair.key.read_bytes())
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN + "\n")
-    port = _free_port()
+    port = free_port()
     environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
     environment.update(
         {

@@ -80,6 +80,8 @@ class Config:
     #: rename; isolation.py), "in-place" (one transaction in the live database), or "auto": staging where
     #: the service's role is a superuser, whose powers an archive must not have, in place elsewhere.
     restore_isolation: str = "auto"
+    #: host:port of the Prometheus metrics endpoint; None: no metrics served.
+    metrics_listen: str | None = None
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -150,6 +152,8 @@ class Config:
                 f"{ENV_PREFIX}RESTORE_TIMEOUT must be a number of seconds from 1 to 604800, "
                 f"got {self.restore_timeout:g}"
             )
+        if self.metrics_listen is not None:
+            parse_listen(self.metrics_listen, variable=ENV_PREFIX + "METRICS_LISTEN")
         if self.restore_isolation not in RESTORE_ISOLATIONS:
             raise ConfigError(
                 f"{ENV_PREFIX}RESTORE_ISOLATION must be one of {', '.join(RESTORE_ISOLATIONS)}, "
@@ -247,6 +251,7 @@ class Config:
                 )
             ),
             restore_isolation=(get("RESTORE_ISOLATION") or "auto").lower(),
+            metrics_listen=get("METRICS_LISTEN"),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
             token=secret_from_env(env, "TOKEN"),
@@ -366,11 +371,11 @@ def parse_bool(value: str | None, *, default: bool, variable: str) -> bool:
     raise ConfigError(f"{variable} must be true or false, got {value!r}")
 
 
-def parse_listen(value: str) -> tuple[str, int]:
+def parse_listen(value: str, *, variable: str = ENV_PREFIX + "LISTEN") -> tuple[str, int]:
     """Split "host:port" (IPv6 hosts in brackets) and check the port."""
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not port_text.isdigit() or not 0 <= int(port_text) <= 65535:
-        raise ConfigError(f'{ENV_PREFIX}LISTEN must be "host:port", for example "0.0.0.0:50051", got {value!r}')
+        raise ConfigError(f'{variable} must be "host:port", for example "0.0.0.0:50051", got {value!r}')
     return host, int(port_text)
 
 

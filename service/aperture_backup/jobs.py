@@ -148,6 +148,8 @@ class JobSlot:
         self._current: Job | None = None
         self._threads: list[threading.Thread] = []
         self.journal = journal
+        #: Called with each job once it has ended (metrics.py); their errors are logged, never raised.
+        self.on_end: list[Callable[[Job], None]] = []
 
     @property
     def current(self) -> Job | None:
@@ -197,6 +199,11 @@ class JobSlot:
             finally:
                 if journal is not None:
                     journal.end(job.record())
+                for listener in self.on_end:
+                    try:
+                        listener(job)
+                    except Exception:
+                        _logger.exception("a listener of %s failed", job.description)
                 memory.release_free_memory()
 
         thread = threading.Thread(target=run, name=f"job-{job.kind.value}", daemon=True)

@@ -22,6 +22,7 @@ from aperture.backup.v1 import backup_pb2, backup_pb2_grpc
 from .app import App
 from .auth import AuthInterceptor, TokenAuthenticator
 from .config import Config, is_loopback, parse_listen
+from .metrics import Metrics, MetricsInterceptor
 from .reflection_docs import documented_pool
 from .rpc_errors import ErrorInterceptor
 from .servicer import BackupServicer
@@ -79,6 +80,8 @@ class RunningServer:
     app: App
     health: HealthMonitor
     tls: ReloadableServerCredentials | None = None
+    metrics: Metrics | None = None
+    metrics_port: int = 0
 
     def reload_tls(self) -> bool:
         """Re-read the TLS certificate and key (SIGHUP); False when TLS is off or the new files are bad."""
@@ -87,6 +90,8 @@ class RunningServer:
     def stop(self, grace: float = 5.0) -> None:
         """Stop taking calls, cancel a running job (its partial archive is removed), stop the app."""
         self.health.stop()
+        if self.metrics is not None:
+            self.metrics.stop()
         stopped = self.server.stop(grace)
         self.app.stop()
         stopped.wait(grace)
@@ -100,10 +105,15 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
         tls = ReloadableServerCredentials(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
     host, port = parse_listen(config.listen)
     _warn_about_exposure(config, host, tls)
+    metrics = Metrics() if config.metrics_listen else None
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="rpc"),
         # Errors outermost, so that a refused token reaches the caller like any other domain error.
-        interceptors=[ErrorInterceptor(), AuthInterceptor(TokenAuthenticator(config.token, config.read_token))],
+        interceptors=[
+            *([MetricsInterceptor(metrics)] if metrics is not None else []),
+            ErrorInterceptor(),
+            AuthInterceptor(TokenAuthenticator(config.token, config.read_token)),
+        ],
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -130,6 +140,16 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
     except BaseException:
         server.stop(None)
         raise
+    metrics_port = 0
+    if metrics is not None:
+        metrics.attach(app)
+        metrics_host, wanted = parse_listen(config.metrics_listen or "", variable="APERTURE_BACKUP_METRICS_LISTEN")
+        try:
+            metrics_port = metrics.serve(metrics_host, wanted)
+        except OSError as exc:
+            server.stop(None)
+            app.stop()
+            raise OSError(f"cannot serve metrics on {config.metrics_listen}: {exc.strerror or exc}") from None
     backup_pb2_grpc.add_BackupServiceServicer_to_server(BackupServicer(app), server)
     health_servicer = health.HealthServicer(experimental_non_blocking=True)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -144,7 +164,7 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
     transport = ("mutual TLS" if tls.mutual else "TLS") if tls else "plaintext"
     callers = "tokens" if config.token else "client certificates" if config.authenticated else "no authentication"
     _logger.info("aperture-backup listening on %s:%d (%s, %s)", host, bound, transport, callers)
-    return RunningServer(server, bound, app, monitor, tls)
+    return RunningServer(server, bound, app, monitor, tls, metrics, metrics_port)
 
 
 def _warn_about_exposure(config: Config, host: str, tls: ReloadableServerCredentials | None) -> None:

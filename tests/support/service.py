@@ -6,7 +6,10 @@ Tests call it through the generated stubs (`BackupClient`) or the real grpcurl b
 from __future__ import annotations
 
 import contextlib
+import os
 import shutil
+import socket
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -22,7 +25,18 @@ from aperture_backup.config import Config
 from aperture_backup.server import RunningServer, create_server
 from aperture_backup_client import BackupClient
 
-__all__ = ["RunningService", "StartApp", "StartService", "grpcurl_path", "start_service", "test_config", "wait_for"]
+__all__ = [
+    "RunningService",
+    "StartApp",
+    "StartService",
+    "clean_environment",
+    "free_port",
+    "grpcurl_path",
+    "serve_process",
+    "start_service",
+    "test_config",
+    "wait_for",
+]
 
 
 @dataclass
@@ -140,3 +154,23 @@ def pg_dump_children(pid: int | None = None) -> list[psutil.Process]:
             if child.name() == "pg_dump":
                 found.append(child)
     return found
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_environment(**values: str) -> dict[str, str]:
+    """This process's environment without any APERTURE_BACKUP_* variable, plus `values` (names without the
+    prefix), for a service or CLI subprocess that must see only what a test gives it."""
+    environment = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    environment.update({f"APERTURE_BACKUP_{k}": v for k, v in values.items()})
+    return environment
+
+
+def serve_process(*args: str, env: dict[str, str], text: bool = False, **popen: Any) -> subprocess.Popen[Any]:
+    """`aperture-backup serve ARGS` as an operator runs it, in a process of its own."""
+    return subprocess.Popen([sys.executable, "-m", "aperture_backup", "serve", *args], env=env, text=text, **popen)

@@ -1,0 +1,180 @@
+"""Prometheus metrics (PyPI `prometheus-client`) on `APERTURE_BACKUP_METRICS_LISTEN`, off by default.
+
+Counters and the duration histogram are updated as jobs end and calls return; the gauges are read from
+the archive store and the job slot at each scrape, so they are never stale. Each server has a registry of
+its own (tests run several in one process).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .app import App
+from .jobs import Job, JobSlot
+from .model import State
+from .store import ArchiveStore
+
+_logger = logging.getLogger(__name__)
+
+#: Backups and restores take seconds to hours.
+DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, float("inf"))
+
+
+class _StateCollector(Collector):
+    """Gauges computed from the store and the job slot when scraped."""
+
+    def __init__(self, store: ArchiveStore, slot: JobSlot):
+        self._store = store
+        self._slot = slot
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        backups = self._store.list_backups()
+        ready = [b for b in backups if b.state is State.READY]
+        newest = ready[0] if ready else None
+        last_success = GaugeMetricFamily(
+            "aperture_backup_last_success_timestamp_seconds",
+            "When the newest READY backup finished (Unix time); 0 when there is none.",
+        )
+        finished = newest.create_time.timestamp() + (newest.duration_seconds or 0.0) if newest else 0.0
+        last_success.add_metric([], finished)
+        yield last_success
+        newest_bytes = GaugeMetricFamily("aperture_backup_newest_archive_bytes", "Size of the newest READY archive.")
+        newest_bytes.add_metric([], float(newest.size_bytes) if newest else 0.0)
+        yield newest_bytes
+        archives = GaugeMetricFamily(
+            "aperture_backup_archives", "READY archives, by where they are.", labels=["location"]
+        )
+        archives.add_metric(["local"], float(len(ready)))
+        yield archives
+        running = GaugeMetricFamily(
+            "aperture_backup_job_running", "1 while a backup or restore runs, by kind.", labels=["kind"]
+        )
+        job = self._slot.current
+        for kind in ("backup", "restore"):
+            running.add_metric([kind], 1.0 if job is not None and job.kind.value == kind else 0.0)
+        yield running
+
+
+class Metrics:
+    """The service's metrics and, once `serve()`d, the HTTP endpoint that exposes them."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.runs = Counter(
+            "aperture_backup_runs",
+            "Backups and restores that ended, by kind, trigger and result (success, failure, cancelled).",
+            ["kind", "trigger", "result"],
+            registry=self.registry,
+        )
+        self.duration = Histogram(
+            "aperture_backup_duration_seconds",
+            "How long backups and restores took, by kind.",
+            ["kind"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.calls = Counter(
+            "aperture_backup_grpc_requests",
+            "gRPC calls that ended, by method and status code.",
+            ["method", "code"],
+            registry=self.registry,
+        )
+        self._server: Any = None
+        self._lock = threading.Lock()
+
+    def attach(self, app: App) -> None:
+        """Read the app's state at each scrape, and count its jobs as they end."""
+        self.registry.register(_StateCollector(app.store, app.slot))
+        app.slot.on_end.append(self.job_ended)
+
+    def job_ended(self, job: Job) -> None:
+        if job.error is None:
+            result = "success"
+        elif job.error.reason == "CANCELLED":
+            result = "cancelled"
+        else:
+            result = "failure"
+        self.runs.labels(job.kind.value, job.trigger.value, result).inc()
+        self.duration.labels(job.kind.value).observe(job.elapsed())
+
+    def serve(self, host: str, port: int) -> int:
+        """Start the HTTP endpoint (`/metrics`); the port it listens on."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        with self._lock:
+            self._server = server
+        bound = int(server.server_address[1])
+        _logger.info("metrics on http://%s:%d/metrics", host, bound)
+        return bound
+
+    def stop(self) -> None:
+        with self._lock:
+            server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+
+
+class MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every call by method and the status code it ended with (outermost, so it sees the code the
+    error mapping set)."""
+
+    def __init__(self, metrics: Metrics):
+        self._metrics = metrics
+
+    def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler[Any, Any] | None],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler[Any, Any] | None:
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = handler_call_details.method.rpartition("/")[2]
+        count = self._metrics.calls
+
+        def record(context: grpc.ServicerContext) -> None:
+            code = context.code()  # type: ignore[attr-defined]
+            name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code in (None, 0) else str(code)
+            count.labels(method, name).inc()
+
+        def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+            def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+                try:
+                    return behavior(request, context)
+                finally:
+                    record(context)
+
+            return wrapper
+
+        def stream(
+            behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
+        ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+            def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+                try:
+                    yield from behavior(request, context)
+                finally:
+                    record(context)
+
+            return wrapper
+
+        serializers = {
+            "request_deserializer": handler.request_deserializer,
+            "response_serializer": handler.response_serializer,
+        }
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serializers)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **serializers)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **serializers)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **serializers)
+        return handler
