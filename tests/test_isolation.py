@@ -17,7 +17,7 @@ from aperture_backup.isolation import RESTORE_ROLE, STAGING_MARK
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
-from tests.support.service import RunningService, StartService
+from tests.support.service import RunningService, StartService, wait_for
 from tests.test_restore import _TRAPS, _change_everything, _execute
 
 MARKER = Path("/tmp/aperture-backup-isolation-marker")
@@ -83,7 +83,7 @@ def test_a_staging_restore_brings_back_exactly_the_backup(
     assert result.reconnect_required and result.safety_backup.trigger == pb.BACKUP_TRIGGER_PRE_RESTORE
     assert_same(expected, fingerprint(db.uri))
     assert _owned_by_restore_role(db.uri) == 0, "everything belongs to the database's owner again"
-    assert _leftover_databases(server, db) == []
+    wait_for(lambda: _leftover_databases(server, db) == [], timeout=30)  # the old one goes in the background
     # The safety backup is a real backup of what was there, and restores the same way.
     svc.client.restore(result.safety_backup.id, skip_safety_backup=True)
     with psycopg.connect(db.uri) as conn:
@@ -113,7 +113,7 @@ def test_a_hostile_archive_cannot_reach_beyond_its_database(
         auto_conf = conn.execute("SELECT count(*) FROM pg_catalog.pg_file_settings WHERE name = 'log_statement'")
         assert auto_conf.fetchone() == (0,)
     assert_same(before, fingerprint(db.uri))
-    assert _leftover_databases(pg16, db) == []
+    wait_for(lambda: _leftover_databases(pg16, db) == [], timeout=30)
 
 
 def test_a_role_that_is_not_a_superuser_restores_in_place(
@@ -138,5 +138,5 @@ def test_a_role_that_is_not_a_superuser_restores_in_place(
         svc.client.restore(backup.id, skip_safety_backup=True)
         assert application.execute("SELECT 1").fetchone() == (1,), "in place, no connection is cut"
     assert_same(expected, fingerprint(db.uri))
-    assert _leftover_databases(pg16, db) == []
+    wait_for(lambda: _leftover_databases(pg16, db) == [], timeout=30)
     svc.stop()

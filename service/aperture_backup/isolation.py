@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import secrets
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -86,6 +87,7 @@ class StagingRestore:
         self._old_name = _name(self.live, f"old_{token}")
         self._password = secrets.token_urlsafe(24)
         self.created = False
+        self.dropper: threading.Thread | None = None
 
     # -- preparing -------------------------------------------------------------------------------------------
 
@@ -194,8 +196,14 @@ class StagingRestore:
                 conn.execute(sql.SQL("ALTER DATABASE {} WITH ALLOW_CONNECTIONS true").format(sql.Identifier(self.live)))
                 raise
             self.created = False
-            conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(self._old_name)))
         _logger.info("the restored database replaced %s (the staging database took its name)", self.live)
+        # The old database goes in the background: DROP DATABASE waits for a checkpoint, which writes out
+        # what the load left in shared buffers, and the restore is done without it. Should the process stop
+        # first, the start-up sweep drops it (`drop_leftovers`).
+        self.dropper = threading.Thread(
+            target=drop_staging, args=(self._database, self._old_name), name="drop-old-database", daemon=True
+        )
+        self.dropper.start()
 
     def _live_owner(self) -> str:
         with self._maintenance.connect() as conn:
@@ -253,6 +261,28 @@ class StagingRestore:
             return
         drop_staging(self._database, self.name)
         self.created = False
+
+
+def drop_leftovers(database: Database, *, staging: bool) -> None:
+    """At start-up: drop the replaced databases a stopped process had not dropped yet (garbage, whoever made
+    them) and, with `staging`, the staging databases of an interrupted restore (only then: another replica
+    may be loading one right now)."""
+    prefix = database.name.encode()[: _MAX_NAME - len(STAGING_MARK) - 12].decode("utf-8", "ignore") + STAGING_MARK
+    try:
+        with database.maintenance().connect() as conn:
+            names = [
+                str(row[0])
+                for row in conn.execute(
+                    "SELECT datname FROM pg_catalog.pg_database WHERE starts_with(datname, %s)", (prefix,)
+                ).fetchall()
+            ]
+    except (Unavailable, psycopg.Error) as exc:
+        _logger.info("could not look for databases a stopped restore left: %s", exc)
+        return
+    for name in names:
+        if staging or name.rpartition(STAGING_MARK)[2].startswith("old_"):
+            _logger.warning("dropping %s, left by a restore that did not finish", name)
+            drop_staging(database, name)
 
 
 def drop_staging(database: Database, name: str) -> None:

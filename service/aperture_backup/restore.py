@@ -523,10 +523,9 @@ class RestoreManager:
             for entry in self.work_dir.iterdir():
                 _logger.info("removing %s, left by a restore that did not finish", entry)
                 shutil.rmtree(entry, ignore_errors=True)
-        staging_name = interrupted.notes.get("staging_database", "") if interrupted else ""
-        if staging_name:
-            _logger.warning("dropping %s, the staging database of the interrupted restore", staging_name)
-            isolation.drop_staging(self.database, staging_name)
+        isolation.drop_leftovers(
+            self.database, staging=interrupted is not None and bool(interrupted.notes.get("staging_database"))
+        )
         name = interrupted.notes.get("application_name", "") if interrupted else ""
         if not name.startswith(APPLICATION_NAME_PREFIX):
             return
