@@ -24,6 +24,7 @@ import grpc
 from aperture.backup.v1 import backup_pb2
 
 from .errors import BackupError, PermissionDenied, Unauthenticated
+from .rpc_handlers import rewrap
 
 _logger = logging.getLogger(__name__)
 
@@ -193,14 +194,4 @@ class AuthInterceptor(grpc.ServerInterceptor):
             refuse(context)
             yield  # pragma: no cover - makes this a generator, as streaming handlers are
 
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary, **serializers)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-        return grpc.stream_stream_rpc_method_handler(stream, **serializers)
+        return rewrap(handler, unary=lambda _behavior: unary, stream=lambda _behavior: stream)

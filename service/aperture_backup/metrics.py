@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from .app import App
 from .jobs import Job, JobSlot
 from .model import State
+from .rpc_handlers import Behavior, rewrap
 from .store import ArchiveStore
 
 _logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
             name = code.name if isinstance(code, grpc.StatusCode) else "OK" if code in (None, 0) else str(code)
             count.labels(method, name).inc()
 
-        def unary(behavior: Callable[[Any, grpc.ServicerContext], Any]) -> Callable[[Any, grpc.ServicerContext], Any]:
+        def unary(behavior: Behavior) -> Behavior:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
                 try:
                     return behavior(request, context)
@@ -154,9 +155,7 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             return wrapper
 
-        def stream(
-            behavior: Callable[[Any, grpc.ServicerContext], Iterator[Any]],
-        ) -> Callable[[Any, grpc.ServicerContext], Iterator[Any]]:
+        def stream(behavior: Behavior) -> Behavior:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
                 try:
                     yield from behavior(request, context)
@@ -165,16 +164,4 @@ class MetricsInterceptor(grpc.ServerInterceptor):
 
             return wrapper
 
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), **serializers)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), **serializers)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(stream(handler.unary_stream), **serializers)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(stream(handler.stream_stream), **serializers)
-        return handler
+        return rewrap(handler, unary=unary, stream=stream)

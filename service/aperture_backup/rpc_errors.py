@@ -16,6 +16,7 @@ from google.rpc import error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from . import errors, memory
+from .rpc_handlers import rewrap
 
 _logger = logging.getLogger(__name__)
 
@@ -106,20 +107,13 @@ class ErrorInterceptor(grpc.ServerInterceptor):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        serializers = {
-            "request_deserializer": handler.request_deserializer,
-            # Handlers may yield messages already encoded (StreamDownload does: aperture_backup_client.wire).
-            "response_serializer": pass_encoded(handler.response_serializer),
-        }
-        if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(_wrap_unary(handler.unary_unary), **serializers)
-        if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(_wrap_unary(handler.stream_unary), **serializers)
-        if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(_wrap_stream(handler.unary_stream), **serializers)
-        if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(_wrap_stream(handler.stream_stream), **serializers)
-        return handler
+        # Handlers may yield messages already encoded (StreamDownload does: aperture_backup_client.wire).
+        return rewrap(
+            handler,
+            unary=_wrap_unary,
+            stream=_wrap_stream,
+            response_serializer=pass_encoded(handler.response_serializer),
+        )
 
 
 def pass_encoded(serializer: Callable[[Any], bytes] | None) -> Callable[[Any], bytes] | None:
