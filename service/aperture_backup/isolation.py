@@ -113,9 +113,8 @@ class StagingRestore:
                 )
             )
             self.created = True
-        self.pre_created = list(extensions)
         with self._database.with_dbname(self.name).connect() as conn:
-            for name in self.pre_created:
+            for name in extensions:
                 try:
                     conn.execute(
                         sql.SQL("CREATE EXTENSION IF NOT EXISTS {} WITH SCHEMA public").format(sql.Identifier(name))
@@ -130,7 +129,7 @@ class StagingRestore:
             "staging database %s made for the restore, owned by %s (extensions: %s)",
             self.name,
             RESTORE_ROLE,
-            ", ".join(self.pre_created) or "none",
+            ", ".join(extensions) or "none",
         )
         return self._database.with_login(RESTORE_ROLE, self._password, self.name)
 

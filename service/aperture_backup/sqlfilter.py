@@ -112,11 +112,6 @@ class SqlFilter:
         self._compact(pos)
         return out
 
-    @property
-    def created_extensions(self) -> set[str]:
-        """Extensions the SQL that went through creates."""
-        return self._scanner.created_extensions
-
     def finish(self) -> bytes:
         """The last bytes; raises when the input ended inside COPY data or large-object data."""
         out: list[bytes] = []

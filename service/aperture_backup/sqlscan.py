@@ -82,9 +82,6 @@ class StatementScanner:
         self.copy_from_stdin = False
         #: The table of the last COPY ... FROM stdin, for messages.
         self.copy_table = b""
-        #: Extensions the SQL creates (`CREATE EXTENSION [IF NOT EXISTS] name`), lower case.
-        self.created_extensions: set[str] = set()
-        self._extension_name_next = False
         self.line_number = 0
 
     @property
@@ -219,11 +216,6 @@ class StatementScanner:
         if words[0] == b"PREPARE" and len(words) >= 2 and words[1] == b"TRANSACTION":
             raise self._refusal(b"PREPARE TRANSACTION")
         upper = token.upper()
-        if self._extension_name_next and upper not in (b"IF", b"NOT", b"EXISTS"):
-            self._extension_name_next = False
-            self.created_extensions.add(token.lower().decode("utf-8", "replace"))
-        elif words[:2] == [b"CREATE", b"EXTENSION"] and len(words) == 2 and upper == b"EXTENSION":
-            self._extension_name_next = True
         if words[0] == b"COPY":
             if upper == b"STDIN" and self._previous_was_from:
                 self._is_copy_from_stdin = True
@@ -241,7 +233,6 @@ class StatementScanner:
         self._identifier_count = 0
         self._is_copy_from_stdin = False
         self._previous_was_from = False
-        self._extension_name_next = False
         if copy:
             if rest.strip() and not rest.strip().startswith(b"--"):
                 raise ScanError(
