@@ -12,14 +12,17 @@ import signal
 import subprocess
 import sys
 import time
+from datetime import UTC
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+import psycopg
 import pytest
 
 from aperture.backup.v1 import backup_pb2 as pb
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
-from tests.support.postgres import PgServer, table_lock
+from tests.support.postgres import PgServer, public_tables, table_lock
 from tests.support.service import RunningService, StartService, free_port, pg_dump_children, wait_for
 
 
@@ -106,7 +109,7 @@ def test_restore_asks_on_a_terminal_and_says_what_it_replaces(
     svc: RunningService, db: Database, tmp_path: Path
 ) -> None:
     backup = svc.client.create()
-    with psycopg_connect(db.uri) as conn:
+    with psycopg.connect(db.uri, autocommit=True) as conn:
         conn.execute("CREATE TABLE public.after_backup (a int)")
     before = fingerprint(db.uri)
 
@@ -118,22 +121,10 @@ def test_restore_asks_on_a_terminal_and_says_what_it_replaces(
     code, screen = in_terminal(svc, "restore", backup.id, "--skip-safety-backup", answer="y")
     assert code == 0, screen
     assert f"restored {backup.id}" in screen
-    assert "after_backup" not in _tables(db.uri)
+    assert "after_backup" not in public_tables(db.uri)
 
     refused = cli(svc, "restore", backup.id)
     assert refused.returncode == 2 and "pass --yes" in refused.stderr
-
-
-def psycopg_connect(uri: str):  # type: ignore[no-untyped-def]
-    import psycopg
-
-    return psycopg.connect(uri, autocommit=True)
-
-
-def _tables(uri: str) -> set[str]:
-    with psycopg_connect(uri) as conn:
-        rows = conn.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = 'public'").fetchall()
-    return {str(r[0]) for r in rows}
 
 
 # -- tables and JSON ---------------------------------------------------------------------------------------
@@ -149,8 +140,8 @@ def test_list_is_a_readable_table_and_json_for_scripts(svc: RunningService) -> N
     assert lines[1].startswith(custom.id) and "custom" in lines[1] and "READY" in lines[1]
     assert lines[2].startswith(made.id) and "plain+gzip" in lines[2] and "manual" in lines[2]
     assert " kB " in lines[2] or " MB " in lines[2]
-    local = made.create_time.ToDatetime().replace(tzinfo=__import__("datetime").UTC)
-    assert local.astimezone(__import__("zoneinfo").ZoneInfo("Europe/Berlin")).strftime("%Y-%m-%d %H:%M") in lines[2]
+    local = made.create_time.ToDatetime(tzinfo=UTC).astimezone(ZoneInfo("Europe/Berlin"))
+    assert local.strftime("%Y-%m-%d %H:%M") in lines[2]
 
     listed = json.loads(cli(svc, "list", "--json").stdout)
     assert [b["id"] for b in listed["backups"]] == [custom.id, made.id]

@@ -14,7 +14,7 @@ from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.sqlfilter import MAX_LINE_BYTES, SqlFilter, SqlFilterError
 from aperture_backup.sqlscan import ScanError, StatementScanner
 from tests.support.fixtures import Database, MakeDatabase
-from tests.support.postgres import PgServer
+from tests.support.postgres import PgServer, public_tables
 from tests.support.service import RunningService, StartService
 
 HEADER = b"-- hand-made archive\nSET standard_conforming_strings = on;\nCREATE TABLE public.loaded (a int);\n"
@@ -73,12 +73,6 @@ def target(pg16: PgServer, make_database: MakeDatabase) -> Database:
     return db
 
 
-def _tables(uri: str) -> set[str]:
-    with psycopg.connect(uri) as conn:
-        rows = conn.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = 'public'").fetchall()
-    return {str(r[0]) for r in rows}
-
-
 def _restore(svc: RunningService, archive: bytes, name: str) -> list[pb.RestoreResponse]:
     (svc.backup_dir / name).write_bytes(archive)
     return list(svc.client.stub.Restore(pb.RestoreRequest(id=name, skip_safety_backup=True), timeout=120))
@@ -95,7 +89,7 @@ def test_hostile_statements_are_refused_before_they_run(
     error = refused.value
     code = error.code()  # type: ignore[attr-defined]
     details = error.details()  # type: ignore[attr-defined]
-    assert _tables(target.uri) == {"important"}, "neither the payload nor what came before it was committed"
+    assert public_tables(target.uri) == {"important"}, "neither the payload nor what came before it was committed"
     with psycopg.connect(target.uri) as conn:
         assert conn.execute("SELECT a FROM public.important").fetchall() == [(42,)]
     assert code.name == "FAILED_PRECONDITION", details
@@ -118,7 +112,7 @@ def test_look_alikes_restore_as_usual(case: str, target: Database, service_facto
     svc = service_factory(target.uri)
     messages = _restore(svc, HEADER + BENIGN[case] + b"\n", f"benign-{case}.sql")
     assert messages[-1].HasField("result")
-    assert "loaded" in _tables(target.uri) and "important" not in _tables(target.uri)
+    assert "loaded" in public_tables(target.uri) and "important" not in public_tables(target.uri)
 
 
 # -- the scanner and the filter alone --------------------------------------------------------------------------
@@ -254,4 +248,4 @@ def test_a_gigabyte_line_does_not_grow_the_server(target: Database, service_fact
     grown = peak[0] - before
     assert refused.value.code().name == "DATA_LOSS"  # type: ignore[attr-defined]
     assert grown < 400 * 1024 * 1024, f"the server grew by {grown / 2**20:.0f} MiB"
-    assert _tables(target.uri) == {"important"}
+    assert public_tables(target.uri) == {"important"}

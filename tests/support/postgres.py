@@ -44,6 +44,7 @@ __all__ = [
     "pg15_url",
     "pgserver_server",
     "probe_extensions",
+    "public_tables",
     "server_major",
     "table_lock",
 ]
@@ -298,3 +299,10 @@ def table_lock(uri: str, table: str = "public.users") -> Iterator[psycopg.Connec
             yield conn
         finally:
             conn.rollback()
+
+
+def public_tables(uri: str) -> set[str]:
+    """The names of the tables in the public schema of the database at `uri`."""
+    with psycopg.connect(uri) as conn:
+        rows = conn.execute("SELECT tablename FROM pg_catalog.pg_tables WHERE schemaname = 'public'").fetchall()
+    return {str(r[0]) for r in rows}

@@ -13,6 +13,7 @@ import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Unpack
 
 import grpc
 
@@ -77,25 +78,11 @@ class BackupClient:
     `client_key` and `server_name` as for `open_channel` (PEM bytes or file paths)."""
 
     def __init__(
-        self,
-        target: str,
-        *,
-        token: str | None = None,
-        tls: bool = False,
-        ca_cert: PemSource | None = None,
-        client_cert: PemSource | None = None,
-        client_key: PemSource | None = None,
-        server_name: str | None = None,
-        channel: grpc.Channel | None = None,
-    ):
+        self, target: str, *, channel: grpc.Channel | None = None, **settings: Unpack[ChannelSettings]
+    ) -> None:
         self.channel = channel or open_channel(
             target,
-            token=token,
-            tls=tls,
-            ca_cert=ca_cert,
-            client_cert=client_cert,
-            client_key=client_key,
-            server_name=server_name,
+            **settings,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
