@@ -11,12 +11,15 @@ from .config import Config
 from .database import Database
 from .embedded import EmbeddedPostgres
 from .encryption import AgeKeys
+from .errors import BackupError
 from .jobs import JobSlot
 from .journal import JobJournal
+from .offsite import Offsite
 from .restore import RestoreManager
 from .scheduler import DailyScheduler
 from .settings import SettingsStore
-from .store import ArchiveStore
+from .storage.catalog import Archives
+from .storage.local import ArchiveStore
 from .transfer import TransferManager
 
 _logger = logging.getLogger(__name__)
@@ -27,6 +30,7 @@ class App:
     config: Config
     database: Database
     store: ArchiveStore
+    archives: Archives
     settings: SettingsStore
     slot: JobSlot
     backups: BackupManager
@@ -34,6 +38,7 @@ class App:
     restores: RestoreManager
     transfers: TransferManager
     embedded: EmbeddedPostgres | None = None
+    offsite: Offsite | None = None
     _started: bool = field(default=False, repr=False)
 
     @classmethod
@@ -54,9 +59,19 @@ class App:
             embedded = EmbeddedPostgres(config.state_dir / "postgres")
             url = embedded.uri
         database = Database(url)
+        archives, offsite = _archives(config, store, database, keys)
         settings = SettingsStore(config.state_dir / "settings.json", config)
         slot = JobSlot(JobJournal(config.state_dir))
-        backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir, keys=keys)
+        backups = BackupManager(
+            archives,
+            database,
+            settings,
+            slot,
+            pg_bin_dir=config.pg_bin_dir,
+            keys=keys,
+            offsite=offsite,
+            bucket_keep=config.s3_keep,
+        )
         scheduler = DailyScheduler(backups, settings)
         restores = RestoreManager(
             store,
@@ -73,7 +88,7 @@ class App:
             isolation="in-place" if embedded and config.restore_isolation == "auto" else config.restore_isolation,
         )
         transfers = TransferManager(
-            store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
+            archives, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
         )
         _logger.info(
             "backing up %s%s into %s%s",
@@ -82,10 +97,25 @@ class App:
             config.backup_dir,
             f", encrypted with age to {len(keys.recipients)} recipient(s)" if keys.encrypts else "",
         )
-        return cls(config, database, store, settings, slot, backups, scheduler, restores, transfers, embedded)
+        return cls(
+            config,
+            database,
+            store,
+            archives,
+            settings,
+            slot,
+            backups,
+            scheduler,
+            restores,
+            transfers,
+            embedded,
+            offsite,
+        )
 
     def start(self, *, scheduler: bool = True) -> None:
         self.store.sweep()
+        if self.offsite is not None:
+            self._open_bucket(self.offsite)
         interrupted = self.slot.journal.recover() if self.slot.journal else None
         self.restores.sweep_leftovers(interrupted)
         if scheduler:
@@ -97,8 +127,41 @@ class App:
         database."""
         self.scheduler.stop()
         self.slot.cancel_and_wait(timeout)
+        if self.offsite is not None:
+            self.offsite.stop()
         if self.embedded is not None:
             self.embedded.stop()
+
+    def _open_bucket(self, offsite: Offsite) -> None:
+        """Check the bucket now, so that wrong credentials or a missing bucket show in the log at start-up
+        (and in GetStatus); the service starts anyway and keeps archives locally until the bucket answers."""
+        try:
+            offsite.bucket.check()
+        except BackupError as exc:
+            offsite.archives.bucket_error = str(exc)
+            _logger.error("the bucket cannot be used yet (archives stay in the backup directory): %s", exc)
+        else:
+            _logger.info("offsite copies go to %s", offsite.bucket.describe())
+        offsite.start()
+
+
+def _archives(
+    config: Config, store: ArchiveStore, database: Database, keys: AgeKeys
+) -> tuple[Archives, Offsite | None]:
+    """The directory, and the bucket with its copier when one is configured."""
+    if config.s3_url is None:
+        return Archives(store), None
+    from .storage.bucket import Bucket, BucketAddress  # the S3 library loads only when a bucket is configured
+
+    bucket = Bucket(BucketAddress.parse(config.s3_url), endpoint_url=config.s3_endpoint)
+    if not keys.encrypts:
+        _logger.warning(
+            "archives go to the bucket %s unencrypted: anyone who can read the bucket reads every user's data; "
+            "set APERTURE_BACKUP_AGE_RECIPIENTS to encrypt them",
+            bucket.describe(),
+        )
+    archives = Archives(store, bucket, read_lock=database.reading_archive)
+    return archives, Offsite(archives, encrypted_only=keys.encrypts)
 
 
 def _head_decrypter(keys: AgeKeys) -> Callable[[bytes], bytes] | None:

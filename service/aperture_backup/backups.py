@@ -9,18 +9,22 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import psycopg
+
 from . import toolchain
-from .database import Database
+from .database import ARCHIVE_LOCK_CLASS, BUCKET_RETENTION_LOCK_KEY, Database
 from .dump import run_dump
 from .encryption import AgeKeys
 from .errors import BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning
 from .jobs import Job, JobKind, JobSlot
-from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
+from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Location, Progress, State, Trigger
+from .offsite import Offsite
 from .settings import SettingsStore
-from .store import ArchiveStore, ArchiveWriter
+from .storage.catalog import Archives
+from .storage.local import ArchiveWriter
 
 _logger = logging.getLogger(__name__)
 
@@ -29,6 +33,10 @@ Clock = Callable[[], datetime]
 
 #: Backups retention leaves alone (see `apply_retention`).
 UNCOUNTED_TRIGGERS = frozenset({Trigger.UPLOADED})
+
+#: A scheduled backup another replica made less than this long ago is today's: a replica whose schedule
+#: fires after it skips its own (one scheduled backup a day between the replicas).
+REPLICA_SCHEDULE_WINDOW = timedelta(hours=12)
 
 
 def utc_now() -> datetime:
@@ -62,7 +70,7 @@ class BackupManager:
 
     def __init__(
         self,
-        store: ArchiveStore,
+        archives: Archives,
         database: Database,
         settings: SettingsStore,
         slot: JobSlot,
@@ -70,8 +78,15 @@ class BackupManager:
         pg_bin_dir: Path | None = None,
         clock: Clock = utc_now,
         keys: AgeKeys | None = None,
+        offsite: Offsite | None = None,
+        bucket_keep: int | None = None,
     ):
-        self.store = store
+        self.archives = archives
+        #: New archives are written to the directory; `offsite` copies them to the bucket.
+        self.store = archives.local
+        self.offsite = offsite
+        #: Retention in the bucket; None: the directory's keep (at least 1).
+        self.bucket_keep = bucket_keep
         #: With recipients, every new archive (manual, scheduled, safety backups) is encrypted to them.
         self.keys = keys or AgeKeys()
         self.database = database
@@ -92,7 +107,14 @@ class BackupManager:
             writer = self._reserve(job, kind, trigger)
             try:
                 with self.database.job_lock(job.description):
+                    made_by_replica = self._replica_made_today(trigger)
+                    if made_by_replica is not None:
+                        writer.discard()
+                        _logger.info("scheduled backup skipped: another replica made today's, %s", made_by_replica.id)
+                        return made_by_replica
                     backup = self._dump(job, kind, writer)
+                    # Still under the lock, so that a replica whose schedule fires next sees it in the bucket.
+                    self._copy_offsite(job, backup)
             except JobRunning:
                 writer.discard()  # another replica is backing up: nothing ran here, nothing to record
                 raise
@@ -104,6 +126,38 @@ class BackupManager:
             return backup
 
         return self.slot.start(job, body)
+
+    def _replica_made_today(self, trigger: Trigger) -> Backup | None:
+        """With a shared bucket, the scheduled backup another replica made in this schedule's window."""
+        if trigger is not Trigger.SCHEDULED or self.offsite is None:
+            return None
+        cutoff = self.clock() - REPLICA_SCHEDULE_WINDOW
+        for backup in self.archives.bucket_backups(fresh=True):
+            if (
+                backup.trigger is Trigger.SCHEDULED
+                and backup.create_time >= cutoff
+                and backup.database == self.database.name
+            ):
+                return backup
+        return None
+
+    def _copy_offsite(self, job: Job, backup: Backup) -> None:
+        if self.offsite is None or not self.offsite.wanted(backup):
+            return
+
+        def on_progress(sent: int) -> None:
+            job.update(
+                progress=Progress(
+                    phase="uploading",
+                    bytes_done=sent,
+                    bytes_total=backup.size_bytes,
+                    elapsed_seconds=job.elapsed(),
+                    message=f"copying to {self.archives.bucket.address if self.archives.bucket else 'the bucket'}",
+                )
+            )
+
+        if self.offsite.copy(backup, on_progress=on_progress):
+            job.update(backup=backup.replace(locations=backup.locations | {Location.BUCKET}))
 
     def dump_into_store(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> Backup:
         """Run one pg_dump into a new archive of the store, reporting progress on `job`. The caller holds
@@ -185,16 +239,17 @@ class BackupManager:
     # -- reading and deleting --------------------------------------------------------------------------
 
     def list_backups(self) -> list[Backup]:
-        return self._with_live_state(self.store.list_backups())
+        return self._with_live_state(self.archives.list_backups())
 
     def page(self, page_size: int, page_token: str) -> tuple[list[Backup], str]:
-        backups, token = self.store.page(page_size, page_token)
+        backups, token = self.archives.page(page_size, page_token)
         return self._with_live_state(backups), token
 
     def get(self, backup_id: str) -> Backup:
-        return self._with_live_state([self.store.get(backup_id)])[0]
+        return self._with_live_state([self.archives.get(backup_id)])[0]
 
-    def delete(self, backup_id: str) -> Backup:
+    def delete(self, backup_id: str) -> tuple[Backup, frozenset[Location]]:
+        """Remove every copy (directory and bucket); the backup as it was, and where it was removed from."""
         backup = self.get(backup_id)
         if backup.state is State.CREATING:
             raise FailedPrecondition(
@@ -205,7 +260,16 @@ class BackupManager:
                 f"backup {backup_id} is being downloaded or restored; try again when that has finished",
                 reason="BACKUP_IN_USE",
             )
-        return self.store.delete(backup_id)
+        if Location.BUCKET not in backup.locations:
+            return backup, self.archives.delete(backup)
+        with self.database.try_exclusive(ARCHIVE_LOCK_CLASS, backup.id) as free:
+            if not free:
+                raise FailedPrecondition(
+                    f"backup {backup_id} is being downloaded or restored from the bucket by a replica; try again "
+                    "when that has finished",
+                    reason="BACKUP_IN_USE",
+                )
+            return backup, self.archives.delete(backup)
 
     def _with_live_state(self, backups: list[Backup]) -> list[Backup]:
         """A CREATING manifest shows the running job's live size."""
@@ -226,39 +290,86 @@ class BackupManager:
         return keep, self.apply_retention()
 
     def apply_retention(self, *, keep: int | None = None, dry_run: bool = False) -> list[str]:
-        """Keep the newest N READY backups; delete older READY ones and FAILED entries older than the
-        oldest kept one. Never delete the newest READY backup, anything CREATING, or an archive in use
-        (being downloaded or restored, or the safety backup of a running restore).
+        """Apply retention to the directory and, when there is one, to the bucket; the ids deleted (or, with
+        `dry_run`, that would be)."""
+        keep = self.settings.current.keep if keep is None else keep
+        with self._retention_lock:
+            deleted = self._retain_local(keep, dry_run=dry_run)
+            if self.offsite is not None:
+                bucket_keep = self.bucket_keep if self.bucket_keep is not None else max(keep, 1)
+                deleted += [i for i in self._retain_bucket(bucket_keep, dry_run=dry_run) if i not in deleted]
+        if deleted and not dry_run:
+            _logger.info("retention (keep %d) deleted %s", keep, ", ".join(deleted))
+        return deleted
+
+    def _retain_local(self, keep: int, *, dry_run: bool) -> list[str]:
+        """Keep the newest N READY archives of the directory; delete older READY ones and FAILED entries older
+        than the oldest kept one. Never delete anything CREATING or an archive in use (being downloaded or
+        restored, or the safety backup of a running restore). Without a bucket the newest READY archive
+        always stays (keep is at least 1); with one, no archive leaves the directory before it is offsite.
 
         Uploads neither count nor are deleted: whoever uploads can upload many, and junk uploads must not
         push out the backups of this database. They stay until deleted by hand."""
-        keep = self.settings.current.keep if keep is None else keep
         deleted: list[str] = []
-        with self._retention_lock:
-            backups = [b for b in self.store.list_backups() if b.trigger not in UNCOUNTED_TRIGGERS]
-            ready = [b for b in backups if b.state is State.READY]
-            kept, surplus = ready[:keep], ready[keep:]
-            oldest_kept = kept[-1].create_time if kept else None
-            failed = [
-                b
-                for b in backups
-                if b.state is State.FAILED and oldest_kept is not None and b.create_time < oldest_kept
-            ]
-            for backup in surplus + failed:
-                if self.store.is_pinned(backup.id):
-                    _logger.info("retention keeps %s: it is in use", backup.id)
-                    continue
-                if dry_run:
-                    deleted.append(backup.id)
-                    continue
-                try:
-                    self.store.delete(backup.id)
-                except OSError as exc:
-                    _logger.warning("retention could not delete %s: %s", backup.id, exc)
-                    continue
+        backups = [
+            b
+            for b in self.store.list_backups()
+            if b.trigger not in UNCOUNTED_TRIGGERS and (b.state is not State.READY or Location.LOCAL in b.locations)
+        ]
+        ready = [b for b in backups if b.state is State.READY]
+        kept, surplus = ready[:keep], ready[keep:]
+        oldest_kept = kept[-1].create_time if kept else (ready[0].create_time if ready else None)
+        failed = [
+            b for b in backups if b.state is State.FAILED and oldest_kept is not None and b.create_time < oldest_kept
+        ]
+        for backup in surplus + failed:
+            if self.store.is_pinned(backup.id):
+                _logger.info("retention keeps %s: it is in use", backup.id)
+                continue
+            if backup.state is State.READY and self.offsite is not None and not self.offsite.is_offsite(backup.id):
+                _logger.info("retention keeps %s in the backup directory: it is not in the bucket yet", backup.id)
+                continue
+            if dry_run:
                 deleted.append(backup.id)
-        if deleted and not dry_run:
-            _logger.info("retention (keep %d) deleted %s", keep, ", ".join(deleted))
+                continue
+            try:
+                self.store.delete(backup.id)
+            except (OSError, BackupError) as exc:
+                _logger.warning("retention could not delete %s: %s", backup.id, exc)
+                continue
+            deleted.append(backup.id)
+        return deleted
+
+    def _retain_bucket(self, keep: int, *, dry_run: bool) -> list[str]:
+        """Keep the newest `keep` READY archives of the bucket. One replica at a time (an advisory lock; a
+        replica that finds it taken leaves the work to the holder), and never an archive a replica is
+        reading (its read lock is tried before each deletion)."""
+        bucket = self.archives.bucket
+        if bucket is None:
+            return []
+        deleted: list[str] = []
+        try:
+            with self.database.try_exclusive(BUCKET_RETENTION_LOCK_KEY) as mine:
+                if not mine:
+                    _logger.info("bucket retention skipped: another replica is applying it")
+                    return []
+                ready = [b for b in bucket.list_backups(fresh=True) if b.trigger not in UNCOUNTED_TRIGGERS]
+                for backup in ready[keep:]:
+                    if self.store.is_pinned(backup.id):
+                        continue
+                    if dry_run:
+                        deleted.append(backup.id)
+                        continue
+                    with self.database.try_exclusive(ARCHIVE_LOCK_CLASS, backup.id) as free:
+                        if not free:
+                            _logger.info("bucket retention keeps %s: a replica is reading it", backup.id)
+                            continue
+                        bucket.delete(backup.id)
+                    deleted.append(backup.id)
+        except BackupError as exc:
+            _logger.warning("bucket retention did not run to its end: %s", exc)
+        except psycopg.Error as exc:
+            _logger.warning("bucket retention skipped: the database holding its lock is unreachable: %s", exc)
         return deleted
 
     # -- status ----------------------------------------------------------------------------------------
@@ -277,7 +388,7 @@ class BackupManager:
         )
 
     def newest_ready(self) -> Backup | None:
-        return next((b for b in self.store.list_backups() if b.state is State.READY), None)
+        return next((b for b in self.archives.list_backups() if b.state is State.READY), None)
 
 
 def wait_for(job: Job) -> Backup:

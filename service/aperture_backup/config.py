@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import time
 from pathlib import Path
+from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError, available_timezones
 
 import psycopg.conninfo
@@ -98,6 +99,14 @@ class Config:
     #: PEM CA bundle: require client certificates signed by it (mutual TLS).
     tls_client_ca: Path | None = None
 
+    # -- offsite copies in an S3-compatible bucket -----------------------------------------------------
+    #: `s3://bucket/optional/prefix`: copy every archive there; None: the backup directory only.
+    s3_url: str | None = None
+    #: Endpoint of a service other than AWS (`https://...`); path-style addressing is used with one.
+    s3_endpoint: str | None = None
+    #: Retention in the bucket: keep the newest N READY backups there; None: the same as `keep`.
+    s3_keep: int | None = None
+
     # -- encryption at rest (age); kept together, last --------------------------------------------------
     #: age public keys (`age1...`) every new archive is encrypted to; none: archives are not encrypted.
     age_recipients: tuple[str, ...] = ()
@@ -133,8 +142,13 @@ class Config:
             if not all(p.strip().isdigit() for p in ports):
                 raise ConfigError(f"{ENV_PREFIX}DATABASE_URL has a port that is not a number: {params['port']!r}")
         parse_listen(self.listen)
-        if not MIN_KEEP <= self.keep <= MAX_KEEP:
-            raise ConfigError(f"{ENV_PREFIX}KEEP must be between {MIN_KEEP} and {MAX_KEEP}, got {self.keep}")
+        min_keep = 0 if self.s3_url else MIN_KEEP
+        if not min_keep <= self.keep <= MAX_KEEP:
+            raise ConfigError(
+                f"{ENV_PREFIX}KEEP must be between {min_keep} and {MAX_KEEP}, got {self.keep}"
+                + ("" if self.s3_url or self.keep != 0 else f" (0, the bucket only, needs {ENV_PREFIX}S3_URL)")
+            )
+        self._validate_bucket()
         parse_time_zone(self.time_zone, variable="TZ")
         if self.max_upload_bytes <= 0:
             raise ConfigError(f"{ENV_PREFIX}MAX_UPLOAD_BYTES must be positive, got {self.max_upload_bytes}")
@@ -169,6 +183,32 @@ class Config:
             raise ConfigError(f"{ENV_PREFIX}DIR exists but is not a directory: {self.backup_dir}")
         self._validate_security()
         self.age_keys()
+
+    def _validate_bucket(self) -> None:
+        if self.s3_url is None:
+            for name, value in (("S3_ENDPOINT", self.s3_endpoint), ("S3_KEEP", self.s3_keep)):
+                if value is not None:
+                    raise ConfigError(f"{ENV_PREFIX}{name} is set but {ENV_PREFIX}S3_URL is not; set both, or neither")
+            return
+        from .storage.bucket import BucketAddress  # the S3 library loads only when a bucket is configured
+
+        try:
+            BucketAddress.parse(self.s3_url)
+        except ValueError as exc:
+            raise ConfigError(f"{ENV_PREFIX}S3_URL: {exc}") from None
+        if self.s3_endpoint is not None:
+            parts = urlsplit(self.s3_endpoint)
+            if parts.scheme not in {"http", "https"} or not parts.netloc:
+                raise ConfigError(
+                    f"{ENV_PREFIX}S3_ENDPOINT must be an http:// or https:// URL, got {self.s3_endpoint!r}"
+                )
+        if self.s3_keep is not None and not MIN_KEEP <= self.s3_keep <= MAX_KEEP:
+            raise ConfigError(f"{ENV_PREFIX}S3_KEEP must be between {MIN_KEEP} and {MAX_KEEP}, got {self.s3_keep}")
+
+    @property
+    def bucket_keep(self) -> int:
+        """Retention in the bucket when SetRetention has not changed the local one."""
+        return self.s3_keep if self.s3_keep is not None else max(self.keep, MIN_KEEP)
 
     def age_keys(self) -> AgeKeys:
         """The age keys the configuration names, parsed and read (ConfigError naming the variable)."""
@@ -260,6 +300,11 @@ class Config:
             tls_cert=Path(p) if (p := get("TLS_CERT")) else None,
             tls_key=Path(p) if (p := get("TLS_KEY")) else None,
             tls_client_ca=Path(p) if (p := get("TLS_CLIENT_CA")) else None,
+            s3_url=get("S3_URL"),
+            s3_endpoint=get("S3_ENDPOINT"),
+            s3_keep=parse_int(s3_keep, default=0, variable=ENV_PREFIX + "S3_KEEP")
+            if (s3_keep := get("S3_KEEP"))
+            else None,
             age_recipients=tuple(r.strip() for r in (get("AGE_RECIPIENTS") or "").split(",") if r.strip()),
             age_recipients_file=Path(p) if (p := get("AGE_RECIPIENTS_FILE")) else None,
             age_identity_file=Path(p) if (p := get("AGE_IDENTITY_FILE")) else None,

@@ -11,7 +11,8 @@ from aperture.backup.v1 import backup_pb2 as pb
 from .errors import InvalidArgument
 from .jobs import Job, JobKind
 from .journal import JobRecord
-from .model import Backup, Compression, Format, Progress, State, Trigger
+from .model import Backup, Compression, Format, Location, Progress, State, Trigger
+from .offsite import OffsiteStatus
 from .restore import RestoreResult
 from .settings import Schedule
 
@@ -58,6 +59,18 @@ def duration(seconds: float) -> duration_pb2.Duration:
     return message
 
 
+LOCATIONS = {Location.LOCAL: pb.STORAGE_LOCATION_LOCAL, Location.BUCKET: pb.STORAGE_LOCATION_BUCKET}
+
+
+def offsite_to_pb(status: OffsiteStatus) -> pb.OffsiteStatus:
+    message = pb.OffsiteStatus(
+        bucket=status.bucket, reachable=status.reachable, error=status.error, pending_ids=status.pending
+    )
+    if status.last_upload_time is not None:
+        message.last_upload_time.CopyFrom(timestamp(status.last_upload_time))
+    return message
+
+
 def backup_to_pb(backup: Backup) -> pb.Backup:
     message = pb.Backup(
         id=backup.id,
@@ -75,6 +88,7 @@ def backup_to_pb(backup: Backup) -> pb.Backup:
         error=backup.error,
         encrypted=backup.kind.encrypted,
         age_recipients=backup.age_recipients,
+        locations=[LOCATIONS[where] for where in sorted(backup.locations)],
     )
     if backup.duration_seconds is not None:
         message.duration.CopyFrom(duration(backup.duration_seconds))

@@ -22,6 +22,12 @@ _logger = logging.getLogger(__name__)
 
 #: Advisory lock key shared by every replica: hash of "aperture-backup" folded into a bigint.
 JOB_LOCK_KEY = 0x61706572_74757265 & 0x7FFFFFFFFFFFFFFF
+#: First key of the two-key advisory locks on one archive of the bucket (the second: hashtext of its id).
+#: Readers hold it shared while they read the archive from the bucket; retention takes it exclusively,
+#: without waiting, before it deletes the archive, so no replica deletes what another one reads.
+ARCHIVE_LOCK_CLASS = 0x61627570  # "abup"
+#: Held while one replica applies retention to the shared bucket.
+BUCKET_RETENTION_LOCK_KEY = (JOB_LOCK_KEY + 1) & 0x7FFFFFFFFFFFFFFF
 #: Channel of the NOTIFY sent after a successful restore.
 NOTIFY_CHANNEL = "aperture_backup_restored"
 CONNECT_TIMEOUT_SECONDS = 5
@@ -145,6 +151,37 @@ class Database:
                 yield handle
             finally:
                 handle.release()
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    @contextlib.contextmanager
+    def reading_archive(self, backup_id: str) -> Iterator[None]:
+        """Hold the shared lock of an archive of the bucket while it is read (see ARCHIVE_LOCK_CLASS)."""
+        conn = self.connect()
+        try:
+            conn.execute("SELECT pg_advisory_lock_shared(%s, hashtext(%s))", (ARCHIVE_LOCK_CLASS, backup_id))
+            yield
+            with contextlib.suppress(psycopg.Error):
+                conn.execute("SELECT pg_advisory_unlock_shared(%s, hashtext(%s))", (ARCHIVE_LOCK_CLASS, backup_id))
+        finally:
+            with contextlib.suppress(psycopg.Error):
+                conn.close()
+
+    @contextlib.contextmanager
+    def try_exclusive(self, key: int, backup_id: str | None = None) -> Iterator[bool]:
+        """Try an exclusive advisory lock without waiting: the bucket's retention lock (`key` alone), or an
+        archive's lock (ARCHIVE_LOCK_CLASS and its id). Yields whether it was taken; released on exit."""
+        conn = self.connect()
+        args: tuple[object, ...] = (key,) if backup_id is None else (key, backup_id)
+        expression = "%s" if backup_id is None else "%s, hashtext(%s)"
+        try:
+            row = conn.execute(f"SELECT pg_try_advisory_lock({expression})", args).fetchone()
+            taken = bool(row and row[0])
+            yield taken
+            if taken:
+                with contextlib.suppress(psycopg.Error):
+                    conn.execute(f"SELECT pg_advisory_unlock({expression})", args)
         finally:
             with contextlib.suppress(psycopg.Error):
                 conn.close()

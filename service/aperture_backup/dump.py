@@ -22,7 +22,7 @@ from .encryption import AgeKeys
 from .errors import Aborted, BackupError, Internal, ResourceExhausted, Unavailable
 from .model import ArchiveKind, Format
 from .pipes import StderrTail, enlarge_pipe, kill
-from .store import ArchiveWriter
+from .storage.local import ArchiveWriter
 from .toolchain import Toolset
 
 _logger = logging.getLogger(__name__)

@@ -19,9 +19,10 @@ from prometheus_client.registry import Collector
 
 from .app import App
 from .jobs import Job, JobSlot
-from .model import State
+from .model import Location, State
+from .offsite import Offsite
 from .rpc_handlers import Behavior, rewrap
-from .store import ArchiveStore
+from .storage.catalog import Archives
 
 _logger = logging.getLogger(__name__)
 
@@ -32,12 +33,13 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, fl
 class _StateCollector(Collector):
     """Gauges computed from the store and the job slot when scraped."""
 
-    def __init__(self, store: ArchiveStore, slot: JobSlot):
-        self._store = store
+    def __init__(self, archives: Archives, slot: JobSlot, offsite: Offsite | None):
+        self._archives = archives
         self._slot = slot
+        self._offsite = offsite
 
     def collect(self) -> Iterable[GaugeMetricFamily]:
-        backups = self._store.list_backups()
+        backups = self._archives.list_backups()
         ready = [b for b in backups if b.state is State.READY]
         newest = ready[0] if ready else None
         last_success = GaugeMetricFamily(
@@ -53,8 +55,14 @@ class _StateCollector(Collector):
         archives = GaugeMetricFamily(
             "aperture_backup_archives", "READY archives, by where they are.", labels=["location"]
         )
-        archives.add_metric(["local"], float(len(ready)))
+        for location in Location:
+            archives.add_metric([location.value], float(sum(location in b.locations for b in ready)))
         yield archives
+        pending = GaugeMetricFamily(
+            "aperture_backup_offsite_pending", "READY archives of the directory not yet copied to the bucket."
+        )
+        pending.add_metric([], float(len(self._offsite.pending())) if self._offsite is not None else 0.0)
+        yield pending
         running = GaugeMetricFamily(
             "aperture_backup_job_running", "1 while a backup or restore runs, by kind.", labels=["kind"]
         )
@@ -93,7 +101,7 @@ class Metrics:
 
     def attach(self, app: App) -> None:
         """Read the app's state at each scrape, and count its jobs as they end."""
-        self.registry.register(_StateCollector(app.store, app.slot))
+        self.registry.register(_StateCollector(app.archives, app.slot, app.offsite))
         app.slot.on_end.append(self.job_ended)
 
     def job_ended(self, job: Job) -> None:

@@ -42,6 +42,13 @@ class Trigger(StrEnum):
     EXTERNAL = "external"
 
 
+class Location(StrEnum):
+    """Where a copy of an archive lives."""
+
+    LOCAL = "local"
+    BUCKET = "bucket"
+
+
 #: Added to the extension of an archive encrypted with age, as the `age` tool's own convention has it.
 AGE_EXTENSION = ".age"
 
@@ -105,6 +112,8 @@ class Backup:
     error: str = ""
     #: The age public keys an encrypted archive was encrypted to, when known (never an identity).
     age_recipients: tuple[str, ...] = ()
+    #: Where copies of it are now (not stored in a manifest: each location tells for itself).
+    locations: frozenset[Location] = frozenset()
 
     @property
     def filename(self) -> str:

@@ -52,7 +52,7 @@ from .journal import JobRecord
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
 from .pipes import StderrTail, enlarge_pipe, kill
 from .sqlfilter import SqlFilter, SqlFilterError
-from .store import ArchiveStore
+from .storage.local import ArchiveStore
 from .toolchain import Toolset
 
 _logger = logging.getLogger(__name__)
@@ -560,9 +560,15 @@ class RestoreManager:
         self, job: Job, backup: Backup, *, skip_safety_backup: bool, lock: JobLock | None = None
     ) -> RestoreResult:
         """Check the archive, take the safety backup, restore, notify. The caller holds the job slot, the
-        database lock and a pin on `backup` (UploadAndRestore calls this after storing the upload)."""
+        database lock and a pin on `backup` (UploadAndRestore calls this after storing the upload). An
+        archive only the bucket has is fetched into the backup directory first (its checksum checked)."""
+        with self.backups.archives.local_file(backup) as path:
+            return self._restore_from(job, backup, path, skip_safety_backup=skip_safety_backup, lock=lock)
+
+    def _restore_from(
+        self, job: Job, backup: Backup, path: Path, *, skip_safety_backup: bool, lock: JobLock | None
+    ) -> RestoreResult:
         started = time.monotonic()
-        path = self.store.path_of(backup.id)
         info = self.database.server_info()
         toolset = toolchain.for_server(info.major, self._pg_bin_dir)
         job.update(progress=Progress(phase="verifying", bytes_total=backup.size_bytes, elapsed_seconds=job.elapsed()))

@@ -63,7 +63,10 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         return pb.GetResponse(backup=convert.backup_to_pb(self._app.backups.get(request.id)))
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
-        return pb.DeleteResponse(backup=convert.backup_to_pb(self._app.backups.delete(request.id)))
+        backup, removed = self._app.backups.delete(request.id)
+        return pb.DeleteResponse(
+            backup=convert.backup_to_pb(backup), removed_from=[convert.LOCATIONS[where] for where in sorted(removed)]
+        )
 
     def StreamDownload(  # type: ignore[override]
         self, request: pb.StreamDownloadRequest, context: grpc.ServicerContext
@@ -161,6 +164,8 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         interrupted = self._app.slot.journal.interrupted if self._app.slot.journal else None
         if interrupted is not None:
             response.interrupted_job.CopyFrom(convert.interrupted_job_to_pb(interrupted))
+        if self._app.offsite is not None:
+            response.offsite.CopyFrom(convert.offsite_to_pb(self._app.offsite.status()))
         return response
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:

@@ -47,6 +47,8 @@ class SettingsStore:
 
     def __init__(self, path: Path, config: Config):
         self._path = path
+        #: With a bucket the directory may keep no archive at all (each stays until it is offsite).
+        self.min_keep = 0 if config.s3_url else MIN_KEEP
         self._lock = threading.Lock()
         defaults = Settings(
             keep=config.keep,
@@ -64,11 +66,10 @@ class SettingsStore:
         with self._lock:
             return self._settings
 
-    @staticmethod
-    def check_keep(keep: int) -> None:
-        if not MIN_KEEP <= keep <= MAX_KEEP:
+    def check_keep(self, keep: int) -> None:
+        if not self.min_keep <= keep <= MAX_KEEP:
             raise InvalidArgument(
-                f"keep_last must be between {MIN_KEEP} and {MAX_KEEP}, got {keep}", reason="INVALID_RETENTION"
+                f"keep_last must be between {self.min_keep} and {MAX_KEEP}, got {keep}", reason="INVALID_RETENTION"
             )
 
     def set_keep(self, keep: int) -> Settings:

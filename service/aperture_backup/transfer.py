@@ -48,9 +48,10 @@ from .errors import (
     ResourceExhausted,
 )
 from .jobs import JobSlot
-from .model import ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
+from .model import ArchiveKind, Backup, Compression, Format, Location, Progress, State, Trigger
 from .restore import Decrypt, RestoreManager, RestoreResult
-from .store import ArchiveStore, ArchiveWriter
+from .storage.catalog import Archives
+from .storage.local import ArchiveStore, ArchiveWriter
 
 _logger = logging.getLogger(__name__)
 
@@ -310,7 +311,7 @@ class TransferManager:
 
     def __init__(
         self,
-        store: ArchiveStore,
+        archives: Archives,
         database: Database,
         slot: JobSlot,
         restores: RestoreManager,
@@ -318,7 +319,9 @@ class TransferManager:
         max_upload_bytes: int,
         pg_bin_dir: Path | None = None,
     ):
-        self.store = store
+        self.archives = archives
+        #: Uploads are written to the directory.
+        self.store = archives.local
         self.database = database
         self.slot = slot
         self.restores = restores
@@ -341,13 +344,7 @@ class TransferManager:
         size = chunk_size or DEFAULT_CHUNK_SIZE
         # Pin before looking the backup up: retention checks pins before it deletes, so from here on the
         # archive stays (and once it is open, even a deletion could not cut the stream short).
-        with self.store.pinned(backup_id), self._open_for_download(backup_id) as (backup, handle):
-            if offset > backup.size_bytes:
-                raise OutOfRange(
-                    f"offset {offset} is past the end of {backup.id}, which has {backup.size_bytes} bytes",
-                    metadata={"size_bytes": str(backup.size_bytes)},
-                )
-            handle.seek(offset)
+        with self.store.pinned(backup_id), self._open_for_download(backup_id, offset) as (backup, handle):
             position = offset
             sent_first = False
             while True:
@@ -368,8 +365,9 @@ class TransferManager:
         _logger.debug("download of %s from offset %d finished", backup_id, offset)
 
     @contextlib.contextmanager
-    def _open_for_download(self, backup_id: str) -> Iterator[tuple[Backup, BinaryIO]]:
-        backup = self.store.get(backup_id)
+    def _open_for_download(self, backup_id: str, offset: int) -> Iterator[tuple[Backup, BinaryIO]]:
+        """The backup, and its archive positioned at `offset`."""
+        backup = self.archives.get(backup_id)
         if backup.state is State.CREATING:
             raise FailedPrecondition(
                 f"backup {backup.id} is still being created; download it once it is READY",
@@ -380,6 +378,16 @@ class TransferManager:
                 f"backup {backup.id} failed and holds no archive to download ({backup.error or 'no reason recorded'})",
                 reason="BACKUP_FAILED",
             )
+        if offset > backup.size_bytes:
+            raise OutOfRange(
+                f"offset {offset} is past the end of {backup.id}, which has {backup.size_bytes} bytes",
+                metadata={"size_bytes": str(backup.size_bytes)},
+            )
+        if Location.LOCAL not in backup.locations:
+            # Only the bucket has it: streamed from there (`archives.reading` holds its read lock).
+            with self.archives.reading(backup, offset) as stream:
+                yield backup, stream
+            return
         try:
             opened = self.store.open(backup.id)
         except FileNotFoundError:
@@ -395,6 +403,7 @@ class TransferManager:
                     "the file was changed or damaged after it was written",
                     reason="ARCHIVE_SIZE_MISMATCH",
                 )
+            handle.seek(offset)
             yield backup, handle
 
     def _adopt(self, backup: Backup, handle: BinaryIO) -> Backup:

@@ -148,6 +148,30 @@ BACKUP_TRIGGER_EXTERNAL: BackupTrigger.ValueType  # 5
 """Found in the backup directory without a manifest: copied in by hand, or written by Aperture itself."""
 Global___BackupTrigger: _TypeAlias = BackupTrigger  # noqa: Y015
 
+class _StorageLocation:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _StorageLocationEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StorageLocation.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    STORAGE_LOCATION_UNSPECIFIED: _StorageLocation.ValueType  # 0
+    """Not set."""
+    STORAGE_LOCATION_LOCAL: _StorageLocation.ValueType  # 1
+    """The service's backup directory."""
+    STORAGE_LOCATION_BUCKET: _StorageLocation.ValueType  # 2
+    """The S3-compatible bucket (offsite)."""
+
+class StorageLocation(_StorageLocation, metaclass=_StorageLocationEnumTypeWrapper):
+    """Where a copy of an archive is kept."""
+
+STORAGE_LOCATION_UNSPECIFIED: StorageLocation.ValueType  # 0
+"""Not set."""
+STORAGE_LOCATION_LOCAL: StorageLocation.ValueType  # 1
+"""The service's backup directory."""
+STORAGE_LOCATION_BUCKET: StorageLocation.ValueType  # 2
+"""The S3-compatible bucket (offsite)."""
+Global___StorageLocation: _TypeAlias = StorageLocation  # noqa: Y015
+
 class _Phase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -242,6 +266,7 @@ class Backup(_message.Message):
     ERROR_FIELD_NUMBER: _builtins.int
     ENCRYPTED_FIELD_NUMBER: _builtins.int
     AGE_RECIPIENTS_FIELD_NUMBER: _builtins.int
+    LOCATIONS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The archive's file name in the backup directory, for example
     `aperture-backup-2026-11-28T01-00-00-123456Z-7f3a.sql.gz`. Unique, stable, sorts by time.
@@ -288,6 +313,13 @@ class Backup(_message.Message):
         their recipients). Public keys only, never an identity.
         """
 
+    @_builtins.property
+    def locations(self) -> _containers.RepeatedScalarFieldContainer[Global___StorageLocation.ValueType]:
+        """Where copies of the archive are: the backup directory, the bucket (APERTURE_BACKUP_S3_URL), or both.
+        Empty for a backup that holds no archive (CREATING, FAILED). A READY archive of the directory
+        without STORAGE_LOCATION_BUCKET, while a bucket is configured, is waiting for its offsite copy.
+        """
+
     def __init__(
         self,
         *,
@@ -307,10 +339,11 @@ class Backup(_message.Message):
         error: _builtins.str = ...,
         encrypted: _builtins.bool = ...,
         age_recipients: _abc.Iterable[_builtins.str] | None = ...,
+        locations: _abc.Iterable[Global___StorageLocation.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_recipients", b"age_recipients", "compression", b"compression", "create_time", b"create_time", "database", b"database", "duration", b"duration", "encrypted", b"encrypted", "error", b"error", "filename", b"filename", "format", b"format", "id", b"id", "pg_dump_version", b"pg_dump_version", "server_version", b"server_version", "sha256", b"sha256", "size_bytes", b"size_bytes", "state", b"state", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_recipients", b"age_recipients", "compression", b"compression", "create_time", b"create_time", "database", b"database", "duration", b"duration", "encrypted", b"encrypted", "error", b"error", "filename", b"filename", "format", b"format", "id", b"id", "locations", b"locations", "pg_dump_version", b"pg_dump_version", "server_version", b"server_version", "sha256", b"sha256", "size_bytes", b"size_bytes", "state", b"state", "trigger", b"trigger"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -549,18 +582,24 @@ class DeleteResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     BACKUP_FIELD_NUMBER: _builtins.int
+    REMOVED_FROM_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def backup(self) -> Global___Backup:
         """The backup as it was before it was deleted."""
+
+    @_builtins.property
+    def removed_from(self) -> _containers.RepeatedScalarFieldContainer[Global___StorageLocation.ValueType]:
+        """Where copies were removed from (the directory, the bucket, or both)."""
 
     def __init__(
         self,
         *,
         backup: Global___Backup | None = ...,
+        removed_from: _abc.Iterable[Global___StorageLocation.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "removed_from", b"removed_from"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1220,6 +1259,7 @@ class GetStatusResponse(_message.Message):
     DATABASE_FIELD_NUMBER: _builtins.int
     DATABASE_REACHABLE_FIELD_NUMBER: _builtins.int
     INTERRUPTED_JOB_FIELD_NUMBER: _builtins.int
+    OFFSITE_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """The database this service backs up (name only, never credentials)."""
     database_reachable: _builtins.bool
@@ -1251,6 +1291,10 @@ class GetStatusResponse(_message.Message):
         rolled back by PostgreSQL: the database is as it was. `progress.message` says what happened.
         """
 
+    @_builtins.property
+    def offsite(self) -> Global___OffsiteStatus:
+        """Offsite copies; unset when no bucket is configured."""
+
     def __init__(
         self,
         *,
@@ -1262,14 +1306,57 @@ class GetStatusResponse(_message.Message):
         database: _builtins.str = ...,
         database_reachable: _builtins.bool = ...,
         interrupted_job: Global___Job | None = ...,
+        offsite: Global___OffsiteStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetStatusResponse: _TypeAlias = GetStatusResponse  # noqa: Y015
+
+@_typing.final
+class OffsiteStatus(_message.Message):
+    """Where offsite copies stand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BUCKET_FIELD_NUMBER: _builtins.int
+    REACHABLE_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    PENDING_IDS_FIELD_NUMBER: _builtins.int
+    LAST_UPLOAD_TIME_FIELD_NUMBER: _builtins.int
+    bucket: _builtins.str
+    """The bucket, as `s3://bucket/prefix/` (and its endpoint, when not AWS)."""
+    reachable: _builtins.bool
+    """Whether the bucket answered the last request."""
+    error: _builtins.str
+    """Why the last copy or listing failed, with what to do; empty when nothing failed."""
+    @_builtins.property
+    def pending_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """READY archives of the directory not yet in the bucket, oldest first; they are retried with back-off."""
+
+    @_builtins.property
+    def last_upload_time(self) -> _timestamp_pb2.Timestamp:
+        """When the last copy to the bucket finished; unset before the first since start-up."""
+
+    def __init__(
+        self,
+        *,
+        bucket: _builtins.str = ...,
+        reachable: _builtins.bool = ...,
+        error: _builtins.str = ...,
+        pending_ids: _abc.Iterable[_builtins.str] | None = ...,
+        last_upload_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_upload_time", b"last_upload_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bucket", b"bucket", "error", b"error", "last_upload_time", b"last_upload_time", "pending_ids", b"pending_ids", "reachable", b"reachable"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___OffsiteStatus: _TypeAlias = OffsiteStatus  # noqa: Y015
 
 @_typing.final
 class CancelRequest(_message.Message):

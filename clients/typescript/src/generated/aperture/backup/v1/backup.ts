@@ -249,6 +249,49 @@ export function backupTriggerToJSON(object: BackupTrigger): string {
   }
 }
 
+/** Where a copy of an archive is kept. */
+export enum StorageLocation {
+  /** STORAGE_LOCATION_UNSPECIFIED - Not set. */
+  STORAGE_LOCATION_UNSPECIFIED = 0,
+  /** STORAGE_LOCATION_LOCAL - The service's backup directory. */
+  STORAGE_LOCATION_LOCAL = 1,
+  /** STORAGE_LOCATION_BUCKET - The S3-compatible bucket (offsite). */
+  STORAGE_LOCATION_BUCKET = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function storageLocationFromJSON(object: any): StorageLocation {
+  switch (object) {
+    case 0:
+    case "STORAGE_LOCATION_UNSPECIFIED":
+      return StorageLocation.STORAGE_LOCATION_UNSPECIFIED;
+    case 1:
+    case "STORAGE_LOCATION_LOCAL":
+      return StorageLocation.STORAGE_LOCATION_LOCAL;
+    case 2:
+    case "STORAGE_LOCATION_BUCKET":
+      return StorageLocation.STORAGE_LOCATION_BUCKET;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return StorageLocation.UNRECOGNIZED;
+  }
+}
+
+export function storageLocationToJSON(object: StorageLocation): string {
+  switch (object) {
+    case StorageLocation.STORAGE_LOCATION_UNSPECIFIED:
+      return "STORAGE_LOCATION_UNSPECIFIED";
+    case StorageLocation.STORAGE_LOCATION_LOCAL:
+      return "STORAGE_LOCATION_LOCAL";
+    case StorageLocation.STORAGE_LOCATION_BUCKET:
+      return "STORAGE_LOCATION_BUCKET";
+    case StorageLocation.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** A step of a long operation. */
 export enum Phase {
   /** PHASE_UNSPECIFIED - Not set. */
@@ -426,6 +469,12 @@ export interface Backup {
    * their recipients). Public keys only, never an identity.
    */
   ageRecipients: string[];
+  /**
+   * Where copies of the archive are: the backup directory, the bucket (APERTURE_BACKUP_S3_URL), or both.
+   * Empty for a backup that holds no archive (CREATING, FAILED). A READY archive of the directory
+   * without STORAGE_LOCATION_BUCKET, while a bucket is configured, is waiting for its offsite copy.
+   */
+  locations: StorageLocation[];
 }
 
 /** Progress of a long operation. */
@@ -503,7 +552,11 @@ export interface DeleteRequest {
 /** Response of Delete. */
 export interface DeleteResponse {
   /** The backup as it was before it was deleted. */
-  backup: Backup | undefined;
+  backup:
+    | Backup
+    | undefined;
+  /** Where copies were removed from (the directory, the bucket, or both). */
+  removedFrom: StorageLocation[];
 }
 
 /** Request of StreamDownload. */
@@ -760,7 +813,25 @@ export interface GetStatusResponse {
    * lost); unset otherwise, and once a later job of the same kind has ended. A restore interrupted so was
    * rolled back by PostgreSQL: the database is as it was. `progress.message` says what happened.
    */
-  interruptedJob: Job | undefined;
+  interruptedJob:
+    | Job
+    | undefined;
+  /** Offsite copies; unset when no bucket is configured. */
+  offsite: OffsiteStatus | undefined;
+}
+
+/** Where offsite copies stand. */
+export interface OffsiteStatus {
+  /** The bucket, as `s3://bucket/prefix/` (and its endpoint, when not AWS). */
+  bucket: string;
+  /** Whether the bucket answered the last request. */
+  reachable: boolean;
+  /** Why the last copy or listing failed, with what to do; empty when nothing failed. */
+  error: string;
+  /** READY archives of the directory not yet in the bucket, oldest first; they are retried with back-off. */
+  pendingIds: string[];
+  /** When the last copy to the bucket finished; unset before the first since start-up. */
+  lastUploadTime: Date | undefined;
 }
 
 /** Request of Cancel. */
@@ -800,6 +871,7 @@ function createBaseBackup(): Backup {
     error: "",
     encrypted: false,
     ageRecipients: [],
+    locations: [],
   };
 }
 
@@ -852,6 +924,13 @@ export const Backup: MessageFns<Backup> = {
     }
     for (const v of message.ageRecipients) {
       writer.uint32(130).string(v!);
+    }
+    if (message.locations.length !== 0) {
+      writer.uint32(138).fork();
+      for (const v of message.locations) {
+        writer.int32(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -997,6 +1076,24 @@ export const Backup: MessageFns<Backup> = {
             message.ageRecipients.push(reader.string());
             continue;
           }
+          case 17: {
+            if (tag === 136) {
+              message.locations.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 138) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.locations.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1046,6 +1143,9 @@ export const Backup: MessageFns<Backup> = {
         ? object.ageRecipients.map((e: any) => globalThis.String(e))
         : globalThis.Array.isArray(object?.age_recipients)
         ? object.age_recipients.map((e: any) => globalThis.String(e))
+        : [],
+      locations: globalThis.Array.isArray(object?.locations)
+        ? object.locations.map((e: any) => storageLocationFromJSON(e))
         : [],
     };
   },
@@ -1100,6 +1200,9 @@ export const Backup: MessageFns<Backup> = {
     if (message.ageRecipients?.length) {
       obj.ageRecipients = message.ageRecipients;
     }
+    if (message.locations?.length) {
+      obj.locations = message.locations.map((e) => storageLocationToJSON(e));
+    }
     return obj;
   },
 
@@ -1126,6 +1229,7 @@ export const Backup: MessageFns<Backup> = {
     message.error = object.error ?? "";
     message.encrypted = object.encrypted ?? false;
     message.ageRecipients = object.ageRecipients?.map((e) => e) || [];
+    message.locations = object.locations?.map((e) => e) || [];
     return message;
   },
 };
@@ -1873,13 +1977,20 @@ export const DeleteRequest: MessageFns<DeleteRequest> = {
 };
 
 function createBaseDeleteResponse(): DeleteResponse {
-  return { backup: undefined };
+  return { backup: undefined, removedFrom: [] };
 }
 
 export const DeleteResponse: MessageFns<DeleteResponse> = {
   encode(message: DeleteResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.backup !== undefined) {
       Backup.encode(message.backup, writer.uint32(10).fork()).join();
+    }
+    if (message.removedFrom.length !== 0) {
+      writer.uint32(18).fork();
+      for (const v of message.removedFrom) {
+        writer.int32(v);
+      }
+      writer.join();
     }
     return writer;
   },
@@ -1905,6 +2016,24 @@ export const DeleteResponse: MessageFns<DeleteResponse> = {
             message.backup = Backup.decode(reader, reader.uint32());
             continue;
           }
+          case 2: {
+            if (tag === 16) {
+              message.removedFrom.push(reader.int32() as any);
+
+              continue;
+            }
+
+            if (tag === 18) {
+              const end2 = reader.uint32() + reader.pos;
+              while (reader.pos < end2) {
+                message.removedFrom.push(reader.int32() as any);
+              }
+
+              continue;
+            }
+
+            break;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1918,13 +2047,23 @@ export const DeleteResponse: MessageFns<DeleteResponse> = {
   },
 
   fromJSON(object: any): DeleteResponse {
-    return { backup: isSet(object.backup) ? Backup.fromJSON(object.backup) : undefined };
+    return {
+      backup: isSet(object.backup) ? Backup.fromJSON(object.backup) : undefined,
+      removedFrom: globalThis.Array.isArray(object?.removedFrom)
+        ? object.removedFrom.map((e: any) => storageLocationFromJSON(e))
+        : globalThis.Array.isArray(object?.removed_from)
+        ? object.removed_from.map((e: any) => storageLocationFromJSON(e))
+        : [],
+    };
   },
 
   toJSON(message: DeleteResponse): unknown {
     const obj: any = {};
     if (message.backup !== undefined) {
       obj.backup = Backup.toJSON(message.backup);
+    }
+    if (message.removedFrom?.length) {
+      obj.removedFrom = message.removedFrom.map((e) => storageLocationToJSON(e));
     }
     return obj;
   },
@@ -1937,6 +2076,7 @@ export const DeleteResponse: MessageFns<DeleteResponse> = {
     message.backup = (object.backup !== undefined && object.backup !== null)
       ? Backup.fromPartial(object.backup)
       : undefined;
+    message.removedFrom = object.removedFrom?.map((e) => e) || [];
     return message;
   },
 };
@@ -3979,6 +4119,7 @@ function createBaseGetStatusResponse(): GetStatusResponse {
     database: "",
     databaseReachable: false,
     interruptedJob: undefined,
+    offsite: undefined,
   };
 }
 
@@ -4007,6 +4148,9 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     }
     if (message.interruptedJob !== undefined) {
       Job.encode(message.interruptedJob, writer.uint32(66).fork()).join();
+    }
+    if (message.offsite !== undefined) {
+      OffsiteStatus.encode(message.offsite, writer.uint32(74).fork()).join();
     }
     return writer;
   },
@@ -4088,6 +4232,14 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
             message.interruptedJob = Job.decode(reader, reader.uint32());
             continue;
           }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.offsite = OffsiteStatus.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4138,6 +4290,7 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
         : isSet(object.interrupted_job)
         ? Job.fromJSON(object.interrupted_job)
         : undefined,
+      offsite: isSet(object.offsite) ? OffsiteStatus.fromJSON(object.offsite) : undefined,
     };
   },
 
@@ -4167,6 +4320,9 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     if (message.interruptedJob !== undefined) {
       obj.interruptedJob = Job.toJSON(message.interruptedJob);
     }
+    if (message.offsite !== undefined) {
+      obj.offsite = OffsiteStatus.toJSON(message.offsite);
+    }
     return obj;
   },
 
@@ -4193,6 +4349,150 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     message.interruptedJob = (object.interruptedJob !== undefined && object.interruptedJob !== null)
       ? Job.fromPartial(object.interruptedJob)
       : undefined;
+    message.offsite = (object.offsite !== undefined && object.offsite !== null)
+      ? OffsiteStatus.fromPartial(object.offsite)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseOffsiteStatus(): OffsiteStatus {
+  return { bucket: "", reachable: false, error: "", pendingIds: [], lastUploadTime: undefined };
+}
+
+export const OffsiteStatus: MessageFns<OffsiteStatus> = {
+  encode(message: OffsiteStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.bucket !== "") {
+      writer.uint32(10).string(message.bucket);
+    }
+    if (message.reachable !== false) {
+      writer.uint32(16).bool(message.reachable);
+    }
+    if (message.error !== "") {
+      writer.uint32(26).string(message.error);
+    }
+    for (const v of message.pendingIds) {
+      writer.uint32(34).string(v!);
+    }
+    if (message.lastUploadTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastUploadTime), writer.uint32(42).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): OffsiteStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseOffsiteStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.bucket = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.reachable = reader.bool();
+            continue;
+          }
+          case 3: {
+            if (tag !== 26) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.pendingIds.push(reader.string());
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.lastUploadTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): OffsiteStatus {
+    return {
+      bucket: isSet(object.bucket) ? globalThis.String(object.bucket) : "",
+      reachable: isSet(object.reachable) ? globalThis.Boolean(object.reachable) : false,
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+      pendingIds: globalThis.Array.isArray(object?.pendingIds)
+        ? object.pendingIds.map((e: any) => globalThis.String(e))
+        : globalThis.Array.isArray(object?.pending_ids)
+        ? object.pending_ids.map((e: any) => globalThis.String(e))
+        : [],
+      lastUploadTime: isSet(object.lastUploadTime)
+        ? fromJsonTimestamp(object.lastUploadTime)
+        : isSet(object.last_upload_time)
+        ? fromJsonTimestamp(object.last_upload_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: OffsiteStatus): unknown {
+    const obj: any = {};
+    if (message.bucket !== "") {
+      obj.bucket = message.bucket;
+    }
+    if (message.reachable !== false) {
+      obj.reachable = message.reachable;
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    if (message.pendingIds?.length) {
+      obj.pendingIds = message.pendingIds;
+    }
+    if (message.lastUploadTime !== undefined) {
+      obj.lastUploadTime = message.lastUploadTime.toISOString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<OffsiteStatus>, I>>(base?: I): OffsiteStatus {
+    return OffsiteStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<OffsiteStatus>, I>>(object: I): OffsiteStatus {
+    const message = createBaseOffsiteStatus();
+    message.bucket = object.bucket ?? "";
+    message.reachable = object.reachable ?? false;
+    message.error = object.error ?? "";
+    message.pendingIds = object.pendingIds?.map((e) => e) || [];
+    message.lastUploadTime = object.lastUploadTime ?? undefined;
     return message;
   },
 };

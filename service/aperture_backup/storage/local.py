@@ -24,10 +24,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
-from . import archive_format
-from .errors import BackupError, InvalidArgument, NotFound, from_os_error
-from .fsutil import WritebackFile, fsync_directory, write_json
-from .model import ArchiveKind, Backup, State, Trigger
+from aperture_backup import archive_format
+from aperture_backup.errors import BackupError, InvalidArgument, NotFound, from_os_error
+from aperture_backup.fsutil import WritebackFile, fsync_directory, write_json
+from aperture_backup.model import ArchiveKind, Backup, Location, State, Trigger
 
 _logger = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ TEMP_PREFIX = ".tmp-"
 MAX_ID_LENGTH = 200
 ID_PREFIX = "aperture-backup-"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
+_HERE = frozenset({Location.LOCAL})
 
 
 def validate_id(backup_id: str) -> str:
@@ -115,7 +116,7 @@ class ArchiveWriter:
         except OSError as exc:
             raise from_os_error(exc, f"saving the archive {self.backup.id}") from None
         self._done = True
-        self.backup = self.backup.replace(state=State.READY, **fields)
+        self.backup = self.backup.replace(state=State.READY, locations=_HERE, **fields)
         self.store.write_manifest(self.backup)
         return self.backup
 
@@ -151,6 +152,8 @@ class ArchiveWriter:
 
 class ArchiveStore:
     """The backup directory: create, list, read and delete archives, safely."""
+
+    location = Location.LOCAL
 
     def __init__(self, directory: Path, *, decrypt_head: archive_format.DecryptHead | None = None):
         self.directory = directory
@@ -223,9 +226,8 @@ class ArchiveStore:
         found = (self._as_found(b) for b in backups.values())
         return sorted((b for b in found if b is not None), key=_sort_key, reverse=True)
 
-    def page(self, page_size: int, page_token: str) -> tuple[list[Backup], str]:
-        """One page of `list()`, and the token of the next page ('' on the last)."""
-        backups = self.list_backups()
+    def page_of(self, backups: list[Backup], page_size: int, page_token: str) -> tuple[list[Backup], str]:
+        """One page of `backups` (newest first), and the token of the next page ('' on the last)."""
         if page_token:
             after = PageToken.decode(page_token)
             key = (after.create_time, after.id)
@@ -233,6 +235,10 @@ class ArchiveStore:
         page = backups[:page_size]
         more = len(backups) > page_size
         return page, PageToken(page[-1].create_time, page[-1].id).encode() if more and page else ""
+
+    def page(self, page_size: int, page_token: str) -> tuple[list[Backup], str]:
+        """One page of `list()`, and the token of the next page ('' on the last)."""
+        return self.page_of(self.list_backups(), page_size, page_token)
 
     def get(self, backup_id: str) -> Backup:
         validate_id(backup_id)
@@ -253,6 +259,15 @@ class ArchiveStore:
     def open(self, backup_id: str) -> BinaryIO:
         """Open a READY archive for reading."""
         return open(self.path_of(backup_id), "rb")
+
+    @contextlib.contextmanager
+    def reading(self, backup_id: str, offset: int = 0) -> Iterator[BinaryIO]:
+        with self.open(backup_id) as handle:
+            handle.seek(offset)
+            yield handle
+
+    def has_file(self, backup_id: str) -> bool:
+        return (self.directory / validate_id(backup_id)).is_file()
 
     def delete(self, backup_id: str) -> Backup:
         backup = self.get(backup_id)
@@ -297,7 +312,9 @@ class ArchiveStore:
     def _as_found(self, backup: Backup) -> Backup | None:
         """A manifest's backup as the directory has it now: a READY archive whose file is gone is FAILED, or
         not there at all when someone else made it (Aperture prunes its own files)."""
-        if backup.state is not State.READY or (self.directory / backup.id).is_file():
+        if (self.directory / backup.id).is_file():
+            return backup.replace(locations=_HERE)
+        if backup.state is not State.READY:
             return backup
         if backup.trigger is Trigger.EXTERNAL:
             return None
@@ -338,4 +355,5 @@ class ArchiveStore:
             kind=kind,
             trigger=Trigger.EXTERNAL,
             size_bytes=stat.st_size,
+            locations=_HERE,
         )

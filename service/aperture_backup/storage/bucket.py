@@ -1,0 +1,387 @@
+"""An S3-compatible bucket (AWS S3, Backblaze B2, Cloudflare R2, MinIO, Ceph, Garage...) through boto3.
+
+Layout: the archive `<prefix><id>` and, beside it, its manifest `<prefix><id>.manifest.json`, the same
+JSON as in the backup directory. The manifest is written last, after the archive's upload has completed
+and its size and checksum were checked, so an archive is listed only when it is whole: an interrupted
+multipart upload is no object at all (S3 shows an object only once its upload is completed), and one that
+completed without its manifest (the service stopped between the two) is not listed and is uploaded again.
+
+Integrity, end to end: each part is sent with its SHA-256 (`ChecksumAlgorithm=SHA256`), which the storage
+service checks as it receives it; the whole archive's SHA-256 goes into the manifest and into the object's
+metadata (`x-amz-meta-sha256`), and after the upload the object's size and that metadata are compared with
+the manifest. Every read back (a download, a restore) hashes the bytes again and refuses a mismatch.
+
+Credentials and region come from boto3's standard chain (environment, shared files, instance roles).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO, cast
+from urllib.parse import urlsplit
+
+import boto3
+import botocore.config
+import botocore.exceptions
+from boto3.s3.transfer import TransferConfig
+
+from aperture_backup.errors import BackupError, DataLoss, FailedPrecondition, Internal, NotFound, Unavailable
+from aperture_backup.model import Backup, Location, State
+
+from .local import MANIFEST_SUFFIX, validate_id
+
+if TYPE_CHECKING:
+    from mypy_boto3_s3 import S3Client
+
+_logger = logging.getLogger(__name__)
+
+MIB = 1024 * 1024
+#: S3 refuses a multipart upload of more than 10,000 parts; the part size grows so that an archive needs
+#: at most this many, leaving room below the limit.
+MAX_PARTS = 9_000
+#: Smallest part (S3's own minimum is 5 MiB); also the size from which an upload is multipart.
+MIN_PART_SIZE = 8 * MIB
+#: Parts sent at once.
+UPLOAD_CONCURRENCY = 4
+#: A cached listing is reused for this long; the service's own uploads and deletions refresh it at once.
+LISTING_TTL_SECONDS = 5.0
+#: Incomplete multipart uploads older than this are aborted (an interrupted upload of any replica).
+STALE_UPLOAD_AGE = timedelta(hours=24)
+
+
+def part_size_for(size: int) -> int:
+    """The part size for an archive of `size` bytes: at least MIN_PART_SIZE, a whole number of MiB, and
+    large enough that the archive fits in MAX_PARTS parts (a 5 TB archive, S3's largest object, too)."""
+    needed = -(-size // MAX_PARTS)
+    return max(MIN_PART_SIZE, -(-needed // MIB) * MIB)
+
+
+@dataclass(frozen=True)
+class BucketAddress:
+    """`s3://bucket/optional/prefix`, parsed."""
+
+    bucket: str
+    #: '' or a prefix ending in '/'.
+    prefix: str
+
+    @classmethod
+    def parse(cls, url: str) -> BucketAddress:
+        parts = urlsplit(url)
+        if parts.scheme != "s3" or not parts.netloc or parts.query or parts.fragment:
+            raise ValueError(f"{url!r} is not an s3://bucket/optional/prefix URL")
+        prefix = parts.path.strip("/")
+        if any(segment in {"", ".", ".."} for segment in prefix.split("/")) and prefix:
+            raise ValueError(f"the prefix of {url!r} has an empty, '.' or '..' segment")
+        return cls(parts.netloc, prefix + "/" if prefix else "")
+
+    def __str__(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}"
+
+
+class Bucket:
+    """The archives of one bucket (and prefix): list, read, upload, delete."""
+
+    location = Location.BUCKET
+
+    def __init__(
+        self,
+        address: BucketAddress,
+        *,
+        endpoint_url: str | None = None,
+        max_attempts: int = 5,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 60.0,
+    ):
+        self.address = address
+        config = botocore.config.Config(
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            # Services other than AWS mostly want bucket names in the path, not in the host name.
+            s3={"addressing_style": "path"} if endpoint_url else {},
+        )
+        self._client: S3Client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
+        self._endpoint = endpoint_url
+        self._lock = threading.Lock()
+        self._listing: list[Backup] | None = None
+        self._listed_at = 0.0
+        #: Parsed manifests by key and ETag: a listing reads only the manifests it has not seen.
+        self._manifests: dict[str, tuple[str, Backup | None]] = {}
+
+    def describe(self) -> str:
+        return str(self.address) + (f" at {self._endpoint}" if self._endpoint else "")
+
+    def key(self, backup_id: str) -> str:
+        return self.address.prefix + validate_id(backup_id)
+
+    # -- checks ----------------------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Reach the bucket and list it once; a clear error when the credentials, the bucket or the network
+        are wrong."""
+        with self._translated("opening the bucket"):
+            self._client.head_bucket(Bucket=self.address.bucket)
+            self._client.list_objects_v2(Bucket=self.address.bucket, Prefix=self.address.prefix, MaxKeys=1)
+
+    # -- reading ---------------------------------------------------------------------------------------
+
+    def list_backups(self, *, fresh: bool = False) -> list[Backup]:
+        """The READY archives the bucket holds whole, newest first (cached for LISTING_TTL_SECONDS)."""
+        with self._lock:
+            if not fresh and self._listing is not None and time.monotonic() - self._listed_at < LISTING_TTL_SECONDS:
+                return list(self._listing)
+        objects: dict[str, tuple[int, str]] = {}
+        with self._translated("listing the bucket"):
+            pages = self._client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.address.bucket, Prefix=self.address.prefix
+            )
+            for page in pages:
+                for entry in page.get("Contents", []):
+                    objects[entry["Key"]] = (entry.get("Size", 0), entry.get("ETag", ""))
+        backups = []
+        for key, (_, etag) in objects.items():
+            if not key.endswith(MANIFEST_SUFFIX):
+                continue
+            backup = self._manifest(key, etag)
+            if backup is None:
+                continue
+            archive = objects.get(self.address.prefix + backup.id)
+            if backup.state is State.READY and archive is not None and archive[0] == backup.size_bytes:
+                backups.append(backup.replace(locations=frozenset({Location.BUCKET})))
+        backups.sort(key=lambda b: (b.create_time, b.id), reverse=True)
+        with self._lock:
+            self._listing, self._listed_at = backups, time.monotonic()
+            live = set(objects)
+            self._manifests = {k: v for k, v in self._manifests.items() if k in live}
+        return list(backups)
+
+    def cached_listing(self) -> list[Backup] | None:
+        """The last listing, however old (None before the first): what List shows while the bucket is
+        unreachable."""
+        with self._lock:
+            return None if self._listing is None else list(self._listing)
+
+    def get(self, backup_id: str) -> Backup:
+        key = self.key(backup_id)
+        try:
+            with self._translated(f"reading the manifest of {backup_id}"):
+                body = self._client.get_object(Bucket=self.address.bucket, Key=key + MANIFEST_SUFFIX)["Body"]
+                backup = _parse_manifest(body.read(), key)
+                head = self._client.head_object(Bucket=self.address.bucket, Key=key)
+        except NotFound:
+            raise NotFound(f"the bucket {self.address} holds no backup {backup_id!r}") from None
+        if backup is None or backup.state is not State.READY or head["ContentLength"] != backup.size_bytes:
+            raise NotFound(f"the bucket {self.address} holds no complete backup {backup_id!r}")
+        return backup.replace(locations=frozenset({Location.BUCKET}))
+
+    @contextlib.contextmanager
+    def reading(self, backup_id: str, offset: int = 0) -> Iterator[BinaryIO]:
+        """The archive from `offset` on, streamed from the bucket."""
+        key = self.key(backup_id)
+        with self._translated(f"reading {backup_id} from the bucket"):
+            body = self._client.get_object(Bucket=self.address.bucket, Key=key, Range=f"bytes={offset}-")["Body"]
+        try:
+            yield cast(BinaryIO, _TranslatingReader(body, self, backup_id))
+        finally:
+            body.close()
+
+    # -- writing ---------------------------------------------------------------------------------------
+
+    def put(self, backup: Backup, path: Path, *, on_progress: Callable[[int], None] | None = None) -> None:
+        """Upload a READY archive and then its manifest; check what the bucket stored against the manifest."""
+        if backup.state is not State.READY or not backup.sha256:
+            raise Internal(f"only READY archives with a checksum go to the bucket, not {backup.id} ({backup.state})")
+        key = self.key(backup.id)
+        part = part_size_for(backup.size_bytes)
+        self._abort_uploads(key)
+        transfer = TransferConfig(
+            multipart_threshold=part, multipart_chunksize=part, max_concurrency=UPLOAD_CONCURRENCY, use_threads=True
+        )
+        sent = [0]
+
+        def callback(count: int) -> None:
+            sent[0] += count
+            if on_progress is not None:
+                on_progress(sent[0])
+
+        with self._translated(f"uploading {backup.id}"):
+            self._client.upload_file(
+                str(path),
+                self.address.bucket,
+                key,
+                ExtraArgs={"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": backup.sha256}},
+                Config=transfer,
+                Callback=callback,
+            )
+            head = self._client.head_object(Bucket=self.address.bucket, Key=key)
+        stored_sha = head.get("Metadata", {}).get("sha256", "")
+        if head["ContentLength"] != backup.size_bytes or stored_sha != backup.sha256:
+            raise DataLoss(
+                f"the bucket stored {head['ContentLength']} bytes (SHA-256 {stored_sha or 'not recorded'}) for "
+                f"{backup.id}, whose manifest has {backup.size_bytes} bytes and SHA-256 {backup.sha256}",
+                reason="BUCKET_MISMATCH",
+            )
+        self.write_manifest(backup)
+        _logger.info(
+            "copied %s to %s (%d bytes, parts of %d MiB)", backup.id, self.address, backup.size_bytes, part // MIB
+        )
+
+    def write_manifest(self, backup: Backup) -> None:
+        body = json.dumps(backup.to_json(), indent=2).encode()
+        with self._translated(f"writing the manifest of {backup.id}"):
+            self._client.put_object(
+                Bucket=self.address.bucket,
+                Key=self.key(backup.id) + MANIFEST_SUFFIX,
+                Body=body,
+                ContentType="application/json",
+                ChecksumAlgorithm="SHA256",
+            )
+        self._invalidate()
+
+    def delete(self, backup_id: str) -> None:
+        """Manifest first (the archive stops being listed), then the archive."""
+        key = self.key(backup_id)
+        with self._translated(f"deleting {backup_id} from the bucket"):
+            self._client.delete_object(Bucket=self.address.bucket, Key=key + MANIFEST_SUFFIX)
+            self._client.delete_object(Bucket=self.address.bucket, Key=key)
+        self._invalidate()
+        _logger.info("deleted %s from %s", backup_id, self.address)
+
+    def abort_stale_uploads(self, *, now: datetime | None = None) -> int:
+        """Abort incomplete multipart uploads under the prefix older than STALE_UPLOAD_AGE (their parts cost
+        storage); returns how many."""
+        cutoff = (now or datetime.now(UTC)) - STALE_UPLOAD_AGE
+        aborted = 0
+        with self._translated("listing incomplete uploads"):
+            pages = self._client.get_paginator("list_multipart_uploads").paginate(
+                Bucket=self.address.bucket, Prefix=self.address.prefix
+            )
+            for page in pages:
+                for upload in page.get("Uploads", []):
+                    if upload["Initiated"] < cutoff:
+                        self._client.abort_multipart_upload(
+                            Bucket=self.address.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
+                        )
+                        aborted += 1
+        if aborted:
+            _logger.info("aborted %d incomplete upload(s) older than %s in %s", aborted, STALE_UPLOAD_AGE, self.address)
+        return aborted
+
+    # -- internals -------------------------------------------------------------------------------------
+
+    def _abort_uploads(self, key: str) -> None:
+        """Ids are unique to the replica that made the archive, so an incomplete upload of this key is this
+        service's own, left by a restart: start again cleanly."""
+        with self._translated("listing incomplete uploads"):
+            uploads = self._client.list_multipart_uploads(Bucket=self.address.bucket, Prefix=key).get("Uploads", [])
+            for upload in uploads:
+                if upload["Key"] == key:
+                    _logger.info("aborting an earlier, interrupted upload of %s", key)
+                    self._client.abort_multipart_upload(
+                        Bucket=self.address.bucket, Key=key, UploadId=upload["UploadId"]
+                    )
+
+    def _manifest(self, key: str, etag: str) -> Backup | None:
+        with self._lock:
+            cached = self._manifests.get(key)
+        if cached is not None and cached[0] == etag:
+            return cached[1]
+        try:
+            with self._translated(f"reading {key}"):
+                raw = self._client.get_object(Bucket=self.address.bucket, Key=key)["Body"].read()
+        except NotFound:
+            return None  # deleted between the listing and here
+        backup = _parse_manifest(raw, key)
+        with self._lock:
+            self._manifests[key] = (etag, backup)
+        return backup
+
+    def _invalidate(self) -> None:
+        with self._lock:
+            self._listing = None
+
+    @contextlib.contextmanager
+    def _translated(self, doing: str) -> Iterator[None]:
+        try:
+            yield
+        except botocore.exceptions.BotoCoreError as exc:
+            raise translate(exc, doing, self) from None
+        except botocore.exceptions.ClientError as exc:
+            raise translate(exc, doing, self) from None
+
+
+class _TranslatingReader:
+    """A streaming body whose read errors come out as the domain's errors."""
+
+    def __init__(self, body: Any, bucket: Bucket, backup_id: str):
+        self._body = body
+        self._bucket = bucket
+        self._doing = f"reading {backup_id} from the bucket"
+
+    def read(self, size: int = -1) -> bytes:
+        with self._bucket._translated(self._doing):
+            return cast(bytes, self._body.read(size if size >= 0 else None))
+
+    def close(self) -> None:
+        self._body.close()
+
+    def __enter__(self) -> _TranslatingReader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _parse_manifest(raw: bytes, key: str) -> Backup | None:
+    try:
+        return Backup.from_json(json.loads(raw))
+    except (ValueError, KeyError, TypeError) as exc:
+        _logger.warning("ignoring unreadable manifest %s in the bucket: %s", key, exc)
+        return None
+
+
+_DENIED = {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "InvalidToken", "ExpiredToken"}
+_NO_BUCKET = {"NoSuchBucket"}
+_NO_KEY = {"NoSuchKey", "404", "NotFound", "NoSuchUpload"}
+
+
+def translate(exc: Exception, doing: str, bucket: Bucket) -> BackupError:
+    """A botocore error as the domain's error, with what to do about it."""
+    where = bucket.describe()
+    if isinstance(exc, botocore.exceptions.NoCredentialsError | botocore.exceptions.PartialCredentialsError):
+        return FailedPrecondition(
+            f"{doing}: no credentials for {where}; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or a shared "
+            "credentials file, or an instance role)",
+            reason="BUCKET_NO_CREDENTIALS",
+        )
+    if isinstance(exc, botocore.exceptions.ClientError):
+        code = str(exc.response.get("Error", {}).get("Code", ""))
+        message = str(exc.response.get("Error", {}).get("Message", "")) or code
+        if code in _NO_BUCKET or (code == "404" and doing == "opening the bucket"):
+            return FailedPrecondition(
+                f"{doing}: the bucket {bucket.address.bucket!r} does not exist at {where}; create it, or correct "
+                "APERTURE_BACKUP_S3_URL (and APERTURE_BACKUP_S3_ENDPOINT)",
+                reason="BUCKET_NOT_FOUND",
+            )
+        if code in _DENIED:
+            return FailedPrecondition(
+                f"{doing}: {where} refused the credentials ({message}); check AWS_ACCESS_KEY_ID, "
+                "AWS_SECRET_ACCESS_KEY and AWS_REGION, and that the key may list, read, write and delete in the bucket",
+                reason="BUCKET_ACCESS_DENIED",
+            )
+        if code in _NO_KEY:
+            return NotFound(f"{doing}: not in {where}")
+        return Unavailable(f"{doing}: {where} answered {code}: {message}", reason="BUCKET_ERROR")
+    return Unavailable(
+        f"{doing}: cannot reach {where} ({exc}); check APERTURE_BACKUP_S3_ENDPOINT and the network; the archive "
+        "stays in the backup directory and is copied when the bucket answers again",
+        reason="BUCKET_UNREACHABLE",
+    )
