@@ -144,6 +144,10 @@ class BackupManager:
     def _copy_offsite(self, job: Job, backup: Backup) -> None:
         if self.offsite is None or not self.offsite.wanted(backup):
             return
+        if self.offsite.bucket.unreachable:
+            # Do not make the caller wait for the network's time-outs: the retry thread copies it.
+            self.offsite.wake()
+            return
 
         def on_progress(sent: int) -> None:
             job.update(

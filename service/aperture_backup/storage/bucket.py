@@ -53,6 +53,9 @@ MIN_PART_SIZE = 8 * MIB
 UPLOAD_CONCURRENCY = 4
 #: A cached listing is reused for this long; the service's own uploads and deletions refresh it at once.
 LISTING_TTL_SECONDS = 5.0
+#: After the bucket could not be reached, listings use the last one for this long instead of waiting for
+#: the network again at every List call.
+UNREACHABLE_BACKOFF_SECONDS = 30.0
 #: Incomplete multipart uploads older than this are aborted (an interrupted upload of any replica).
 STALE_UPLOAD_AGE = timedelta(hours=24)
 
@@ -115,6 +118,7 @@ class Bucket:
         self._listed_at = 0.0
         #: Parsed manifests by key and ETag: a listing reads only the manifests it has not seen.
         self._manifests: dict[str, tuple[str, Backup | None]] = {}
+        self._unreachable: tuple[float, BackupError] | None = None
 
     def describe(self) -> str:
         return str(self.address) + (f" at {self._endpoint}" if self._endpoint else "")
@@ -138,6 +142,8 @@ class Bucket:
         with self._lock:
             if not fresh and self._listing is not None and time.monotonic() - self._listed_at < LISTING_TTL_SECONDS:
                 return list(self._listing)
+            if self._unreachable is not None and time.monotonic() < self._unreachable[0]:
+                raise self._unreachable[1]
         objects: dict[str, tuple[int, str]] = {}
         with self._translated("listing the bucket"):
             pages = self._client.get_paginator("list_objects_v2").paginate(
@@ -308,14 +314,24 @@ class Bucket:
         with self._lock:
             self._listing = None
 
+    @property
+    def unreachable(self) -> bool:
+        """Whether the last request could not reach the bucket, recently (UNREACHABLE_BACKOFF_SECONDS)."""
+        with self._lock:
+            return self._unreachable is not None and time.monotonic() < self._unreachable[0]
+
     @contextlib.contextmanager
     def _translated(self, doing: str) -> Iterator[None]:
         try:
             yield
-        except botocore.exceptions.BotoCoreError as exc:
-            raise translate(exc, doing, self) from None
-        except botocore.exceptions.ClientError as exc:
-            raise translate(exc, doing, self) from None
+        except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as exc:
+            error = translate(exc, doing, self)
+            if error.reason == "BUCKET_UNREACHABLE":
+                with self._lock:
+                    self._unreachable = (time.monotonic() + UNREACHABLE_BACKOFF_SECONDS, error)
+            raise error from None
+        with self._lock:
+            self._unreachable = None
 
 
 class _TranslatingReader:

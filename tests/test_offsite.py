@@ -1,0 +1,251 @@
+"""Offsite copies in an S3-compatible bucket, against a real S3 server on loopback (moto_server), through
+the S3 protocol and boto3, as in production: copies with their manifests, integrity, encryption, listing
+across locations, downloads and restores from the bucket, disaster recovery onto an empty machine,
+retention in the bucket, and what happens when the bucket is unreachable, refuses the credentials, or
+does not exist."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from grpc_status import rpc_status
+
+from aperture.backup.v1 import backup_pb2 as pb
+from aperture_backup.storage.bucket import MAX_PARTS, MIB, MIN_PART_SIZE, BucketAddress, part_size_for
+from tests.support.age import AgeKey, age_keygen
+from tests.support.fingerprint import assert_same, fingerprint
+from tests.support.fixtures import Database, MakeDatabase
+from tests.support.postgres import PgServer
+from tests.support.s3 import Credentials, S3Server, running_s3
+from tests.support.service import StartService, free_port, wait_for
+
+LOCAL, BUCKET = pb.STORAGE_LOCATION_LOCAL, pb.STORAGE_LOCATION_BUCKET
+
+
+def _bucketed(server: S3Server, bucket: str, prefix: str = "aperture/", **overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {"s3_url": f"s3://{bucket}/{prefix}", "s3_endpoint": server.endpoint}
+    settings.update(overrides)
+    return settings
+
+
+def _reason(error: grpc.RpcError) -> str:
+    status = rpc_status.from_call(error)
+    if status is None:
+        return ""
+    from google.rpc import error_details_pb2
+
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info.reason
+    return ""
+
+
+@pytest.fixture
+def db16(pg16: PgServer, make_database: MakeDatabase) -> Database:
+    """Aperture's PostgreSQL 16, seeded like Aperture's (where archives live does not depend on the major)."""
+    return make_database(pg16, seeded=True)
+
+
+@pytest.fixture
+def key(tmp_path: Path) -> AgeKey:
+    return age_keygen(tmp_path / "key.txt")
+
+
+def test_part_size_keeps_every_archive_under_the_part_limit() -> None:
+    for size in (0, 1, MIN_PART_SIZE, 50 * 1024**3, 200 * 1024**3, 5 * 1024**4):
+        part = part_size_for(size)
+        assert part >= MIN_PART_SIZE and part % MIB == 0
+        assert -(-size // part) <= MAX_PARTS < 10_000
+    # Fixed parts (8 MiB, as other tools use) would need more than 10,000 parts from about 80 GB on.
+    assert part_size_for(200 * 1024**3) > MIN_PART_SIZE
+
+
+@pytest.mark.parametrize("url", ["s3://", "http://bucket/x", "s3://bucket/a//b", "s3://bucket/../x", "s3://b?x=1"])
+def test_bad_bucket_urls_are_refused(url: str) -> None:
+    with pytest.raises(ValueError):
+        BucketAddress.parse(url)
+
+
+def test_every_backup_goes_to_the_bucket_with_its_manifest_and_checksum(
+    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str]
+) -> None:
+    bucket = s3_server.make_bucket()
+    svc = service_factory(db16.uri, **_bucketed(s3_server, bucket))
+    backup = svc.client.create()
+
+    assert set(backup.locations) == {LOCAL, BUCKET}, "Create returns once the offsite copy is made"
+    assert set(svc.client.get(backup.id).locations) == {LOCAL, BUCKET}
+    key = f"aperture/{backup.id}"
+    objects = s3_server.objects(bucket)
+    assert objects == {key: backup.size_bytes, key + ".manifest.json": objects[key + ".manifest.json"]}
+    stored = s3_server.read(bucket, key)
+    assert hashlib.sha256(stored).hexdigest() == backup.sha256 == s3_server.manifest(bucket, key)["sha256"]
+    assert stored == (svc.backup_dir / backup.id).read_bytes()
+    head = s3_server.client().head_object(Bucket=bucket, Key=key)
+    assert head["Metadata"]["sha256"] == backup.sha256
+    status = svc.client.status()
+    assert status.HasField("offsite") and status.offsite.reachable and not status.offsite.pending_ids
+    assert status.offsite.bucket.startswith(f"s3://{bucket}/aperture/")
+
+
+def test_with_age_recipients_only_encrypted_bytes_reach_the_bucket(
+    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str], key: AgeKey
+) -> None:
+    bucket = s3_server.make_bucket()
+    svc = service_factory(
+        db16.uri,
+        **_bucketed(s3_server, bucket, age_recipients=(key.public_key,), age_identity_file=key.identity_file),
+    )
+    backup = svc.client.create()
+    assert backup.encrypted and BUCKET in backup.locations
+    stored = s3_server.read(bucket, f"aperture/{backup.id}")
+    assert stored.startswith(b"age-encryption.org/v1\n")
+    assert all(k.endswith((".age", ".age.manifest.json")) for k in s3_server.objects(bucket))
+
+
+def test_disaster_recovery_onto_an_empty_machine(
+    db16: Database,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    s3_server: S3Server,
+    s3_env: dict[str, str],
+    key: AgeKey,
+    tmp_path: Path,
+) -> None:
+    """The README's recipe: the old machine is gone; a new one with an empty backup directory and an empty
+    PostgreSQL of the same major gets the bucket and the age identity, lists the old backups and restores
+    the newest to the exact fingerprint."""
+    bucket = s3_server.make_bucket()
+    encrypted = {"age_recipients": (key.public_key,), "age_identity_file": key.identity_file}
+    old = service_factory(db16.uri, backup_dir=tmp_path / "old-disk", **_bucketed(s3_server, bucket, **encrypted))
+    expected = fingerprint(db16.uri)
+    older = old.client.create()
+    newest = old.client.create()
+    old.stop()
+
+    fresh_db = make_database(db16.server)  # empty, same major
+    new_dir = tmp_path / "new-disk"
+    new = service_factory(fresh_db.uri, backup_dir=new_dir, **_bucketed(s3_server, bucket, **encrypted))
+    listed = list(new.client.list())
+    assert [b.id for b in listed] == [newest.id, older.id]
+    assert all(list(b.locations) == [BUCKET] for b in listed), "only the bucket has them"
+    assert listed[0].sha256 == newest.sha256 and listed[0].encrypted
+
+    # Downloading streams from the bucket, checked against the manifest's SHA-256 by the client.
+    got = new.client.download(newest.id, tmp_path / "downloaded")
+    assert got.sha256 == newest.sha256
+
+    result = new.client.restore(newest.id, skip_safety_backup=True)
+    assert result.restored.id == newest.id
+    assert_same(expected, fingerprint(fresh_db.uri))
+    assert not [p for p in new_dir.iterdir() if p.name.startswith(".tmp-")], "the fetched copy is removed"
+
+
+def test_unreachable_bucket_keeps_the_backup_and_copies_it_when_the_bucket_answers(
+    db16: Database, service_factory: StartService, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    settings = {"s3_url": "s3://later/", "s3_endpoint": f"http://127.0.0.1:{port}"}
+    svc = service_factory(db16.uri, **settings)
+    offsite = svc.server.app.offsite
+    assert offsite is not None
+    offsite.retry_initial = 0.5
+    backup = svc.client.create()
+    assert backup.state == pb.BACKUP_STATE_READY and list(backup.locations) == [LOCAL]
+    status = svc.client.status()
+    assert list(status.offsite.pending_ids) == [backup.id]
+    assert not status.offsite.reachable and "cannot reach" in status.offsite.error
+
+    with running_s3(tmp_path / "moto.log", port=port) as server:
+        server.client(Credentials(s3_env["AWS_ACCESS_KEY_ID"], s3_env["AWS_SECRET_ACCESS_KEY"])).create_bucket(
+            Bucket="later"
+        )
+        offsite.wake()
+        wait_for(lambda: not svc.client.status().offsite.pending_ids, timeout=60)
+        assert set(svc.client.get(backup.id).locations) == {LOCAL, BUCKET}
+        assert server.objects("later")[backup.id] == backup.size_bytes
+        status = svc.client.status()
+        assert status.offsite.reachable and not status.offsite.error
+
+
+@pytest.mark.parametrize("fault", ["wrong credentials", "missing bucket"])
+def test_wrong_credentials_or_missing_bucket_are_reported(
+    db16: Database,
+    service_factory: StartService,
+    s3_server: S3Server,
+    s3_env: dict[str, str],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    fault: str,
+) -> None:
+    bucket = s3_server.make_bucket()
+    if fault == "wrong credentials":
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+        expected = "refused the credentials"
+    else:
+        bucket = "no-such-bucket"
+        expected = "does not exist"
+    svc = service_factory(db16.uri, **_bucketed(s3_server, bucket))
+    assert any(expected in r.getMessage() for r in caplog.records), "start-up says what is wrong"
+    backup = svc.client.create()
+    assert backup.state == pb.BACKUP_STATE_READY and list(backup.locations) == [LOCAL], "the backup is kept"
+    status = svc.client.status()
+    assert expected in status.offsite.error and list(status.offsite.pending_ids) == [backup.id]
+    assert [b.id for b in svc.client.list()] == [backup.id]
+
+
+def test_delete_removes_both_copies(
+    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str]
+) -> None:
+    bucket = s3_server.make_bucket()
+    svc = service_factory(db16.uri, **_bucketed(s3_server, bucket))
+    backup = svc.client.create()
+    response = svc.client.stub.Delete(pb.DeleteRequest(id=backup.id))
+    assert set(response.removed_from) == {LOCAL, BUCKET}
+    assert s3_server.objects(bucket) == {}
+    assert not (svc.backup_dir / backup.id).exists()
+    with pytest.raises(grpc.RpcError) as caught:
+        svc.client.get(backup.id)
+    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_retention_applies_to_the_directory_and_the_bucket_each_with_its_own_count(
+    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str]
+) -> None:
+    bucket = s3_server.make_bucket()
+    svc = service_factory(db16.uri, **_bucketed(s3_server, bucket, keep=0, s3_keep=2))
+    made = [svc.client.create() for _ in range(3)]
+    # keep=0: the directory keeps nothing once an archive is offsite; the bucket keeps the newest two.
+    archives = [p.name for p in svc.backup_dir.iterdir() if not p.name.startswith(".")]
+    assert archives == []
+    in_bucket = {k.removeprefix("aperture/") for k in s3_server.objects(bucket) if not k.endswith(".json")}
+    assert in_bucket == {made[2].id, made[1].id}
+    listed = list(svc.client.list())
+    assert [b.id for b in listed] == [made[2].id, made[1].id]
+    assert all(list(b.locations) == [BUCKET] for b in listed)
+
+
+def test_the_directory_keeps_an_archive_until_it_is_offsite(
+    db16: Database, service_factory: StartService, s3_env: dict[str, str]
+) -> None:
+    svc = service_factory(db16.uri, s3_url="s3://unreachable/", s3_endpoint=f"http://127.0.0.1:{free_port()}", keep=0)
+    first, second = svc.client.create(), svc.client.create()
+    assert {first.id, second.id} <= {p.name for p in svc.backup_dir.iterdir()}, "nothing is lost"
+    assert [b.id for b in svc.client.list()] == [second.id, first.id]
+
+
+def test_config_refuses_half_a_bucket_configuration(tmp_path: Path) -> None:
+    from aperture_backup.config import Config, ConfigError
+
+    with pytest.raises(ConfigError, match="S3_URL"):
+        Config(backup_dir=tmp_path, s3_endpoint="http://127.0.0.1:9").validate()
+    with pytest.raises(ConfigError, match="S3_ENDPOINT"):
+        Config(backup_dir=tmp_path, s3_url="s3://b/", s3_endpoint="ftp://x").validate()
+    with pytest.raises(ConfigError, match="needs APERTURE_BACKUP_S3_URL"):
+        Config(backup_dir=tmp_path, keep=0).validate()
+    Config(backup_dir=tmp_path, s3_url="s3://b/p", keep=0).validate()
