@@ -9,6 +9,8 @@ real service refuses it. Fault tests start servers of their own, which they kill
 from __future__ import annotations
 
 import contextlib
+import http.client
+import http.server
 import json
 import os
 import secrets
@@ -16,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -30,7 +33,7 @@ from tests.support.service import free_port
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
 
-__all__ = ["Credentials", "S3Server", "s3_environment"]
+__all__ = ["Credentials", "FaultyProxy", "S3Server", "running_s3", "s3_environment"]
 
 REGION = "us-east-1"
 #: Calls the fixture makes before authentication is enforced: create_user, put_user_policy, create_access_key.
@@ -125,7 +128,9 @@ class S3Server:
 
 @contextlib.contextmanager
 def running_s3(log_path: Path, *, authenticated: bool = False, port: int | None = None) -> Iterator[S3Server]:
-    server = S3Server(log_path, authenticated=authenticated, **({"port": port} if port else {}))
+    server = S3Server(log_path, authenticated=authenticated)
+    if port:
+        server.port = port
     server.start()
     try:
         yield server
@@ -161,3 +166,130 @@ def s3_env(s3_server: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     for name, value in values.items():
         monkeypatch.setenv(name, value)
     return values
+
+
+class FaultyProxy:
+    """An HTTP proxy between the service and the S3 server that injects faults into chosen requests: the
+    network failing under one part of a multipart upload (the connection dropped without an answer), or a
+    request held until the test lets it go (to kill a process in the middle of an upload).
+
+    Rules match a request by a substring of its path and query (`partNumber=2`); `drop` drops the next
+    `times` matching requests, `hold` blocks each matching request until `release()`. Every request seen
+    is recorded in `seen` as "METHOD path"."""
+
+    def __init__(self, upstream_port: int):
+        self.upstream_port = upstream_port
+        self.seen: list[str] = []
+        self._drops: dict[str, int] = {}
+        self._holds: set[str] = set()
+        self._released = threading.Event()
+        self._held = threading.Event()
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def _forward(self) -> None:
+                body = self._body()
+                action = proxy._decide(self.command, self.path)
+                if action == "drop":
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                try:
+                    upstream = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                    headers = {k: v for k, v in self.headers.items() if k.lower() != "transfer-encoding"}
+                    headers["Content-Length"] = str(len(body))
+                    upstream.request(self.command, self.path, body=body, headers=headers)
+                    response = upstream.getresponse()
+                    data = response.read()
+                    upstream.close()
+                except OSError:  # the S3 server is down: the client sees the connection drop
+                    self.close_connection = True
+                    with contextlib.suppress(OSError):
+                        self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                self.send_response_only(response.status, response.reason)
+                for name, value in response.getheaders():
+                    if name.lower() not in {"transfer-encoding", "connection", "content-length"}:
+                        self.send_header(name, value)
+                length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length or "0")
+                with contextlib.suppress(OSError):  # the client gave up (a killed service)
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(data)
+
+            def handle(self) -> None:
+                with contextlib.suppress(OSError):  # a client that went away mid-request
+                    super().handle()
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    body = b""
+                    while True:
+                        size = int(self.rfile.readline().split(b";")[0].strip(), 16)
+                        if size == 0:
+                            while self.rfile.readline() not in (b"\r\n", b"\n", b""):
+                                pass
+                            return body
+                        body += self.rfile.read(size)
+                        self.rfile.readline()
+                length = int(self.headers.get("Content-Length") or 0)
+                return self.rfile.read(length) if length else b""
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _forward  # noqa: N815 - http.server's names
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, name="s3-proxy", daemon=True)
+        self._thread.start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def drop(self, match: str, times: int = 1) -> None:
+        with self._lock:
+            self._drops[match] = times
+
+    def hold(self, match: str) -> None:
+        with self._lock:
+            self._holds.add(match)
+
+    def wait_held(self, timeout: float = 60) -> None:
+        if not self._held.wait(timeout):
+            raise AssertionError("no request was held in time")
+
+    def release(self) -> None:
+        with self._lock:
+            self._holds.clear()
+        self._released.set()
+
+    def count(self, match: str) -> int:
+        with self._lock:
+            return sum(match in entry for entry in self.seen)
+
+    def close(self) -> None:
+        self.release()
+        self._server.shutdown()
+        self._server.server_close()
+
+    def _decide(self, method: str, path: str) -> str:
+        with self._lock:
+            self.seen.append(f"{method} {path}")
+            for match, left in self._drops.items():
+                if match in path and left > 0:
+                    self._drops[match] = left - 1
+                    return "drop"
+            held = any(match in path for match in self._holds)
+        if held:
+            self._held.set()
+            self._released.wait(120)
+        return "forward"

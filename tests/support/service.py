@@ -27,12 +27,14 @@ from aperture_backup_client import BackupClient
 
 __all__ = [
     "RunningService",
+    "ServiceProcess",
     "StartApp",
     "StartService",
     "clean_environment",
     "free_port",
     "grpcurl_path",
     "serve_process",
+    "service_process",
     "start_service",
     "test_config",
     "wait_for",
@@ -174,3 +176,51 @@ def clean_environment(**values: str) -> dict[str, str]:
 def serve_process(*args: str, env: dict[str, str], text: bool = False, **popen: Any) -> subprocess.Popen[Any]:
     """`aperture-backup serve ARGS` as an operator runs it, in a process of its own."""
     return subprocess.Popen([sys.executable, "-m", "aperture_backup", "serve", *args], env=env, text=text, **popen)
+
+
+@dataclass
+class ServiceProcess:
+    """`aperture-backup serve` in a process of its own, a client of it, and its log."""
+
+    process: subprocess.Popen[bytes]
+    client: BackupClient
+    log_path: Path
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self) -> None:
+        if self.process.poll() is None:
+            self.process.kill()
+            self.process.wait(10)
+
+
+@contextlib.contextmanager
+def service_process(backup_dir: Path, log_path: Path, **settings: str) -> Iterator[ServiceProcess]:
+    """Start `serve` with only `settings` (APERTURE_BACKUP_* names without the prefix; other variables, such
+    as AWS_*, as they are) on a free port; wait until it answers; kill it at the end."""
+    port = free_port()
+    values = {"LISTEN": f"127.0.0.1:{port}", "DIR": str(backup_dir), "SCHEDULE": "off", "CATCH_UP": "false"}
+    values.update({k: v for k, v in settings.items() if k.isupper() and not k.startswith("AWS_")})
+    environment = clean_environment(**values)
+    environment.update({k: v for k, v in settings.items() if k.startswith("AWS_")})
+    with open(log_path, "ab") as log:
+        process = serve_process(env=environment, stdout=log, stderr=log)
+    client = BackupClient(f"127.0.0.1:{port}")
+    running = ServiceProcess(process, client, log_path)
+    try:
+        wait_for(lambda: _answers(running), timeout=60)
+        yield running
+    finally:
+        client.close()
+        running.kill()
+
+
+def _answers(running: ServiceProcess) -> bool:
+    if running.process.poll() is not None:
+        raise AssertionError(f"the service exited with {running.process.returncode}:\n{running.log()[-3000:]}")
+    try:
+        running.client.status()
+    except Exception:
+        return False
+    return True
