@@ -15,7 +15,6 @@ from typing import Any
 import grpc
 import psycopg
 import pytest
-from grpc_status import rpc_status
 
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.storage.bucket import MAX_PARTS, MIB, MIN_PART_SIZE, BucketAddress, part_size_for
@@ -29,23 +28,10 @@ from tests.support.service import StartService, free_port, service_process, wait
 LOCAL, BUCKET = pb.STORAGE_LOCATION_LOCAL, pb.STORAGE_LOCATION_BUCKET
 
 
-def _bucketed(server: S3Server, bucket: str, prefix: str = "aperture/", **overrides: Any) -> dict[str, Any]:
-    settings: dict[str, Any] = {"s3_url": f"s3://{bucket}/{prefix}", "s3_endpoint": server.endpoint}
+def _bucketed(server: S3Server, bucket: str, **overrides: Any) -> dict[str, Any]:
+    settings: dict[str, Any] = {"s3_url": f"s3://{bucket}/aperture/", "s3_endpoint": server.endpoint}
     settings.update(overrides)
     return settings
-
-
-def _reason(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)
-    if status is None:
-        return ""
-    from google.rpc import error_details_pb2
-
-    for detail in status.details:
-        info = error_details_pb2.ErrorInfo()
-        if detail.Unpack(info):
-            return info.reason
-    return ""
 
 
 @pytest.fixture
@@ -124,7 +110,7 @@ def test_disaster_recovery_onto_an_empty_machine(
     PostgreSQL of the same major gets the bucket and the age identity, lists the old backups and restores
     the newest to the exact fingerprint."""
     bucket = s3_server.make_bucket()
-    encrypted = {"age_recipients": (key.public_key,), "age_identity_file": key.identity_file}
+    encrypted: dict[str, Any] = {"age_recipients": (key.public_key,), "age_identity_file": key.identity_file}
     old = service_factory(db16.uri, backup_dir=tmp_path / "old-disk", **_bucketed(s3_server, bucket, **encrypted))
     expected = fingerprint(db16.uri)
     older = old.client.create()
@@ -153,7 +139,7 @@ def test_unreachable_bucket_keeps_the_backup_and_copies_it_when_the_bucket_answe
     db16: Database, service_factory: StartService, s3_env: dict[str, str], tmp_path: Path
 ) -> None:
     port = free_port()
-    settings = {"s3_url": "s3://later/", "s3_endpoint": f"http://127.0.0.1:{port}"}
+    settings: dict[str, Any] = {"s3_url": "s3://later/", "s3_endpoint": f"http://127.0.0.1:{port}"}
     svc = service_factory(db16.uri, **settings)
     offsite = svc.server.app.offsite
     assert offsite is not None
