@@ -136,7 +136,7 @@ def test_list_is_a_readable_table_and_json_for_scripts(svc: RunningService) -> N
     table = cli(svc, "list")
     assert table.returncode == 0, table.stderr
     lines = table.stdout.splitlines()
-    assert lines[0].split() == ["ID", "CREATED", "SIZE", "FORMAT", "TRIGGER", "STATE", "ERROR"]
+    assert lines[0].split() == ["ID", "CREATED", "SIZE", "FORMAT", "TRIGGER", "STATE", "WHERE", "ERROR"]
     assert lines[1].startswith(custom.id) and "custom" in lines[1] and "READY" in lines[1]
     assert lines[2].startswith(made.id) and "plain+gzip" in lines[2] and "manual" in lines[2]
     assert " kB " in lines[2] or " MB " in lines[2]

@@ -24,6 +24,7 @@ from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
 from tests.support.s3 import Credentials, FaultyProxy, S3Server, running_s3
 from tests.support.service import StartService, free_port, service_process, wait_for
+from tests.test_cli import cli
 
 LOCAL, BUCKET = pb.STORAGE_LOCATION_LOCAL, pb.STORAGE_LOCATION_BUCKET
 
@@ -346,3 +347,18 @@ def test_service_killed_during_an_upload_starts_it_again_cleanly_after_the_resta
             assert re.search(r"abort(ed 1 incomplete upload|ing an earlier, interrupted upload)", second.log())
     finally:
         proxy.close()
+
+
+def test_the_cli_shows_where_each_backup_is_and_the_offsite_state(
+    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str]
+) -> None:
+    bucket = s3_server.make_bucket()
+    svc = service_factory(db16.uri, **_bucketed(s3_server, bucket))
+    backup = svc.client.create()
+    listing = cli(svc, "list")
+    assert listing.returncode == 0, listing.stderr
+    assert "WHERE" in listing.stdout and "local+bucket" in listing.stdout.split(backup.id)[1].splitlines()[0]
+    status = cli(svc, "status")
+    assert f"offsite: s3://{bucket}/aperture/" in status.stdout and "every archive copied" in status.stdout
+    deleted = cli(svc, "delete", backup.id, "--yes")
+    assert deleted.returncode == 0 and "(local+bucket)" in deleted.stdout, deleted.stdout + deleted.stderr

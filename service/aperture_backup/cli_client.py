@@ -414,7 +414,7 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
     if not backups:
         out.note("no backups yet (aperture-backup create makes one)")
         return EXIT_OK
-    rows = [("ID", "CREATED", "SIZE", "FORMAT", "TRIGGER", "STATE", "ERROR")]
+    rows = [("ID", "CREATED", "SIZE", "FORMAT", "TRIGGER", "STATE", "WHERE", "ERROR")]
     for b in backups:
         kind = _name(pb.BackupFormat, b.format, "BACKUP_FORMAT_")
         if b.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_UNSPECIFIED):
@@ -428,6 +428,7 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
                 kind,
                 _name(pb.BackupTrigger, b.trigger, "BACKUP_TRIGGER_"),
                 state.upper(),
+                _where(b) or "-",
                 b.error if b.state == pb.BACKUP_STATE_FAILED else "",
             )
         )
@@ -435,6 +436,13 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
     for row in rows:
         out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
     return EXIT_OK
+
+
+def _where(backup: pb.Backup) -> str:
+    """Where copies are: "local", "bucket" or "local+bucket"."""
+    from aperture_backup_client import pb
+
+    return "+".join(_name(pb.StorageLocation, where, "STORAGE_LOCATION_") for where in backup.locations)
 
 
 def _get(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
@@ -454,7 +462,7 @@ def _delete(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
     if out.as_json:
         out.document(deleted)
     else:
-        out.text(f"deleted {deleted.id}")
+        out.text(f"deleted {deleted.id}" + (f" ({_where(deleted)})" if deleted.locations else ""))
     return EXIT_OK
 
 
@@ -478,6 +486,15 @@ def _status(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
         out.text(f"running: {job.backup_id} ({phase_words(job.progress)})")
     if status.HasField("interrupted_job"):
         out.text(f"interrupted: {status.interrupted_job.progress.message}")
+    if status.HasField("offsite"):
+        offsite = status.offsite
+        pending = f"{len(offsite.pending_ids)} waiting: {', '.join(offsite.pending_ids)}" if offsite.pending_ids else ""
+        out.text(
+            f"offsite: {offsite.bucket} ({'reachable' if offsite.reachable else 'NOT reachable'})"
+            + (f", {pending}" if pending else ", every archive copied")
+        )
+        if offsite.error:
+            out.text(f"offsite error: {offsite.error}")
     return EXIT_OK
 
 

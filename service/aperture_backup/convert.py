@@ -62,6 +62,11 @@ def duration(seconds: float) -> duration_pb2.Duration:
 LOCATIONS = {Location.LOCAL: pb.STORAGE_LOCATION_LOCAL, Location.BUCKET: pb.STORAGE_LOCATION_BUCKET}
 
 
+def locations_to_pb(locations: frozenset[Location]) -> list[pb.StorageLocation.ValueType]:
+    """In a fixed order: the directory first."""
+    return [LOCATIONS[where] for where in Location if where in locations]
+
+
 def offsite_to_pb(status: OffsiteStatus) -> pb.OffsiteStatus:
     message = pb.OffsiteStatus(
         bucket=status.bucket, reachable=status.reachable, error=status.error, pending_ids=status.pending
@@ -88,7 +93,7 @@ def backup_to_pb(backup: Backup) -> pb.Backup:
         error=backup.error,
         encrypted=backup.kind.encrypted,
         age_recipients=backup.age_recipients,
-        locations=[LOCATIONS[where] for where in sorted(backup.locations)],
+        locations=locations_to_pb(backup.locations),
     )
     if backup.duration_seconds is not None:
         message.duration.CopyFrom(duration(backup.duration_seconds))

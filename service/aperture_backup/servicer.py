@@ -64,9 +64,7 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
 
     def Delete(self, request: pb.DeleteRequest, context: grpc.ServicerContext) -> pb.DeleteResponse:
         backup, removed = self._app.backups.delete(request.id)
-        return pb.DeleteResponse(
-            backup=convert.backup_to_pb(backup), removed_from=[convert.LOCATIONS[where] for where in sorted(removed)]
-        )
+        return pb.DeleteResponse(backup=convert.backup_to_pb(backup), removed_from=convert.locations_to_pb(removed))
 
     def StreamDownload(  # type: ignore[override]
         self, request: pb.StreamDownloadRequest, context: grpc.ServicerContext
