@@ -16,6 +16,7 @@ import type {
   RestoreResult,
   Schedule,
   ServiceStatus,
+  StorageLocation,
 } from "./types";
 
 /** A wire enum's name without its prefix ("BACKUP_STATE_READY" → "READY"); unknown values → "UNSPECIFIED". */
@@ -31,6 +32,8 @@ export const compression = (value: wire.Compression): Compression =>
   unprefixed(wire.compressionToJSON(value), "COMPRESSION_");
 export const backupTrigger = (value: wire.BackupTrigger): BackupTrigger =>
   unprefixed(wire.backupTriggerToJSON(value), "BACKUP_TRIGGER_");
+export const storageLocation = (value: wire.StorageLocation): StorageLocation =>
+  unprefixed(wire.storageLocationToJSON(value), "STORAGE_LOCATION_");
 export const phase = (value: wire.Phase): Phase => unprefixed(wire.phaseToJSON(value), "PHASE_");
 export const jobKind = (value: wire.JobKind): JobKind => unprefixed(wire.jobKindToJSON(value), "JOB_KIND_");
 
@@ -78,6 +81,9 @@ export function backup(value: wire.Backup): Backup {
     pgDumpVersion: value.pgDumpVersion,
     durationMs: durationMs(value.duration),
     error: value.error,
+    encrypted: value.encrypted,
+    ageRecipients: [...value.ageRecipients],
+    locations: value.locations.map(storageLocation),
   };
 }
 
@@ -149,6 +155,16 @@ export function serviceStatus(value: wire.GetStatusResponse): ServiceStatus {
     interruptedJob: optionalJob(value.interruptedJob),
     database: value.database,
     databaseReachable: value.databaseReachable,
+    offsite:
+      value.offsite === undefined
+        ? undefined
+        : {
+            bucket: value.offsite.bucket,
+            reachable: value.offsite.reachable,
+            error: value.offsite.error,
+            pendingIds: [...value.offsite.pendingIds],
+            lastUploadTime: value.offsite.lastUploadTime,
+          },
   };
 }
 

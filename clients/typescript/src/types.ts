@@ -13,6 +13,8 @@ export type BackupFormat = "PLAIN" | "CUSTOM" | "UNSPECIFIED";
 /** Compression of the archive file as a whole; a custom-format archive is NONE (compressed inside). */
 export type Compression = "NONE" | "GZIP" | "ZSTD" | "UNSPECIFIED";
 /** What started a backup. */
+/** Where a copy of an archive is kept: the service's backup directory, or the S3-compatible bucket. */
+export type StorageLocation = "LOCAL" | "BUCKET" | "UNSPECIFIED";
 export type BackupTrigger = "MANUAL" | "SCHEDULED" | "PRE_RESTORE" | "UPLOADED" | "EXTERNAL" | "UNSPECIFIED";
 /** A step of a long operation. */
 export type Phase =
@@ -54,6 +56,15 @@ export interface Backup {
   durationMs: number | undefined;
   /** Why the backup failed, when FAILED; "" otherwise. */
   error: string;
+  /** Whether the archive is encrypted with age (its id then ends in `.age`). */
+  encrypted: boolean;
+  /** The age public keys an encrypted archive was encrypted to, when known. */
+  ageRecipients: string[];
+  /**
+   * Where copies are (directory first); empty for a backup without an archive. A READY backup without
+   * "BUCKET" while a bucket is configured waits for its offsite copy.
+   */
+  locations: StorageLocation[];
 }
 
 /** Progress of a long operation (create, restore, upload). */
@@ -164,6 +175,22 @@ export interface ServiceStatus {
   database: string;
   /** Whether the database answers right now. */
   databaseReachable: boolean;
+  /** Offsite copies; undefined when no bucket is configured. */
+  offsite: OffsiteStatus | undefined;
+}
+
+/** Where offsite copies stand. */
+export interface OffsiteStatus {
+  /** The bucket, as `s3://bucket/prefix/` (and its endpoint, when not AWS). */
+  bucket: string;
+  /** Whether the bucket answered the last request. */
+  reachable: boolean;
+  /** Why the last copy or listing failed, with what to do; "" when nothing failed. */
+  error: string;
+  /** READY archives of the directory not yet in the bucket, oldest first (retried with back-off). */
+  pendingIds: string[];
+  /** When the last copy finished; undefined before the first since start-up. */
+  lastUploadTime: Date | undefined;
 }
 
 /** One page of `listPage`. */

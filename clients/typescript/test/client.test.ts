@@ -128,6 +128,9 @@ describe("aperture-backup client", { concurrency: false }, () => {
     assert.equal(status.interruptedJob, undefined);
     assert.ok(status.lastSuccessfulBackup !== undefined);
     assert.ok((status.lastSuccessfulAgeMs ?? -1) >= 0);
+    assert.equal(status.offsite, undefined, "no bucket is configured");
+    assert.deepEqual(status.lastSuccessfulBackup?.locations, ["LOCAL"]);
+    assert.equal(status.lastSuccessfulBackup?.encrypted, false);
   });
 
   it("gets and sets retention", async () => {
