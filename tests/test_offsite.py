@@ -362,3 +362,18 @@ def test_the_cli_shows_where_each_backup_is_and_the_offsite_state(
     assert f"offsite: s3://{bucket}/aperture/" in status.stdout and "every archive copied" in status.stdout
     deleted = cli(svc, "delete", backup.id, "--yes")
     assert deleted.returncode == 0 and "(local+bucket)" in deleted.stdout, deleted.stdout + deleted.stderr
+
+
+def test_uploads_and_safety_backups_go_to_the_bucket_too(
+    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    bucket = s3_server.make_bucket()
+    svc = service_factory(db16.uri, **_bucketed(s3_server, bucket))
+    made = svc.client.create()
+    copy = tmp_path / "copy.sql.gz"
+    copy.write_bytes((svc.backup_dir / made.id).read_bytes())
+    uploaded = svc.client.upload(copy).backup
+    wait_for(lambda: BUCKET in svc.client.get(uploaded.id).locations, timeout=30)
+    safety = svc.client.restore(made.id).safety_backup
+    wait_for(lambda: BUCKET in svc.client.get(safety.id).locations, timeout=30)
+    assert {f"aperture/{b}" for b in (made.id, uploaded.id, safety.id)} <= set(s3_server.objects(bucket))

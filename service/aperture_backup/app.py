@@ -161,7 +161,9 @@ def _archives(
             bucket.describe(),
         )
     archives = Archives(store, bucket, read_lock=database.reading_archive)
-    return archives, Offsite(archives, encrypted_only=keys.encrypts)
+    offsite = Offsite(archives, encrypted_only=keys.encrypts)
+    archives.on_stored = lambda _: offsite.wake()
+    return archives, offsite
 
 
 def _head_decrypter(keys: AgeKeys) -> Callable[[bytes], bytes] | None:

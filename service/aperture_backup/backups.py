@@ -165,8 +165,12 @@ class BackupManager:
 
     def dump_into_store(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> Backup:
         """Run one pg_dump into a new archive of the store, reporting progress on `job`. The caller holds
-        the job slot and the database lock (a restore calls this for its safety backup)."""
-        return self._dump(job, kind, self._reserve(job, kind, trigger))
+        the job slot and the database lock (a restore calls this for its safety backup). Its offsite copy is
+        made in the background, beside the restore."""
+        backup = self._dump(job, kind, self._reserve(job, kind, trigger))
+        if self.archives.on_stored is not None:
+            self.archives.on_stored(backup)
+        return backup
 
     def _reserve(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> ArchiveWriter:
         kind = kind.with_encryption(self.keys.encrypts)

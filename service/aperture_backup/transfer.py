@@ -506,6 +506,8 @@ class TransferManager:
             backup.size_bytes,
             backup.kind.extension,
         )
+        if self.archives.on_stored is not None:
+            self.archives.on_stored(backup)
         if not metadata.restore:
             yield UploadEvent(progress("done", backup.size_bytes), backup=backup)
             return

@@ -48,6 +48,9 @@ class Archives:
         self._read_lock = read_lock
         #: Why the bucket could not be listed the last time; '' when it could.
         self.bucket_error = ""
+        #: Told of each archive stored in the directory outside a backup job (uploads, safety backups), so
+        #: that its offsite copy is made in the background.
+        self.on_stored: Callable[[Backup], None] | None = None
 
     # -- listing ---------------------------------------------------------------------------------------
 
