@@ -834,6 +834,89 @@ def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
             )
 
 
+#: Creates that also copy the archive to a bucket, against the same kind to the directory alone.
+OFFSITE_KINDS = (
+    ("Create .sql.gz with the bucket", "Create .sql.gz, directory only", pb.COMPRESSION_GZIP),
+    ("Create .sql with the bucket", "Create .sql, directory only", pb.COMPRESSION_NONE),
+)
+#: Offsite copies' cost, as the issue bounds it: Create with the bucket over Create to the directory alone.
+OFFSITE_LIMIT = 1.3
+
+
+def bench_offsite(ctx: Context) -> None:
+    """Create with offsite copies to an S3 server on loopback (moto_server, as in the tests) against Create
+    to the directory alone, alternating in the same rounds; the `.sql` row is the largest archive (the whole
+    plain SQL) and gives the server's peak RSS while a large archive goes up in parts."""
+    moto = Path(sys.executable).parent / "moto_server"
+    port = free_port()
+    moto_proc = subprocess.Popen(
+        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    offsite: Service | None = None
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError("moto_server did not start")
+            time.sleep(0.1)
+        credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
+        import boto3  # the service's own S3 library
+
+        boto3.session.Session().client(
+            "s3",
+            endpoint_url=f"http://127.0.0.1:{port}",
+            aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
+            region_name=credentials["AWS_REGION"],
+        ).create_bucket(Bucket="aperture-bench")
+        (ctx.work / "offsite").mkdir()
+        offsite = Service(
+            ctx.server,
+            ctx.work / "offsite",
+            {
+                "APERTURE_BACKUP_S3_URL": "s3://aperture-bench/bench/",
+                "APERTURE_BACKUP_S3_ENDPOINT": f"http://127.0.0.1:{port}",
+                "AWS_EC2_METADATA_DISABLED": "true",
+                **credentials,
+            },
+        )
+        steps: list[tuple[str, Callable[[], None]]] = []
+        for name, local_name, compression in OFFSITE_KINDS:
+            row, local = ctx.row(name, f"{local_name} (same rounds)"), ctx.row(local_name, "-")
+
+            def to_bucket(row: Row = row, compression: int = compression) -> None:
+                assert offsite is not None
+                backup = timed_create(offsite, row, pb.BACKUP_FORMAT_PLAIN, compression)
+                if pb.STORAGE_LOCATION_BUCKET not in backup.locations:
+                    raise RuntimeError(f"{backup.id} did not reach the bucket; see {offsite.log_path}")
+                offsite.stub.Delete(pb.DeleteRequest(id=backup.id))
+
+            def to_directory(row: Row = local, compression: int = compression) -> None:
+                backup = timed_create(ctx.service, row, pb.BACKUP_FORMAT_PLAIN, compression)
+                ctx.service.stub.Delete(pb.DeleteRequest(id=backup.id))
+
+            steps += [(name, to_bucket), (local_name, to_directory)]
+        for round_no in range(ctx.args.rounds):
+            shift = round_no % len(steps)
+            for label, step in steps[shift:] + steps[:shift]:
+                log(f"offsite round {round_no + 1}: {label}")
+                step()
+        rows = {r.operation: r for r in ctx.rows}
+        for name, local_name, _ in OFFSITE_KINDS:
+            rows[name].baseline_seconds = rows[local_name].seconds
+            ctx.target(f"{name} / {local_name}", rows[name].ratio, OFFSITE_LIMIT)
+        large = rows["Create .sql with the bucket"]
+        ctx.facts["offsite_large_archive_bytes"] = large.output_bytes
+        ctx.target("server peak RSS copying the largest archive to the bucket (MB)", large.server_peak_rss / MB, 200)
+    finally:
+        if offsite is not None:
+            offsite.stop()
+        moto_proc.terminate()
+        moto_proc.wait(30)
+
+
 def _store_copy(service: Service, path: Path) -> pb.Backup:
     """Without UploadAndRestore, put the archive into the backup directory by hand (listed as external)."""
     target = service.backup_dir / f"aperture-backup-bench-{path.name}"
@@ -876,8 +959,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-mb", type=int, default=1100, help="large archive for transfers, MB (1100)")
     parser.add_argument(
         "--only",
-        default="create,restore,transfer,encryption",
-        help="comma-separated groups to run (encryption adds the encrypted Create and Restore rows)",
+        default="create,restore,transfer,encryption,offsite",
+        help="comma-separated groups to run (encryption adds the encrypted Create and Restore rows, offsite "
+        "Create with a bucket)",
     )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json", help="JSON results")
     parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a fresh one under /tmp)")
@@ -920,6 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_restore(ctx, archives["gz"], archives["sql"].size_bytes, archives.get("gz_age"))
                 if archives and "transfer" in groups:
                     bench_transfer(ctx, archives["gz"])
+                if "offsite" in groups:
+                    bench_offsite(ctx)
             finally:
                 service.stop()
                 if encrypted is not None:

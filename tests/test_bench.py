@@ -31,6 +31,8 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "Restore .sql.gz.age (encrypted)",
         "Upload small (restore=false)",
         "StreamDownload large",
+        "Create .sql.gz with the bucket",
+        "Create .sql with the bucket",
     ):
         assert rows[operation]["median_seconds"] > 0, operation
         assert rows[operation]["baseline_median_seconds"] > 0, operation
