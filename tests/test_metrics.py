@@ -5,27 +5,16 @@ method and status code."""
 from __future__ import annotations
 
 import time
-import urllib.request
 
 import grpc
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
 
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.config import Config, ConfigError
 from tests.support.fixtures import MakeDatabase
+from tests.support.metrics import scrape
 from tests.support.postgres import PgServer, table_lock
-from tests.support.service import RunningService, StartService, free_port, pg_dump_children, wait_for
-
-
-def _scrape(svc: RunningService) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{svc.server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = float(sample.value)
-    return samples
+from tests.support.service import StartService, free_port, pg_dump_children, wait_for
 
 
 def test_metrics_tell_what_the_service_did(
@@ -33,7 +22,7 @@ def test_metrics_tell_what_the_service_did(
 ) -> None:
     db = make_database(pg16, seeded=True, rows=20)
     svc = service_factory(db.uri, metrics_listen=f"127.0.0.1:{free_port()}")
-    empty = _scrape(svc)
+    empty = scrape(svc)
     assert empty[("aperture_backup_last_success_timestamp_seconds", ())] == 0
     assert empty[("aperture_backup_archives", (("location", "local"),))] == 0
 
@@ -42,12 +31,12 @@ def test_metrics_tell_what_the_service_did(
         svc.client.get("aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz")
     svc.client.restore(backup.id, skip_safety_backup=True)
     wait_for(
-        lambda: _scrape(svc).get(
+        lambda: scrape(svc).get(
             ("aperture_backup_runs_total", (("kind", "restore"), ("result", "success"), ("trigger", "manual")))
         )
     )
 
-    samples = _scrape(svc)
+    samples = scrape(svc)
     assert (
         samples[("aperture_backup_runs_total", (("kind", "backup"), ("result", "success"), ("trigger", "manual")))] == 1
     )
@@ -65,10 +54,10 @@ def test_metrics_tell_what_the_service_did(
         call = svc.client.stub.Create(pb.CreateRequest(), timeout=120)
         first = next(call)
         wait_for(pg_dump_children)
-        assert _scrape(svc)[("aperture_backup_job_running", (("kind", "backup"),))] == 1
+        assert scrape(svc)[("aperture_backup_job_running", (("kind", "backup"),))] == 1
         svc.client.cancel(first.backup.id)
     wait_for(
-        lambda: _scrape(svc).get(
+        lambda: scrape(svc).get(
             ("aperture_backup_runs_total", (("kind", "backup"), ("result", "cancelled"), ("trigger", "manual")))
         )
     )

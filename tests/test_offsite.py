@@ -21,6 +21,7 @@ from aperture_backup.storage.bucket import MAX_PARTS, MIB, MIN_PART_SIZE, Bucket
 from tests.support.age import AgeKey, age_keygen
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
+from tests.support.metrics import scrape
 from tests.support.postgres import PgServer
 from tests.support.s3 import Credentials, FaultyProxy, S3Server, running_s3
 from tests.support.service import StartService, free_port, service_process, wait_for
@@ -377,3 +378,42 @@ def test_uploads_and_safety_backups_go_to_the_bucket_too(
     safety = svc.client.restore(made.id).safety_backup
     wait_for(lambda: BUCKET in svc.client.get(safety.id).locations, timeout=30)
     assert {f"aperture/{b}" for b in (made.id, uploaded.id, safety.id)} <= set(s3_server.objects(bucket))
+
+
+def test_metrics_count_archives_by_location_and_those_waiting_for_the_bucket(
+    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str]
+) -> None:
+    bucket = s3_server.make_bucket()
+    svc = service_factory(db16.uri, metrics_listen=f"127.0.0.1:{free_port()}", **_bucketed(s3_server, bucket))
+    svc.client.create()
+    samples = scrape(svc)
+    assert samples[("aperture_backup_archives", (("location", "local"),))] == 1
+    assert samples[("aperture_backup_archives", (("location", "bucket"),))] == 1
+    assert samples[("aperture_backup_offsite_pending", ())] == 0
+
+    down = service_factory(
+        db16.uri,
+        metrics_listen=f"127.0.0.1:{free_port()}",
+        s3_url="s3://nowhere/",
+        s3_endpoint=f"http://127.0.0.1:{free_port()}",
+    )
+    down.client.create()
+    samples = scrape(down)
+    assert samples[("aperture_backup_offsite_pending", ())] == 1
+    assert samples[("aperture_backup_archives", (("location", "bucket"),))] == 0
+
+
+def test_a_bucket_without_encryption_is_warned_about_at_start_up(
+    db16: Database,
+    service_factory: StartService,
+    s3_server: S3Server,
+    s3_env: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
+    key: AgeKey,
+) -> None:
+    bucket = s3_server.make_bucket()
+    service_factory(db16.uri, **_bucketed(s3_server, bucket))
+    assert any("unencrypted" in r.getMessage() and r.levelname == "WARNING" for r in caplog.records)
+    caplog.clear()
+    service_factory(db16.uri, **_bucketed(s3_server, bucket, age_recipients=(key.public_key,)))
+    assert not any("unencrypted" in r.getMessage() for r in caplog.records)
