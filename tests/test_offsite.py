@@ -7,6 +7,7 @@ does not exist."""
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -19,6 +20,7 @@ import pytest
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.storage.bucket import MAX_PARTS, MIB, MIN_PART_SIZE, BucketAddress, part_size_for
 from tests.support.age import AgeKey, age_keygen
+from tests.support.filesystem import small_filesystem
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.metrics import scrape
@@ -63,8 +65,13 @@ def test_bad_bucket_urls_are_refused(url: str) -> None:
 
 
 def test_every_backup_goes_to_the_bucket_with_its_manifest_and_checksum(
-    db16: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str]
+    db16: Database,
+    service_factory: StartService,
+    s3_server: S3Server,
+    s3_env: dict[str, str],
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, logger="aperture_backup")
     bucket = s3_server.make_bucket()
     svc = service_factory(db16.uri, **_bucketed(s3_server, bucket))
     backup = svc.client.create()
@@ -77,8 +84,7 @@ def test_every_backup_goes_to_the_bucket_with_its_manifest_and_checksum(
     stored = s3_server.read(bucket, key)
     assert hashlib.sha256(stored).hexdigest() == backup.sha256 == s3_server.manifest(bucket, key)["sha256"]
     assert stored == (svc.backup_dir / backup.id).read_bytes()
-    head = s3_server.client().head_object(Bucket=bucket, Key=key)
-    assert head["Metadata"]["sha256"] == backup.sha256
+    assert "sent while it was written" in "".join(r.getMessage() for r in caplog.records), "one pass, not two"
     status = svc.client.status()
     assert status.HasField("offsite") and status.offsite.reachable and not status.offsite.pending_ids
     assert status.offsite.bucket.startswith(f"s3://{bucket}/aperture/")
@@ -417,3 +423,25 @@ def test_a_bucket_without_encryption_is_warned_about_at_start_up(
     caplog.clear()
     service_factory(db16.uri, **_bucketed(s3_server, bucket, age_recipients=(key.public_key,)))
     assert not any("unencrypted" in r.getMessage() for r in caplog.records)
+
+
+def test_a_backup_that_fails_leaves_no_upload_behind(
+    big_db: Database, service_factory: StartService, s3_server: S3Server, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    """The dump runs out of disk after its first parts went up (a real, small file system): the backup is
+    FAILED, and the bucket holds neither an object nor an incomplete upload of it."""
+    bucket = s3_server.make_bucket()
+    proxy = FaultyProxy(s3_server.port)
+    with small_filesystem(tmp_path / "small", size_kib=20 * 1024) as small:
+        try:
+            svc = service_factory(big_db.uri, backup_dir=small, s3_url=f"s3://{bucket}/", s3_endpoint=proxy.endpoint)
+            with pytest.raises(grpc.RpcError) as caught:
+                svc.client.create(compression=pb.COMPRESSION_NONE)
+            assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert proxy.count("partNumber=1") == 1, "a part went up before the disk was full"
+            # (On a full disk even the FAILED record may find no room: then the backup is not listed at all.)
+            assert all(b.state == pb.BACKUP_STATE_FAILED and not b.locations for b in svc.client.list())
+            assert not s3_server.client().list_multipart_uploads(Bucket=bucket).get("Uploads")
+            assert s3_server.objects(bucket) == {}, "nothing of the failed backup is in the bucket"
+        finally:
+            proxy.close()

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import psycopg
 
@@ -25,6 +26,9 @@ from .offsite import Offsite
 from .settings import SettingsStore
 from .storage.catalog import Archives
 from .storage.local import ArchiveWriter
+
+if TYPE_CHECKING:  # the S3 library loads only when a bucket is configured
+    from .storage.bucket import GrowingUpload
 
 _logger = logging.getLogger(__name__)
 
@@ -112,9 +116,16 @@ class BackupManager:
                         writer.discard()
                         _logger.info("scheduled backup skipped: another replica made today's, %s", made_by_replica.id)
                         return made_by_replica
-                    backup = self._dump(job, kind, writer)
-                    # Still under the lock, so that a replica whose schedule fires next sees it in the bucket.
-                    self._copy_offsite(job, backup)
+                    # The offsite copy goes up while the dump writes the archive, and is complete before the lock
+                    # is released, so that a replica whose schedule fires next sees it in the bucket.
+                    streaming = self.offsite.start_streaming(writer) if self.offsite is not None else None
+                    try:
+                        backup = self._dump(job, kind, writer)
+                    except BaseException:
+                        if streaming is not None:
+                            streaming.abandon()
+                        raise
+                    self._copy_offsite(job, backup, streaming)
             except JobRunning:
                 writer.discard()  # another replica is backing up: nothing ran here, nothing to record
                 raise
@@ -141,10 +152,12 @@ class BackupManager:
                 return backup
         return None
 
-    def _copy_offsite(self, job: Job, backup: Backup) -> None:
+    def _copy_offsite(self, job: Job, backup: Backup, streaming: GrowingUpload | None = None) -> None:
         if self.offsite is None or not self.offsite.wanted(backup):
+            if streaming is not None:
+                streaming.abandon()
             return
-        if self.offsite.bucket.unreachable:
+        if streaming is None and self.offsite.bucket.unreachable:
             # Do not make the caller wait for the network's time-outs: the retry thread copies it.
             self.offsite.wake()
             return
@@ -160,7 +173,13 @@ class BackupManager:
                 )
             )
 
-        if self.offsite.copy(backup, on_progress=on_progress):
+        if streaming is not None and self.offsite.finish_streaming(streaming, backup, on_progress=on_progress):
+            copied = True
+        else:
+            # Not streamed, or that failed (a part the network lost for good): one copy of the whole archive
+            # now, and if that fails too the retry thread goes on.
+            copied = not self.offsite.bucket.unreachable and self.offsite.copy(backup, on_progress=on_progress)
+        if copied:
             job.update(backup=backup.replace(locations=backup.locations | {Location.BUCKET}))
 
     def dump_into_store(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> Backup:

@@ -15,10 +15,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 from .errors import BackupError
 from .model import Backup, Location, State, Trigger
 from .storage.catalog import Archives
+from .storage.local import ArchiveWriter
+
+if TYPE_CHECKING:  # the S3 library loads only when a bucket is configured
+    from .storage.bucket import GrowingUpload
 
 _logger = logging.getLogger(__name__)
 
@@ -119,6 +124,32 @@ class Offsite:
                 return False
             except OSError as exc:  # the local file went away (deleted by hand): nothing to copy any more
                 _logger.warning("cannot copy %s to the bucket: %s", backup.id, exc)
+                return False
+        self._succeeded(backup.id)
+        return True
+
+    def start_streaming(self, writer: ArchiveWriter) -> GrowingUpload | None:
+        """Begin copying an archive while it is written (see `GrowingUpload`); None when it will not go to
+        the bucket, or the bucket is known to be unreachable (the copy is then made afterwards)."""
+        backup = writer.backup
+        if self.bucket.unreachable or (self.encrypted_only and not backup.kind.encrypted):
+            return None
+        try:
+            return self.bucket.growing_upload(backup.id, writer.temp_path)
+        except BackupError as exc:
+            _logger.warning("cannot upload %s while it is written (it is copied afterwards): %s", backup.id, exc)
+            return None
+
+    def finish_streaming(
+        self, upload: GrowingUpload, backup: Backup, *, on_progress: Callable[[int], None] | None = None
+    ) -> bool:
+        """Complete an upload begun by `start_streaming`; False (the error recorded, the archive pending)
+        when it failed."""
+        with self._copying:
+            try:
+                upload.finish(backup, on_progress=on_progress)
+            except BackupError as exc:
+                self._failed(backup, exc)
                 return False
         self._succeeded(backup.id)
         return True

@@ -16,9 +16,12 @@ Credentials and region come from boto3's standard chain (environment, shared fil
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -51,6 +54,11 @@ MAX_PARTS = 9_000
 MIN_PART_SIZE = 8 * MIB
 #: Parts sent at once.
 UPLOAD_CONCURRENCY = 4
+#: An archive uploaded while it is written does not know its size: its parts start at MIN_PART_SIZE and
+#: double every this many parts (S3 allows parts of different sizes), so 9,000 parts hold 4 TiB.
+PARTS_PER_DOUBLING = 1_000
+#: How often an upload of a growing archive looks whether a part's worth of it has been written.
+GROWTH_POLL_SECONDS = 0.05
 #: A cached listing is reused for this long; the service's own uploads and deletions refresh it at once.
 LISTING_TTL_SECONDS = 5.0
 #: After the bucket could not be reached, listings use the last one for this long instead of waiting for
@@ -240,6 +248,10 @@ class Bucket:
             "copied %s to %s (%d bytes, parts of %d MiB)", backup.id, self.address, backup.size_bytes, part // MIB
         )
 
+    def growing_upload(self, backup_id: str, path: Path) -> GrowingUpload:
+        """Start uploading the archive `path` (its temporary file) while it is still being written."""
+        return GrowingUpload(self, backup_id, path)
+
     def write_manifest(self, backup: Backup) -> None:
         body = json.dumps(backup.to_json(), indent=2).encode()
         with self._translated(f"writing the manifest of {backup.id}"):
@@ -332,6 +344,140 @@ class Bucket:
             raise error from None
         with self._lock:
             self._unreachable = None
+
+
+def growing_part_size(number: int) -> int:
+    """Size of part `number` (from 1) of an upload whose total size is not known yet."""
+    return MIN_PART_SIZE << ((number - 1) // PARTS_PER_DOUBLING)
+
+
+class GrowingUpload:
+    """A multipart upload of an archive while the dump still writes it, so that the offsite copy costs
+    little more than the dump: a thread sends each part once that much of the file exists, and `finish`
+    sends the rest once the archive is complete. The bytes sent are hashed and must equal the archive's
+    SHA-256; each part carries its own SHA-256 for the storage service to check. Nothing is listed before
+    `finish` has completed the upload and written the manifest; `abandon` aborts it."""
+
+    def __init__(self, bucket: Bucket, backup_id: str, path: Path):
+        self._bucket = bucket
+        self.backup_id = backup_id
+        self.key = bucket.key(backup_id)
+        self._client = bucket._client
+        bucket._abort_uploads(self.key)
+        with bucket._translated(f"starting the upload of {backup_id}"):
+            self._upload_id = self._client.create_multipart_upload(
+                Bucket=bucket.address.bucket, Key=self.key, ChecksumAlgorithm="SHA256"
+            )["UploadId"]
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._final: int | None = None
+        self._written = threading.Event()
+        self._stop = threading.Event()
+        self._parts: list[dict[str, Any]] = []
+        self._digest = hashlib.sha256()
+        #: Bytes the bucket has acknowledged.
+        self.sent = 0
+        self.error: BackupError | None = None
+        self._thread = threading.Thread(target=self._run, name=f"upload {backup_id}", daemon=True)
+        self._thread.start()
+
+    def finish(self, backup: Backup, *, on_progress: Callable[[int], None] | None = None) -> None:
+        """Send the rest of the complete archive, complete the upload, check it and write the manifest.
+        Raises (having aborted the upload) when anything failed."""
+        self._final = backup.size_bytes
+        self._written.set()
+        while self._thread.is_alive():
+            self._thread.join(0.5)
+            if on_progress is not None:
+                on_progress(self.sent)
+        os.close(self._fd)
+        try:
+            if self.error is not None:
+                raise self.error
+            if self.sent != backup.size_bytes or self._digest.hexdigest() != backup.sha256:
+                raise DataLoss(
+                    f"the upload of {backup.id} sent {self.sent} bytes with SHA-256 {self._digest.hexdigest()}, "
+                    f"but the archive has {backup.size_bytes} bytes with SHA-256 {backup.sha256}",
+                    reason="BUCKET_MISMATCH",
+                )
+            with self._bucket._translated(f"completing the upload of {backup.id}"):
+                self._client.complete_multipart_upload(
+                    Bucket=self._bucket.address.bucket,
+                    Key=self.key,
+                    UploadId=self._upload_id,
+                    MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
+                )
+                head = self._client.head_object(Bucket=self._bucket.address.bucket, Key=self.key)
+            if head["ContentLength"] != backup.size_bytes:
+                raise DataLoss(
+                    f"the bucket stored {head['ContentLength']} bytes for {backup.id}, whose manifest has "
+                    f"{backup.size_bytes}",
+                    reason="BUCKET_MISMATCH",
+                )
+        except BackupError:
+            self._abort()
+            raise
+        self._bucket.write_manifest(backup)
+        _logger.info(
+            "copied %s to %s (%d bytes in %d parts, sent while it was written)",
+            backup.id,
+            self._bucket.address,
+            backup.size_bytes,
+            len(self._parts),
+        )
+
+    def abandon(self) -> None:
+        """The archive will not be complete (the dump failed): stop and abort the upload."""
+        self._stop.set()
+        self._written.set()
+        self._thread.join()
+        with contextlib.suppress(OSError):
+            os.close(self._fd)
+        self._abort()
+
+    def _abort(self) -> None:
+        with contextlib.suppress(BackupError), self._bucket._translated(f"aborting the upload of {self.backup_id}"):
+            self._client.abort_multipart_upload(
+                Bucket=self._bucket.address.bucket, Key=self.key, UploadId=self._upload_id
+            )
+
+    def _run(self) -> None:
+        number = 1
+        try:
+            while not self._stop.is_set():
+                final = self._final
+                available = (final if final is not None else os.fstat(self._fd).st_size) - self.sent
+                want = growing_part_size(number)
+                if final is None and available < want:
+                    self._written.wait(GROWTH_POLL_SECONDS)
+                    continue
+                if final is not None and available == 0 and number > 1:
+                    return
+                self._send(number, os.pread(self._fd, min(want, available), self.sent))
+                number += 1
+                if final is not None and self.sent >= final:
+                    return
+        except BackupError as exc:
+            self.error = exc
+        except OSError as exc:
+            self.error = Internal(f"reading {self.backup_id} to upload it: {exc}")
+
+    def _send(self, number: int, data: bytes) -> None:
+        digest = hashlib.sha256(data)
+        checksum = base64.b64encode(digest.digest()).decode()
+        with self._bucket._translated(f"uploading part {number} of {self.backup_id}"):
+            answer = self._client.upload_part(
+                Bucket=self._bucket.address.bucket,
+                Key=self.key,
+                UploadId=self._upload_id,
+                PartNumber=number,
+                Body=data,
+                ChecksumSHA256=checksum,
+            )
+        if answer.get("ChecksumSHA256", checksum) != checksum:
+            raise DataLoss(f"the bucket's checksum of part {number} of {self.backup_id} differs from the part's")
+        self._parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum})
+        self._digest.update(data)
+        self.sent += len(data)
 
 
 class _TranslatingReader:
