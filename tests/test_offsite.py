@@ -188,7 +188,7 @@ def test_wrong_credentials_or_missing_bucket_are_reported(
         bucket = "no-such-bucket"
         expected = "does not exist"
     svc = service_factory(db16.uri, **_bucketed(s3_server, bucket))
-    assert any(expected in r.getMessage() for r in caplog.records), "start-up says what is wrong"
+    wait_for(lambda: any(expected in r.getMessage() for r in caplog.records), timeout=30)  # start-up says so
     backup = svc.client.create()
     assert backup.state == pb.BACKUP_STATE_READY and list(backup.locations) == [LOCAL], "the backup is kept"
     status = svc.client.status()

@@ -11,7 +11,6 @@ from .config import Config
 from .database import Database
 from .embedded import EmbeddedPostgres
 from .encryption import AgeKeys
-from .errors import BackupError
 from .jobs import JobSlot
 from .journal import JobJournal
 from .offsite import Offsite
@@ -115,7 +114,8 @@ class App:
     def start(self, *, scheduler: bool = True) -> None:
         self.store.sweep()
         if self.offsite is not None:
-            self._open_bucket(self.offsite)
+            # In its own thread: a bucket that does not answer must not hold up start-up.
+            self.offsite.start()
         interrupted = self.slot.journal.recover() if self.slot.journal else None
         self.restores.sweep_leftovers(interrupted)
         if scheduler:
@@ -131,19 +131,6 @@ class App:
             self.offsite.stop()
         if self.embedded is not None:
             self.embedded.stop()
-
-    def _open_bucket(self, offsite: Offsite) -> None:
-        """Check the bucket now, so that wrong credentials or a missing bucket show in the log at start-up
-        (and in GetStatus); the service starts anyway and keeps archives locally until the bucket answers."""
-        try:
-            offsite.bucket.check()
-        except BackupError as exc:
-            offsite.archives.bucket_error = str(exc)
-            _logger.error("the bucket cannot be used yet (archives stay in the backup directory): %s", exc)
-        else:
-            _logger.info("offsite copies go to %s", offsite.bucket.describe())
-        offsite.start()
-
 
 def _archives(
     config: Config, store: ArchiveStore, database: Database, keys: AgeKeys

@@ -224,11 +224,25 @@ class Offsite:
             waits = [r.not_before - self.clock() for r in self._retries.values()]
         return max(0.05, min([self.scan_seconds, *waits]))
 
-    def _loop(self) -> None:
+    def check(self) -> bool:
+        """Reach the bucket; log (and show in GetStatus) what is wrong, such as wrong credentials or a missing
+        bucket. The service works on without it, keeping archives in the directory until it answers."""
         try:
-            self.bucket.abort_stale_uploads()
+            self.bucket.check()
         except BackupError as exc:
-            _logger.warning("could not look for incomplete uploads in the bucket: %s", exc)
+            self.archives.bucket_error = str(exc)
+            _logger.error("the bucket cannot be used yet (archives stay in the backup directory): %s", exc)
+            return False
+        self.archives.bucket_error = ""
+        _logger.info("offsite copies go to %s", self.bucket.describe())
+        return True
+
+    def _loop(self) -> None:
+        if self.check():
+            try:
+                self.bucket.abort_stale_uploads()
+            except BackupError as exc:
+                _logger.warning("could not look for incomplete uploads in the bucket: %s", exc)
         while not self._stop.is_set():
             try:
                 self.retry_pending()
