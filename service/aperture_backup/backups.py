@@ -200,7 +200,7 @@ class BackupManager:
             raise FailedPrecondition(
                 f"backup {backup_id} is still being created; wait for it to finish", reason="BACKUP_IN_PROGRESS"
             )
-        if self.store.is_pinned(backup_id):
+        if self.store.is_in_use(backup_id):
             raise FailedPrecondition(
                 f"backup {backup_id} is being downloaded or restored; try again when that has finished",
                 reason="BACKUP_IN_USE",
@@ -245,7 +245,7 @@ class BackupManager:
                 if b.state is State.FAILED and oldest_kept is not None and b.create_time < oldest_kept
             ]
             for backup in surplus + failed:
-                if self.store.is_pinned(backup.id):
+                if self.store.is_in_use(backup.id):
                     _logger.info("retention keeps %s: it is in use", backup.id)
                     continue
                 if dry_run:

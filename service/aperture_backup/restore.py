@@ -509,10 +509,10 @@ class RestoreManager:
         )
 
         def body(job: Job) -> RestoreResult:
-            with self.database.job_lock(job.description) as lock, self.store.pinned(backup.id):
-                # Again, now that it is pinned: a Delete may have come between the request and the pin.
-                pinned = self.restorable(backup.id)
-                return self.restore_stored(job, pinned, skip_safety_backup=skip_safety_backup, lock=lock)
+            with self.database.job_lock(job.description) as lock, self.store.in_use(backup.id):
+                # Again, now that it is in use: a Delete may have come between the request and this mark.
+                in_use = self.restorable(backup.id)
+                return self.restore_stored(job, in_use, skip_safety_backup=skip_safety_backup, lock=lock)
 
         return self.slot.start(job, body)
 
@@ -577,7 +577,7 @@ class RestoreManager:
             safety = None
             if not skip_safety_backup:
                 safety = self._safety_backup(job)
-                stack.enter_context(self.store.pinned(safety.id))
+                stack.enter_context(self.store.in_use(safety.id))
                 job.update(backup=backup)
             self.restore_file(
                 job,

@@ -158,7 +158,7 @@ class ArchiveStore:
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         self._lock = threading.Lock()
-        self._pins: Counter[str] = Counter()
+        self._users: Counter[str] = Counter()
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -262,23 +262,24 @@ class ArchiveStore:
         _logger.info("deleted backup %s", backup_id)
         return backup
 
-    # -- pins: archives in use that retention must not delete ----------------------------------------
+    # -- archives in use (downloaded, restored, verified), which neither retention nor Delete may remove --
+    # (Not to be confused with a backup's `pinned` flag, which a person sets to keep it from retention.)
 
     @contextlib.contextmanager
-    def pinned(self, backup_id: str) -> Iterator[None]:
+    def in_use(self, backup_id: str) -> Iterator[None]:
         with self._lock:
-            self._pins[backup_id] += 1
+            self._users[backup_id] += 1
         try:
             yield
         finally:
             with self._lock:
-                self._pins[backup_id] -= 1
-                if self._pins[backup_id] <= 0:
-                    del self._pins[backup_id]
+                self._users[backup_id] -= 1
+                if self._users[backup_id] <= 0:
+                    del self._users[backup_id]
 
-    def is_pinned(self, backup_id: str) -> bool:
+    def is_in_use(self, backup_id: str) -> bool:
         with self._lock:
-            return self._pins[backup_id] > 0
+            return self._users[backup_id] > 0
 
     # -- internals -------------------------------------------------------------------------------------
 
