@@ -155,7 +155,10 @@ class BackupManager:
                 progress=Progress(phase="finalizing", bytes_done=result.size_bytes, elapsed_seconds=job.elapsed())
             )
             backup = writer.commit(
-                size_bytes=result.size_bytes, sha256=result.sha256, duration_seconds=job.elapsed() - started
+                size_bytes=result.size_bytes,
+                sha256=result.sha256,
+                duration_seconds=job.elapsed() - started,
+                contents=result.contents,
             )
         except BackupError as exc:
             job.update(backup=writer.abort(str(exc)))

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -42,8 +42,13 @@ PHASES = {
     "safety_backup": pb.PHASE_SAFETY_BACKUP,
     "restoring": pb.PHASE_RESTORING,
     "done": pb.PHASE_DONE,
+    "checking": pb.PHASE_CHECKING,
 }
-JOB_KINDS = {JobKind.BACKUP: pb.JOB_KIND_BACKUP, JobKind.RESTORE: pb.JOB_KIND_RESTORE}
+JOB_KINDS = {
+    JobKind.BACKUP: pb.JOB_KIND_BACKUP,
+    JobKind.RESTORE: pb.JOB_KIND_RESTORE,
+    JobKind.VERIFY: pb.JOB_KIND_VERIFY,
+}
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -78,6 +83,18 @@ def backup_to_pb(backup: Backup) -> pb.Backup:
     )
     if backup.duration_seconds is not None:
         message.duration.CopyFrom(duration(backup.duration_seconds))
+    if backup.contents is not None:
+        message.table_rows.update(backup.contents.rows)
+    if backup.verification is not None:
+        verification = backup.verification
+        message.verify_time.CopyFrom(timestamp(verification.time))
+        message.verify_result = pb.VERIFY_RESULT_PASSED if verification.passed else pb.VERIFY_RESULT_FAILED
+        message.verify_failed_check = verification.failed_check
+        message.verify_message = verification.message
+    if backup.pin is not None and backup.pinned_at(datetime.now(UTC)):
+        message.pinned = True
+        if backup.pin.expire_time is not None:
+            message.pin_expire_time.CopyFrom(timestamp(backup.pin.expire_time))
     return message
 
 
