@@ -18,6 +18,7 @@ from .scheduler import DailyScheduler
 from .settings import SettingsStore
 from .store import ArchiveStore
 from .transfer import TransferManager
+from .verify import VerifyManager
 
 _logger = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class App:
     scheduler: DailyScheduler
     restores: RestoreManager
     transfers: TransferManager
+    verifier: VerifyManager
     embedded: EmbeddedPostgres | None = None
     _started: bool = field(default=False, repr=False)
 
@@ -57,7 +59,6 @@ class App:
         settings = SettingsStore(config.state_dir / "settings.json", config)
         slot = JobSlot(JobJournal(config.state_dir))
         backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir, keys=keys)
-        scheduler = DailyScheduler(backups, settings)
         restores = RestoreManager(
             store,
             database,
@@ -75,6 +76,10 @@ class App:
         transfers = TransferManager(
             store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
         )
+        verifier = VerifyManager(
+            store, database, slot, backups, restores, verify_sql=config.verify_sql, schedule=config.verify
+        )
+        scheduler = DailyScheduler(backups, settings, after_backup=verifier.after_scheduled_backup)
         _logger.info(
             "backing up %s%s into %s%s",
             database.describe(),
@@ -82,7 +87,7 @@ class App:
             config.backup_dir,
             f", encrypted with age to {len(keys.recipients)} recipient(s)" if keys.encrypts else "",
         )
-        return cls(config, database, store, settings, slot, backups, scheduler, restores, transfers, embedded)
+        return cls(config, database, store, settings, slot, backups, scheduler, restores, transfers, verifier, embedded)
 
     def start(self, *, scheduler: bool = True) -> None:
         self.store.sweep()

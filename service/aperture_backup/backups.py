@@ -9,7 +9,7 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from . import toolchain
@@ -18,7 +18,7 @@ from .dump import run_dump
 from .encryption import AgeKeys
 from .errors import BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning
 from .jobs import Job, JobKind, JobSlot
-from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Progress, State, Trigger
+from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Pin, Progress, State, Trigger
 from .settings import SettingsStore
 from .store import ArchiveStore, ArchiveWriter
 
@@ -26,6 +26,9 @@ _logger = logging.getLogger(__name__)
 
 Clock = Callable[[], datetime]
 
+
+#: How long the safety backup taken before a restore is pinned (kept from retention whatever its rules).
+SAFETY_BACKUP_PIN = timedelta(days=7)
 
 #: Backups retention leaves alone (see `apply_retention`).
 UNCOUNTED_TRIGGERS = frozenset({Trigger.UPLOADED})
@@ -55,6 +58,10 @@ class Status:
     last_failed: Backup | None
     current_job: Job | None
     database_reachable: bool
+    #: The backup verified most recently, whatever the outcome.
+    last_verified: Backup | None = None
+    #: When a verification last passed.
+    last_verify_success_time: datetime | None = None
 
 
 class BackupManager:
@@ -210,6 +217,37 @@ class BackupManager:
             )
         return self.store.delete(backup_id)
 
+    # -- pins ------------------------------------------------------------------------------------------
+
+    def pin(self, backup_id: str, *, ttl: timedelta | None = None) -> Backup:
+        """Keep a READY backup from retention, for `ttl` or until unpinned."""
+        if ttl is not None and ttl <= timedelta(0):
+            raise InvalidArgument(
+                f"ttl must be positive, got {ttl.total_seconds():g} s; leave it unset to pin until Unpin",
+                reason="INVALID_TTL",
+            )
+
+        def change(backup: Backup) -> Backup:
+            if backup.state is not State.READY:
+                raise FailedPrecondition(
+                    f"backup {backup.id} is {backup.state.value.upper()}; only READY backups can be pinned",
+                    reason="BACKUP_NOT_READY",
+                )
+            return backup.replace(pin=Pin(self.clock() + ttl if ttl is not None else None))
+
+        pinned = self.store.update(backup_id, change)
+        _logger.info(
+            "pinned %s%s",
+            backup_id,
+            f" until {pinned.pin.expire_time}" if pinned.pin and pinned.pin.expire_time else "",
+        )
+        return pinned
+
+    def unpin(self, backup_id: str) -> Backup:
+        unpinned = self.store.update(backup_id, lambda b: b.replace(pin=None))
+        _logger.info("unpinned %s", backup_id)
+        return unpinned
+
     def _with_live_state(self, backups: list[Backup]) -> list[Backup]:
         """A CREATING manifest shows the running job's live size."""
         job = self.slot.current
@@ -272,11 +310,18 @@ class BackupManager:
         last_failed = next((b for b in backups if b.state is State.FAILED), None)
         if last_failed and last_ok and last_failed.create_time < last_ok.create_time:
             last_failed = None
+        verified = [b for b in backups if b.verification is not None]
+        last_verified = max(
+            verified, key=lambda b: b.verification.time if b.verification else b.create_time, default=None
+        )
+        passed = [b.verification.time for b in verified if b.verification is not None and b.verification.passed]
         return Status(
             last_successful=last_ok,
             last_failed=last_failed,
             current_job=self.slot.current,
             database_reachable=self.database.ping(),
+            last_verified=last_verified,
+            last_verify_success_time=max(passed, default=None),
         )
 
     def newest_ready(self) -> Backup | None:

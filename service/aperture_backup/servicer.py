@@ -158,10 +158,31 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
             response.last_failed_backup.CopyFrom(convert.backup_to_pb(status.last_failed))
         if status.current_job is not None:
             response.current_job.CopyFrom(convert.job_to_pb(status.current_job))
+        if status.last_verified is not None:
+            response.last_verified_backup.CopyFrom(convert.backup_to_pb(status.last_verified))
+        if status.last_verify_success_time is not None:
+            response.last_verify_success_time.CopyFrom(convert.timestamp(status.last_verify_success_time))
         interrupted = self._app.slot.journal.interrupted if self._app.slot.journal else None
         if interrupted is not None:
             response.interrupted_job.CopyFrom(convert.interrupted_job_to_pb(interrupted))
         return response
+
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> Iterator[pb.VerifyResponse]:
+        job = self._app.verifier.start_verify(request.id)
+        for state in job.watch():
+            if state.done and state.error is not None:
+                raise state.error
+            response = pb.VerifyResponse(progress=convert.progress_to_pb(state.progress))
+            if state.backup is not None:
+                response.backup.CopyFrom(convert.backup_to_pb(state.backup))
+            yield response
+
+    def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinResponse:
+        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        return pb.PinResponse(backup=convert.backup_to_pb(self._app.backups.pin(request.id, ttl=ttl)))
+
+    def Unpin(self, request: pb.UnpinRequest, context: grpc.ServicerContext) -> pb.UnpinResponse:
+        return pb.UnpinResponse(backup=convert.backup_to_pb(self._app.backups.unpin(request.id)))
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         job = self._app.slot.cancel(request.backup_id, timeout=CANCEL_WAIT_SECONDS)

@@ -18,7 +18,7 @@ import re
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -158,6 +158,7 @@ class ArchiveStore:
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         self._lock = threading.Lock()
+        self._manifest_lock = threading.Lock()
         self._users: Counter[str] = Counter()
 
     # -- writing ---------------------------------------------------------------------------------------
@@ -187,6 +188,14 @@ class ArchiveStore:
             write_json(self.manifest_path(backup.id), backup.to_json(), temp=temp, exclusive=exclusive)
         except OSError as exc:
             raise from_os_error(exc, f"writing the manifest of {backup.id}") from None
+
+    def update(self, backup_id: str, change: Callable[[Backup], Backup]) -> Backup:
+        """Change what the manifest of a backup says (its verification, its pin), one caller at a time so
+        that two changes do not undo each other. A file found without a manifest gets one."""
+        with self._manifest_lock:
+            updated = change(self.get(backup_id))
+            self.write_manifest(updated)
+            return updated
 
     def fsync_directory(self) -> None:
         fsync_directory(self.directory)
