@@ -12,14 +12,16 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
-from . import toolchain
+from . import retention, toolchain
+from .config import parse_time_zone
 from .database import Database
 from .dump import run_dump
 from .encryption import AgeKeys
 from .errors import BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning
 from .jobs import Job, JobKind, JobSlot
 from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Pin, Progress, State, Trigger
-from .settings import SettingsStore
+from .retention import Policy
+from .settings import SettingsStore, check_policy
 from .store import ArchiveStore, ArchiveWriter
 
 _logger = logging.getLogger(__name__)
@@ -29,9 +31,6 @@ Clock = Callable[[], datetime]
 
 #: How long the safety backup taken before a restore is pinned (kept from retention whatever its rules).
 SAFETY_BACKUP_PIN = timedelta(days=7)
-
-#: Backups retention leaves alone (see `apply_retention`).
-UNCOUNTED_TRIGGERS = frozenset({Trigger.UPLOADED})
 
 
 def utc_now() -> datetime:
@@ -258,48 +257,43 @@ class BackupManager:
 
     # -- retention -------------------------------------------------------------------------------------
 
-    def set_retention(self, keep: int, *, dry_run: bool = False) -> tuple[int, list[str]]:
-        """Save and apply `keep`; with `dry_run`, only say what it would delete."""
+    def set_retention(self, policy: Policy, *, dry_run: bool = False) -> tuple[Policy, list[str]]:
+        """Save and apply `policy`; with `dry_run`, only say what it would delete (nothing is saved)."""
+        check_policy(policy)
         if dry_run:
-            self.settings.check_keep(keep)
-            return keep, self.apply_retention(keep=keep, dry_run=True)
-        self.settings.set_keep(keep)
-        return keep, self.apply_retention()
+            return policy, self.apply_retention(policy=policy, dry_run=True)
+        self.settings.set_policy(policy)
+        return policy, self.apply_retention()
 
-    def apply_retention(self, *, keep: int | None = None, dry_run: bool = False) -> list[str]:
-        """Keep the newest N READY backups; delete older READY ones and FAILED entries older than the
-        oldest kept one. Never delete the newest READY backup, anything CREATING, or an archive in use
-        (being downloaded or restored, or the safety backup of a running restore).
+    def retention_decisions(self, policy: Policy | None = None) -> list[retention.Decision]:
+        """What the policy (by default the one in force) does with each backup of the store now, and why."""
+        settings = self.settings.current
+        zone = parse_time_zone(settings.schedule.time_zone, variable="time_zone")
+        backups = self.store.list_backups()
+        in_use = {b.id for b in backups if self.store.is_in_use(b.id)}
+        return retention.decide(backups, policy or settings.policy, zone, now=self.clock(), in_use=in_use)
 
-        Uploads neither count nor are deleted: whoever uploads can upload many, and junk uploads must not
-        push out the backups of this database. They stay until deleted by hand."""
-        keep = self.settings.current.keep if keep is None else keep
+    def apply_retention(self, *, policy: Policy | None = None, dry_run: bool = False) -> list[str]:
+        """Delete what the retention policy does not keep (retention.py decides); the ids deleted (with
+        `dry_run`: that would be), newest first. A file that cannot be deleted is logged and skipped."""
         deleted: list[str] = []
         with self._retention_lock:
-            backups = [b for b in self.store.list_backups() if b.trigger not in UNCOUNTED_TRIGGERS]
-            ready = [b for b in backups if b.state is State.READY]
-            kept, surplus = ready[:keep], ready[keep:]
-            oldest_kept = kept[-1].create_time if kept else None
-            failed = [
-                b
-                for b in backups
-                if b.state is State.FAILED and oldest_kept is not None and b.create_time < oldest_kept
-            ]
-            for backup in surplus + failed:
-                if self.store.is_in_use(backup.id):
-                    _logger.info("retention keeps %s: it is in use", backup.id)
-                    continue
+            for backup in retention.to_delete(self.retention_decisions(policy)):
                 if dry_run:
                     deleted.append(backup.id)
                     continue
+                # In use since the decision (a download that just began): keep it this time.
+                if self.store.is_in_use(backup.id):
+                    _logger.info("retention keeps %s: it is in use", backup.id)
+                    continue
                 try:
                     self.store.delete(backup.id)
-                except OSError as exc:
+                except (OSError, BackupError) as exc:
                     _logger.warning("retention could not delete %s: %s", backup.id, exc)
                     continue
                 deleted.append(backup.id)
         if deleted and not dry_run:
-            _logger.info("retention (keep %d) deleted %s", keep, ", ".join(deleted))
+            _logger.info("retention deleted %s", ", ".join(deleted))
         return deleted
 
     # -- status ----------------------------------------------------------------------------------------

@@ -145,8 +145,12 @@ class Config:
             if not all(p.strip().isdigit() for p in ports):
                 raise ConfigError(f"{ENV_PREFIX}DATABASE_URL has a port that is not a number: {params['port']!r}")
         parse_listen(self.listen)
-        if not MIN_KEEP <= self.keep <= MAX_KEEP:
-            raise ConfigError(f"{ENV_PREFIX}KEEP must be between {MIN_KEEP} and {MAX_KEEP}, got {self.keep}")
+        periods = self.keep_daily or self.keep_weekly or self.keep_monthly
+        if not (0 if periods else MIN_KEEP) <= self.keep <= MAX_KEEP:
+            raise ConfigError(
+                f"{ENV_PREFIX}KEEP must be between {MIN_KEEP} and {MAX_KEEP} (0 only with {ENV_PREFIX}KEEP_DAILY, "
+                f"_WEEKLY or _MONTHLY), got {self.keep}"
+            )
         for name, value in (("DAILY", self.keep_daily), ("WEEKLY", self.keep_weekly), ("MONTHLY", self.keep_monthly)):
             if not 0 <= value <= MAX_KEEP_PERIODS:
                 raise ConfigError(f"{ENV_PREFIX}KEEP_{name} must be between 0 and {MAX_KEEP_PERIODS}, got {value}")

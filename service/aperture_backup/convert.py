@@ -13,6 +13,7 @@ from .jobs import Job, JobKind
 from .journal import JobRecord
 from .model import Backup, Compression, Format, Progress, State, Trigger
 from .restore import RestoreResult
+from .retention import Policy
 from .settings import Schedule
 
 STATES = {
@@ -172,3 +173,21 @@ def compression_from_pb(value: int) -> Compression | None:
         if number == value:
             return compression
     raise InvalidArgument(f"unknown compression {value}", reason="INVALID_FORMAT")
+
+
+def policy_to_pb(policy: Policy) -> pb.RetentionPolicy:
+    return pb.RetentionPolicy(
+        keep_last=policy.keep_last,
+        keep_daily=policy.keep_daily,
+        keep_weekly=policy.keep_weekly,
+        keep_monthly=policy.keep_monthly,
+    )
+
+
+def policy_from_pb(message: pb.RetentionPolicy) -> Policy:
+    return Policy(
+        keep_last=message.keep_last,
+        keep_daily=message.keep_daily,
+        keep_weekly=message.keep_weekly,
+        keep_monthly=message.keep_monthly,
+    )

@@ -120,11 +120,13 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def SetRetention(self, request: pb.SetRetentionRequest, context: grpc.ServicerContext) -> pb.SetRetentionResponse:
         if not request.HasField("policy"):
             raise InvalidArgument('policy is required, for example {"policy": {"keep_last": 7}}')
-        keep, deleted = self._app.backups.set_retention(request.policy.keep_last, dry_run=request.validate_only)
-        return pb.SetRetentionResponse(policy=pb.RetentionPolicy(keep_last=keep), deleted_ids=deleted)
+        policy, deleted = self._app.backups.set_retention(
+            convert.policy_from_pb(request.policy), dry_run=request.validate_only
+        )
+        return pb.SetRetentionResponse(policy=convert.policy_to_pb(policy), deleted_ids=deleted)
 
     def GetRetention(self, request: pb.GetRetentionRequest, context: grpc.ServicerContext) -> pb.GetRetentionResponse:
-        return pb.GetRetentionResponse(policy=pb.RetentionPolicy(keep_last=self._app.settings.current.keep))
+        return pb.GetRetentionResponse(policy=convert.policy_to_pb(self._app.settings.current.policy))
 
     def SetSchedule(self, request: pb.SetScheduleRequest, context: grpc.ServicerContext) -> pb.SetScheduleResponse:
         settings = self._app.settings.set_schedule(
