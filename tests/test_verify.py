@@ -5,13 +5,9 @@ create databases gets a FAILED_PRECONDITION that says why."""
 
 from __future__ import annotations
 
-import gzip
-import hashlib
-import json
 import urllib.request
 from datetime import UTC, datetime
 from datetime import time as time_of_day
-from pathlib import Path
 
 import grpc
 import psycopg
@@ -24,13 +20,13 @@ from psycopg.conninfo import make_conninfo
 from aperture_backup.jobs import Job, JobKind
 from aperture_backup.model import State, Trigger
 from aperture_backup_client import pb
+from tests.support.archives import TABLE_WITHOUT_REFERENCES, drop_copy_rows, reseal_manifest
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
 from tests.support.service import RunningService, StartApp, StartService, free_port, wait_for
 
-#: A seeded table no foreign key points at: rows can go without breaking the restore itself.
-EDITED_TABLE = "public.system_settings"
+EDITED_TABLE = TABLE_WITHOUT_REFERENCES
 
 
 def _scratch_databases(server: PgServer, live: str) -> list[str]:
@@ -50,26 +46,6 @@ def _scrape(svc: RunningService) -> dict[str, float]:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
     return samples
-
-
-def _drop_rows(archive: Path, table: str, count: int) -> None:
-    """Edit a .sql.gz archive by hand: gunzip, delete `count` data lines of `table`'s COPY block, gzip."""
-    lines = gzip.decompress(archive.read_bytes()).split(b"\n")
-    start = next(i for i, line in enumerate(lines) if line.startswith(f"COPY {table} ".encode()))
-    assert lines[start + count] != b"\\.", "the table has fewer rows than the test removes"
-    del lines[start + 1 : start + 1 + count]
-    archive.write_bytes(gzip.compress(b"\n".join(lines)))
-
-
-def _reseal(svc: RunningService, backup_id: str) -> None:
-    """Give the edited archive's size and SHA-256 to its manifest, as someone editing it by hand would: the
-    checksum no longer catches the edit, only the row counts can."""
-    archive = svc.backup_dir / backup_id
-    manifest_path = svc.backup_dir / f"{backup_id}.manifest.json"
-    manifest = json.loads(manifest_path.read_text())
-    manifest["sha256"] = hashlib.sha256(archive.read_bytes()).hexdigest()
-    manifest["size_bytes"] = archive.stat().st_size
-    manifest_path.write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize("fmt", [pb.BACKUP_FORMAT_PLAIN, pb.BACKUP_FORMAT_CUSTOM], ids=["plain", "custom"])
@@ -111,8 +87,8 @@ def test_an_archive_that_lost_rows_fails_and_is_reported(
     good = svc.client.create()
     svc.client.verify(good.id)
     edited = svc.client.create()
-    _drop_rows(svc.backup_dir / edited.id, EDITED_TABLE, 2)
-    _reseal(svc, edited.id)
+    drop_copy_rows(svc.backup_dir / edited.id, EDITED_TABLE, 2)
+    reseal_manifest(svc.backup_dir, edited.id)
     ended: list[Job] = []
     svc.server.app.slot.on_end.append(ended.append)
 
