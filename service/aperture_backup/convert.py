@@ -123,7 +123,10 @@ def job_to_pb(job: Job) -> pb.Job:
 
 def interrupted_job_to_pb(record: JobRecord) -> pb.Job:
     """A job the previous process did not finish (journal.py)."""
-    what = "rolled back by PostgreSQL; the database is as it was" if record.kind == "restore" else "no archive kept"
+    what = {
+        "restore": "rolled back by PostgreSQL; the database is as it was",
+        "verify": "its scratch database was dropped at start-up; nothing was recorded",
+    }.get(record.kind, "no archive kept")
     return pb.Job(
         kind=JOB_KINDS[JobKind(record.kind)],
         backup_id=record.backup_id,
@@ -191,3 +194,21 @@ def policy_from_pb(message: pb.RetentionPolicy) -> Policy:
         keep_weekly=message.keep_weekly,
         keep_monthly=message.keep_monthly,
     )
+
+
+#: Longest pin with an expiry; longer ones are meant as pins without expiry (leave ttl unset).
+MAX_PIN_TTL = timedelta(days=100 * 366)
+
+
+def ttl_from_pb(message: duration_pb2.Duration) -> timedelta:
+    """A pin's duration: positive and at most a hundred years, else INVALID_ARGUMENT."""
+    if not 0 < message.seconds + message.nanos / 1e9 <= MAX_PIN_TTL.total_seconds():
+        raise InvalidArgument(
+            f"ttl must be positive and at most {MAX_PIN_TTL.days} days, got {message.seconds} s; leave it unset "
+            "to pin until Unpin",
+            reason="INVALID_TTL",
+        )
+    try:
+        return message.ToTimedelta()
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"ttl is not a valid duration ({message.seconds} s, {message.nanos} ns)") from None

@@ -180,7 +180,7 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
             yield response
 
     def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinResponse:
-        ttl = request.ttl.ToTimedelta() if request.HasField("ttl") else None
+        ttl = convert.ttl_from_pb(request.ttl) if request.HasField("ttl") else None
         return pb.PinResponse(backup=convert.backup_to_pb(self._app.backups.pin(request.id, ttl=ttl)))
 
     def Unpin(self, request: pb.UnpinRequest, context: grpc.ServicerContext) -> pb.UnpinResponse:
