@@ -5,9 +5,11 @@ create databases gets a FAILED_PRECONDITION that says why."""
 
 from __future__ import annotations
 
+import tempfile
 import urllib.request
 from datetime import UTC, datetime
 from datetime import time as time_of_day
+from pathlib import Path
 
 import grpc
 import psycopg
@@ -175,18 +177,45 @@ def test_a_role_that_may_create_databases_verifies_as_itself(
     assert _scratch_databases(pg16, db.dbname) == []
 
 
-def test_a_role_that_may_not_create_databases_is_told_why_it_cannot_verify(
+def test_a_role_that_may_not_create_databases_verifies_in_a_throwaway_server(
     pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
 ) -> None:
     role_uri = _role(pg16, "aperture_verify_plain", createdb=False)
     db = _own_database(pg16, make_database, "aperture_verify_plain", role_uri)
+    with psycopg.connect(db.uri) as conn:
+        conn.execute("DELETE FROM public.notes WHERE id > 20")
+    svc = service_factory(db.uri, pg_bin_dir=pg16.bin_dir)
+    good = svc.client.create()
+    verified = svc.client.verify(good.id)
+    assert verified.verify_result == pb.VERIFY_RESULT_PASSED, verified.verify_message
+    assert dict(verified.table_rows) == {"public.notes": 20}
+    assert _scratch_databases(pg16, db.dbname) == [], "nothing was made on the live server"
+    # It really checks there: an archive that lost rows fails in the throwaway server too.
+    edited = svc.client.create(format=pb.BACKUP_FORMAT_PLAIN)
+    drop_copy_rows(svc.backup_dir / edited.id, "public.notes", 3)
+    reseal_manifest(svc.backup_dir, edited.id)
+    with pytest.raises(grpc.RpcError) as info:
+        svc.client.verify(edited.id)
+    assert info.value.code() == grpc.StatusCode.DATA_LOSS
+    assert "public.notes has 17 rows, the backup recorded 20" in (info.value.details() or "")
+    leftovers = [p for p in Path(tempfile.gettempdir()).glob("aperture-verify-server-*")]
+    assert leftovers == [], "the throwaway server's directory is deleted"
+
+
+def test_without_createdb_or_a_server_of_the_same_major_it_says_why_it_cannot_verify(
+    pg16: PgServer, pg18: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    role_uri = _role(pg16, "aperture_verify_plain", createdb=False)
+    db = _own_database(pg16, make_database, "aperture_verify_plain", role_uri)
     svc = service_factory(db.uri)
+    # Only PostgreSQL 18's server where it looks for one: a throwaway server must be of the live one's major.
+    svc.server.app.verifier.server_tool_dirs = [pg18.bin_dir]
     backup = svc.client.create()
     with pytest.raises(grpc.RpcError) as info:
         svc.client.verify(backup.id)
     assert info.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert "may not create databases" in (info.value.details() or "")
-    assert "CREATEDB" in (info.value.details() or "")
+    assert "CREATEDB" in (info.value.details() or "") and "PostgreSQL 16 server" in (info.value.details() or "")
     assert svc.client.get(backup.id).verify_result == pb.VERIFY_RESULT_UNSPECIFIED, "no verdict recorded"
 
 

@@ -1,7 +1,8 @@
 """Verified restorability: a backup nobody has restored is a hope.
 
-A verification restores an archive into a scratch database on the same server, through exactly the path a
-staging restore takes (`RestoreManager.load_staging`, isolation.py), then checks it and drops it:
+A verification restores an archive into a scratch database on the same server (or, where the service's
+role may not create databases, on a throwaway server of the same major, throwaway.py), through exactly the
+path a staging restore takes (`RestoreManager.load_staging`, isolation.py), then checks it and drops it:
 
 1. `restore`: the archive loads, in one transaction, with its checksum and format intact;
 2. `tables`: every table the dump created exists;
@@ -24,16 +25,18 @@ VERIFY carries the verified backup, its `verification` filled in, in `job.backup
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from . import isolation, toolchain
+from . import isolation, throwaway, toolchain
 from .backups import BackupManager
 from .database import Database, first_line
 from .errors import Aborted, BackupError, DataLoss, DeadlineExceeded, FailedPrecondition, JobRunning, NotFound
@@ -82,6 +85,9 @@ class VerifyManager:
         self.verify_sql = verify_sql
         self.schedule = schedule
         self.clock = clock
+        #: Where to look for a server of the live one's major for a throwaway server; None: where the
+        #: client tools are looked for.
+        self.server_tool_dirs: list[Path] | None = None
 
     # -- starting --------------------------------------------------------------------------------------
 
@@ -138,25 +144,37 @@ class VerifyManager:
 
     # -- running ---------------------------------------------------------------------------------------
 
-    def _scratch_mode(self) -> bool:
-        """Whether the scratch database is made by the service's own role (True) or, for a superuser, with
-        the restore role (False); FAILED_PRECONDITION when the role may do neither."""
+    def _scratch_server(self, stack: contextlib.ExitStack, major: int) -> tuple[Database, bool]:
+        """Where the scratch database goes, and whether the service's own role makes and loads it (True) or
+        the restore role does (False): the live server when the role is a superuser or may create
+        databases; else a throwaway server of the same major (throwaway.py) when one is installed; else
+        FAILED_PRECONDITION saying why."""
         powers = isolation.role_powers(self.database)
         if powers.superuser:
-            return False
+            return self.database, False
         if powers.createdb:
-            return True
-        raise FailedPrecondition(
-            "cannot verify: Verify restores into a scratch database beside the live one (never into the live "
-            f"one), and the service's role on {self.database.describe()} may not create databases. Grant it "
-            "that right (ALTER ROLE ... CREATEDB) to verify backups; a throwaway server is not supported yet",
-            reason="VERIFY_UNAVAILABLE",
-        )
+            return self.database, True
+        bin_dir = throwaway.find_server_tools(major, self.restores.pg_bin_dir, self.server_tool_dirs)
+        if bin_dir is None:
+            raise FailedPrecondition(
+                "cannot verify: Verify restores into a scratch database, never into the live one, and the "
+                f"service's role on {self.database.describe()} may not create databases, nor is a PostgreSQL "
+                f"{major} server (initdb, postgres) installed here to start a throwaway one. Grant the role "
+                "that right (ALTER ROLE ... CREATEDB), or install PostgreSQL's server binaries of that version "
+                "(or name their directory in APERTURE_BACKUP_PG_BIN_DIR)",
+                reason="VERIFY_UNAVAILABLE",
+            )
+        server = stack.enter_context(throwaway.throwaway_server(bin_dir, self.restores.work_dir))
+        return server, False
 
     def _verify(self, job: Job, backup: Backup) -> Backup:
+        with contextlib.ExitStack() as stack:
+            return self._verify_on(job, backup, stack)
+
+    def _verify_on(self, job: Job, backup: Backup, stack: contextlib.ExitStack) -> Backup:
         job.update(progress=Progress(phase="preparing", elapsed_seconds=job.elapsed()))
-        own_role = self._scratch_mode()
         info = self.database.server_info()
+        server, own_role = self._scratch_server(stack, info.major)
         toolset = toolchain.for_server(info.major, self.restores.pg_bin_dir)
         path = self.store.path_of(backup.id)
         if backup.kind.encrypted:
@@ -166,7 +184,7 @@ class VerifyManager:
             archive = self.restores.inspect(
                 path, backup.kind, server_major=info.major, toolset=toolset, recipients=backup.age_recipients
             )
-            with isolation.staging(self.database, own_role=own_role) as stage:
+            with isolation.staging(server, own_role=own_role) as stage:
                 loader = self.restores.load_staging(
                     job,
                     stage,
@@ -178,7 +196,7 @@ class VerifyManager:
                     extensions=archive.extensions,
                 )
                 job.update(progress=Progress(phase="checking", elapsed_seconds=job.elapsed()))
-                findings = self._check(self.database.with_dbname(stage.name), loader, backup.contents)
+                findings = self._check(server.with_dbname(stage.name), loader, backup.contents)
         except (Aborted, DeadlineExceeded, JobRunning):
             raise  # says nothing about the backup
         except (DataLoss, FailedPrecondition) as exc:

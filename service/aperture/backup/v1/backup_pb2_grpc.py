@@ -236,8 +236,9 @@ class BackupServiceServicer:
         (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
         last message carries the backup with its verification. The outcome is recorded in the manifest either
         way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
-        metadata `check`); FAILED_PRECONDITION (reason VERIFY_UNAVAILABLE) when the service's role may not
-        create databases; JOB_RUNNING while another job runs.
+        metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+        one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+        VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

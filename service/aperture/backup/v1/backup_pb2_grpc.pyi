@@ -97,8 +97,9 @@ class BackupServiceStub:
     (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
     last message carries the backup with its verification. The outcome is recorded in the manifest either
     way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
-    metadata `check`); FAILED_PRECONDITION (reason VERIFY_UNAVAILABLE) when the service's role may not
-    create databases; JOB_RUNNING while another job runs.
+    metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+    one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+    VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
     """
     Pin: _grpc.UnaryUnaryMultiCallable[_backup_pb2.PinRequest, _backup_pb2.PinResponse]
     """Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
@@ -171,8 +172,9 @@ class BackupServiceAsyncStub(BackupServiceStub):
     (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
     last message carries the backup with its verification. The outcome is recorded in the manifest either
     way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
-    metadata `check`); FAILED_PRECONDITION (reason VERIFY_UNAVAILABLE) when the service's role may not
-    create databases; JOB_RUNNING while another job runs.
+    metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+    one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+    VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
     """
     Pin: _aio.UnaryUnaryMultiCallable[_backup_pb2.PinRequest, _backup_pb2.PinResponse]  # type: ignore[assignment]
     """Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
@@ -326,8 +328,9 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
         last message carries the backup with its verification. The outcome is recorded in the manifest either
         way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
-        metadata `check`); FAILED_PRECONDITION (reason VERIFY_UNAVAILABLE) when the service's role may not
-        create databases; JOB_RUNNING while another job runs.
+        metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+        one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+        VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
         """
 
     @_abc_1.abstractmethod
