@@ -317,6 +317,9 @@ def test_verify_pin_unpin_and_gfs_retention(svc: RunningService) -> None:
     pinned = cli(svc, "pin", older, "--for", "30d")
     assert pinned.returncode == 0 and pinned.stdout.startswith(f"pinned {older} until ")
     assert svc.client.get(older).pinned
+    table = cli(svc, "list").stdout.splitlines()
+    assert "READY pinned verified" in next(line for line in table if line.startswith(older))
+    assert "READY verified" in next(line for line in table if line.startswith(newer))
     assert cli(svc, "pin", older, "--for", "soon").returncode == 2
     assert cli(svc, "pin", "aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz").returncode == 3
 

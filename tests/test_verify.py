@@ -22,6 +22,7 @@ from psycopg.conninfo import make_conninfo
 from aperture_backup.jobs import Job, JobKind
 from aperture_backup.model import State, Trigger
 from aperture_backup_client import pb
+from tests.support.age import age_keygen
 from tests.support.archives import TABLE_WITHOUT_REFERENCES, drop_copy_rows, reseal_manifest
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
@@ -250,3 +251,23 @@ def test_a_scheduled_backup_is_verified_when_due(
         assert app.verifier.due()
     app.verifier.schedule = "off"
     assert not app.verifier.due()
+
+
+@pytest.mark.parametrize("fmt", [pb.BACKUP_FORMAT_PLAIN, pb.BACKUP_FORMAT_CUSTOM], ids=["plain", "custom"])
+def test_an_encrypted_backup_is_counted_and_verified(
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+    fmt: pb.BackupFormat.ValueType,
+) -> None:
+    key = age_keygen(tmp_path / "key.txt")
+    db = make_database(pg16, seeded=True, rows=15)
+    svc = service_factory(db.uri, age_recipients=(key.public_key,), age_identity_file=key.identity_file)
+    backup = svc.client.create(format=fmt)
+    with psycopg.connect(db.uri) as conn:
+        row = conn.execute("SELECT count(*) FROM public.users").fetchone()
+    assert backup.encrypted and row is not None
+    assert backup.table_rows["public.users"] == row[0], "counted before encryption"
+    verified = svc.client.verify(backup.id)
+    assert verified.verify_result == pb.VERIFY_RESULT_PASSED, verified.verify_message

@@ -430,7 +430,13 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
         kind = _name(pb.BackupFormat, b.format, "BACKUP_FORMAT_")
         if b.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_UNSPECIFIED):
             kind += "+" + _name(pb.Compression, b.compression, "COMPRESSION_")
-        state = _name(pb.BackupState, b.state, "BACKUP_STATE_")
+        state = _name(pb.BackupState, b.state, "BACKUP_STATE_").upper()
+        if b.pinned:
+            state += " pinned"
+        if b.verify_result == pb.VERIFY_RESULT_PASSED:
+            state += " verified"
+        elif b.verify_result == pb.VERIFY_RESULT_FAILED:
+            state += f" VERIFY-FAILED({b.verify_failed_check})"
         rows.append(
             (
                 b.id,
@@ -438,7 +444,7 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
                 human_size(b.size_bytes) if b.state == pb.BACKUP_STATE_READY else "-",
                 kind,
                 _name(pb.BackupTrigger, b.trigger, "BACKUP_TRIGGER_"),
-                state.upper(),
+                state,
                 b.error if b.state == pb.BACKUP_STATE_FAILED else "",
             )
         )
