@@ -5,6 +5,8 @@ safety backup, GFS settings that persist, and refusals that say what is wrong.""
 
 from __future__ import annotations
 
+import argparse
+import os
 from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -14,6 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from aperture_backup import cli
 from aperture_backup.config import Config, ConfigError
 from aperture_backup.model import DEFAULT_KIND, Backup, Pin, State, Trigger, Verification
 from aperture_backup.retention import Policy, decide, to_delete
@@ -299,3 +302,16 @@ def test_gfs_and_verify_settings_come_from_the_environment() -> None:
     for variable, value in (("KEEP_DAILY", "-1"), ("KEEP_WEEKLY", "many"), ("VERIFY", "hourly")):
         with pytest.raises(ConfigError, match=f"APERTURE_BACKUP_{variable}"):
             Config.from_env({f"APERTURE_BACKUP_{variable}": value})
+
+
+def test_serve_flags_set_the_gfs_rules_and_the_verify_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in [n for n in os.environ if n.startswith("APERTURE_BACKUP_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("APERTURE_BACKUP_KEEP_DAILY", "3")  # the flag wins over it
+    parser = argparse.ArgumentParser()
+    cli._serve_parser(parser.add_subparsers(dest="command"))
+    flags = ["--keep-daily", "7", "--keep-weekly", "4", "--keep-monthly", "12", "--verify", "Off"]
+    config = cli.config_from_args(parser.parse_args(["serve", "--dir", str(tmp_path), *flags]))
+    assert (config.keep_daily, config.keep_weekly, config.keep_monthly, config.verify) == (7, 4, 12, "off")
+    with pytest.raises(ConfigError, match="APERTURE_BACKUP_KEEP_MONTHLY"):
+        cli.config_from_args(parser.parse_args(["serve", "--dir", str(tmp_path), "--keep-monthly", "5000"]))
