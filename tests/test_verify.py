@@ -20,7 +20,7 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
 from aperture_backup.jobs import Job, JobKind
-from aperture_backup.model import State, Trigger
+from aperture_backup.model import State, Trigger, Verification
 from aperture_backup_client import pb
 from tests.support.age import age_keygen
 from tests.support.archives import TABLE_WITHOUT_REFERENCES, drop_copy_rows, reseal_manifest
@@ -249,6 +249,9 @@ def test_a_scheduled_backup_is_verified_when_due(
         assert not app.verifier.due(), "weekly: the next one is due in a week"
     with time_machine.travel(datetime(2026, 12, 8, 1, 0, 0, tzinfo=UTC)):
         assert app.verifier.due()
+    # After a failed verification, every scheduled backup is verified until one passes again.
+    app.store.update(backup.id, lambda b: b.replace(verification=Verification(datetime.now(UTC), passed=False)))
+    assert app.verifier.due()
     app.verifier.schedule = "off"
     assert not app.verifier.due()
 

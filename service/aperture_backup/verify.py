@@ -117,8 +117,10 @@ class VerifyManager:
             return False
         if self.schedule == "daily":
             return True
-        times = [b.verification.time for b in self.store.list_backups() if b.verification is not None]
-        return not times or self.clock() - max(times) >= WEEKLY_INTERVAL
+        # Weekly, and after a failed verification at each scheduled backup until one passes again.
+        done = [b.verification for b in self.store.list_backups() if b.verification is not None]
+        latest = max(done, key=lambda v: v.time, default=None)
+        return latest is None or not latest.passed or self.clock() - latest.time >= WEEKLY_INTERVAL
 
     def after_scheduled_backup(self) -> None:
         """Called by the scheduler once its backup is READY: verify the newest backup when due, and wait.
@@ -199,8 +201,17 @@ class VerifyManager:
                 findings = self._check(server.with_dbname(stage.name), loader, backup.contents)
         except (Aborted, DeadlineExceeded, JobRunning):
             raise  # says nothing about the backup
-        except (DataLoss, FailedPrecondition) as exc:
-            # The archive did not load (damaged, not atomic, needs what this server lacks): that is the verdict.
+        except FailedPrecondition as exc:
+            if exc.reason != "EXTENSION_UNAVAILABLE":
+                # The archive did not load (not atomic, needs a newer server...): that is the verdict.
+                findings = [_Checked("restore", str(exc))]
+            else:
+                # This server (a throwaway one, say) lacks what the archive needs: no verdict on the backup.
+                raise FailedPrecondition(
+                    f"cannot verify {backup.id} here: {exc}", reason="VERIFY_UNAVAILABLE", metadata=exc.metadata
+                ) from exc
+        except DataLoss as exc:
+            # Damaged, truncated, not what its manifest says: that is the verdict.
             findings = [_Checked("restore", str(exc))]
         failed = next((f for f in findings if f.problem is not None), None)
         if failed is None:
