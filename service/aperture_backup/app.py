@@ -77,7 +77,15 @@ class App:
             store, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
         )
         verifier = VerifyManager(
-            store, database, slot, backups, restores, verify_sql=config.verify_sql, schedule=config.verify
+            store,
+            database,
+            slot,
+            backups,
+            restores,
+            verify_sql=config.verify_sql,
+            schedule=config.verify,
+            # For the reason the embedded server restores in place: no database is made or dropped on it.
+            scratch_on_live_server=embedded is None,
         )
         scheduler = DailyScheduler(backups, settings, after_backup=verifier.after_scheduled_backup)
         _logger.info(

@@ -76,6 +76,7 @@ class VerifyManager:
         verify_sql: str | None = None,
         schedule: str = "weekly",
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        scratch_on_live_server: bool = True,
     ):
         self.store = store
         self.database = database
@@ -88,6 +89,9 @@ class VerifyManager:
         #: Where to look for a server of the live one's major for a throwaway server; None: where the
         #: client tools are looked for.
         self.server_tool_dirs: list[Path] | None = None
+        #: False: never make the scratch database on the live server, always in a throwaway one (the
+        #: embedded server, which a DROP DATABASE's checkpoint stops when run as root, see app.py).
+        self.scratch_on_live_server = scratch_on_live_server
 
     # -- starting --------------------------------------------------------------------------------------
 
@@ -151,11 +155,12 @@ class VerifyManager:
         the restore role does (False): the live server when the role is a superuser or may create
         databases; else a throwaway server of the same major (throwaway.py) when one is installed; else
         FAILED_PRECONDITION saying why."""
-        powers = isolation.role_powers(self.database)
-        if powers.superuser:
-            return self.database, False
-        if powers.createdb:
-            return self.database, True
+        if self.scratch_on_live_server:
+            powers = isolation.role_powers(self.database)
+            if powers.superuser:
+                return self.database, False
+            if powers.createdb:
+                return self.database, True
         bin_dir = throwaway.find_server_tools(major, self.restores.pg_bin_dir, self.server_tool_dirs)
         if bin_dir is None:
             raise FailedPrecondition(
