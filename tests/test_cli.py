@@ -301,3 +301,37 @@ def test_cancel_from_the_cli_stops_the_running_job(svc: RunningService, db: Data
         assert stopped.returncode == 0, stopped.stderr
         assert stopped.stdout.strip() == f"stopped: {first.backup.id}"
     assert svc.client.get(first.backup.id).state == pb.BACKUP_STATE_FAILED
+
+
+def test_verify_pin_unpin_and_gfs_retention(svc: RunningService) -> None:
+    older, newer = svc.client.create().id, svc.client.create().id
+    verified = cli(svc, "verify")
+    assert verified.returncode == 0, verified.stderr
+    assert verified.stdout.startswith(f"{newer}: verification passed: restore, tables, row_counts")
+    status = cli(svc, "status")
+    assert f"last verification: {newer} passed" in status.stdout
+    streamed = [json.loads(line) for line in cli(svc, "verify", older, "--json").stdout.splitlines()]
+    assert streamed[-1]["backup"]["verifyResult"] == "VERIFY_RESULT_PASSED"
+    assert streamed[-1]["backup"]["id"] == older
+
+    pinned = cli(svc, "pin", older, "--for", "30d")
+    assert pinned.returncode == 0 and pinned.stdout.startswith(f"pinned {older} until ")
+    assert svc.client.get(older).pinned
+    table = cli(svc, "list").stdout.splitlines()
+    assert "READY pinned verified" in next(line for line in table if line.startswith(older))
+    assert "READY verified" in next(line for line in table if line.startswith(newer))
+    assert cli(svc, "pin", older, "--for", "soon").returncode == 2
+    assert cli(svc, "pin", "aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz").returncode == 3
+
+    shown = cli(svc, "retention", "--daily", "7", "--weekly", "4", "--dry-run")
+    assert shown.stdout.startswith(
+        "keep the newest 7 backups and the newest backup of each of the last 7 days, 4 weeks"
+    )
+    assert svc.client.get_retention().keep_daily == 0, "a dry run saves nothing"
+    done = cli(svc, "retention", "--keep", "1", "--monthly", "3", "--yes")
+    assert done.returncode == 0, done.stderr
+    assert svc.client.get_retention() == pb.RetentionPolicy(keep_last=1, keep_monthly=3)
+    assert [b.id for b in svc.client.list()] == [newer, older], "pinned, and the newest verified"
+
+    assert cli(svc, "unpin", older).stdout == f"unpinned {older}: retention may delete it\n"
+    assert not svc.client.get(older).pinned

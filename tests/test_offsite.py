@@ -243,7 +243,7 @@ def test_config_refuses_half_a_bucket_configuration(tmp_path: Path) -> None:
         Config(backup_dir=tmp_path, s3_endpoint="http://127.0.0.1:9").validate()
     with pytest.raises(ConfigError, match="S3_ENDPOINT"):
         Config(backup_dir=tmp_path, s3_url="s3://b/", s3_endpoint="ftp://x").validate()
-    with pytest.raises(ConfigError, match="needs APERTURE_BACKUP_S3_URL"):
+    with pytest.raises(ConfigError, match="or with APERTURE_BACKUP_S3_URL"):
         Config(backup_dir=tmp_path, keep=0).validate()
     Config(backup_dir=tmp_path, s3_url="s3://b/p", keep=0).validate()
 

@@ -257,8 +257,8 @@ def test_restore_brings_back_exactly_the_backup(
         assert conn.execute("SELECT note FROM public.added_by_later_migration").fetchall() == [
             ("must be gone after the restore",)
         ]
-    assert not svc.server.app.store.is_pinned(backup.id)
-    assert not svc.server.app.store.is_pinned(safety.id)
+    assert not svc.server.app.store.is_in_use(backup.id)
+    assert not svc.server.app.store.is_in_use(safety.id)
 
 
 @pytest.mark.parametrize("custom", [True, False], ids=["dump", "sql.gz"])

@@ -179,7 +179,7 @@ def test_download_gives_the_archive_byte_for_byte(
     saved = svc.client.download(backup.id, tmp_path / "saved")
     assert saved == backup
     assert (tmp_path / "saved").read_bytes() == archive
-    assert not svc.server.app.store.is_pinned(backup.id), "the pin goes with the stream"
+    assert not svc.server.app.store.is_in_use(backup.id), "the pin goes with the stream"
 
     # The client's stream decodes the messages itself (wire.py), its chunks views into what arrived.
     chunks = list(svc.client.stream_download(backup.id, offset=1000, chunk_size=16 * KiB))
@@ -205,7 +205,7 @@ def test_an_interrupted_download_resumes_at_its_offset(
     stream.cancel()
     assert partial.stat().st_size == 24 * KiB
     # Cancelling closes the server's generator, which releases the pin that kept retention away.
-    wait_for(lambda: not svc.server.app.store.is_pinned(backup.id))
+    wait_for(lambda: not svc.server.app.store.is_in_use(backup.id))
 
     resumed = svc.client.download(backup.id, partial, offset=partial.stat().st_size)
     assert resumed.sha256 == backup.sha256
@@ -263,7 +263,7 @@ def test_download_refuses_bad_offsets_ids_and_unusable_backups(
         assert (got_code, reason and got_reason) == (code, reason), f"{request}: {details}"
         assert details, "every refusal says why"
     assert "past the end" in _status(_raises(lambda: _download(svc, backup.id, offset=backup.size_bytes + 1)))[2]
-    assert not svc.server.app.store.is_pinned(backup.id)
+    assert not svc.server.app.store.is_in_use(backup.id)
 
 
 def _raises(call: Callable[[], object], what: str = "the call") -> grpc.RpcError:
@@ -350,14 +350,14 @@ def test_retention_keeps_an_archive_while_it_is_downloaded(
 
     stream = svc.client.stub.StreamDownload(pb.StreamDownloadRequest(id=oldest.name, chunk_size=64 * KiB))
     first = next(stream)
-    assert svc.server.app.store.is_pinned(oldest.name)
+    assert svc.server.app.store.is_in_use(oldest.name)
     response = svc.client.set_retention(1)
     assert list(response.deleted_ids) == [middle], "the archive being downloaded is kept"
     assert oldest.exists()
 
     data = first.data + _joined(list(stream), len(first.data))
     assert _sha256(data) == first.backup.sha256 == _sha256(oldest.read_bytes())
-    wait_for(lambda: not svc.server.app.store.is_pinned(oldest.name))
+    wait_for(lambda: not svc.server.app.store.is_in_use(oldest.name))
     assert list(svc.client.set_retention(1).deleted_ids) == [oldest.name], "once downloaded, retention applies"
     assert [b.id for b in svc.client.list()] == [newest]
 
@@ -485,7 +485,7 @@ def test_download_then_upload_and_restore_reproduces_the_source(
     assert phases[:2] == [pb.PHASE_UPLOADING, pb.PHASE_VERIFYING]
     assert phases[-3:] == [pb.PHASE_SAFETY_BACKUP, pb.PHASE_RESTORING, pb.PHASE_DONE]
     assert all(m.backup.id == last.backup.id for m in progress if m.HasField("backup"))
-    assert not target.server.app.store.is_pinned(last.backup.id)
+    assert not target.server.app.store.is_in_use(last.backup.id)
 
 
 @pytest.mark.parametrize("server_name", ["pg16", "pg18"])

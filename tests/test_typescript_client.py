@@ -38,6 +38,7 @@ from scripts.gen_ts_client import (
     ensure_node_modules,
     node_tools,
 )
+from tests.support.archives import TABLE_WITHOUT_REFERENCES, drop_copy_rows, reseal_manifest
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import MakeDatabase
 from tests.support.postgres import PgServer, table_lock
@@ -162,11 +163,13 @@ def test_every_rpc_through_the_typed_api(
     assert (status["database"], status["databaseReachable"], status["currentJob"]) == (database.dbname, True, None)
 
     retention = out["retention"]
-    assert retention["before"] == {"keepLast": 7}
+    no_periods = {"keepDaily": 0, "keepWeekly": 0, "keepMonthly": 0}
+    assert retention["before"] == {"keepLast": 7, **no_periods}
     # validateOnly: what keeping one would delete (the older backup), with nothing deleted or saved.
     assert retention["dryRun"]["deletedIds"] == [plain["id"]]
     assert retention["afterDryRun"] == [custom["id"], plain["id"]]
-    assert retention["set"] == {"keepLast": 5, "deletedIds": []} and retention["after"] == {"keepLast": 5}
+    assert retention["set"] == {"keepLast": 5, **no_periods, "deletedIds": []}
+    assert retention["after"] == {"keepLast": 5, **no_periods}
     assert svc.client.get_retention().keep_last == 5
     assert_status_error(retention["bad"], "INVALID_ARGUMENT", "INVALID_RETENTION")
 
@@ -227,6 +230,38 @@ def test_every_rpc_through_the_typed_api(
 
     wait_for(only_the_kept_archives, timeout=10)
     assert [b.id for b in svc.client.list()] == [from_file["backup"]["id"], custom["id"], plain["id"]]
+
+
+def test_verify_pin_and_unpin_through_the_typed_api(
+    node: str, drive_script: Path, pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    database = make_database(pg16, seeded=True, rows=20)
+    svc = service_factory(database.uri)
+    edited = svc.client.create().id
+    newest = svc.client.create().id
+    drop_copy_rows(svc.backup_dir / edited, TABLE_WITHOUT_REFERENCES, 1)
+    reseal_manifest(svc.backup_dir, edited)
+
+    out = drive(node, drive_script, "verify-and-pin", svc.target, edited)
+
+    assert out["newest"]["id"] == newest and out["newest"]["verifyResult"] == "PASSED"
+    assert out["newest"]["tableRows"][TABLE_WITHOUT_REFERENCES] == "5", "bigint, written as a decimal string"
+    assert {"RESTORING", "CHECKING", "DONE"} <= set(out["phases"])
+    assert_status_error(out["failed"], "DATA_LOSS", "VERIFY_FAILED")
+    assert out["failed"]["metadata"]["check"] == "row_counts"
+    assert out["failedBackup"]["verifyResult"] == "FAILED"
+    assert out["failedBackup"]["verifyFailedCheck"] == "row_counts"
+    assert out["status"]["lastVerifiedId"] == edited and out["status"]["lastVerifiedResult"] == "FAILED"
+    assert out["status"]["lastVerifySuccessTime"] == out["newest"]["verifyTime"]
+    assert out["pinnedForever"] == {"pinned": True, "expires": None}
+    assert out["pinnedForAnHour"]["pinned"] is True and out["pinnedForAnHour"]["expires"] is not None
+    assert out["unpinned"] == {"pinned": False, "expires": None}
+    assert_status_error(out["badPin"], "INVALID_ARGUMENT", "INVALID_TTL")
+    # The newest backup of one day (the schedule's zone is UTC here): the older one goes, unless the two
+    # were made on either side of midnight; a preview deletes nothing.
+    days = {b.create_time.ToDatetime().date() for b in svc.client.list()}
+    assert out["preview"]["deletedIds"] == ([edited] if len(days) == 1 else [])
+    assert out["preview"]["keepDaily"] == 1 and len(list(svc.client.list())) == 2
 
 
 def test_restore_and_upload_and_restore_bring_the_database_back(

@@ -20,6 +20,7 @@ from .settings import SettingsStore
 from .storage.catalog import Archives
 from .storage.local import ArchiveStore
 from .transfer import TransferManager
+from .verify import VerifyManager
 
 _logger = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class App:
     scheduler: DailyScheduler
     restores: RestoreManager
     transfers: TransferManager
+    verifier: VerifyManager
     embedded: EmbeddedPostgres | None = None
     offsite: Offsite | None = None
     _started: bool = field(default=False, repr=False)
@@ -71,7 +73,6 @@ class App:
             offsite=offsite,
             bucket_keep=config.s3_keep,
         )
-        scheduler = DailyScheduler(backups, settings)
         restores = RestoreManager(
             store,
             database,
@@ -89,6 +90,18 @@ class App:
         transfers = TransferManager(
             archives, database, slot, restores, max_upload_bytes=config.max_upload_bytes, pg_bin_dir=config.pg_bin_dir
         )
+        verifier = VerifyManager(
+            store,
+            database,
+            slot,
+            backups,
+            restores,
+            verify_sql=config.verify_sql,
+            schedule=config.verify,
+            # For the reason the embedded server restores in place: no database is made or dropped on it.
+            scratch_on_live_server=embedded is None,
+        )
+        scheduler = DailyScheduler(backups, settings, after_backup=verifier.after_scheduled_backup)
         _logger.info(
             "backing up %s%s into %s%s",
             database.describe(),
@@ -107,6 +120,7 @@ class App:
             scheduler,
             restores,
             transfers,
+            verifier,
             embedded,
             offsite,
         )
@@ -131,6 +145,7 @@ class App:
             self.offsite.stop()
         if self.embedded is not None:
             self.embedded.stop()
+
 
 def _archives(
     config: Config, store: ArchiveStore, database: Database, keys: AgeKeys

@@ -31,7 +31,10 @@ _logger = logging.getLogger(__name__)
 _SERVICE = backup_pb2.DESCRIPTOR.services_by_name["BackupService"]
 SERVICE_PREFIX = f"/{_SERVICE.full_name}/"
 
-#: The RPCs the read-only role may call: they show and copy backups but change nothing.
+#: The RPCs the read-only role may call: they show and copy backups but change nothing. Verify is not
+#: among them: it changes no backup, but each call loads a whole archive into the database server (CPU,
+#: disk, index builds) and holds the job slot, so a read-only token could keep backups from running. Pin
+#: and Unpin decide what retention deletes.
 READ_ONLY_METHODS = frozenset({"List", "Get", "StreamDownload", "GetStatus", "GetRetention", "GetSchedule"})
 #: Services anyone may call: health for orchestrators, reflection for `grpcurl list/describe`. Neither
 #: reveals a backup or changes anything.

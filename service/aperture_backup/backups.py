@@ -5,6 +5,7 @@ This is the domain core; it knows the store, the database and the toolchain, and
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 from collections.abc import Callable
@@ -15,14 +16,16 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from . import toolchain
+from . import retention, toolchain
+from .config import parse_time_zone
 from .database import ARCHIVE_LOCK_CLASS, BUCKET_RETENTION_LOCK_KEY, Database
 from .dump import run_dump
 from .encryption import AgeKeys
 from .errors import BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning
 from .jobs import Job, JobKind, JobSlot
-from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Location, Progress, State, Trigger
+from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Location, Pin, Progress, State, Trigger
 from .offsite import Offsite
+from .retention import Policy
 from .settings import SettingsStore
 from .storage.catalog import Archives
 from .storage.local import ArchiveWriter
@@ -35,8 +38,8 @@ _logger = logging.getLogger(__name__)
 Clock = Callable[[], datetime]
 
 
-#: Backups retention leaves alone (see `apply_retention`).
-UNCOUNTED_TRIGGERS = frozenset({Trigger.UPLOADED})
+#: How long the safety backup taken before a restore is pinned (kept from retention whatever its rules).
+SAFETY_BACKUP_PIN = timedelta(days=7)
 
 #: A scheduled backup another replica made less than this long ago is today's: a replica whose schedule
 #: fires after it skips its own (one scheduled backup a day between the replicas).
@@ -67,6 +70,10 @@ class Status:
     last_failed: Backup | None
     current_job: Job | None
     database_reachable: bool
+    #: The backup verified most recently, whatever the outcome.
+    last_verified: Backup | None = None
+    #: When a verification last passed.
+    last_verify_success_time: datetime | None = None
 
 
 class BackupManager:
@@ -236,7 +243,10 @@ class BackupManager:
                 progress=Progress(phase="finalizing", bytes_done=result.size_bytes, elapsed_seconds=job.elapsed())
             )
             backup = writer.commit(
-                size_bytes=result.size_bytes, sha256=result.sha256, duration_seconds=job.elapsed() - started
+                size_bytes=result.size_bytes,
+                sha256=result.sha256,
+                duration_seconds=job.elapsed() - started,
+                contents=result.contents,
             )
         except BackupError as exc:
             job.update(backup=writer.abort(str(exc)))
@@ -282,7 +292,7 @@ class BackupManager:
             raise FailedPrecondition(
                 f"backup {backup_id} is still being created; wait for it to finish", reason="BACKUP_IN_PROGRESS"
             )
-        if self.store.is_pinned(backup_id):
+        if self.store.is_in_use(backup_id):
             raise FailedPrecondition(
                 f"backup {backup_id} is being downloaded or restored; try again when that has finished",
                 reason="BACKUP_IN_USE",
@@ -298,6 +308,37 @@ class BackupManager:
                 )
             return backup, self.archives.delete(backup)
 
+    # -- pins ------------------------------------------------------------------------------------------
+
+    def pin(self, backup_id: str, *, ttl: timedelta | None = None) -> Backup:
+        """Keep a READY backup from retention, for `ttl` or until unpinned."""
+        if ttl is not None and ttl <= timedelta(0):
+            raise InvalidArgument(
+                f"ttl must be positive, got {ttl.total_seconds():g} s; leave it unset to pin until Unpin",
+                reason="INVALID_TTL",
+            )
+
+        def change(backup: Backup) -> Backup:
+            if backup.state is not State.READY:
+                raise FailedPrecondition(
+                    f"backup {backup.id} is {backup.state.value.upper()}; only READY backups can be pinned",
+                    reason="BACKUP_NOT_READY",
+                )
+            return backup.replace(pin=Pin(self.clock() + ttl if ttl is not None else None))
+
+        pinned = self.archives.update(backup_id, change)
+        _logger.info(
+            "pinned %s%s",
+            backup_id,
+            f" until {pinned.pin.expire_time}" if pinned.pin and pinned.pin.expire_time else "",
+        )
+        return pinned
+
+    def unpin(self, backup_id: str) -> Backup:
+        unpinned = self.archives.update(backup_id, lambda b: b.replace(pin=None))
+        _logger.info("unpinned %s", backup_id)
+        return unpinned
+
     def _with_live_state(self, backups: list[Backup]) -> list[Backup]:
         """A CREATING manifest shows the running job's live size."""
         job = self.slot.current
@@ -308,56 +349,57 @@ class BackupManager:
 
     # -- retention -------------------------------------------------------------------------------------
 
-    def set_retention(self, keep: int, *, dry_run: bool = False) -> tuple[int, list[str]]:
-        """Save and apply `keep`; with `dry_run`, only say what it would delete."""
+    def set_retention(self, policy: Policy, *, dry_run: bool = False) -> tuple[Policy, list[str]]:
+        """Save and apply `policy`; with `dry_run`, only say what it would delete (nothing is saved)."""
+        self.settings.check_policy(policy)
         if dry_run:
-            self.settings.check_keep(keep)
-            return keep, self.apply_retention(keep=keep, dry_run=True)
-        self.settings.set_keep(keep)
-        return keep, self.apply_retention()
+            return policy, self.apply_retention(policy=policy, dry_run=True)
+        self.settings.set_policy(policy)
+        return policy, self.apply_retention()
 
-    def apply_retention(self, *, keep: int | None = None, dry_run: bool = False) -> list[str]:
-        """Apply retention to the directory and, when there is one, to the bucket; the ids deleted (or, with
-        `dry_run`, that would be)."""
-        keep = self.settings.current.keep if keep is None else keep
+    def retention_decisions(self, policy: Policy | None = None) -> list[retention.Decision]:
+        """What the policy (by default the one in force) does with each backup of the directory now, and why.
+        With a bucket the directory may let its newest copies go (the bucket keeps them; `_retain_local`
+        still keeps each until it is offsite)."""
+        settings = self.settings.current
+        zone = parse_time_zone(settings.schedule.time_zone, variable="time_zone")
+        backups = [b for b in self.store.list_backups() if b.state is not State.READY or Location.LOCAL in b.locations]
+        in_use = {b.id for b in backups if self.store.is_in_use(b.id)}
+        return retention.decide(
+            backups,
+            policy or settings.policy,
+            zone,
+            now=self.clock(),
+            in_use=in_use,
+            keep_newest=self.offsite is None,
+        )
+
+    def apply_retention(self, *, policy: Policy | None = None, dry_run: bool = False) -> list[str]:
+        """Delete what the retention policy does not keep (retention.py decides), from the directory and,
+        when there is one, from the bucket; the ids deleted (with `dry_run`: that would be), newest first."""
+        policy = policy or self.settings.current.policy
         with self._retention_lock:
-            deleted = self._retain_local(keep, dry_run=dry_run)
+            deleted = self._retain_local(policy, dry_run=dry_run)
             if self.offsite is not None:
-                bucket_keep = self.bucket_keep if self.bucket_keep is not None else max(keep, 1)
-                deleted += [i for i in self._retain_bucket(bucket_keep, dry_run=dry_run) if i not in deleted]
+                deleted += [i for i in self._retain_bucket(policy, dry_run=dry_run) if i not in deleted]
         if deleted and not dry_run:
-            _logger.info("retention (keep %d) deleted %s", keep, ", ".join(deleted))
+            _logger.info("retention deleted %s", ", ".join(deleted))
         return deleted
 
-    def _retain_local(self, keep: int, *, dry_run: bool) -> list[str]:
-        """Keep the newest N READY archives of the directory; delete older READY ones and FAILED entries older
-        than the oldest kept one. Never delete anything CREATING or an archive in use (being downloaded or
-        restored, or the safety backup of a running restore). Without a bucket the newest READY archive
-        always stays (keep is at least 1); with one, no archive leaves the directory before it is offsite.
-
-        Uploads neither count nor are deleted: whoever uploads can upload many, and junk uploads must not
-        push out the backups of this database. They stay until deleted by hand."""
+    def _retain_local(self, policy: Policy, *, dry_run: bool) -> list[str]:
+        """The directory: what `retention.decide` does not keep, except an archive in use since the decision
+        (a download that just began) and, with a bucket, one that is not offsite yet. A file that cannot be
+        deleted is logged and skipped."""
         deleted: list[str] = []
-        backups = [
-            b
-            for b in self.store.list_backups()
-            if b.trigger not in UNCOUNTED_TRIGGERS and (b.state is not State.READY or Location.LOCAL in b.locations)
-        ]
-        ready = [b for b in backups if b.state is State.READY]
-        kept, surplus = ready[:keep], ready[keep:]
-        oldest_kept = kept[-1].create_time if kept else (ready[0].create_time if ready else None)
-        failed = [
-            b for b in backups if b.state is State.FAILED and oldest_kept is not None and b.create_time < oldest_kept
-        ]
-        for backup in surplus + failed:
-            if self.store.is_pinned(backup.id):
-                _logger.info("retention keeps %s: it is in use", backup.id)
-                continue
+        for backup in retention.to_delete(self.retention_decisions(policy)):
             if backup.state is State.READY and self.offsite is not None and not self.offsite.is_offsite(backup.id):
                 _logger.info("retention keeps %s in the backup directory: it is not in the bucket yet", backup.id)
                 continue
             if dry_run:
                 deleted.append(backup.id)
+                continue
+            if self.store.is_in_use(backup.id):
+                _logger.info("retention keeps %s: it is in use", backup.id)
                 continue
             try:
                 self.store.delete(backup.id)
@@ -367,23 +409,27 @@ class BackupManager:
             deleted.append(backup.id)
         return deleted
 
-    def _retain_bucket(self, keep: int, *, dry_run: bool) -> list[str]:
-        """Keep the newest `keep` READY archives of the bucket. One replica at a time (an advisory lock; a
-        replica that finds it taken leaves the work to the holder), and never an archive a replica is
-        reading (its read lock is tried before each deletion)."""
+    def _retain_bucket(self, policy: Policy, *, dry_run: bool) -> list[str]:
+        """The bucket, by the same rules with its own keep_last (APERTURE_BACKUP_S3_KEEP, default the
+        directory's, at least 1). One replica at a time (an advisory lock; a replica that finds it taken
+        leaves the work to the holder), and never an archive a replica is reading (its read lock is tried
+        before each deletion)."""
         bucket = self.archives.bucket
         if bucket is None:
             return []
+        keep_last = self.bucket_keep if self.bucket_keep is not None else max(policy.keep_last, 1)
+        bucket_policy = dataclasses.replace(policy, keep_last=keep_last)
+        zone = parse_time_zone(self.settings.current.schedule.time_zone, variable="time_zone")
         deleted: list[str] = []
         try:
             with self.database.try_exclusive(BUCKET_RETENTION_LOCK_KEY) as mine:
                 if not mine:
                     _logger.info("bucket retention skipped: another replica is applying it")
                     return []
-                ready = [b for b in bucket.list_backups(fresh=True) if b.trigger not in UNCOUNTED_TRIGGERS]
-                for backup in ready[keep:]:
-                    if self.store.is_pinned(backup.id):
-                        continue
+                backups = bucket.list_backups(fresh=True)
+                in_use = {b.id for b in backups if self.store.is_in_use(b.id)}
+                decisions = retention.decide(backups, bucket_policy, zone, now=self.clock(), in_use=in_use)
+                for backup in retention.to_delete(decisions):
                     if dry_run:
                         deleted.append(backup.id)
                         continue
@@ -407,11 +453,18 @@ class BackupManager:
         last_failed = next((b for b in backups if b.state is State.FAILED), None)
         if last_failed and last_ok and last_failed.create_time < last_ok.create_time:
             last_failed = None
+        verified = [b for b in backups if b.verification is not None]
+        last_verified = max(
+            verified, key=lambda b: b.verification.time if b.verification else b.create_time, default=None
+        )
+        passed = [b.verification.time for b in verified if b.verification is not None and b.verification.passed]
         return Status(
             last_successful=last_ok,
             last_failed=last_failed,
             current_job=self.slot.current,
             database_reachable=self.database.ping(),
+            last_verified=last_verified,
+            last_verify_success_time=max(passed, default=None),
         )
 
     def newest_ready(self) -> Backup | None:

@@ -29,6 +29,14 @@ def _serve_parser(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> N
     serve.add_argument("--schedule", help='daily time "HH:MM" or "off" (APERTURE_BACKUP_SCHEDULE)')
     serve.add_argument("--time-zone", help="IANA time zone of the schedule (TZ)")
     serve.add_argument("--keep", type=int, help="retention: keep the newest N backups (APERTURE_BACKUP_KEEP)")
+    for period, unit in (("daily", "days"), ("weekly", "weeks"), ("monthly", "months")):
+        serve.add_argument(
+            f"--keep-{period}",
+            type=int,
+            help=f"retention: also keep the newest backup of each of the last N {unit} "
+            f"(APERTURE_BACKUP_KEEP_{period.upper()})",
+        )
+    serve.add_argument("--verify", help="verify the newest backup after a scheduled one: weekly, daily, off")
     serve.add_argument("--catch-up", help="run a missed daily backup after start-up: true/false")
     serve.add_argument("--pg-bin-dir", type=Path, help="directory with pg_dump/pg_restore/psql")
     serve.add_argument("--token-file", type=Path, help="file holding the admin token (APERTURE_BACKUP_TOKEN_FILE)")
@@ -83,6 +91,11 @@ def config_from_args(args: argparse.Namespace) -> Config:
         changes["time_zone"] = args.time_zone
     if args.keep is not None:
         changes["keep"] = args.keep
+    for period in ("daily", "weekly", "monthly"):
+        if getattr(args, f"keep_{period}") is not None:
+            changes[f"keep_{period}"] = getattr(args, f"keep_{period}")
+    if args.verify:
+        changes["verify"] = args.verify.lower()
     if args.catch_up is not None:
         changes["catch_up"] = parse_bool(args.catch_up, default=True, variable="--catch-up")
     if args.pg_bin_dir:

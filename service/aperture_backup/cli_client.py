@@ -8,9 +8,10 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
 
@@ -38,7 +39,7 @@ EXIT_INTERRUPTED = 130
 
 EXIT_CODES_HELP = """exit codes:
   0    success
-  1    the server failed (or a download did not match its checksum)
+  1    the server failed (or a download did not match its checksum, or a backup failed verification)
   2    usage error: bad arguments or configuration, a file that cannot be read, a refused confirmation
   3    not found: no backup with that id
   4    refused: another job runs, the backup is in use or not ready, no room, cancelled
@@ -80,6 +81,7 @@ _PHASE_WORDS = {
     "PHASE_SAFETY_BACKUP": "safety backup",
     "PHASE_RESTORING": "restoring",
     "PHASE_DONE": "done",
+    "PHASE_CHECKING": "checking the restored copy",
 }
 
 
@@ -254,8 +256,11 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cmd.add_argument("id")
     cmd.add_argument("-y", "--yes", action="store_true", help="do not ask")
     command("status", "last backup, next scheduled run, running job")
-    cmd = command("retention", "show or set how many backups to keep")
+    cmd = command("retention", "show or set which backups to keep (rules not given keep their value)")
     cmd.add_argument("--keep", type=int, help="keep the newest N backups")
+    cmd.add_argument("--daily", type=int, help="keep the newest backup of each of the last N days")
+    cmd.add_argument("--weekly", type=int, help="keep the newest backup of each of the last N weeks")
+    cmd.add_argument("--monthly", type=int, help="keep the newest backup of each of the last N months")
     cmd.add_argument("--dry-run", action="store_true", help="only say what --keep would delete")
     cmd.add_argument("-y", "--yes", action="store_true", help="do not ask before deleting")
     cmd = command("schedule", "show or change the daily backup")
@@ -277,6 +282,12 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cmd.add_argument("id")
     cmd.add_argument("--skip-safety-backup", action="store_true", help="do not take a safety backup first")
     cmd.add_argument("-y", "--yes", action="store_true", help="do not ask before replacing the database")
+    cmd = command("verify", "restore a backup into a scratch database and check it (the live one is untouched)")
+    cmd.add_argument("id", nargs="?", default="", help="the backup to verify (default: the newest READY one)")
+    cmd = command("pin", "keep a backup from retention")
+    cmd.add_argument("id")
+    cmd.add_argument("--for", dest="ttl", help='how long, e.g. "12h", "30d", "2w" (default: until unpin)')
+    command("unpin", "let retention delete a pinned backup again").add_argument("id")
     cmd = command("cancel", "stop the running backup or restore")
     cmd.add_argument("id", nargs="?", help="the backup being made or restored (default: whatever runs now)")
 
@@ -297,7 +308,7 @@ def run(args: argparse.Namespace, out: Output | None = None) -> int:
         out.note(f"aperture-backup: {exc}")
         return EXIT_USAGE
     except KeyboardInterrupt:
-        if args.command in {"create", "restore", "upload"}:
+        if args.command in {"create", "restore", "upload", "verify"}:
             out.note(
                 "aperture-backup: interrupted. The service goes on with the job on its own; "
                 "`aperture-backup status` shows it, `aperture-backup cancel` stops it"
@@ -419,7 +430,13 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
         kind = _name(pb.BackupFormat, b.format, "BACKUP_FORMAT_")
         if b.compression not in (pb.COMPRESSION_NONE, pb.COMPRESSION_UNSPECIFIED):
             kind += "+" + _name(pb.Compression, b.compression, "COMPRESSION_")
-        state = _name(pb.BackupState, b.state, "BACKUP_STATE_")
+        state = _name(pb.BackupState, b.state, "BACKUP_STATE_").upper()
+        if b.pinned:
+            state += " pinned"
+        if b.verify_result == pb.VERIFY_RESULT_PASSED:
+            state += " verified"
+        elif b.verify_result == pb.VERIFY_RESULT_FAILED:
+            state += f" VERIFY-FAILED({b.verify_failed_check})"
         rows.append(
             (
                 b.id,
@@ -427,7 +444,7 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
                 human_size(b.size_bytes) if b.state == pb.BACKUP_STATE_READY else "-",
                 kind,
                 _name(pb.BackupTrigger, b.trigger, "BACKUP_TRIGGER_"),
-                state.upper(),
+                state,
                 _where(b) or "-",
                 b.error if b.state == pb.BACKUP_STATE_FAILED else "",
             )
@@ -467,6 +484,8 @@ def _delete(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
 
 
 def _status(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    from aperture_backup_client import pb
+
     status = client.status()
     if out.as_json:
         out.document(status)
@@ -484,6 +503,12 @@ def _status(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
     if status.HasField("current_job"):
         job = status.current_job
         out.text(f"running: {job.backup_id} ({phase_words(job.progress)})")
+    if status.HasField("last_verified_backup"):
+        verified = status.last_verified_backup
+        outcome = "passed" if verified.verify_result == pb.VERIFY_RESULT_PASSED else "FAILED"
+        out.text(
+            f"last verification: {verified.id} {outcome} {local_time(verified.verify_time)}: {verified.verify_message}"
+        )
     if status.HasField("interrupted_job"):
         out.text(f"interrupted: {status.interrupted_job.progress.message}")
     if status.HasField("offsite"):
@@ -498,34 +523,69 @@ def _status(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
     return EXIT_OK
 
 
+def _policy_words(policy: pb.RetentionPolicy) -> str:
+    words = [f"the newest {policy.keep_last} backups"] if policy.keep_last else []
+    periods = [
+        f"{count} {unit}"
+        for count, unit in ((policy.keep_daily, "days"), (policy.keep_weekly, "weeks"), (policy.keep_monthly, "months"))
+        if count
+    ]
+    if periods:
+        words.append("the newest backup of each of the last " + ", ".join(periods))
+    return "keep " + " and ".join(words)
+
+
 def _retention(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
-    if args.keep is None:
-        policy = client.get_retention()
+    from aperture_backup_client import pb
+
+    current = client.get_retention()
+    changes = {
+        "keep_last": args.keep,
+        "keep_daily": args.daily,
+        "keep_weekly": args.weekly,
+        "keep_monthly": args.monthly,
+    }
+    if all(value is None for value in changes.values()):
         if out.as_json:
-            out.document(policy)
+            out.document(current)
         else:
-            out.text(f"keep the newest {policy.keep_last} backups")
+            out.text(_policy_words(current))
         return EXIT_OK
-    preview = client.set_retention(args.keep, validate_only=True)
+    policy = pb.RetentionPolicy()
+    policy.CopyFrom(current)
+    for field, value in changes.items():
+        if value is not None:
+            setattr(policy, field, value)
+
+    def apply(*, validate_only: bool) -> pb.SetRetentionResponse:
+        return client.set_retention(
+            policy.keep_last,
+            keep_daily=policy.keep_daily,
+            keep_weekly=policy.keep_weekly,
+            keep_monthly=policy.keep_monthly,
+            validate_only=validate_only,
+        )
+
+    preview = apply(validate_only=True)
     if args.dry_run:
         if out.as_json:
             out.document(preview)
         else:
             gone = ", ".join(preview.deleted_ids) or "nothing"
-            out.text(f"keeping {args.keep} would delete: {gone}")
+            out.text(f"{_policy_words(policy)} would delete: {gone}")
         return EXIT_OK
     if preview.deleted_ids:
         listed = "\n  ".join(preview.deleted_ids)
         _confirm(
-            out, f"Keeping {args.keep} deletes {len(preview.deleted_ids)} backups:\n  {listed}\nGo on?", yes=args.yes
+            out,
+            f"To {_policy_words(policy)} deletes {len(preview.deleted_ids)} backups:\n  {listed}\nGo on?",
+            yes=args.yes,
         )
-    response = client.set_retention(args.keep)
+    response = apply(validate_only=False)
     if out.as_json:
         out.document(response)
     else:
-        out.text(
-            f"keep the newest {response.policy.keep_last}; deleted: {', '.join(response.deleted_ids) or 'nothing'}"
-        )
+        out.text(f"{_policy_words(response.policy)}; deleted: {', '.join(response.deleted_ids) or 'nothing'}")
     return EXIT_OK
 
 
@@ -629,6 +689,52 @@ def _restore(client: BackupClient, args: argparse.Namespace, out: Output) -> int
     return EXIT_OK
 
 
+def _verify(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    with out.progress("verify") as show:
+
+        def on_message(message: pb.VerifyResponse) -> None:
+            if out.as_json:
+                out.line(message)
+            show(message.progress)
+
+        backup = client.verify(args.id, on_progress=on_message)
+    if not out.as_json:
+        out.text(f"{backup.id}: verification {backup.verify_message}")
+    return EXIT_OK
+
+
+_DURATION_RE = re.compile(r"^(\d+)([smhdw])$")
+_DURATION_UNITS = {"s": "seconds", "m": "minutes", "h": "hours", "d": "days", "w": "weeks"}
+
+
+def parse_duration(text: str) -> timedelta:
+    """ "30d", "12h", "2w": a whole number and one unit (s, m, h, d, w)."""
+    match = _DURATION_RE.match(text.strip())
+    if match is None or int(match.group(1)) == 0:
+        raise UsageError(f'--for takes a positive number and a unit (s, m, h, d, w), e.g. "30d"; got {text!r}')
+    return timedelta(**{_DURATION_UNITS[match.group(2)]: int(match.group(1))})
+
+
+def _pin(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    ttl = parse_duration(args.ttl) if args.ttl is not None else None
+    backup = client.pin(args.id, ttl=ttl)
+    if out.as_json:
+        out.document(backup)
+    else:
+        until = f" until {local_time(backup.pin_expire_time)}" if backup.HasField("pin_expire_time") else ""
+        out.text(f"pinned {backup.id}{until}: retention keeps it")
+    return EXIT_OK
+
+
+def _unpin(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    backup = client.unpin(args.id)
+    if out.as_json:
+        out.document(backup)
+    else:
+        out.text(f"unpinned {backup.id}: retention may delete it")
+    return EXIT_OK
+
+
 def _cancel(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
     backup_id = args.id or client.status().current_job.backup_id
     if not backup_id:
@@ -653,4 +759,7 @@ _HANDLERS: dict[str, Callable[[BackupClient, argparse.Namespace, Output], int]] 
     "upload": _upload,
     "restore": _restore,
     "cancel": _cancel,
+    "verify": _verify,
+    "pin": _pin,
+    "unpin": _unpin,
 }

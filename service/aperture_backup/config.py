@@ -30,6 +30,9 @@ DEFAULT_SCHEDULE = "01:00"
 DEFAULT_KEEP = 7
 MIN_KEEP = 1
 MAX_KEEP = 100
+#: Most periods (days, weeks, months) one GFS rule may keep.
+MAX_KEEP_PERIODS = 1000
+VERIFY_SCHEDULES = ("weekly", "daily", "off")
 DEFAULT_MAX_UPLOAD_BYTES = 64 * 1024**3
 DEFAULT_MAX_TRANSFERS = 4
 DEFAULT_RESTORE_TIMEOUT = 6 * 3600
@@ -67,6 +70,15 @@ class Config:
     catch_up: bool = True
     #: Retention: keep the newest N READY backups.
     keep: int = DEFAULT_KEEP
+    #: Retention: also keep the newest backup of each of the last N days, weeks, months (0: no such rule).
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    #: After a scheduled backup, verify the newest backup "weekly", "daily", or never ("off").
+    verify: str = "weekly"
+    #: An operator's query that must return true in a verified scratch database, e.g.
+    #: `SELECT count(*) > 0 FROM users`; None: no such check.
+    verify_sql: str | None = None
     #: A directory holding pg_dump, pg_restore and psql, searched before any other.
     pg_bin_dir: Path | None = None
     #: Largest archive UploadAndRestore accepts.
@@ -142,12 +154,17 @@ class Config:
             if not all(p.strip().isdigit() for p in ports):
                 raise ConfigError(f"{ENV_PREFIX}DATABASE_URL has a port that is not a number: {params['port']!r}")
         parse_listen(self.listen)
-        min_keep = 0 if self.s3_url else MIN_KEEP
-        if not min_keep <= self.keep <= MAX_KEEP:
+        periods = self.keep_daily or self.keep_weekly or self.keep_monthly
+        if not (0 if periods or self.s3_url else MIN_KEEP) <= self.keep <= MAX_KEEP:
             raise ConfigError(
-                f"{ENV_PREFIX}KEEP must be between {min_keep} and {MAX_KEEP}, got {self.keep}"
-                + ("" if self.s3_url or self.keep != 0 else f" (0, the bucket only, needs {ENV_PREFIX}S3_URL)")
+                f"{ENV_PREFIX}KEEP must be between {MIN_KEEP} and {MAX_KEEP} (0 only with {ENV_PREFIX}KEEP_DAILY, "
+                f"_WEEKLY or _MONTHLY, or with {ENV_PREFIX}S3_URL: the bucket only), got {self.keep}"
             )
+        for name, value in (("DAILY", self.keep_daily), ("WEEKLY", self.keep_weekly), ("MONTHLY", self.keep_monthly)):
+            if not 0 <= value <= MAX_KEEP_PERIODS:
+                raise ConfigError(f"{ENV_PREFIX}KEEP_{name} must be between 0 and {MAX_KEEP_PERIODS}, got {value}")
+        if self.verify not in VERIFY_SCHEDULES:
+            raise ConfigError(f"{ENV_PREFIX}VERIFY must be one of {', '.join(VERIFY_SCHEDULES)}, got {self.verify!r}")
         self._validate_bucket()
         parse_time_zone(self.time_zone, variable="TZ")
         if self.max_upload_bytes <= 0:
@@ -271,6 +288,11 @@ class Config:
             time_zone=(env.get("TZ") or "").strip() or "UTC",
             catch_up=parse_bool(get("CATCH_UP"), default=True, variable=ENV_PREFIX + "CATCH_UP"),
             keep=parse_int(get("KEEP"), default=DEFAULT_KEEP, variable=ENV_PREFIX + "KEEP"),
+            keep_daily=parse_int(get("KEEP_DAILY"), default=0, variable=ENV_PREFIX + "KEEP_DAILY"),
+            keep_weekly=parse_int(get("KEEP_WEEKLY"), default=0, variable=ENV_PREFIX + "KEEP_WEEKLY"),
+            keep_monthly=parse_int(get("KEEP_MONTHLY"), default=0, variable=ENV_PREFIX + "KEEP_MONTHLY"),
+            verify=(get("VERIFY") or "weekly").lower(),
+            verify_sql=get("VERIFY_SQL"),
             pg_bin_dir=Path(p) if (p := get("PG_BIN_DIR")) else None,
             max_upload_bytes=parse_int(
                 get("MAX_UPLOAD_BYTES"), default=DEFAULT_MAX_UPLOAD_BYTES, variable=ENV_PREFIX + "MAX_UPLOAD_BYTES"

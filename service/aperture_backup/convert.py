@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
@@ -14,6 +14,7 @@ from .journal import JobRecord
 from .model import Backup, Compression, Format, Location, Progress, State, Trigger
 from .offsite import OffsiteStatus
 from .restore import RestoreResult
+from .retention import Policy
 from .settings import Schedule
 
 STATES = {
@@ -43,8 +44,13 @@ PHASES = {
     "safety_backup": pb.PHASE_SAFETY_BACKUP,
     "restoring": pb.PHASE_RESTORING,
     "done": pb.PHASE_DONE,
+    "checking": pb.PHASE_CHECKING,
 }
-JOB_KINDS = {JobKind.BACKUP: pb.JOB_KIND_BACKUP, JobKind.RESTORE: pb.JOB_KIND_RESTORE}
+JOB_KINDS = {
+    JobKind.BACKUP: pb.JOB_KIND_BACKUP,
+    JobKind.RESTORE: pb.JOB_KIND_RESTORE,
+    JobKind.VERIFY: pb.JOB_KIND_VERIFY,
+}
 
 
 def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
@@ -97,6 +103,18 @@ def backup_to_pb(backup: Backup) -> pb.Backup:
     )
     if backup.duration_seconds is not None:
         message.duration.CopyFrom(duration(backup.duration_seconds))
+    if backup.contents is not None:
+        message.table_rows.update(backup.contents.rows)
+    if backup.verification is not None:
+        verification = backup.verification
+        message.verify_time.CopyFrom(timestamp(verification.time))
+        message.verify_result = pb.VERIFY_RESULT_PASSED if verification.passed else pb.VERIFY_RESULT_FAILED
+        message.verify_failed_check = verification.failed_check
+        message.verify_message = verification.message
+    if backup.pin is not None and backup.pinned_at(datetime.now(UTC)):
+        message.pinned = True
+        if backup.pin.expire_time is not None:
+            message.pin_expire_time.CopyFrom(timestamp(backup.pin.expire_time))
     return message
 
 
@@ -124,7 +142,10 @@ def job_to_pb(job: Job) -> pb.Job:
 
 def interrupted_job_to_pb(record: JobRecord) -> pb.Job:
     """A job the previous process did not finish (journal.py)."""
-    what = "rolled back by PostgreSQL; the database is as it was" if record.kind == "restore" else "no archive kept"
+    what = {
+        "restore": "rolled back by PostgreSQL; the database is as it was",
+        "verify": "its scratch database was dropped at start-up; nothing was recorded",
+    }.get(record.kind, "no archive kept")
     return pb.Job(
         kind=JOB_KINDS[JobKind(record.kind)],
         backup_id=record.backup_id,
@@ -174,3 +195,39 @@ def compression_from_pb(value: int) -> Compression | None:
         if number == value:
             return compression
     raise InvalidArgument(f"unknown compression {value}", reason="INVALID_FORMAT")
+
+
+def policy_to_pb(policy: Policy) -> pb.RetentionPolicy:
+    return pb.RetentionPolicy(
+        keep_last=policy.keep_last,
+        keep_daily=policy.keep_daily,
+        keep_weekly=policy.keep_weekly,
+        keep_monthly=policy.keep_monthly,
+    )
+
+
+def policy_from_pb(message: pb.RetentionPolicy) -> Policy:
+    return Policy(
+        keep_last=message.keep_last,
+        keep_daily=message.keep_daily,
+        keep_weekly=message.keep_weekly,
+        keep_monthly=message.keep_monthly,
+    )
+
+
+#: Longest pin with an expiry; longer ones are meant as pins without expiry (leave ttl unset).
+MAX_PIN_TTL = timedelta(days=100 * 366)
+
+
+def ttl_from_pb(message: duration_pb2.Duration) -> timedelta:
+    """A pin's duration: positive and at most a hundred years, else INVALID_ARGUMENT."""
+    if not 0 < message.seconds + message.nanos / 1e9 <= MAX_PIN_TTL.total_seconds():
+        raise InvalidArgument(
+            f"ttl must be positive and at most {MAX_PIN_TTL.days} days, got {message.seconds} s; leave it unset "
+            "to pin until Unpin",
+            reason="INVALID_TTL",
+        )
+    try:
+        return message.ToTimedelta()
+    except (OverflowError, ValueError):
+        raise InvalidArgument(f"ttl is not a valid duration ({message.seconds} s, {message.nanos} ns)") from None

@@ -17,10 +17,11 @@ from dataclasses import dataclass
 from typing import IO
 
 from .compression import HashingFile, Sink, compressor
+from .contents import ContentCounter, CustomArchiveCounter
 from .database import Database, first_line
 from .encryption import AgeKeys
 from .errors import Aborted, BackupError, Internal, ResourceExhausted, Unavailable
-from .model import ArchiveKind, Format
+from .model import ArchiveKind, Contents, Format
 from .pipes import StderrTail, enlarge_pipe, kill
 from .storage.local import ArchiveWriter
 from .toolchain import Toolset
@@ -38,6 +39,8 @@ class DumpResult:
     size_bytes: int
     sha256: str
     tables: int
+    #: Rows by table and the schema the archive creates (contents.py); None when they could not be read.
+    contents: Contents | None = None
 
 
 def pg_dump_command(toolset: Toolset, database: Database, kind: ArchiveKind) -> list[str]:
@@ -111,6 +114,10 @@ def run_dump(
     if keys is not None and kind.encrypted:
         stage = keys.encrypting(sink)
     out = compressor(kind.compression, stage)
+    # Rows are counted from the stream as it goes by (contents.py): plain SQL directly, a custom archive
+    # through a pg_restore that turns it into the same SQL.
+    plain_counter = ContentCounter() if kind.format is Format.PLAIN else None
+    custom_counter = CustomArchiveCounter(toolset) if kind.format is Format.CUSTOM else None
     buffer = bytearray(READ_SIZE)
     view = memoryview(buffer)
     last_report = 0.0
@@ -122,6 +129,10 @@ def run_dump(
             if not n:
                 break
             out.write(view[:n])
+            if plain_counter is not None:
+                plain_counter.feed(view[:n])
+            elif custom_counter is not None:
+                custom_counter.feed(view[:n])
             now = time.monotonic()
             if now - last_report > 0.25:
                 last_report = now
@@ -134,6 +145,8 @@ def run_dump(
     except OSError as exc:
         kill(proc)
         _discard(out, stage, sink)
+        if custom_counter is not None:
+            custom_counter.abort()
         if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
             raise ResourceExhausted(
                 f"the backup directory is full ({exc.strerror}); free space or lower the retention",
@@ -143,15 +156,22 @@ def run_dump(
     except BaseException:
         kill(proc)
         _discard(out, stage, sink)
+        if custom_counter is not None:
+            custom_counter.abort()
         raise
     finally:
         finished.set()
-    if cancel.is_set():
-        raise _cancelled(cancel)
-    if returncode != 0:
+    if cancel.is_set() or returncode != 0:
+        if custom_counter is not None:
+            custom_counter.abort()
+        if cancel.is_set():
+            raise _cancelled(cancel)
         raise _dump_failure(returncode, stderr, database)
+    contents = plain_counter.finish() if plain_counter is not None else None
+    if custom_counter is not None:
+        contents = custom_counter.finish()
     on_progress(sink.size, stderr.tables, "")
-    return DumpResult(size_bytes=sink.size, sha256=sink.sha256.hexdigest(), tables=stderr.tables)
+    return DumpResult(size_bytes=sink.size, sha256=sink.sha256.hexdigest(), tables=stderr.tables, contents=contents)
 
 
 def _cancelled(cancel: threading.Event) -> BackupError:

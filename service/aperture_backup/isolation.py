@@ -23,6 +23,10 @@ archive runs without those powers:
 A failure before the swap drops the staging database; the live one was never touched. Where the role is
 not a superuser, the archive cannot do these things anyway and the restore stays in place, in one
 transaction (`restore.py`).
+
+Verify (verify.py) loads archives the same way into a staging database it checks and drops, never swaps.
+Where the service's role is no superuser but may create databases, its scratch database is made and
+loaded by that role itself (`own_role`): it has no powers to take away.
 """
 
 from __future__ import annotations
@@ -78,8 +82,10 @@ def _name(live: str, suffix: str) -> str:
 class StagingRestore:
     """One staging database and the restore role's way into it; `swap()` makes it the live database."""
 
-    def __init__(self, database: Database):
+    def __init__(self, database: Database, *, own_role: bool = False):
         self._database = database
+        #: Made, owned and loaded by the service's own role (not a superuser) instead of the restore role.
+        self.own_role = own_role
         self._maintenance = database.maintenance()
         self.live = database.name
         token = secrets.token_hex(4)
@@ -95,7 +101,8 @@ class StagingRestore:
         """Make the role and the staging database with the archive's `extensions` (which need a superuser);
         the Database through which the archive's SQL runs (as the restore role)."""
         with self._maintenance.connect() as conn:
-            self._prepare_role(conn)
+            if not self.own_role:
+                self._prepare_role(conn)
             live = conn.execute(
                 "SELECT pg_catalog.pg_encoding_to_char(encoding), datcollate, datctype "
                 "FROM pg_catalog.pg_database WHERE datname = %s",
@@ -103,10 +110,13 @@ class StagingRestore:
             ).fetchone()
             if live is None:
                 raise Unavailable(f"the database {self.live!r} does not exist on the server")
+            # Without OWNER, the database belongs to the role that creates it (CREATE DATABASE knows no
+            # OWNER CURRENT_USER).
+            owner = sql.SQL("") if self.own_role else sql.SQL(" OWNER {}").format(sql.Identifier(RESTORE_ROLE))
             conn.execute(
-                sql.SQL("CREATE DATABASE {} OWNER {} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
+                sql.SQL("CREATE DATABASE {}{} TEMPLATE template0 ENCODING {} LC_COLLATE {} LC_CTYPE {}").format(
                     sql.Identifier(self.name),
-                    sql.Identifier(RESTORE_ROLE),
+                    owner,
                     sql.Literal(live[0]),
                     sql.Literal(live[1]),
                     sql.Literal(live[2]),
@@ -126,11 +136,13 @@ class StagingRestore:
                         reason="EXTENSION_UNAVAILABLE",
                     ) from None
         _logger.info(
-            "staging database %s made for the restore, owned by %s (extensions: %s)",
+            "staging database %s made, owned by %s (extensions: %s)",
             self.name,
-            RESTORE_ROLE,
+            "the service's role" if self.own_role else RESTORE_ROLE,
             ", ".join(extensions) or "none",
         )
+        if self.own_role:
+            return self._database.with_dbname(self.name)
         return self._database.with_login(RESTORE_ROLE, self._password, self.name)
 
     def _prepare_role(self, conn: psycopg.Connection[tuple[Any, ...]]) -> None:
@@ -293,9 +305,9 @@ def drop_staging(database: Database, name: str) -> None:
 
 
 @contextlib.contextmanager
-def staging(database: Database) -> Iterator[StagingRestore]:
+def staging(database: Database, *, own_role: bool = False) -> Iterator[StagingRestore]:
     """A staging restore that is dropped unless it was swapped in."""
-    restore = StagingRestore(database)
+    restore = StagingRestore(database, own_role=own_role)
     try:
         yield restore
     finally:

@@ -28,6 +28,7 @@ _logger = logging.getLogger(__name__)
 class JobKind(StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
+    VERIFY = "verify"
 
 
 #: Why a job was asked to stop, for its error message.

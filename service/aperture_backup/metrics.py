@@ -49,6 +49,21 @@ class _StateCollector(Collector):
         finished = newest.create_time.timestamp() + (newest.duration_seconds or 0.0) if newest else 0.0
         last_success.add_metric([], finished)
         yield last_success
+        verified = [b.verification for b in backups if b.verification is not None]
+        last_verify = GaugeMetricFamily(
+            "aperture_backup_last_verify_timestamp_seconds",
+            "When a backup was last verified (restored into a scratch database and checked), whatever the "
+            "outcome (Unix time); 0 when none was.",
+        )
+        last_verify.add_metric([], max((v.time.timestamp() for v in verified), default=0.0))
+        yield last_verify
+        last_verify_success = GaugeMetricFamily(
+            "aperture_backup_last_verify_success_timestamp_seconds",
+            "When a verification last passed (Unix time); 0 when none did. Below "
+            "aperture_backup_last_verify_timestamp_seconds: the last verification failed.",
+        )
+        last_verify_success.add_metric([], max((v.time.timestamp() for v in verified if v.passed), default=0.0))
+        yield last_verify_success
         newest_bytes = GaugeMetricFamily("aperture_backup_newest_archive_bytes", "Size of the newest READY archive.")
         newest_bytes.add_metric([], float(newest.size_bytes) if newest else 0.0)
         yield newest_bytes
@@ -64,10 +79,10 @@ class _StateCollector(Collector):
         pending.add_metric([], float(len(self._offsite.pending())) if self._offsite is not None else 0.0)
         yield pending
         running = GaugeMetricFamily(
-            "aperture_backup_job_running", "1 while a backup or restore runs, by kind.", labels=["kind"]
+            "aperture_backup_job_running", "1 while a backup, restore or verification runs, by kind.", labels=["kind"]
         )
         job = self._slot.current
-        for kind in ("backup", "restore"):
+        for kind in ("backup", "restore", "verify"):
             running.add_metric([kind], 1.0 if job is not None and job.kind.value == kind else 0.0)
         yield running
 

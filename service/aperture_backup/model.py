@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -95,6 +96,73 @@ DEFAULT_KIND = ArchiveKind(Format.PLAIN, Compression.GZIP)
 
 
 @dataclass(frozen=True)
+class Contents:
+    """What an archive holds, read from the dump as it streamed through (contents.py): rows by table and
+    the tables, indexes and extensions it creates. Names as pg_dump writes them (`public.users`, quoted
+    where PostgreSQL's quote_ident would quote). Verify compares a restored scratch database with this."""
+
+    rows: Mapping[str, int] = field(default_factory=dict)
+    tables: tuple[str, ...] = ()
+    indexes: tuple[str, ...] = ()
+    extensions: tuple[str, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "rows": dict(self.rows),
+            "tables": list(self.tables),
+            "indexes": list(self.indexes),
+            "extensions": list(self.extensions),
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Contents:
+        return cls(
+            rows={str(k): int(v) for k, v in (data.get("rows") or {}).items()},
+            tables=tuple(str(t) for t in data.get("tables") or ()),
+            indexes=tuple(str(i) for i in data.get("indexes") or ()),
+            extensions=tuple(str(e) for e in data.get("extensions") or ()),
+        )
+
+
+@dataclass(frozen=True)
+class Verification:
+    """The outcome of restoring an archive into a scratch database and checking it (verify.py)."""
+
+    time: datetime
+    passed: bool
+    #: The check that failed ("restore", "tables", "row_counts", "indexes", "extensions", "verify_sql").
+    failed_check: str = ""
+    message: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "time": self.time.isoformat(),
+            "passed": self.passed,
+            "failed_check": self.failed_check,
+            "message": self.message,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Verification:
+        return cls(
+            time=datetime.fromisoformat(data["time"]),
+            passed=bool(data["passed"]),
+            failed_check=str(data.get("failed_check") or ""),
+            message=str(data.get("message") or ""),
+        )
+
+
+@dataclass(frozen=True)
+class Pin:
+    """A person's wish that retention keep a backup: until `expire_time`, or for ever when it is None."""
+
+    expire_time: datetime | None = None
+
+    def active(self, now: datetime) -> bool:
+        return self.expire_time is None or self.expire_time > now
+
+
+@dataclass(frozen=True)
 class Backup:
     """One archive in the backup directory, as its manifest (or, without one, its content) describes it."""
 
@@ -114,6 +182,21 @@ class Backup:
     age_recipients: tuple[str, ...] = ()
     #: Where copies of it are now (not stored in a manifest: each location tells for itself).
     locations: frozenset[Location] = frozenset()
+    #: What the archive holds, counted while it was written; None when unknown (older or foreign files).
+    contents: Contents | None = None
+    #: The last verification, when there was one.
+    verification: Verification | None = None
+    #: Set by Pin (or for the safety backup before a restore); retention keeps the backup while it is active.
+    pin: Pin | None = None
+
+    def pinned_at(self, now: datetime) -> bool:
+        """Whether retention must keep the backup at `now` because of its pin."""
+        return self.pin is not None and self.pin.active(now)
+
+    @property
+    def verified(self) -> bool:
+        """Whether its last verification passed."""
+        return self.verification is not None and self.verification.passed
 
     @property
     def filename(self) -> str:
@@ -140,6 +223,13 @@ class Backup:
             "error": self.error,
             "encrypted": self.kind.encrypted,
             "age_recipients": list(self.age_recipients),
+            "contents": self.contents.to_json() if self.contents is not None else None,
+            "verification": self.verification.to_json() if self.verification is not None else None,
+            "pin": (
+                {"expire_time": self.pin.expire_time.isoformat() if self.pin.expire_time else None}
+                if self.pin is not None
+                else None
+            ),
         }
 
     @classmethod
@@ -159,6 +249,14 @@ class Backup:
             duration_seconds=data.get("duration_seconds"),
             error=str(data.get("error") or ""),
             age_recipients=tuple(str(r) for r in data.get("age_recipients") or ()),
+            # Manifests written before rows were counted, verified or pinned have none of these.
+            contents=Contents.from_json(data["contents"]) if data.get("contents") else None,
+            verification=Verification.from_json(data["verification"]) if data.get("verification") else None,
+            pin=(
+                Pin(datetime.fromisoformat(data["pin"]["expire_time"]) if data["pin"].get("expire_time") else None)
+                if data.get("pin")
+                else None
+            ),
         )
 
 

@@ -42,7 +42,7 @@ from typing import IO
 import psycopg
 
 from . import isolation, toolchain
-from .backups import BackupManager
+from .backups import SAFETY_BACKUP_PIN, BackupManager
 from .compression import decompressor
 from .database import NOTIFY_CHANNEL, Database, JobLock, first_line
 from .encryption import AgeKeys
@@ -498,6 +498,11 @@ class RestoreManager:
         #: where the service's role is a superuser.
         self.isolation = isolation
 
+    @property
+    def pg_bin_dir(self) -> Path | None:
+        """The configured directory of client tools, searched first (toolchain.py)."""
+        return self._pg_bin_dir
+
     def start_restore(self, backup_id: str, *, skip_safety_backup: bool, trigger: Trigger = Trigger.MANUAL) -> Job:
         """Start restoring a stored backup in its own thread (trigger UPLOADED for UploadAndRestore). Raises at
         once (before any job starts) for a bad id, an unknown backup, one that is not READY, or while another
@@ -509,10 +514,10 @@ class RestoreManager:
         )
 
         def body(job: Job) -> RestoreResult:
-            with self.database.job_lock(job.description) as lock, self.store.pinned(backup.id):
-                # Again, now that it is pinned: a Delete may have come between the request and the pin.
-                pinned = self.restorable(backup.id)
-                return self.restore_stored(job, pinned, skip_safety_backup=skip_safety_backup, lock=lock)
+            with self.database.job_lock(job.description) as lock, self.store.in_use(backup.id):
+                # Again, now that it is in use: a Delete may have come between the request and this mark.
+                in_use = self.restorable(backup.id)
+                return self.restore_stored(job, in_use, skip_safety_backup=skip_safety_backup, lock=lock)
 
         return self.slot.start(job, body)
 
@@ -583,7 +588,7 @@ class RestoreManager:
             safety = None
             if not skip_safety_backup:
                 safety = self._safety_backup(job)
-                stack.enter_context(self.store.pinned(safety.id))
+                stack.enter_context(self.store.in_use(safety.id))
                 job.update(backup=backup)
             self.restore_file(
                 job,
@@ -624,11 +629,13 @@ class RestoreManager:
             parent=job,
         )
         try:
-            return self.backups.dump_into_store(safety_job, DEFAULT_KIND, Trigger.PRE_RESTORE)
+            safety = self.backups.dump_into_store(safety_job, DEFAULT_KIND, Trigger.PRE_RESTORE)
         except BackupError as exc:
             raise type(exc)(
                 f"the safety backup failed, so the restore did not run: {exc}", reason=exc.reason, metadata=exc.metadata
             ) from exc
+        # Pinned, so that a week of retention after a restore that went wrong cannot delete the way back.
+        return self.backups.pin(safety.id, ttl=SAFETY_BACKUP_PIN)
 
     # -- checking an archive before touching the database ----------------------------------------------
 
@@ -755,26 +762,12 @@ class RestoreManager:
         database that then replaces the live one (isolation.py); elsewhere in place."""
         if toolset is None:
             toolset = toolchain.for_server(self.database.server_info().major, self._pg_bin_dir)
-        total = path.stat().st_size
-        last_report = [0.0]
-
-        def on_read(done: int) -> None:
-            now = time.monotonic()
-            if now - last_report[0] >= _PROGRESS_INTERVAL or done >= total:
-                last_report[0] = now
-                job.update(
-                    progress=Progress(
-                        phase="restoring", bytes_done=done, bytes_total=total, elapsed_seconds=job.elapsed()
-                    )
-                )
-
-        on_read(0)
-        reader = self.reader(path, kind, recipients=recipients, on_read=on_read)
-        deadline = time.monotonic() + self.restore_timeout_seconds
         staged = self.isolation == "staging" or (
             self.isolation == "auto" and isolation.role_powers(self.database).superuser
         )
         if not staged:
+            reader, total = self._progress_reader(job, path, kind, recipients)
+            deadline = time.monotonic() + self.restore_timeout_seconds
             _logger.info("restoring %s into %s with psql %s", path.name, self.database.describe(), toolset.version)
             self._load(
                 job,
@@ -789,29 +782,76 @@ class RestoreManager:
             )
             return
         with isolation.staging(self.database) as stage:
-            target = stage.create(extensions)
-            job.note("staging_database", stage.name)
-            _logger.info(
-                "restoring %s into the staging database %s as %s with psql %s",
-                path.name,
-                stage.name,
-                isolation.RESTORE_ROLE,
-                toolset.version,
-            )
-            sql_filter = SqlFilter(staging=True)
-            self._load(
+            self.load_staging(
                 job,
-                reader,
-                kind=kind,
-                target=target,
-                sql_filter=sql_filter,
-                toolset=toolset,
+                stage,
+                path,
+                kind,
                 expected_sha256=expected_sha256,
-                total=total,
-                deadline=deadline,
-                empty_first=False,
+                toolset=toolset,
+                recipients=recipients,
+                extensions=extensions,
             )
             stage.swap(release_lock=lock.release if lock is not None else None)
+
+    def load_staging(
+        self,
+        job: Job,
+        stage: isolation.StagingRestore,
+        path: Path,
+        kind: ArchiveKind,
+        *,
+        expected_sha256: str,
+        toolset: Toolset,
+        recipients: Sequence[str] = (),
+        extensions: Sequence[str] = (),
+    ) -> Database:
+        """Create `stage` with the archive's `extensions` and load `path` into it in one transaction; the
+        Database its SQL ran as. The one loading path of a restore (which then swaps the stage in) and of a
+        verification (which checks it and drops it). Raises after the rollback on any failure."""
+        target = stage.create(extensions)
+        job.note("staging_database", stage.name)
+        _logger.info(
+            "restoring %s into the staging database %s as %s with psql %s",
+            path.name,
+            stage.name,
+            "the service's role" if stage.own_role else isolation.RESTORE_ROLE,
+            toolset.version,
+        )
+        reader, total = self._progress_reader(job, path, kind, recipients)
+        self._load(
+            job,
+            reader,
+            kind=kind,
+            target=target,
+            sql_filter=SqlFilter(staging=True),
+            toolset=toolset,
+            expected_sha256=expected_sha256,
+            total=total,
+            deadline=time.monotonic() + self.restore_timeout_seconds,
+            empty_first=False,
+        )
+        return target
+
+    def _progress_reader(
+        self, job: Job, path: Path, kind: ArchiveKind, recipients: Sequence[str]
+    ) -> tuple[ArchiveReader, int]:
+        """A reader of the archive that reports the bytes read as phase "restoring" on `job`; and its size."""
+        total = path.stat().st_size
+        last_report = [0.0]
+
+        def on_read(done: int) -> None:
+            now = time.monotonic()
+            if now - last_report[0] >= _PROGRESS_INTERVAL or done >= total:
+                last_report[0] = now
+                job.update(
+                    progress=Progress(
+                        phase="restoring", bytes_done=done, bytes_total=total, elapsed_seconds=job.elapsed()
+                    )
+                )
+
+        on_read(0)
+        return self.reader(path, kind, recipients=recipients, on_read=on_read), total
 
     def _load(
         self,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 
 import schedule
@@ -28,8 +29,17 @@ POLL_SECONDS = 1.0
 class DailyScheduler:
     """Runs the scheduled backup; `reschedule()` after the settings change."""
 
-    def __init__(self, manager: BackupManager, settings: SettingsStore, *, poll_seconds: float = POLL_SECONDS):
+    def __init__(
+        self,
+        manager: BackupManager,
+        settings: SettingsStore,
+        *,
+        poll_seconds: float = POLL_SECONDS,
+        after_backup: Callable[[], None] | None = None,
+    ):
         self._manager = manager
+        #: Runs in this thread after each successful scheduled backup (the verification, verify.py).
+        self._after_backup = after_backup
         self._settings = settings
         self._poll = poll_seconds
         self._scheduler = schedule.Scheduler()
@@ -108,3 +118,8 @@ class DailyScheduler:
             _logger.exception("scheduled backup failed unexpectedly")
         else:
             _logger.info("scheduled backup %s is ready", backup.id)
+            if self._after_backup is not None:
+                try:
+                    self._after_backup()
+                except Exception:  # the thread must survive to run tomorrow
+                    _logger.exception("the work after the scheduled backup failed unexpectedly")

@@ -121,11 +121,13 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
     def SetRetention(self, request: pb.SetRetentionRequest, context: grpc.ServicerContext) -> pb.SetRetentionResponse:
         if not request.HasField("policy"):
             raise InvalidArgument('policy is required, for example {"policy": {"keep_last": 7}}')
-        keep, deleted = self._app.backups.set_retention(request.policy.keep_last, dry_run=request.validate_only)
-        return pb.SetRetentionResponse(policy=pb.RetentionPolicy(keep_last=keep), deleted_ids=deleted)
+        policy, deleted = self._app.backups.set_retention(
+            convert.policy_from_pb(request.policy), dry_run=request.validate_only
+        )
+        return pb.SetRetentionResponse(policy=convert.policy_to_pb(policy), deleted_ids=deleted)
 
     def GetRetention(self, request: pb.GetRetentionRequest, context: grpc.ServicerContext) -> pb.GetRetentionResponse:
-        return pb.GetRetentionResponse(policy=pb.RetentionPolicy(keep_last=self._app.settings.current.keep))
+        return pb.GetRetentionResponse(policy=convert.policy_to_pb(self._app.settings.current.policy))
 
     def SetSchedule(self, request: pb.SetScheduleRequest, context: grpc.ServicerContext) -> pb.SetScheduleResponse:
         settings = self._app.settings.set_schedule(
@@ -159,12 +161,33 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
             response.last_failed_backup.CopyFrom(convert.backup_to_pb(status.last_failed))
         if status.current_job is not None:
             response.current_job.CopyFrom(convert.job_to_pb(status.current_job))
+        if status.last_verified is not None:
+            response.last_verified_backup.CopyFrom(convert.backup_to_pb(status.last_verified))
+        if status.last_verify_success_time is not None:
+            response.last_verify_success_time.CopyFrom(convert.timestamp(status.last_verify_success_time))
         interrupted = self._app.slot.journal.interrupted if self._app.slot.journal else None
         if interrupted is not None:
             response.interrupted_job.CopyFrom(convert.interrupted_job_to_pb(interrupted))
         if self._app.offsite is not None:
             response.offsite.CopyFrom(convert.offsite_to_pb(self._app.offsite.status()))
         return response
+
+    def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> Iterator[pb.VerifyResponse]:
+        job = self._app.verifier.start_verify(request.id)
+        for state in job.watch():
+            if state.done and state.error is not None:
+                raise state.error
+            response = pb.VerifyResponse(progress=convert.progress_to_pb(state.progress))
+            if state.backup is not None:
+                response.backup.CopyFrom(convert.backup_to_pb(state.backup))
+            yield response
+
+    def Pin(self, request: pb.PinRequest, context: grpc.ServicerContext) -> pb.PinResponse:
+        ttl = convert.ttl_from_pb(request.ttl) if request.HasField("ttl") else None
+        return pb.PinResponse(backup=convert.backup_to_pb(self._app.backups.pin(request.id, ttl=ttl)))
+
+    def Unpin(self, request: pb.UnpinRequest, context: grpc.ServicerContext) -> pb.UnpinResponse:
+        return pb.UnpinResponse(backup=convert.backup_to_pb(self._app.backups.unpin(request.id)))
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         job = self._app.slot.cancel(request.backup_id, timeout=CANCEL_WAIT_SECONDS)

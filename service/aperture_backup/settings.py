@@ -14,9 +14,10 @@ from dataclasses import asdict, dataclass, replace
 from datetime import time
 from pathlib import Path
 
-from .config import MAX_KEEP, MIN_KEEP, Config, ConfigError, parse_hhmm, parse_time_zone
+from .config import MAX_KEEP, MAX_KEEP_PERIODS, Config, ConfigError, parse_hhmm, parse_time_zone
 from .errors import InvalidArgument, from_os_error
 from .fsutil import write_json
+from .retention import Policy
 
 _logger = logging.getLogger(__name__)
 
@@ -37,6 +38,36 @@ class Schedule:
 class Settings:
     keep: int
     schedule: Schedule
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+
+    @property
+    def policy(self) -> Policy:
+        return Policy(self.keep, self.keep_daily, self.keep_weekly, self.keep_monthly)
+
+
+def check_policy(policy: Policy, *, bucket: bool = False) -> None:
+    """Refuse a policy that cannot be meant: counts out of range, or one that keeps nothing by any rule (which
+    with a bucket is the directory keeping each archive only until it is offsite)."""
+    if not 0 <= policy.keep_last <= MAX_KEEP:
+        raise InvalidArgument(
+            f"keep_last must be between 0 and {MAX_KEEP}, got {policy.keep_last}", reason="INVALID_RETENTION"
+        )
+    for name, value in (
+        ("keep_daily", policy.keep_daily),
+        ("keep_weekly", policy.keep_weekly),
+        ("keep_monthly", policy.keep_monthly),
+    ):
+        if not 0 <= value <= MAX_KEEP_PERIODS:
+            raise InvalidArgument(
+                f"{name} must be between 0 and {MAX_KEEP_PERIODS}, got {value}", reason="INVALID_RETENTION"
+            )
+    if not (bucket or policy.keep_last or policy.keep_daily or policy.keep_weekly or policy.keep_monthly):
+        raise InvalidArgument(
+            "the policy keeps nothing: set keep_last (1 to 100) or one of keep_daily, keep_weekly, keep_monthly",
+            reason="INVALID_RETENTION",
+        )
 
 
 _Change = Callable[[Settings], Settings]
@@ -48,10 +79,13 @@ class SettingsStore:
     def __init__(self, path: Path, config: Config):
         self._path = path
         #: With a bucket the directory may keep no archive at all (each stays until it is offsite).
-        self.min_keep = 0 if config.s3_url else MIN_KEEP
+        self.bucket = config.s3_url is not None
         self._lock = threading.Lock()
         defaults = Settings(
             keep=config.keep,
+            keep_daily=config.keep_daily,
+            keep_weekly=config.keep_weekly,
+            keep_monthly=config.keep_monthly,
             schedule=Schedule(
                 enabled=config.schedule_enabled,
                 time_of_day=config.schedule_time.strftime("%H:%M"),
@@ -66,15 +100,20 @@ class SettingsStore:
         with self._lock:
             return self._settings
 
-    def check_keep(self, keep: int) -> None:
-        if not self.min_keep <= keep <= MAX_KEEP:
-            raise InvalidArgument(
-                f"keep_last must be between {self.min_keep} and {MAX_KEEP}, got {keep}", reason="INVALID_RETENTION"
-            )
+    def check_policy(self, policy: Policy) -> None:
+        check_policy(policy, bucket=self.bucket)
 
-    def set_keep(self, keep: int) -> Settings:
-        self.check_keep(keep)
-        return self._update(lambda s: replace(s, keep=keep))
+    def set_policy(self, policy: Policy) -> Settings:
+        self.check_policy(policy)
+        return self._update(
+            lambda s: replace(
+                s,
+                keep=policy.keep_last,
+                keep_daily=policy.keep_daily,
+                keep_weekly=policy.keep_weekly,
+                keep_monthly=policy.keep_monthly,
+            )
+        )
 
     def set_schedule(
         self,
@@ -125,6 +164,10 @@ class SettingsStore:
             schedule = data.get("schedule", {})
             loaded = Settings(
                 keep=int(data.get("keep", defaults.keep)),
+                # Settings saved before the GFS rules existed have none: the environment's then.
+                keep_daily=int(data.get("keep_daily", defaults.keep_daily)),
+                keep_weekly=int(data.get("keep_weekly", defaults.keep_weekly)),
+                keep_monthly=int(data.get("keep_monthly", defaults.keep_monthly)),
                 schedule=Schedule(
                     enabled=bool(schedule.get("enabled", defaults.schedule.enabled)),
                     time_of_day=str(schedule.get("time_of_day", defaults.schedule.time_of_day)),
@@ -134,7 +177,8 @@ class SettingsStore:
             )
             parse_hhmm(loaded.schedule.time_of_day, variable="time_of_day")
             parse_time_zone(loaded.schedule.time_zone, variable="time_zone")
-        except (ConfigError, ValueError, TypeError, AttributeError) as exc:
+            check_policy(loaded.policy)
+        except (ConfigError, InvalidArgument, ValueError, TypeError, AttributeError) as exc:
             _logger.warning("ignoring invalid settings file %s: %s", self._path, exc)
             return defaults
         _logger.info("loaded settings saved through the API from %s", self._path)

@@ -332,7 +332,7 @@ class TransferManager:
 
     def download(self, backup_id: str, *, offset: int = 0, chunk_size: int = 0) -> Iterator[DownloadChunk]:
         """The archive from `offset` on, in chunks of `chunk_size` (0: 1 MiB). The first chunk carries the
-        backup. The archive is pinned, so that retention keeps it, until the generator is closed."""
+        backup. The archive is marked in use, so that retention keeps it, until the generator is closed."""
         if offset < 0:
             raise InvalidArgument(f"offset must not be negative, got {offset}", reason="INVALID_OFFSET")
         if chunk_size < 0 or chunk_size > MAX_CHUNK_SIZE:
@@ -344,7 +344,7 @@ class TransferManager:
         size = chunk_size or DEFAULT_CHUNK_SIZE
         # Pin before looking the backup up: retention checks pins before it deletes, so from here on the
         # archive stays (and once it is open, even a deletion could not cut the stream short).
-        with self.store.pinned(backup_id), self._open_for_download(backup_id, offset) as (backup, handle):
+        with self.store.in_use(backup_id), self._open_for_download(backup_id, offset) as (backup, handle):
             position = offset
             sent_first = False
             while True:

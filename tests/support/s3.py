@@ -180,6 +180,8 @@ class FaultyProxy:
     def __init__(self, upstream_port: int):
         self.upstream_port = upstream_port
         self.seen: list[str] = []
+        #: "METHOD path -> status" for each request the S3 server answered.
+        self.answers: list[str] = []
         self._drops: dict[str, int] = {}
         self._holds: set[str] = set()
         self._released = threading.Event()
@@ -214,6 +216,7 @@ class FaultyProxy:
                     with contextlib.suppress(OSError):
                         self.connection.shutdown(socket.SHUT_RDWR)
                     return
+                proxy._answered(self.command, self.path, response.status)
                 self.send_response_only(response.status, response.reason)
                 for name, value in response.getheaders():
                     if name.lower() not in {"transfer-encoding", "connection", "content-length"}:
@@ -280,6 +283,10 @@ class FaultyProxy:
         self.release()
         self._server.shutdown()
         self._server.server_close()
+
+    def _answered(self, method: str, path: str, status: int) -> None:
+        with self._lock:
+            self.answers.append(f"{method} {path} -> {status}")
 
     def _decide(self, method: str, path: str) -> str:
         with self._lock:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
 from types import TracebackType
 from typing import Unpack
@@ -147,12 +148,22 @@ class BackupClient:
     def delete(self, backup_id: str) -> pb.Backup:
         return self.stub.Delete(pb.DeleteRequest(id=backup_id)).backup
 
-    def set_retention(self, keep_last: int, *, validate_only: bool = False) -> pb.SetRetentionResponse:
-        """Keep the newest `keep_last` backups; `deleted_ids` says what went (with `validate_only`: what would
-        go, nothing changes)."""
-        return self.stub.SetRetention(
-            pb.SetRetentionRequest(policy=pb.RetentionPolicy(keep_last=keep_last), validate_only=validate_only)
+    def set_retention(
+        self,
+        keep_last: int,
+        *,
+        keep_daily: int = 0,
+        keep_weekly: int = 0,
+        keep_monthly: int = 0,
+        validate_only: bool = False,
+    ) -> pb.SetRetentionResponse:
+        """Keep the newest `keep_last` backups and the newest of each of the last `keep_daily` days,
+        `keep_weekly` weeks and `keep_monthly` months; `deleted_ids` says what went (with `validate_only`:
+        what would go, nothing changes)."""
+        policy = pb.RetentionPolicy(
+            keep_last=keep_last, keep_daily=keep_daily, keep_weekly=keep_weekly, keep_monthly=keep_monthly
         )
+        return self.stub.SetRetention(pb.SetRetentionRequest(policy=policy, validate_only=validate_only))
 
     def get_retention(self) -> pb.RetentionPolicy:
         return self.stub.GetRetention(pb.GetRetentionRequest()).policy
@@ -201,6 +212,35 @@ class BackupClient:
         if last is None or not last.HasField("result"):
             raise TransferError("the server closed the Restore stream without a result")
         return last.result
+
+    def verify(
+        self,
+        backup_id: str = "",
+        *,
+        on_progress: Callable[[pb.VerifyResponse], None] | None = None,
+        timeout: float | None = None,
+    ) -> pb.Backup:
+        """Verify a backup (the newest READY one when `backup_id` is empty): restore it into a scratch
+        database and check it. Returns the backup with its verification when it passed; a failed check
+        raises grpc.RpcError DATA_LOSS (the verification is recorded all the same: `get` shows it)."""
+        last: pb.VerifyResponse | None = None
+        for message in self.stub.Verify(pb.VerifyRequest(id=backup_id), timeout=timeout):
+            last = message
+            if on_progress is not None:
+                on_progress(message)
+        if last is None or not last.HasField("backup"):
+            raise TransferError("the server closed the Verify stream without a result")
+        return last.backup
+
+    def pin(self, backup_id: str, *, ttl: timedelta | None = None) -> pb.Backup:
+        """Keep a backup from retention, for `ttl` or until `unpin`."""
+        request = pb.PinRequest(id=backup_id)
+        if ttl is not None:
+            request.ttl.FromTimedelta(ttl)
+        return self.stub.Pin(request).backup
+
+    def unpin(self, backup_id: str) -> pb.Backup:
+        return self.stub.Unpin(pb.UnpinRequest(id=backup_id)).backup
 
     def cancel(self, backup_id: str, *, timeout: float | None = 60) -> pb.CancelResponse:
         """Stop the running backup or restore of `backup_id`; waits a few seconds for it to stop."""

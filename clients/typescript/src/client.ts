@@ -191,14 +191,14 @@ export class BackupClient {
     return convert.serviceStatus(await unary(this.#context, this.raw.getStatus.bind(this.raw), {}, options));
   }
 
-  /** The retention policy in force. */
-  async getRetention(options?: CallOptions): Promise<RetentionPolicy> {
+  /** The retention policy in force, every rule spelled out (0: not used). */
+  async getRetention(options?: CallOptions): Promise<Required<RetentionPolicy>> {
     const response = await unary(this.#context, this.raw.getRetention.bind(this.raw), {}, options);
-    return { keepLast: response.policy?.keepLast ?? 0 };
+    return convert.retentionPolicy(response.policy);
   }
 
   /**
-   * Keeps the newest `keepLast` READY backups (1 to 100), applied at once; tells what it deleted. With
+   * Sets the whole retention policy (rules left out are 0), applied at once; tells what it deleted. With
    * `validateOnly: true` nothing is saved or deleted: `deletedIds` says what the policy would delete (for
    * the admin page to show before the administrator saves).
    */
@@ -209,10 +209,45 @@ export class BackupClient {
     const response = await unary(
       this.#context,
       this.raw.setRetention.bind(this.raw),
-      { policy: { keepLast: policy.keepLast }, validateOnly: policy.validateOnly ?? false },
+      { policy: convert.retentionPolicyToWire(policy), validateOnly: policy.validateOnly ?? false },
       options,
     );
-    return { keepLast: response.policy?.keepLast ?? 0, deletedIds: response.deletedIds };
+    return { ...convert.retentionPolicy(response.policy), deletedIds: response.deletedIds };
+  }
+
+  /**
+   * Verifies a backup (the newest READY one when `id` is omitted or ""): the service restores it into a
+   * scratch database beside the live one, checks tables, row counts, indexes, extensions and its operator
+   * query, and drops it. Resolves with the backup and its verification when every check passed; rejects
+   * with DATA_LOSS, reason VERIFY_FAILED (`isDataLoss`), when one failed (the outcome is recorded all the
+   * same: `get` shows it), FAILED_PRECONDITION (VERIFY_UNAVAILABLE) when the service may not create a
+   * scratch database. Progress: PREPARING, RESTORING, CHECKING, DONE.
+   */
+  verify(id = "", options: OperationOptions = {}): Operation<Backup> {
+    return this.#streaming(options, async (signal, emit) => {
+      const call = this.raw.verify({ id }, this.#context.metadata(options), this.#context.callOptions(options, false));
+      let last: Backup | undefined;
+      for await (const message of serverStream(call, signal)) {
+        last = convert.optionalBackup(message.backup) ?? last;
+        emit(convert.progressEvent(message.progress, message.backup));
+      }
+      if (last === undefined || last.verifyResult === "UNSPECIFIED") {
+        throw new TransferError(`Verify of ${id || "the newest backup"} ended without a result`);
+      }
+      return last;
+    });
+  }
+
+  /** Pins a backup: retention never deletes it, for `ttlMs` milliseconds or until `unpin`. */
+  async pin(id: string, options: CallOptions & { ttlMs?: number } = {}): Promise<Backup> {
+    const ttl = options.ttlMs === undefined ? undefined : convert.durationFromMs(options.ttlMs);
+    const request: wire.PinRequest = { id, ttl };
+    return requireBackup(await unary(this.#context, this.raw.pin.bind(this.raw), request, options), "Pin");
+  }
+
+  /** Removes a backup's pin; retention may delete it from its next run on. */
+  async unpin(id: string, options?: CallOptions): Promise<Backup> {
+    return requireBackup(await unary(this.#context, this.raw.unpin.bind(this.raw), { id }, options), "Unpin");
   }
 
   /** The daily schedule and its next run. */

@@ -14,9 +14,11 @@ import type {
   Progress,
   ProgressEvent,
   RestoreResult,
+  RetentionPolicy,
   Schedule,
   ServiceStatus,
   StorageLocation,
+  VerifyResult,
 } from "./types";
 
 /** A wire enum's name without its prefix ("BACKUP_STATE_READY" → "READY"); unknown values → "UNSPECIFIED". */
@@ -36,6 +38,8 @@ export const storageLocation = (value: wire.StorageLocation): StorageLocation =>
   unprefixed(wire.storageLocationToJSON(value), "STORAGE_LOCATION_");
 export const phase = (value: wire.Phase): Phase => unprefixed(wire.phaseToJSON(value), "PHASE_");
 export const jobKind = (value: wire.JobKind): JobKind => unprefixed(wire.jobKindToJSON(value), "JOB_KIND_");
+export const verifyResult = (value: wire.VerifyResult): VerifyResult =>
+  unprefixed(wire.verifyResultToJSON(value), "VERIFY_RESULT_");
 
 /** A request's format: undefined leaves the service's default (plain SQL). Throws on a name it does not know. */
 export function formatToWire(value: BackupFormat | undefined): wire.BackupFormat {
@@ -84,7 +88,43 @@ export function backup(value: wire.Backup): Backup {
     encrypted: value.encrypted,
     ageRecipients: [...value.ageRecipients],
     locations: value.locations.map(storageLocation),
+    verifyTime: value.verifyTime,
+    verifyResult: verifyResult(value.verifyResult),
+    verifyFailedCheck: value.verifyFailedCheck,
+    verifyMessage: value.verifyMessage,
+    pinned: value.pinned,
+    pinExpireTime: value.pinExpireTime,
+    tableRows: Object.fromEntries(Object.entries(value.tableRows).map(([table, rows]) => [table, int64(rows)])),
   };
+}
+
+/** A policy as the client shows it (every rule spelled out, 0 when unset). */
+export function retentionPolicy(value: wire.RetentionPolicy | undefined): Required<RetentionPolicy> {
+  return {
+    keepLast: value?.keepLast ?? 0,
+    keepDaily: value?.keepDaily ?? 0,
+    keepWeekly: value?.keepWeekly ?? 0,
+    keepMonthly: value?.keepMonthly ?? 0,
+  };
+}
+
+/** A policy for the wire: rules left out are 0 (not kept by that rule). */
+export function retentionPolicyToWire(value: RetentionPolicy): wire.RetentionPolicy {
+  return {
+    keepLast: value.keepLast,
+    keepDaily: value.keepDaily ?? 0,
+    keepWeekly: value.keepWeekly ?? 0,
+    keepMonthly: value.keepMonthly ?? 0,
+  };
+}
+
+/** Milliseconds as a Duration. */
+export function durationFromMs(ms: number): Duration {
+  if (!Number.isFinite(ms)) {
+    throw new RangeError(`a duration must be a finite number of milliseconds, got ${ms}`);
+  }
+  const seconds = Math.trunc(ms / 1000);
+  return { seconds: String(seconds), nanos: Math.round((ms - seconds * 1000) * 1e6) };
 }
 
 export const optionalBackup = (value: wire.Backup | undefined): Backup | undefined =>
@@ -153,6 +193,8 @@ export function serviceStatus(value: wire.GetStatusResponse): ServiceStatus {
     nextScheduledRun: value.nextScheduledRun,
     currentJob: optionalJob(value.currentJob),
     interruptedJob: optionalJob(value.interruptedJob),
+    lastVerifiedBackup: optionalBackup(value.lastVerifiedBackup),
+    lastVerifySuccessTime: value.lastVerifySuccessTime,
     database: value.database,
     databaseReachable: value.databaseReachable,
     offsite:

@@ -26,9 +26,12 @@ export type Phase =
   | "SAFETY_BACKUP"
   | "RESTORING"
   | "DONE"
+  | "CHECKING"
   | "UNSPECIFIED";
 /** The kind of job running now. */
-export type JobKind = "BACKUP" | "RESTORE" | "UNSPECIFIED";
+export type JobKind = "BACKUP" | "RESTORE" | "VERIFY" | "UNSPECIFIED";
+/** The outcome of a backup's last verification; "UNSPECIFIED" when it never was verified. */
+export type VerifyResult = "PASSED" | "FAILED" | "UNSPECIFIED";
 
 /** One archive in the service's backup directory. */
 export interface Backup {
@@ -65,6 +68,22 @@ export interface Backup {
    * "BUCKET" while a bucket is configured waits for its offsite copy.
    */
   locations: StorageLocation[];
+  /** When the backup was last verified (restored into a scratch database and checked); undefined if never. */
+  verifyTime: Date | undefined;
+  verifyResult: VerifyResult;
+  /**
+   * The check that failed when `verifyResult` is "FAILED": "restore", "tables", "row_counts", "indexes",
+   * "extensions" or "verify_sql"; "" otherwise.
+   */
+  verifyFailedCheck: string;
+  /** What the verification found, for a person. */
+  verifyMessage: string;
+  /** Whether retention must keep the backup now (see `pin`). */
+  pinned: boolean;
+  /** When the pin expires; undefined for a pin without expiry, or when not pinned. */
+  pinExpireTime: Date | undefined;
+  /** Rows by table ("public.users") counted as the dump streamed through; {} when not known. */
+  tableRows: Record<string, bigint>;
 }
 
 /** Progress of a long operation (create, restore, upload). */
@@ -124,10 +143,20 @@ export interface Schedule {
   nextRunTime: Date | undefined;
 }
 
-/** Which backups the service keeps. */
+/**
+ * Which backups the service keeps. A backup kept by any rule is kept (as restic's `forget` combines its
+ * rules); days, weeks and months are those of the schedule's time zone. Pinned backups, the newest READY
+ * one, the newest verified one and uploads are never deleted.
+ */
 export interface RetentionPolicy {
-  /** Keep the newest N READY backups (1 to 100). */
+  /** Keep the newest N READY backups (0 to 100; 0 only with another rule). */
   keepLast: number;
+  /** Keep the newest backup of each of the last N days (0 to 1000); 0 when unset. */
+  keepDaily?: number;
+  /** Keep the newest backup of each of the last N weeks (0 to 1000); 0 when unset. */
+  keepWeekly?: number;
+  /** Keep the newest backup of each of the last N months (0 to 1000); 0 when unset. */
+  keepMonthly?: number;
 }
 
 /** What `setRetention` did. */
@@ -171,6 +200,10 @@ export interface ServiceStatus {
    * interrupted restore was rolled back. `progress.message` says what happened. Undefined otherwise.
    */
   interruptedJob: Job | undefined;
+  /** The backup verified most recently, whatever the outcome (see its `verifyResult`). */
+  lastVerifiedBackup: Backup | undefined;
+  /** When a verification last passed; undefined when none did. */
+  lastVerifySuccessTime: Date | undefined;
   /** The database the service backs up (its name only). */
   database: string;
   /** Whether the database answers right now. */

@@ -135,15 +135,32 @@ describe("aperture-backup client", { concurrency: false }, () => {
 
   it("gets and sets retention", async () => {
     const before = await client.getRetention();
-    const changed = await client.setRetention({ keepLast: 100 });
-    assert.deepEqual(changed, { keepLast: 100, deletedIds: [] });
-    assert.deepEqual(await client.getRetention(), { keepLast: 100 });
+    const changed = await client.setRetention({ keepLast: 100, keepDaily: 7, keepMonthly: 12 });
+    assert.deepEqual(changed, { keepLast: 100, keepDaily: 7, keepWeekly: 0, keepMonthly: 12, deletedIds: [] });
+    assert.deepEqual(await client.getRetention(), { keepLast: 100, keepDaily: 7, keepWeekly: 0, keepMonthly: 12 });
     await assert.rejects(client.setRetention({ keepLast: 0 }), (error: unknown) => {
       assert.ok(isInvalidArgument(error));
       assert.equal(error.reason, "INVALID_RETENTION");
       return true;
     });
     await client.setRetention(before);
+  });
+
+  it("verifies a backup and pins it", async () => {
+    const phases: Phase[] = [];
+    const verified = await client.verify(backup.id, { onProgress: (event) => phases.push(event.phase) });
+    assert.equal(verified.verifyResult, "PASSED");
+    assert.equal(verified.verifyFailedCheck, "");
+    assert.ok(verified.verifyTime instanceof Date);
+    assert.ok(phases.includes("RESTORING") && phases.includes("CHECKING"));
+    assert.ok(Object.values(verified.tableRows).every((rows) => typeof rows === "bigint"));
+    assert.equal((await client.status()).lastVerifiedBackup?.id, backup.id);
+    const pinned = await client.pin(backup.id, { ttlMs: 3_600_000 });
+    assert.equal(pinned.pinned, true);
+    assert.ok(pinned.pinExpireTime !== undefined && pinned.pinExpireTime.getTime() > Date.now());
+    const unpinned = await client.unpin(backup.id);
+    assert.equal(unpinned.pinned, false);
+    assert.equal(unpinned.pinExpireTime, undefined);
   });
 
   it("gets and sets the schedule", async () => {

@@ -404,6 +404,36 @@ async function calls(client: BackupClient, work: string): Promise<Json> {
   return { list, status, create: created, download, upload };
 }
 
+/** Verify (the newest backup, then one by id), Pin with and without expiry, Unpin, GFS retention. */
+async function verifyAndPin(client: BackupClient, failingId: string): Promise<Json> {
+  const phases: Phase[] = [];
+  const newest = await client.verify("", { onProgress: (event) => phases.push(event.phase) });
+  const failed = failingId === "" ? { skipped: true } : await failure(client.verify(failingId));
+  const failedBackup = failingId === "" ? undefined : await client.get(failingId);
+  const status = await client.status();
+  const pinnedForever = await client.pin(newest.id);
+  const pinnedForAnHour = await client.pin(newest.id, { ttlMs: 3_600_000 });
+  const unpinned = await client.unpin(newest.id);
+  const badPin = await failure(client.pin(newest.id, { ttlMs: -1000 }));
+  const preview = await client.setRetention({ keepLast: 0, keepDaily: 1, validateOnly: true });
+  return {
+    newest,
+    phases: [...new Set(phases)],
+    failed,
+    failedBackup: failedBackup ?? null,
+    status: {
+      lastVerifiedId: status.lastVerifiedBackup?.id ?? null,
+      lastVerifiedResult: status.lastVerifiedBackup?.verifyResult ?? null,
+      lastVerifySuccessTime: status.lastVerifySuccessTime?.toISOString() ?? null,
+    },
+    pinnedForever: { pinned: pinnedForever.pinned, expires: pinnedForever.pinExpireTime?.toISOString() ?? null },
+    pinnedForAnHour: { pinned: pinnedForAnHour.pinned, expires: pinnedForAnHour.pinExpireTime?.toISOString() ?? null },
+    unpinned: { pinned: unpinned.pinned, expires: unpinned.pinExpireTime?.toISOString() ?? null },
+    badPin,
+    preview,
+  };
+}
+
 async function main(argv: string[]): Promise<Json> {
   const [command, address, ...args] = argv;
   if (command === undefined || address === undefined) {
@@ -431,6 +461,8 @@ async function main(argv: string[]): Promise<Json> {
         return await upload(client, args[0] ?? "", args.slice(1));
       case "download":
         return await download(client, args[0] ?? "", args[1] ?? "", args.slice(2));
+      case "verify-and-pin":
+        return await verifyAndPin(client, args[0] ?? "");
       case "calls":
         return await calls(client, args[0] ?? ".");
       default:

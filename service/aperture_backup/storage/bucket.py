@@ -127,6 +127,8 @@ class Bucket:
         #: Parsed manifests by key and ETag: a listing reads only the manifests it has not seen.
         self._manifests: dict[str, tuple[str, Backup | None]] = {}
         self._unreachable: tuple[float, BackupError] | None = None
+        #: Keys this service is uploading now: never "stale", whatever date the storage service gives them.
+        self._uploading: set[str] = set()
 
     def describe(self) -> str:
         return str(self.address) + (f" at {self._endpoint}" if self._endpoint else "")
@@ -215,6 +217,20 @@ class Bucket:
             raise Internal(f"only READY archives with a checksum go to the bucket, not {backup.id} ({backup.state})")
         key = self.key(backup.id)
         part = part_size_for(backup.size_bytes)
+        with self._uploading_key(key):
+            self._put(backup, path, key, part, on_progress)
+
+    @contextlib.contextmanager
+    def _uploading_key(self, key: str) -> Iterator[None]:
+        with self._lock:
+            self._uploading.add(key)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._uploading.discard(key)
+
+    def _put(self, backup: Backup, path: Path, key: str, part: int, on_progress: Callable[[int], None] | None) -> None:
         self._abort_uploads(key)
         transfer = TransferConfig(
             multipart_threshold=part, multipart_chunksize=part, max_concurrency=UPLOAD_CONCURRENCY, use_threads=True
@@ -284,7 +300,9 @@ class Bucket:
             )
             for page in pages:
                 for upload in page.get("Uploads", []):
-                    if upload["Initiated"] < cutoff:
+                    with self._lock:
+                        mine = upload["Key"] in self._uploading
+                    if upload["Initiated"] < cutoff and not mine:
                         self._client.abort_multipart_upload(
                             Bucket=self.address.bucket, Key=upload["Key"], UploadId=upload["UploadId"]
                         )
@@ -363,6 +381,8 @@ class GrowingUpload:
         self.backup_id = backup_id
         self.key = bucket.key(backup_id)
         self._client = bucket._client
+        with bucket._lock:
+            bucket._uploading.add(self.key)
         bucket._abort_uploads(self.key)
         with bucket._translated(f"starting the upload of {backup_id}"):
             self._upload_id = self._client.create_multipart_upload(
@@ -416,6 +436,7 @@ class GrowingUpload:
         except BackupError:
             self._abort()
             raise
+        self._done()
         self._bucket.write_manifest(backup)
         _logger.info(
             "copied %s to %s (%d bytes in %d parts, sent while it was written)",
@@ -434,7 +455,12 @@ class GrowingUpload:
             os.close(self._fd)
         self._abort()
 
+    def _done(self) -> None:
+        with self._bucket._lock:
+            self._bucket._uploading.discard(self.key)
+
     def _abort(self) -> None:
+        self._done()
         with contextlib.suppress(BackupError), self._bucket._translated(f"aborting the upload of {self.backup_id}"):
             self._client.abort_multipart_upload(
                 Bucket=self._bucket.address.bucket, Key=self.key, UploadId=self._upload_id

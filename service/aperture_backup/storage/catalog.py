@@ -105,6 +105,20 @@ class Archives:
             return found
         raise NotFound(f"no backup with id {backup_id!r}; List shows the ids there are")
 
+    def update(self, backup_id: str, change: Callable[[Backup], Backup]) -> Backup:
+        """Change what a backup's manifest says (its pin, its verification) wherever it has one: in the
+        directory, and in the bucket, so that a replica, or a new machine after a disaster, sees it too."""
+        found = self.get(backup_id)
+        in_bucket = self.bucket is not None and Location.BUCKET in found.locations
+        updated = None
+        if Location.LOCAL in found.locations or not in_bucket:
+            updated = self.local.update(backup_id, change)
+        if self.bucket is not None and in_bucket:
+            remote = change(self.bucket.get(backup_id))
+            self.bucket.write_manifest(remote)
+            updated = updated or remote
+        return (updated or found).replace(locations=found.locations)
+
     # -- reading ---------------------------------------------------------------------------------------
 
     @contextlib.contextmanager

@@ -18,7 +18,7 @@ import re
 import secrets
 import threading
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -161,7 +161,8 @@ class ArchiveStore:
         directory.mkdir(parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
         self._lock = threading.Lock()
-        self._pins: Counter[str] = Counter()
+        self._manifest_lock = threading.Lock()
+        self._users: Counter[str] = Counter()
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -190,6 +191,14 @@ class ArchiveStore:
             write_json(self.manifest_path(backup.id), backup.to_json(), temp=temp, exclusive=exclusive)
         except OSError as exc:
             raise from_os_error(exc, f"writing the manifest of {backup.id}") from None
+
+    def update(self, backup_id: str, change: Callable[[Backup], Backup]) -> Backup:
+        """Change what the manifest of a backup says (its verification, its pin), one caller at a time so
+        that two changes do not undo each other. A file found without a manifest gets one."""
+        with self._manifest_lock:
+            updated = change(self.get(backup_id))
+            self.write_manifest(updated)
+            return updated
 
     def fsync_directory(self) -> None:
         fsync_directory(self.directory)
@@ -277,23 +286,24 @@ class ArchiveStore:
         _logger.info("deleted backup %s", backup_id)
         return backup
 
-    # -- pins: archives in use that retention must not delete ----------------------------------------
+    # -- archives in use (downloaded, restored, verified), which neither retention nor Delete may remove --
+    # (Not to be confused with a backup's `pinned` flag, which a person sets to keep it from retention.)
 
     @contextlib.contextmanager
-    def pinned(self, backup_id: str) -> Iterator[None]:
+    def in_use(self, backup_id: str) -> Iterator[None]:
         with self._lock:
-            self._pins[backup_id] += 1
+            self._users[backup_id] += 1
         try:
             yield
         finally:
             with self._lock:
-                self._pins[backup_id] -= 1
-                if self._pins[backup_id] <= 0:
-                    del self._pins[backup_id]
+                self._users[backup_id] -= 1
+                if self._users[backup_id] <= 0:
+                    del self._users[backup_id]
 
-    def is_pinned(self, backup_id: str) -> bool:
+    def is_in_use(self, backup_id: str) -> bool:
         with self._lock:
-            return self._pins[backup_id] > 0
+            return self._users[backup_id] > 0
 
     # -- internals -------------------------------------------------------------------------------------
 

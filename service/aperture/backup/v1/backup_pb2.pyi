@@ -172,6 +172,30 @@ STORAGE_LOCATION_BUCKET: StorageLocation.ValueType  # 2
 """The S3-compatible bucket (offsite)."""
 Global___StorageLocation: _TypeAlias = StorageLocation  # noqa: Y015
 
+class _VerifyResult:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _VerifyResultEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_VerifyResult.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VERIFY_RESULT_UNSPECIFIED: _VerifyResult.ValueType  # 0
+    """Never verified."""
+    VERIFY_RESULT_PASSED: _VerifyResult.ValueType  # 1
+    """Every check passed: the archive restores, with the rows and schema recorded at backup time."""
+    VERIFY_RESULT_FAILED: _VerifyResult.ValueType  # 2
+    """A check failed; `Backup.verify_failed_check` and `Backup.verify_message` say which and why."""
+
+class VerifyResult(_VerifyResult, metaclass=_VerifyResultEnumTypeWrapper):
+    """The outcome of a backup's last verification."""
+
+VERIFY_RESULT_UNSPECIFIED: VerifyResult.ValueType  # 0
+"""Never verified."""
+VERIFY_RESULT_PASSED: VerifyResult.ValueType  # 1
+"""Every check passed: the archive restores, with the rows and schema recorded at backup time."""
+VERIFY_RESULT_FAILED: VerifyResult.ValueType  # 2
+"""A check failed; `Backup.verify_failed_check` and `Backup.verify_message` say which and why."""
+Global___VerifyResult: _TypeAlias = VerifyResult  # noqa: Y015
+
 class _Phase:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -196,6 +220,10 @@ class _PhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Phase.ValueType
     """Loading the archive into the database."""
     PHASE_DONE: _Phase.ValueType  # 8
     """Finished."""
+    PHASE_CHECKING: _Phase.ValueType  # 9
+    """Checking a restored scratch database (Verify): row counts, tables, indexes, extensions, the operator's
+    query.
+    """
 
 class Phase(_Phase, metaclass=_PhaseEnumTypeWrapper):
     """A step of a long operation."""
@@ -218,6 +246,10 @@ PHASE_RESTORING: Phase.ValueType  # 7
 """Loading the archive into the database."""
 PHASE_DONE: Phase.ValueType  # 8
 """Finished."""
+PHASE_CHECKING: Phase.ValueType  # 9
+"""Checking a restored scratch database (Verify): row counts, tables, indexes, extensions, the operator's
+query.
+"""
 Global___Phase: _TypeAlias = Phase  # noqa: Y015
 
 class _JobKind:
@@ -232,6 +264,8 @@ class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.Value
     """A backup (manual, scheduled or a safety backup)."""
     JOB_KIND_RESTORE: _JobKind.ValueType  # 2
     """A restore."""
+    JOB_KIND_VERIFY: _JobKind.ValueType  # 3
+    """A verification (Verify, or the one after a scheduled backup)."""
 
 class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper):
     """What kind of job is running."""
@@ -242,6 +276,8 @@ JOB_KIND_BACKUP: JobKind.ValueType  # 1
 """A backup (manual, scheduled or a safety backup)."""
 JOB_KIND_RESTORE: JobKind.ValueType  # 2
 """A restore."""
+JOB_KIND_VERIFY: JobKind.ValueType  # 3
+"""A verification (Verify, or the one after a scheduled backup)."""
 Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
 
 @_typing.final
@@ -249,6 +285,26 @@ class Backup(_message.Message):
     """One archive in the backup directory."""
 
     DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TableRowsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
 
     ID_FIELD_NUMBER: _builtins.int
     FILENAME_FIELD_NUMBER: _builtins.int
@@ -267,6 +323,13 @@ class Backup(_message.Message):
     ENCRYPTED_FIELD_NUMBER: _builtins.int
     AGE_RECIPIENTS_FIELD_NUMBER: _builtins.int
     LOCATIONS_FIELD_NUMBER: _builtins.int
+    VERIFY_TIME_FIELD_NUMBER: _builtins.int
+    VERIFY_RESULT_FIELD_NUMBER: _builtins.int
+    VERIFY_FAILED_CHECK_FIELD_NUMBER: _builtins.int
+    VERIFY_MESSAGE_FIELD_NUMBER: _builtins.int
+    PINNED_FIELD_NUMBER: _builtins.int
+    PIN_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    TABLE_ROWS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     """The archive's file name in the backup directory, for example
     `aperture-backup-2026-11-28T01-00-00-123456Z-7f3a.sql.gz`. Unique, stable, sorts by time.
@@ -298,6 +361,18 @@ class Backup(_message.Message):
     those of the encrypted file as stored; `age -d -i IDENTITY_FILE FILE` gives back the archive inside,
     of `format` and `compression`.
     """
+    verify_result: Global___VerifyResult.ValueType
+    """The outcome of that verification; VERIFY_RESULT_UNSPECIFIED when it never was verified."""
+    verify_failed_check: _builtins.str
+    """The check that failed, when `verify_result` is FAILED: "restore", "tables", "row_counts", "indexes",
+    "extensions" or "verify_sql"; empty otherwise.
+    """
+    verify_message: _builtins.str
+    """What the verification found, for a person: why the check failed, or a summary of what passed."""
+    pinned: _builtins.bool
+    """Whether the backup is pinned now: retention never deletes it (see Pin). A pin past its expiry no
+    longer counts and shows as false.
+    """
     @_builtins.property
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When the backup started (for a file found in the directory: its modification time)."""
@@ -320,6 +395,22 @@ class Backup(_message.Message):
         without STORAGE_LOCATION_BUCKET, while a bucket is configured, is waiting for its offsite copy.
         """
 
+    @_builtins.property
+    def verify_time(self) -> _timestamp_pb2.Timestamp:
+        """When the backup was last verified (restored into a scratch database and checked, see Verify); unset
+        when it never was.
+        """
+
+    @_builtins.property
+    def pin_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """When the pin expires; unset for a pin without expiry, or when not pinned."""
+
+    @_builtins.property
+    def table_rows(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Rows in the archive by table ("public.users"), counted as the dump streamed through; empty when not
+        known (files found in the directory, archives made before rows were counted). Verify compares them.
+        """
+
     def __init__(
         self,
         *,
@@ -340,10 +431,17 @@ class Backup(_message.Message):
         encrypted: _builtins.bool = ...,
         age_recipients: _abc.Iterable[_builtins.str] | None = ...,
         locations: _abc.Iterable[Global___StorageLocation.ValueType] | None = ...,
+        verify_time: _timestamp_pb2.Timestamp | None = ...,
+        verify_result: Global___VerifyResult.ValueType = ...,
+        verify_failed_check: _builtins.str = ...,
+        verify_message: _builtins.str = ...,
+        pinned: _builtins.bool = ...,
+        pin_expire_time: _timestamp_pb2.Timestamp | None = ...,
+        table_rows: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "duration", b"duration", "pin_expire_time", b"pin_expire_time", "verify_time", b"verify_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_recipients", b"age_recipients", "compression", b"compression", "create_time", b"create_time", "database", b"database", "duration", b"duration", "encrypted", b"encrypted", "error", b"error", "filename", b"filename", "format", b"format", "id", b"id", "locations", b"locations", "pg_dump_version", b"pg_dump_version", "server_version", b"server_version", "sha256", b"sha256", "size_bytes", b"size_bytes", "state", b"state", "trigger", b"trigger"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["age_recipients", b"age_recipients", "compression", b"compression", "create_time", b"create_time", "database", b"database", "duration", b"duration", "encrypted", b"encrypted", "error", b"error", "filename", b"filename", "format", b"format", "id", b"id", "locations", b"locations", "pg_dump_version", b"pg_dump_version", "pin_expire_time", b"pin_expire_time", "pinned", b"pinned", "server_version", b"server_version", "sha256", b"sha256", "size_bytes", b"size_bytes", "state", b"state", "table_rows", b"table_rows", "trigger", b"trigger", "verify_failed_check", b"verify_failed_check", "verify_message", b"verify_message", "verify_result", b"verify_result", "verify_time", b"verify_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -907,21 +1005,37 @@ Global___RestoreResponse: _TypeAlias = RestoreResponse  # noqa: Y015
 
 @_typing.final
 class RetentionPolicy(_message.Message):
-    """Which backups to keep."""
+    """Which backups to keep. The rules combine as restic's `forget` combines them: a backup kept by any rule
+    is kept. Days, weeks (ISO weeks, from Monday) and months are those of the schedule's time zone. Whatever
+    the rules, retention never deletes a pinned backup, the newest READY one, the newest verified one, an
+    upload, or one in use; FAILED backups and uploads never count, so they cannot push out good backups.
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     KEEP_LAST_FIELD_NUMBER: _builtins.int
+    KEEP_DAILY_FIELD_NUMBER: _builtins.int
+    KEEP_WEEKLY_FIELD_NUMBER: _builtins.int
+    KEEP_MONTHLY_FIELD_NUMBER: _builtins.int
     keep_last: _builtins.int
-    """Keep the newest N READY backups (1 to 100) and delete older ones. FAILED entries do not count."""
+    """Keep the newest N READY backups (0 to 100; 0 only together with another rule)."""
+    keep_daily: _builtins.int
+    """Keep the newest backup of each of the last N days that have one (0 to 1000; 0: no daily rule)."""
+    keep_weekly: _builtins.int
+    """Keep the newest backup of each of the last N weeks that have one (0 to 1000)."""
+    keep_monthly: _builtins.int
+    """Keep the newest backup of each of the last N months that have one (0 to 1000)."""
     def __init__(
         self,
         *,
         keep_last: _builtins.int = ...,
+        keep_daily: _builtins.int = ...,
+        keep_weekly: _builtins.int = ...,
+        keep_monthly: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_last", b"keep_last"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["keep_daily", b"keep_daily", "keep_last", b"keep_last", "keep_monthly", b"keep_monthly", "keep_weekly", b"keep_weekly"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -969,7 +1083,9 @@ class SetRetentionResponse(_message.Message):
 
     @_builtins.property
     def deleted_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Ids of the backups deleted by applying it."""
+        """Ids of the backups deleted by applying it (with `validate_only`: the ones it would delete), newest
+        first.
+        """
 
     def __init__(
         self,
@@ -1260,6 +1376,8 @@ class GetStatusResponse(_message.Message):
     DATABASE_REACHABLE_FIELD_NUMBER: _builtins.int
     INTERRUPTED_JOB_FIELD_NUMBER: _builtins.int
     OFFSITE_FIELD_NUMBER: _builtins.int
+    LAST_VERIFIED_BACKUP_FIELD_NUMBER: _builtins.int
+    LAST_VERIFY_SUCCESS_TIME_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """The database this service backs up (name only, never credentials)."""
     database_reachable: _builtins.bool
@@ -1295,6 +1413,16 @@ class GetStatusResponse(_message.Message):
     def offsite(self) -> Global___OffsiteStatus:
         """Offsite copies; unset when no bucket is configured."""
 
+    @_builtins.property
+    def last_verified_backup(self) -> Global___Backup:
+        """The backup verified most recently (whatever the outcome: see its `verify_result`); unset when none
+        ever was.
+        """
+
+    @_builtins.property
+    def last_verify_success_time(self) -> _timestamp_pb2.Timestamp:
+        """When a verification last passed; unset when none ever did."""
+
     def __init__(
         self,
         *,
@@ -1307,10 +1435,12 @@ class GetStatusResponse(_message.Message):
         database_reachable: _builtins.bool = ...,
         interrupted_job: Global___Job | None = ...,
         offsite: Global___OffsiteStatus | None = ...,
+        last_verified_backup: Global___Backup | None = ...,
+        last_verify_success_time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "last_verified_backup", b"last_verified_backup", "last_verify_success_time", b"last_verify_success_time", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "last_verified_backup", b"last_verified_backup", "last_verify_success_time", b"last_verify_success_time", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1409,3 +1539,155 @@ class CancelResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CancelResponse: _TypeAlias = CancelResponse  # noqa: Y015
+
+@_typing.final
+class VerifyRequest(_message.Message):
+    """Request of Verify."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The backup to verify; empty for the newest READY backup."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyRequest: _TypeAlias = VerifyRequest  # noqa: Y015
+
+@_typing.final
+class VerifyResponse(_message.Message):
+    """One message of the Verify stream."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROGRESS_FIELD_NUMBER: _builtins.int
+    BACKUP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def progress(self) -> Global___Progress:
+        """Where the verification stands."""
+
+    @_builtins.property
+    def backup(self) -> Global___Backup:
+        """The backup being verified; in the last message, with its verification (`verify_time`,
+        `verify_result`).
+        """
+
+    def __init__(
+        self,
+        *,
+        progress: Global___Progress | None = ...,
+        backup: Global___Backup | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "progress", b"progress"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup", "progress", b"progress"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___VerifyResponse: _TypeAlias = VerifyResponse  # noqa: Y015
+
+@_typing.final
+class PinRequest(_message.Message):
+    """Request of Pin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    TTL_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The backup's id (its file name)."""
+    @_builtins.property
+    def ttl(self) -> _duration_pb2.Duration:
+        """How long the pin lasts; unset pins until Unpin."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        ttl: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ttl", b"ttl"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "ttl", b"ttl"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinRequest: _TypeAlias = PinRequest  # noqa: Y015
+
+@_typing.final
+class PinResponse(_message.Message):
+    """Response of Pin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def backup(self) -> Global___Backup:
+        """The backup, pinned."""
+
+    def __init__(
+        self,
+        *,
+        backup: Global___Backup | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PinResponse: _TypeAlias = PinResponse  # noqa: Y015
+
+@_typing.final
+class UnpinRequest(_message.Message):
+    """Request of Unpin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The backup's id (its file name)."""
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnpinRequest: _TypeAlias = UnpinRequest  # noqa: Y015
+
+@_typing.final
+class UnpinResponse(_message.Message):
+    """Response of Unpin."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    BACKUP_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def backup(self) -> Global___Backup:
+        """The backup, no longer pinned."""
+
+    def __init__(
+        self,
+        *,
+        backup: Global___Backup | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup", b"backup"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UnpinResponse: _TypeAlias = UnpinResponse  # noqa: Y015

@@ -101,6 +101,21 @@ class BackupServiceStub:
                 request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelRequest.SerializeToString,
                 response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.Verify = channel.unary_stream(
+                '/aperture.backup.v1.BackupService/Verify',
+                request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.VerifyRequest.SerializeToString,
+                response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.VerifyResponse.FromString,
+                _registered_method=True)
+        self.Pin = channel.unary_unary(
+                '/aperture.backup.v1.BackupService/Pin',
+                request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.PinRequest.SerializeToString,
+                response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.PinResponse.FromString,
+                _registered_method=True)
+        self.Unpin = channel.unary_unary(
+                '/aperture.backup.v1.BackupService/Unpin',
+                request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinRequest.SerializeToString,
+                response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -214,6 +229,37 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Verify(self, request, context):
+        """Proves a backup restorable: restores it into a scratch database on the same server (never the live
+        one, which is neither touched nor blocked), checks that every table has the rows counted at backup
+        time and that the tables, indexes and extensions the manifest lists exist, runs the operator's query
+        (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
+        last message carries the backup with its verification. The outcome is recorded in the manifest either
+        way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
+        metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+        one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+        VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Pin(self, request, context):
+        """Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
+        pinned (FAILED_PRECONDITION otherwise). Pinning a pinned backup sets its new expiry.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unpin(self, request, context):
+        """Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
+        changes nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -281,6 +327,21 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelRequest.FromString,
                     response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.CancelResponse.SerializeToString,
+            ),
+            'Verify': grpc.unary_stream_rpc_method_handler(
+                    servicer.Verify,
+                    request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.VerifyRequest.FromString,
+                    response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.VerifyResponse.SerializeToString,
+            ),
+            'Pin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Pin,
+                    request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.PinRequest.FromString,
+                    response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.PinResponse.SerializeToString,
+            ),
+            'Unpin': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unpin,
+                    request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinRequest.FromString,
+                    response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -636,6 +697,87 @@ class BackupService:
             '/aperture.backup.v1.BackupService/Cancel',
             aperture_dot_backup_dot_v1_dot_backup__pb2.CancelRequest.SerializeToString,
             aperture_dot_backup_dot_v1_dot_backup__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Verify(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/aperture.backup.v1.BackupService/Verify',
+            aperture_dot_backup_dot_v1_dot_backup__pb2.VerifyRequest.SerializeToString,
+            aperture_dot_backup_dot_v1_dot_backup__pb2.VerifyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Pin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aperture.backup.v1.BackupService/Pin',
+            aperture_dot_backup_dot_v1_dot_backup__pb2.PinRequest.SerializeToString,
+            aperture_dot_backup_dot_v1_dot_backup__pb2.PinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unpin(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aperture.backup.v1.BackupService/Unpin',
+            aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinRequest.SerializeToString,
+            aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -90,6 +90,25 @@ class BackupServiceStub:
     restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
     to a few seconds; `stopped` says whether it has.
     """
+    Verify: _grpc.UnaryStreamMultiCallable[_backup_pb2.VerifyRequest, _backup_pb2.VerifyResponse]
+    """Proves a backup restorable: restores it into a scratch database on the same server (never the live
+    one, which is neither touched nor blocked), checks that every table has the rows counted at backup
+    time and that the tables, indexes and extensions the manifest lists exist, runs the operator's query
+    (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
+    last message carries the backup with its verification. The outcome is recorded in the manifest either
+    way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
+    metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+    one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+    VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
+    """
+    Pin: _grpc.UnaryUnaryMultiCallable[_backup_pb2.PinRequest, _backup_pb2.PinResponse]
+    """Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
+    pinned (FAILED_PRECONDITION otherwise). Pinning a pinned backup sets its new expiry.
+    """
+    Unpin: _grpc.UnaryUnaryMultiCallable[_backup_pb2.UnpinRequest, _backup_pb2.UnpinResponse]
+    """Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
+    changes nothing.
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -145,6 +164,25 @@ class BackupServiceAsyncStub(BackupServiceStub):
     a restore is rolled back and the database is unchanged (a restore is also named by the backup it
     restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
     to a few seconds; `stopped` says whether it has.
+    """
+    Verify: _aio.UnaryStreamMultiCallable[_backup_pb2.VerifyRequest, _backup_pb2.VerifyResponse]  # type: ignore[assignment]
+    """Proves a backup restorable: restores it into a scratch database on the same server (never the live
+    one, which is neither touched nor blocked), checks that every table has the rows counted at backup
+    time and that the tables, indexes and extensions the manifest lists exist, runs the operator's query
+    (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
+    last message carries the backup with its verification. The outcome is recorded in the manifest either
+    way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
+    metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+    one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+    VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
+    """
+    Pin: _aio.UnaryUnaryMultiCallable[_backup_pb2.PinRequest, _backup_pb2.PinResponse]  # type: ignore[assignment]
+    """Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
+    pinned (FAILED_PRECONDITION otherwise). Pinning a pinned backup sets its new expiry.
+    """
+    Unpin: _aio.UnaryUnaryMultiCallable[_backup_pb2.UnpinRequest, _backup_pb2.UnpinResponse]  # type: ignore[assignment]
+    """Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
+    changes nothing.
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -276,6 +314,43 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         a restore is rolled back and the database is unchanged (a restore is also named by the backup it
         restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
         to a few seconds; `stopped` says whether it has.
+        """
+
+    @_abc_1.abstractmethod
+    def Verify(
+        self,
+        request: _backup_pb2.VerifyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_backup_pb2.VerifyResponse], _abc.AsyncIterator[_backup_pb2.VerifyResponse]]:
+        """Proves a backup restorable: restores it into a scratch database on the same server (never the live
+        one, which is neither touched nor blocked), checks that every table has the rows counted at backup
+        time and that the tables, indexes and extensions the manifest lists exist, runs the operator's query
+        (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
+        last message carries the backup with its verification. The outcome is recorded in the manifest either
+        way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
+        metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+        one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+        VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
+        """
+
+    @_abc_1.abstractmethod
+    def Pin(
+        self,
+        request: _backup_pb2.PinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_pb2.PinResponse, _abc.Awaitable[_backup_pb2.PinResponse]]:
+        """Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
+        pinned (FAILED_PRECONDITION otherwise). Pinning a pinned backup sets its new expiry.
+        """
+
+    @_abc_1.abstractmethod
+    def Unpin(
+        self,
+        request: _backup_pb2.UnpinRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_pb2.UnpinResponse, _abc.Awaitable[_backup_pb2.UnpinResponse]]:
+        """Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
+        changes nothing.
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

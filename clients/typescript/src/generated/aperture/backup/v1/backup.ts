@@ -292,6 +292,49 @@ export function storageLocationToJSON(object: StorageLocation): string {
   }
 }
 
+/** The outcome of a backup's last verification. */
+export enum VerifyResult {
+  /** VERIFY_RESULT_UNSPECIFIED - Never verified. */
+  VERIFY_RESULT_UNSPECIFIED = 0,
+  /** VERIFY_RESULT_PASSED - Every check passed: the archive restores, with the rows and schema recorded at backup time. */
+  VERIFY_RESULT_PASSED = 1,
+  /** VERIFY_RESULT_FAILED - A check failed; `Backup.verify_failed_check` and `Backup.verify_message` say which and why. */
+  VERIFY_RESULT_FAILED = 2,
+  UNRECOGNIZED = -1,
+}
+
+export function verifyResultFromJSON(object: any): VerifyResult {
+  switch (object) {
+    case 0:
+    case "VERIFY_RESULT_UNSPECIFIED":
+      return VerifyResult.VERIFY_RESULT_UNSPECIFIED;
+    case 1:
+    case "VERIFY_RESULT_PASSED":
+      return VerifyResult.VERIFY_RESULT_PASSED;
+    case 2:
+    case "VERIFY_RESULT_FAILED":
+      return VerifyResult.VERIFY_RESULT_FAILED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return VerifyResult.UNRECOGNIZED;
+  }
+}
+
+export function verifyResultToJSON(object: VerifyResult): string {
+  switch (object) {
+    case VerifyResult.VERIFY_RESULT_UNSPECIFIED:
+      return "VERIFY_RESULT_UNSPECIFIED";
+    case VerifyResult.VERIFY_RESULT_PASSED:
+      return "VERIFY_RESULT_PASSED";
+    case VerifyResult.VERIFY_RESULT_FAILED:
+      return "VERIFY_RESULT_FAILED";
+    case VerifyResult.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
 /** A step of a long operation. */
 export enum Phase {
   /** PHASE_UNSPECIFIED - Not set. */
@@ -312,6 +355,11 @@ export enum Phase {
   PHASE_RESTORING = 7,
   /** PHASE_DONE - Finished. */
   PHASE_DONE = 8,
+  /**
+   * PHASE_CHECKING - Checking a restored scratch database (Verify): row counts, tables, indexes, extensions, the operator's
+   * query.
+   */
+  PHASE_CHECKING = 9,
   UNRECOGNIZED = -1,
 }
 
@@ -344,6 +392,9 @@ export function phaseFromJSON(object: any): Phase {
     case 8:
     case "PHASE_DONE":
       return Phase.PHASE_DONE;
+    case 9:
+    case "PHASE_CHECKING":
+      return Phase.PHASE_CHECKING;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -371,6 +422,8 @@ export function phaseToJSON(object: Phase): string {
       return "PHASE_RESTORING";
     case Phase.PHASE_DONE:
       return "PHASE_DONE";
+    case Phase.PHASE_CHECKING:
+      return "PHASE_CHECKING";
     case Phase.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -385,6 +438,8 @@ export enum JobKind {
   JOB_KIND_BACKUP = 1,
   /** JOB_KIND_RESTORE - A restore. */
   JOB_KIND_RESTORE = 2,
+  /** JOB_KIND_VERIFY - A verification (Verify, or the one after a scheduled backup). */
+  JOB_KIND_VERIFY = 3,
   UNRECOGNIZED = -1,
 }
 
@@ -399,6 +454,9 @@ export function jobKindFromJSON(object: any): JobKind {
     case 2:
     case "JOB_KIND_RESTORE":
       return JobKind.JOB_KIND_RESTORE;
+    case 3:
+    case "JOB_KIND_VERIFY":
+      return JobKind.JOB_KIND_VERIFY;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -414,6 +472,8 @@ export function jobKindToJSON(object: JobKind): string {
       return "JOB_KIND_BACKUP";
     case JobKind.JOB_KIND_RESTORE:
       return "JOB_KIND_RESTORE";
+    case JobKind.JOB_KIND_VERIFY:
+      return "JOB_KIND_VERIFY";
     case JobKind.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
@@ -475,6 +535,41 @@ export interface Backup {
    * without STORAGE_LOCATION_BUCKET, while a bucket is configured, is waiting for its offsite copy.
    */
   locations: StorageLocation[];
+  /**
+   * When the backup was last verified (restored into a scratch database and checked, see Verify); unset
+   * when it never was.
+   */
+  verifyTime:
+    | Date
+    | undefined;
+  /** The outcome of that verification; VERIFY_RESULT_UNSPECIFIED when it never was verified. */
+  verifyResult: VerifyResult;
+  /**
+   * The check that failed, when `verify_result` is FAILED: "restore", "tables", "row_counts", "indexes",
+   * "extensions" or "verify_sql"; empty otherwise.
+   */
+  verifyFailedCheck: string;
+  /** What the verification found, for a person: why the check failed, or a summary of what passed. */
+  verifyMessage: string;
+  /**
+   * Whether the backup is pinned now: retention never deletes it (see Pin). A pin past its expiry no
+   * longer counts and shows as false.
+   */
+  pinned: boolean;
+  /** When the pin expires; unset for a pin without expiry, or when not pinned. */
+  pinExpireTime:
+    | Date
+    | undefined;
+  /**
+   * Rows in the archive by table ("public.users"), counted as the dump streamed through; empty when not
+   * known (files found in the directory, archives made before rows were counted). Verify compares them.
+   */
+  tableRows: { [key: string]: string };
+}
+
+export interface Backup_TableRowsEntry {
+  key: string;
+  value: string;
 }
 
 /** Progress of a long operation. */
@@ -672,10 +767,21 @@ export interface RestoreResponse {
   result: RestoreResult | undefined;
 }
 
-/** Which backups to keep. */
+/**
+ * Which backups to keep. The rules combine as restic's `forget` combines them: a backup kept by any rule
+ * is kept. Days, weeks (ISO weeks, from Monday) and months are those of the schedule's time zone. Whatever
+ * the rules, retention never deletes a pinned backup, the newest READY one, the newest verified one, an
+ * upload, or one in use; FAILED backups and uploads never count, so they cannot push out good backups.
+ */
 export interface RetentionPolicy {
-  /** Keep the newest N READY backups (1 to 100) and delete older ones. FAILED entries do not count. */
+  /** Keep the newest N READY backups (0 to 100; 0 only together with another rule). */
   keepLast: number;
+  /** Keep the newest backup of each of the last N days that have one (0 to 1000; 0: no daily rule). */
+  keepDaily: number;
+  /** Keep the newest backup of each of the last N weeks that have one (0 to 1000). */
+  keepWeekly: number;
+  /** Keep the newest backup of each of the last N months that have one (0 to 1000). */
+  keepMonthly: number;
 }
 
 /** Request of SetRetention. */
@@ -694,7 +800,10 @@ export interface SetRetentionResponse {
   policy:
     | RetentionPolicy
     | undefined;
-  /** Ids of the backups deleted by applying it. */
+  /**
+   * Ids of the backups deleted by applying it (with `validate_only`: the ones it would delete), newest
+   * first.
+   */
   deletedIds: string[];
 }
 
@@ -817,7 +926,18 @@ export interface GetStatusResponse {
     | Job
     | undefined;
   /** Offsite copies; unset when no bucket is configured. */
-  offsite: OffsiteStatus | undefined;
+  offsite:
+    | OffsiteStatus
+    | undefined;
+  /**
+   * The backup verified most recently (whatever the outcome: see its `verify_result`); unset when none
+   * ever was.
+   */
+  lastVerifiedBackup:
+    | Backup
+    | undefined;
+  /** When a verification last passed; unset when none ever did. */
+  lastVerifySuccessTime: Date | undefined;
 }
 
 /** Where offsite copies stand. */
@@ -853,6 +973,51 @@ export interface CancelResponse {
   stopped: boolean;
 }
 
+/** Request of Verify. */
+export interface VerifyRequest {
+  /** The backup to verify; empty for the newest READY backup. */
+  id: string;
+}
+
+/** One message of the Verify stream. */
+export interface VerifyResponse {
+  /** Where the verification stands. */
+  progress:
+    | Progress
+    | undefined;
+  /**
+   * The backup being verified; in the last message, with its verification (`verify_time`,
+   * `verify_result`).
+   */
+  backup: Backup | undefined;
+}
+
+/** Request of Pin. */
+export interface PinRequest {
+  /** The backup's id (its file name). */
+  id: string;
+  /** How long the pin lasts; unset pins until Unpin. */
+  ttl: Duration | undefined;
+}
+
+/** Response of Pin. */
+export interface PinResponse {
+  /** The backup, pinned. */
+  backup: Backup | undefined;
+}
+
+/** Request of Unpin. */
+export interface UnpinRequest {
+  /** The backup's id (its file name). */
+  id: string;
+}
+
+/** Response of Unpin. */
+export interface UnpinResponse {
+  /** The backup, no longer pinned. */
+  backup: Backup | undefined;
+}
+
 function createBaseBackup(): Backup {
   return {
     id: "",
@@ -872,6 +1037,13 @@ function createBaseBackup(): Backup {
     encrypted: false,
     ageRecipients: [],
     locations: [],
+    verifyTime: undefined,
+    verifyResult: 0,
+    verifyFailedCheck: "",
+    verifyMessage: "",
+    pinned: false,
+    pinExpireTime: undefined,
+    tableRows: {},
   };
 }
 
@@ -932,6 +1104,27 @@ export const Backup: MessageFns<Backup> = {
       }
       writer.join();
     }
+    if (message.verifyTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.verifyTime), writer.uint32(162).fork()).join();
+    }
+    if (message.verifyResult !== 0) {
+      writer.uint32(168).int32(message.verifyResult);
+    }
+    if (message.verifyFailedCheck !== "") {
+      writer.uint32(178).string(message.verifyFailedCheck);
+    }
+    if (message.verifyMessage !== "") {
+      writer.uint32(186).string(message.verifyMessage);
+    }
+    if (message.pinned !== false) {
+      writer.uint32(192).bool(message.pinned);
+    }
+    if (message.pinExpireTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.pinExpireTime), writer.uint32(202).fork()).join();
+    }
+    globalThis.Object.entries(message.tableRows).forEach(([key, value]: [string, string]) => {
+      Backup_TableRowsEntry.encode({ key: key as any, value }, writer.uint32(210).fork()).join();
+    });
     return writer;
   },
 
@@ -1094,6 +1287,65 @@ export const Backup: MessageFns<Backup> = {
 
             break;
           }
+          case 20: {
+            if (tag !== 162) {
+              break;
+            }
+
+            message.verifyTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 21: {
+            if (tag !== 168) {
+              break;
+            }
+
+            message.verifyResult = reader.int32() as any;
+            continue;
+          }
+          case 22: {
+            if (tag !== 178) {
+              break;
+            }
+
+            message.verifyFailedCheck = reader.string();
+            continue;
+          }
+          case 23: {
+            if (tag !== 186) {
+              break;
+            }
+
+            message.verifyMessage = reader.string();
+            continue;
+          }
+          case 24: {
+            if (tag !== 192) {
+              break;
+            }
+
+            message.pinned = reader.bool();
+            continue;
+          }
+          case 25: {
+            if (tag !== 202) {
+              break;
+            }
+
+            message.pinExpireTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 26: {
+            if (tag !== 210) {
+              break;
+            }
+
+            const entry26 = Backup_TableRowsEntry.decode(reader, reader.uint32());
+            if (entry26.value !== undefined) {
+              message.tableRows[entry26.key] = entry26.value;
+            }
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -1147,6 +1399,59 @@ export const Backup: MessageFns<Backup> = {
       locations: globalThis.Array.isArray(object?.locations)
         ? object.locations.map((e: any) => storageLocationFromJSON(e))
         : [],
+      verifyTime: isSet(object.verifyTime)
+        ? fromJsonTimestamp(object.verifyTime)
+        : isSet(object.verify_time)
+        ? fromJsonTimestamp(object.verify_time)
+        : undefined,
+      verifyResult: isSet(object.verifyResult)
+        ? verifyResultFromJSON(object.verifyResult)
+        : isSet(object.verify_result)
+        ? verifyResultFromJSON(object.verify_result)
+        : 0,
+      verifyFailedCheck: isSet(object.verifyFailedCheck)
+        ? globalThis.String(object.verifyFailedCheck)
+        : isSet(object.verify_failed_check)
+        ? globalThis.String(object.verify_failed_check)
+        : "",
+      verifyMessage: isSet(object.verifyMessage)
+        ? globalThis.String(object.verifyMessage)
+        : isSet(object.verify_message)
+        ? globalThis.String(object.verify_message)
+        : "",
+      pinned: isSet(object.pinned) ? globalThis.Boolean(object.pinned) : false,
+      pinExpireTime: isSet(object.pinExpireTime)
+        ? fromJsonTimestamp(object.pinExpireTime)
+        : isSet(object.pin_expire_time)
+        ? fromJsonTimestamp(object.pin_expire_time)
+        : undefined,
+      tableRows: isObject(object.tableRows)
+        ? (globalThis.Object.entries(object.tableRows) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : isObject(object.table_rows)
+        ? (globalThis.Object.entries(object.table_rows) as [string, any][]).reduce(
+          (acc: { [key: string]: string }, [key, value]: [string, any]) => {
+            globalThis.Object.defineProperty(acc, key, {
+              value: globalThis.String(value),
+              enumerable: true,
+              configurable: true,
+              writable: true,
+            });
+            return acc;
+          },
+          {},
+        )
+        : {},
     };
   },
 
@@ -1203,6 +1508,33 @@ export const Backup: MessageFns<Backup> = {
     if (message.locations?.length) {
       obj.locations = message.locations.map((e) => storageLocationToJSON(e));
     }
+    if (message.verifyTime !== undefined) {
+      obj.verifyTime = message.verifyTime.toISOString();
+    }
+    if (message.verifyResult !== 0) {
+      obj.verifyResult = verifyResultToJSON(message.verifyResult);
+    }
+    if (message.verifyFailedCheck !== "") {
+      obj.verifyFailedCheck = message.verifyFailedCheck;
+    }
+    if (message.verifyMessage !== "") {
+      obj.verifyMessage = message.verifyMessage;
+    }
+    if (message.pinned !== false) {
+      obj.pinned = message.pinned;
+    }
+    if (message.pinExpireTime !== undefined) {
+      obj.pinExpireTime = message.pinExpireTime.toISOString();
+    }
+    if (message.tableRows) {
+      const entries = globalThis.Object.entries(message.tableRows) as [string, string][];
+      if (entries.length > 0) {
+        obj.tableRows = {};
+        entries.forEach(([k, v]) => {
+          obj.tableRows[k] = v;
+        });
+      }
+    }
     return obj;
   },
 
@@ -1230,6 +1562,106 @@ export const Backup: MessageFns<Backup> = {
     message.encrypted = object.encrypted ?? false;
     message.ageRecipients = object.ageRecipients?.map((e) => e) || [];
     message.locations = object.locations?.map((e) => e) || [];
+    message.verifyTime = object.verifyTime ?? undefined;
+    message.verifyResult = object.verifyResult ?? 0;
+    message.verifyFailedCheck = object.verifyFailedCheck ?? "";
+    message.verifyMessage = object.verifyMessage ?? "";
+    message.pinned = object.pinned ?? false;
+    message.pinExpireTime = object.pinExpireTime ?? undefined;
+    message.tableRows = (globalThis.Object.entries(object.tableRows ?? {}) as [string, string][]).reduce(
+      (acc: { [key: string]: string }, [key, value]: [string, string]) => {
+        if (value !== undefined) {
+          acc[key] = globalThis.String(value);
+        }
+        return acc;
+      },
+      {},
+    );
+    return message;
+  },
+};
+
+function createBaseBackup_TableRowsEntry(): Backup_TableRowsEntry {
+  return { key: "", value: "0" };
+}
+
+export const Backup_TableRowsEntry: MessageFns<Backup_TableRowsEntry> = {
+  encode(message: Backup_TableRowsEntry, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.key !== "") {
+      writer.uint32(10).string(message.key);
+    }
+    if (message.value !== "0") {
+      writer.uint32(16).int64(message.value);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): Backup_TableRowsEntry {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseBackup_TableRowsEntry();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.key = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.value = reader.int64().toString();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): Backup_TableRowsEntry {
+    return {
+      key: isSet(object.key) ? globalThis.String(object.key) : "",
+      value: isSet(object.value) ? globalThis.String(object.value) : "0",
+    };
+  },
+
+  toJSON(message: Backup_TableRowsEntry): unknown {
+    const obj: any = {};
+    if (message.key !== "") {
+      obj.key = message.key;
+    }
+    if (message.value !== "0") {
+      obj.value = message.value;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<Backup_TableRowsEntry>, I>>(base?: I): Backup_TableRowsEntry {
+    return Backup_TableRowsEntry.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<Backup_TableRowsEntry>, I>>(object: I): Backup_TableRowsEntry {
+    const message = createBaseBackup_TableRowsEntry();
+    message.key = object.key ?? "";
+    message.value = object.value ?? "0";
     return message;
   },
 };
@@ -3047,13 +3479,22 @@ export const RestoreResponse: MessageFns<RestoreResponse> = {
 };
 
 function createBaseRetentionPolicy(): RetentionPolicy {
-  return { keepLast: 0 };
+  return { keepLast: 0, keepDaily: 0, keepWeekly: 0, keepMonthly: 0 };
 }
 
 export const RetentionPolicy: MessageFns<RetentionPolicy> = {
   encode(message: RetentionPolicy, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
     if (message.keepLast !== 0) {
       writer.uint32(8).int32(message.keepLast);
+    }
+    if (message.keepDaily !== 0) {
+      writer.uint32(16).int32(message.keepDaily);
+    }
+    if (message.keepWeekly !== 0) {
+      writer.uint32(24).int32(message.keepWeekly);
+    }
+    if (message.keepMonthly !== 0) {
+      writer.uint32(32).int32(message.keepMonthly);
     }
     return writer;
   },
@@ -3079,6 +3520,30 @@ export const RetentionPolicy: MessageFns<RetentionPolicy> = {
             message.keepLast = reader.int32();
             continue;
           }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.keepDaily = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.keepWeekly = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 32) {
+              break;
+            }
+
+            message.keepMonthly = reader.int32();
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -3098,6 +3563,21 @@ export const RetentionPolicy: MessageFns<RetentionPolicy> = {
         : isSet(object.keep_last)
         ? globalThis.Number(object.keep_last)
         : 0,
+      keepDaily: isSet(object.keepDaily)
+        ? globalThis.Number(object.keepDaily)
+        : isSet(object.keep_daily)
+        ? globalThis.Number(object.keep_daily)
+        : 0,
+      keepWeekly: isSet(object.keepWeekly)
+        ? globalThis.Number(object.keepWeekly)
+        : isSet(object.keep_weekly)
+        ? globalThis.Number(object.keep_weekly)
+        : 0,
+      keepMonthly: isSet(object.keepMonthly)
+        ? globalThis.Number(object.keepMonthly)
+        : isSet(object.keep_monthly)
+        ? globalThis.Number(object.keep_monthly)
+        : 0,
     };
   },
 
@@ -3105,6 +3585,15 @@ export const RetentionPolicy: MessageFns<RetentionPolicy> = {
     const obj: any = {};
     if (message.keepLast !== 0) {
       obj.keepLast = Math.round(message.keepLast);
+    }
+    if (message.keepDaily !== 0) {
+      obj.keepDaily = Math.round(message.keepDaily);
+    }
+    if (message.keepWeekly !== 0) {
+      obj.keepWeekly = Math.round(message.keepWeekly);
+    }
+    if (message.keepMonthly !== 0) {
+      obj.keepMonthly = Math.round(message.keepMonthly);
     }
     return obj;
   },
@@ -3115,6 +3604,9 @@ export const RetentionPolicy: MessageFns<RetentionPolicy> = {
   fromPartial<I extends Exact<DeepPartial<RetentionPolicy>, I>>(object: I): RetentionPolicy {
     const message = createBaseRetentionPolicy();
     message.keepLast = object.keepLast ?? 0;
+    message.keepDaily = object.keepDaily ?? 0;
+    message.keepWeekly = object.keepWeekly ?? 0;
+    message.keepMonthly = object.keepMonthly ?? 0;
     return message;
   },
 };
@@ -4120,6 +4612,8 @@ function createBaseGetStatusResponse(): GetStatusResponse {
     databaseReachable: false,
     interruptedJob: undefined,
     offsite: undefined,
+    lastVerifiedBackup: undefined,
+    lastVerifySuccessTime: undefined,
   };
 }
 
@@ -4151,6 +4645,12 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     }
     if (message.offsite !== undefined) {
       OffsiteStatus.encode(message.offsite, writer.uint32(74).fork()).join();
+    }
+    if (message.lastVerifiedBackup !== undefined) {
+      Backup.encode(message.lastVerifiedBackup, writer.uint32(90).fork()).join();
+    }
+    if (message.lastVerifySuccessTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastVerifySuccessTime), writer.uint32(98).fork()).join();
     }
     return writer;
   },
@@ -4240,6 +4740,22 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
             message.offsite = OffsiteStatus.decode(reader, reader.uint32());
             continue;
           }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.lastVerifiedBackup = Backup.decode(reader, reader.uint32());
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.lastVerifySuccessTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4291,6 +4807,16 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
         ? Job.fromJSON(object.interrupted_job)
         : undefined,
       offsite: isSet(object.offsite) ? OffsiteStatus.fromJSON(object.offsite) : undefined,
+      lastVerifiedBackup: isSet(object.lastVerifiedBackup)
+        ? Backup.fromJSON(object.lastVerifiedBackup)
+        : isSet(object.last_verified_backup)
+        ? Backup.fromJSON(object.last_verified_backup)
+        : undefined,
+      lastVerifySuccessTime: isSet(object.lastVerifySuccessTime)
+        ? fromJsonTimestamp(object.lastVerifySuccessTime)
+        : isSet(object.last_verify_success_time)
+        ? fromJsonTimestamp(object.last_verify_success_time)
+        : undefined,
     };
   },
 
@@ -4323,6 +4849,12 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     if (message.offsite !== undefined) {
       obj.offsite = OffsiteStatus.toJSON(message.offsite);
     }
+    if (message.lastVerifiedBackup !== undefined) {
+      obj.lastVerifiedBackup = Backup.toJSON(message.lastVerifiedBackup);
+    }
+    if (message.lastVerifySuccessTime !== undefined) {
+      obj.lastVerifySuccessTime = message.lastVerifySuccessTime.toISOString();
+    }
     return obj;
   },
 
@@ -4352,6 +4884,10 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     message.offsite = (object.offsite !== undefined && object.offsite !== null)
       ? OffsiteStatus.fromPartial(object.offsite)
       : undefined;
+    message.lastVerifiedBackup = (object.lastVerifiedBackup !== undefined && object.lastVerifiedBackup !== null)
+      ? Backup.fromPartial(object.lastVerifiedBackup)
+      : undefined;
+    message.lastVerifySuccessTime = object.lastVerifySuccessTime ?? undefined;
     return message;
   },
 };
@@ -4655,6 +5191,452 @@ export const CancelResponse: MessageFns<CancelResponse> = {
   },
 };
 
+function createBaseVerifyRequest(): VerifyRequest {
+  return { id: "" };
+}
+
+export const VerifyRequest: MessageFns<VerifyRequest> = {
+  encode(message: VerifyRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VerifyRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVerifyRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VerifyRequest {
+    return { id: isSet(object.id) ? globalThis.String(object.id) : "" };
+  },
+
+  toJSON(message: VerifyRequest): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<VerifyRequest>, I>>(base?: I): VerifyRequest {
+    return VerifyRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<VerifyRequest>, I>>(object: I): VerifyRequest {
+    const message = createBaseVerifyRequest();
+    message.id = object.id ?? "";
+    return message;
+  },
+};
+
+function createBaseVerifyResponse(): VerifyResponse {
+  return { progress: undefined, backup: undefined };
+}
+
+export const VerifyResponse: MessageFns<VerifyResponse> = {
+  encode(message: VerifyResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.progress !== undefined) {
+      Progress.encode(message.progress, writer.uint32(10).fork()).join();
+    }
+    if (message.backup !== undefined) {
+      Backup.encode(message.backup, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): VerifyResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseVerifyResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.progress = Progress.decode(reader, reader.uint32());
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.backup = Backup.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): VerifyResponse {
+    return {
+      progress: isSet(object.progress) ? Progress.fromJSON(object.progress) : undefined,
+      backup: isSet(object.backup) ? Backup.fromJSON(object.backup) : undefined,
+    };
+  },
+
+  toJSON(message: VerifyResponse): unknown {
+    const obj: any = {};
+    if (message.progress !== undefined) {
+      obj.progress = Progress.toJSON(message.progress);
+    }
+    if (message.backup !== undefined) {
+      obj.backup = Backup.toJSON(message.backup);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<VerifyResponse>, I>>(base?: I): VerifyResponse {
+    return VerifyResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<VerifyResponse>, I>>(object: I): VerifyResponse {
+    const message = createBaseVerifyResponse();
+    message.progress = (object.progress !== undefined && object.progress !== null)
+      ? Progress.fromPartial(object.progress)
+      : undefined;
+    message.backup = (object.backup !== undefined && object.backup !== null)
+      ? Backup.fromPartial(object.backup)
+      : undefined;
+    return message;
+  },
+};
+
+function createBasePinRequest(): PinRequest {
+  return { id: "", ttl: undefined };
+}
+
+export const PinRequest: MessageFns<PinRequest> = {
+  encode(message: PinRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.ttl !== undefined) {
+      Duration.encode(message.ttl, writer.uint32(18).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PinRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePinRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.ttl = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PinRequest {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      ttl: isSet(object.ttl) ? Duration.fromJSON(object.ttl) : undefined,
+    };
+  },
+
+  toJSON(message: PinRequest): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.ttl !== undefined) {
+      obj.ttl = Duration.toJSON(message.ttl);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PinRequest>, I>>(base?: I): PinRequest {
+    return PinRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PinRequest>, I>>(object: I): PinRequest {
+    const message = createBasePinRequest();
+    message.id = object.id ?? "";
+    message.ttl = (object.ttl !== undefined && object.ttl !== null) ? Duration.fromPartial(object.ttl) : undefined;
+    return message;
+  },
+};
+
+function createBasePinResponse(): PinResponse {
+  return { backup: undefined };
+}
+
+export const PinResponse: MessageFns<PinResponse> = {
+  encode(message: PinResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.backup !== undefined) {
+      Backup.encode(message.backup, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): PinResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBasePinResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.backup = Backup.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): PinResponse {
+    return { backup: isSet(object.backup) ? Backup.fromJSON(object.backup) : undefined };
+  },
+
+  toJSON(message: PinResponse): unknown {
+    const obj: any = {};
+    if (message.backup !== undefined) {
+      obj.backup = Backup.toJSON(message.backup);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<PinResponse>, I>>(base?: I): PinResponse {
+    return PinResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<PinResponse>, I>>(object: I): PinResponse {
+    const message = createBasePinResponse();
+    message.backup = (object.backup !== undefined && object.backup !== null)
+      ? Backup.fromPartial(object.backup)
+      : undefined;
+    return message;
+  },
+};
+
+function createBaseUnpinRequest(): UnpinRequest {
+  return { id: "" };
+}
+
+export const UnpinRequest: MessageFns<UnpinRequest> = {
+  encode(message: UnpinRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnpinRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnpinRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnpinRequest {
+    return { id: isSet(object.id) ? globalThis.String(object.id) : "" };
+  },
+
+  toJSON(message: UnpinRequest): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UnpinRequest>, I>>(base?: I): UnpinRequest {
+    return UnpinRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnpinRequest>, I>>(object: I): UnpinRequest {
+    const message = createBaseUnpinRequest();
+    message.id = object.id ?? "";
+    return message;
+  },
+};
+
+function createBaseUnpinResponse(): UnpinResponse {
+  return { backup: undefined };
+}
+
+export const UnpinResponse: MessageFns<UnpinResponse> = {
+  encode(message: UnpinResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.backup !== undefined) {
+      Backup.encode(message.backup, writer.uint32(10).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): UnpinResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseUnpinResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.backup = Backup.decode(reader, reader.uint32());
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): UnpinResponse {
+    return { backup: isSet(object.backup) ? Backup.fromJSON(object.backup) : undefined };
+  },
+
+  toJSON(message: UnpinResponse): unknown {
+    const obj: any = {};
+    if (message.backup !== undefined) {
+      obj.backup = Backup.toJSON(message.backup);
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<UnpinResponse>, I>>(base?: I): UnpinResponse {
+    return UnpinResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<UnpinResponse>, I>>(object: I): UnpinResponse {
+    const message = createBaseUnpinResponse();
+    message.backup = (object.backup !== undefined && object.backup !== null)
+      ? Backup.fromPartial(object.backup)
+      : undefined;
+    return message;
+  },
+};
+
 /**
  * Makes, keeps, moves and restores backups of one PostgreSQL database. One job (backup or restore) runs at
  * a time, across every replica of the service that backs up the same database.
@@ -4826,6 +5808,52 @@ export const BackupServiceService = {
     responseSerialize: (value: CancelResponse): Buffer => Buffer.from(CancelResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): CancelResponse => CancelResponse.decode(value),
   },
+  /**
+   * Proves a backup restorable: restores it into a scratch database on the same server (never the live
+   * one, which is neither touched nor blocked), checks that every table has the rows counted at backup
+   * time and that the tables, indexes and extensions the manifest lists exist, runs the operator's query
+   * (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
+   * last message carries the backup with its verification. The outcome is recorded in the manifest either
+   * way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
+   * metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+   * one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+   * VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
+   */
+  verify: {
+    path: "/aperture.backup.v1.BackupService/Verify" as const,
+    requestStream: false as const,
+    responseStream: true as const,
+    requestSerialize: (value: VerifyRequest): Buffer => Buffer.from(VerifyRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): VerifyRequest => VerifyRequest.decode(value),
+    responseSerialize: (value: VerifyResponse): Buffer => Buffer.from(VerifyResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): VerifyResponse => VerifyResponse.decode(value),
+  },
+  /**
+   * Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
+   * pinned (FAILED_PRECONDITION otherwise). Pinning a pinned backup sets its new expiry.
+   */
+  pin: {
+    path: "/aperture.backup.v1.BackupService/Pin" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: PinRequest): Buffer => Buffer.from(PinRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): PinRequest => PinRequest.decode(value),
+    responseSerialize: (value: PinResponse): Buffer => Buffer.from(PinResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): PinResponse => PinResponse.decode(value),
+  },
+  /**
+   * Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
+   * changes nothing.
+   */
+  unpin: {
+    path: "/aperture.backup.v1.BackupService/Unpin" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: UnpinRequest): Buffer => Buffer.from(UnpinRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): UnpinRequest => UnpinRequest.decode(value),
+    responseSerialize: (value: UnpinResponse): Buffer => Buffer.from(UnpinResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): UnpinResponse => UnpinResponse.decode(value),
+  },
 } as const;
 
 export interface BackupServiceServer extends UntypedServiceImplementation {
@@ -4884,6 +5912,28 @@ export interface BackupServiceServer extends UntypedServiceImplementation {
    * to a few seconds; `stopped` says whether it has.
    */
   cancel: handleUnaryCall<CancelRequest, CancelResponse>;
+  /**
+   * Proves a backup restorable: restores it into a scratch database on the same server (never the live
+   * one, which is neither touched nor blocked), checks that every table has the rows counted at backup
+   * time and that the tables, indexes and extensions the manifest lists exist, runs the operator's query
+   * (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
+   * last message carries the backup with its verification. The outcome is recorded in the manifest either
+   * way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
+   * metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+   * one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+   * VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
+   */
+  verify: handleServerStreamingCall<VerifyRequest, VerifyResponse>;
+  /**
+   * Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
+   * pinned (FAILED_PRECONDITION otherwise). Pinning a pinned backup sets its new expiry.
+   */
+  pin: handleUnaryCall<PinRequest, PinResponse>;
+  /**
+   * Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
+   * changes nothing.
+   */
+  unpin: handleUnaryCall<UnpinRequest, UnpinResponse>;
 }
 
 export interface BackupServiceClient extends Client {
@@ -5087,6 +6137,58 @@ export interface BackupServiceClient extends Client {
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: CancelResponse) => void,
   ): ClientUnaryCall;
+  /**
+   * Proves a backup restorable: restores it into a scratch database on the same server (never the live
+   * one, which is neither touched nor blocked), checks that every table has the rows counted at backup
+   * time and that the tables, indexes and extensions the manifest lists exist, runs the operator's query
+   * (APERTURE_BACKUP_VERIFY_SQL) when one is set, and drops the scratch database. Streams progress; the
+   * last message carries the backup with its verification. The outcome is recorded in the manifest either
+   * way. A backup that fails a check ends the stream with DATA_LOSS (reason VERIFY_FAILED, ErrorInfo
+   * metadata `check`). Where the service's role may not create databases, a throwaway server of the live
+   * one's major version is started for it, when one is installed; otherwise FAILED_PRECONDITION (reason
+   * VERIFY_UNAVAILABLE) says why. JOB_RUNNING while another job runs.
+   */
+  verify(request: VerifyRequest, options?: Partial<CallOptions>): ClientReadableStream<VerifyResponse>;
+  verify(
+    request: VerifyRequest,
+    metadata?: Metadata,
+    options?: Partial<CallOptions>,
+  ): ClientReadableStream<VerifyResponse>;
+  /**
+   * Pins a backup: retention never deletes it, for a while or until Unpin. Only READY backups can be
+   * pinned (FAILED_PRECONDITION otherwise). Pinning a pinned backup sets its new expiry.
+   */
+  pin(request: PinRequest, callback: (error: ServiceError | null, response: PinResponse) => void): ClientUnaryCall;
+  pin(
+    request: PinRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: PinResponse) => void,
+  ): ClientUnaryCall;
+  pin(
+    request: PinRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: PinResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
+   * changes nothing.
+   */
+  unpin(
+    request: UnpinRequest,
+    callback: (error: ServiceError | null, response: UnpinResponse) => void,
+  ): ClientUnaryCall;
+  unpin(
+    request: UnpinRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: UnpinResponse) => void,
+  ): ClientUnaryCall;
+  unpin(
+    request: UnpinRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: UnpinResponse) => void,
+  ): ClientUnaryCall;
 }
 
 export const BackupServiceClient = makeGenericClientConstructor(
@@ -5138,6 +6240,10 @@ function fromJsonTimestamp(o: any): Date {
   } else {
     return fromTimestamp(Timestamp.fromJSON(o));
   }
+}
+
+function isObject(value: any): boolean {
+  return typeof value === "object" && value !== null;
 }
 
 function isSet(value: any): boolean {
