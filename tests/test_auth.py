@@ -49,6 +49,7 @@ HARMLESS: dict[str, protobuf_message.Message] = {
     "GetSchedule": pb.GetScheduleRequest(),
     "GetStatus": pb.GetStatusRequest(),
     "Cancel": pb.CancelRequest(backup_id="aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"),
+    "ListJobs": pb.ListJobsRequest(),
 }
 
 

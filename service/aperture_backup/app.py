@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from .backups import BackupManager
 from .config import Config
 from .database import Database
 from .embedded import EmbeddedPostgres
 from .encryption import AgeKeys
+from .history import JobHistory
 from .jobs import JobSlot
 from .journal import JobJournal
+from .notify import Notifier, parse_targets
 from .restore import RestoreManager
 from .scheduler import DailyScheduler
 from .settings import SettingsStore
+from .silence import SilenceWatch
 from .store import ArchiveStore
 from .transfer import TransferManager
 
@@ -33,6 +37,9 @@ class App:
     scheduler: DailyScheduler
     restores: RestoreManager
     transfers: TransferManager
+    history: JobHistory
+    notifier: Notifier
+    silence: SilenceWatch
     embedded: EmbeddedPostgres | None = None
     _started: bool = field(default=False, repr=False)
 
@@ -56,6 +63,16 @@ class App:
         database = Database(url)
         settings = SettingsStore(config.state_dir / "settings.json", config)
         slot = JobSlot(JobJournal(config.state_dir))
+        history = JobHistory(config.state_dir / "history.json")
+        notifier = Notifier(
+            parse_targets(config.notify_urls, variable="APERTURE_BACKUP_NOTIFY_URLS"),
+            notify_on=config.notify_on,
+            database=database.name,
+        )
+        slot.on_end.extend([history.job_ended, notifier.job_ended])
+        silence = SilenceWatch(
+            store, notifier, timedelta(seconds=config.stale_after) if config.stale_after is not None else None
+        )
         backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir, keys=keys)
         scheduler = DailyScheduler(backups, settings)
         restores = RestoreManager(
@@ -82,21 +99,42 @@ class App:
             config.backup_dir,
             f", encrypted with age to {len(keys.recipients)} recipient(s)" if keys.encrypts else "",
         )
-        return cls(config, database, store, settings, slot, backups, scheduler, restores, transfers, embedded)
+        return cls(
+            config,
+            database,
+            store,
+            settings,
+            slot,
+            backups,
+            scheduler,
+            restores,
+            transfers,
+            history,
+            notifier,
+            silence,
+            embedded,
+        )
 
     def start(self, *, scheduler: bool = True) -> None:
         self.store.sweep()
         interrupted = self.slot.journal.recover() if self.slot.journal else None
+        if interrupted is not None:
+            self.history.interrupted(interrupted)
         self.restores.sweep_leftovers(interrupted)
+        self.notifier.start()
         if scheduler:
             self.scheduler.start(catch_up=self.settings.current.schedule.catch_up)
+        self.silence.start()
         self._started = True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the schedule, cancel a running job (its partial archive is removed), stop the embedded
         database."""
         self.scheduler.stop()
+        self.silence.stop()
         self.slot.cancel_and_wait(timeout)
+        # After the jobs: a job cancelled by the shutdown is still told, if the receiver answers at once.
+        self.notifier.stop()
         if self.embedded is not None:
             self.embedded.stop()
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
-from . import toolchain
+from . import callers, toolchain
+from .callers import Caller
 from .database import Database
 from .dump import run_dump
 from .encryption import AgeKeys
@@ -100,7 +101,8 @@ class BackupManager:
                 if not writer.finished:
                     job.update(backup=writer.abort(str(exc)))
                 raise
-            self.apply_retention()
+            self.apply_retention(trigger=trigger, caller=job.caller)
+            job.summary = f"{backup.size_bytes} bytes"
             return backup
 
         return self.slot.start(job, body)
@@ -196,16 +198,22 @@ class BackupManager:
 
     def delete(self, backup_id: str) -> Backup:
         backup = self.get(backup_id)
-        if backup.state is State.CREATING:
-            raise FailedPrecondition(
-                f"backup {backup_id} is still being created; wait for it to finish", reason="BACKUP_IN_PROGRESS"
-            )
-        if self.store.is_pinned(backup_id):
-            raise FailedPrecondition(
-                f"backup {backup_id} is being downloaded or restored; try again when that has finished",
-                reason="BACKUP_IN_USE",
-            )
-        return self.store.delete(backup_id)
+        # From here on the backup exists: a refusal is worth a line in the job history, a typo is not.
+        job = Job(kind=JobKind.DELETE, trigger=Trigger.MANUAL, description=f"deleting {backup.id}", backup=backup)
+        with self.slot.inline(job):
+            if backup.state is State.CREATING:
+                raise FailedPrecondition(
+                    f"backup {backup_id} is still being created; wait for it to finish", reason="BACKUP_IN_PROGRESS"
+                )
+            if self.store.is_pinned(backup_id):
+                raise FailedPrecondition(
+                    f"backup {backup_id} is being downloaded or restored; try again when that has finished",
+                    reason="BACKUP_IN_USE",
+                )
+            deleted = self.store.delete(backup_id)
+            job.summary = f"deleted a {backup.state.value} backup of {backup.size_bytes} bytes"
+            job.finish(result=deleted)
+        return deleted
 
     def _with_live_state(self, backups: list[Backup]) -> list[Backup]:
         """A CREATING manifest shows the running job's live size."""
@@ -223,9 +231,17 @@ class BackupManager:
             self.settings.check_keep(keep)
             return keep, self.apply_retention(keep=keep, dry_run=True)
         self.settings.set_keep(keep)
-        return keep, self.apply_retention()
+        return keep, self.apply_retention(trigger=Trigger.MANUAL, caller=callers.current(), always_record=True)
 
-    def apply_retention(self, *, keep: int | None = None, dry_run: bool = False) -> list[str]:
+    def apply_retention(
+        self,
+        *,
+        keep: int | None = None,
+        dry_run: bool = False,
+        trigger: Trigger = Trigger.SCHEDULED,
+        caller: Caller | None = None,
+        always_record: bool = False,
+    ) -> list[str]:
         """Keep the newest N READY backups; delete older READY ones and FAILED entries older than the
         oldest kept one. Never delete the newest READY backup, anything CREATING, or an archive in use
         (being downloaded or restored, or the safety backup of a running restore).
@@ -234,6 +250,8 @@ class BackupManager:
         push out the backups of this database. They stay until deleted by hand."""
         keep = self.settings.current.keep if keep is None else keep
         deleted: list[str] = []
+        failures: list[str] = []
+        started = Job(kind=JobKind.RETENTION, trigger=trigger, description=f"retention (keep {keep})", caller=caller)
         with self._retention_lock:
             backups = [b for b in self.store.list_backups() if b.trigger not in UNCOUNTED_TRIGGERS]
             ready = [b for b in backups if b.state is State.READY]
@@ -255,11 +273,26 @@ class BackupManager:
                     self.store.delete(backup.id)
                 except OSError as exc:
                     _logger.warning("retention could not delete %s: %s", backup.id, exc)
+                    failures.append(f"{backup.id} ({exc.strerror or exc})")
                     continue
                 deleted.append(backup.id)
         if deleted and not dry_run:
             _logger.info("retention (keep %d) deleted %s", keep, ", ".join(deleted))
+        if not dry_run and (deleted or failures or always_record):
+            self._record_retention(started, deleted, failures)
         return deleted
+
+    def _record_retention(self, job: Job, deleted: list[str], failures: list[str]) -> None:
+        """A retention run that changed something (or was asked for) goes into the job history; one that
+        could not delete an archive it should have is recorded as failed (the backup it follows is not)."""
+        job.summary = f"deleted {len(deleted)} archive(s)" + (f": {', '.join(deleted)}" if deleted else "")
+        try:
+            with self.slot.inline(job):
+                if failures:
+                    raise Internal(f"retention could not delete {', '.join(failures)}", reason="RETENTION_INCOMPLETE")
+                job.finish(result=deleted)
+        except Internal:
+            pass  # recorded; the caller's deletions stand
 
     # -- status ----------------------------------------------------------------------------------------
 

@@ -8,6 +8,7 @@ behind a long backup without anyone knowing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from . import memory
+from . import callers, memory
+from .callers import Caller
 from .errors import Aborted, BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning, NotFound
 from .journal import JobJournal, JobRecord
 from .model import Backup, Progress, Trigger
@@ -28,6 +30,9 @@ _logger = logging.getLogger(__name__)
 class JobKind(StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
+    #: Short jobs that do not take the slot (`JobSlot.inline`); they are in the job history.
+    DELETE = "delete"
+    RETENTION = "retention"
 
 
 #: Why a job was asked to stop, for its error message.
@@ -72,6 +77,10 @@ class Job:
     #: Facts worth keeping should the process die during the job (journal.py), e.g. psql's session name.
     notes: dict[str, str] = field(default_factory=dict)
     on_note: Callable[[Job], None] | None = field(default=None, repr=False)
+    #: Who asked for the job (the RPC's caller, callers.py); None for the schedule's own jobs.
+    caller: Caller | None = field(default_factory=callers.current)
+    #: One line of what the job did, for the job history ("deleted 2 archives: ...").
+    summary: str = ""
     _version: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -199,11 +208,7 @@ class JobSlot:
             finally:
                 if journal is not None:
                     journal.end(job.record())
-                for listener in self.on_end:
-                    try:
-                        listener(job)
-                    except Exception:
-                        _logger.exception("a listener of %s failed", job.description)
+                self._ended(job)
                 memory.release_free_memory()
 
         thread = threading.Thread(target=run, name=f"job-{job.kind.value}", daemon=True)
@@ -211,6 +216,32 @@ class JobSlot:
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
         return job
+
+    @contextlib.contextmanager
+    def inline(self, job: Job) -> Iterator[Job]:
+        """Run a short job (a delete, a retention run) in the caller's thread, without taking the slot (it may
+        run beside a backup, or inside one), and tell the `on_end` listeners when it ends, like any job. An
+        error is recorded on the job and raised on; the body may also `finish` the job itself."""
+        try:
+            yield job
+        except BackupError as exc:
+            job.finish(error=exc)
+            raise
+        except Exception as exc:
+            job.finish(error=Internal(f"{job.description} failed: {exc}"))
+            raise
+        else:
+            if not job.done:
+                job.finish(result=job.result)
+        finally:
+            self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        for listener in self.on_end:
+            try:
+                listener(job)
+            except Exception:
+                _logger.exception("a listener of %s failed", job.description)
 
     def cancel(self, backup_id: str, *, timeout: float) -> Job:
         """Stop the running job whose backup is `backup_id` (a backup being made, or the one being restored)

@@ -161,7 +161,20 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         interrupted = self._app.slot.journal.interrupted if self._app.slot.journal else None
         if interrupted is not None:
             response.interrupted_job.CopyFrom(convert.interrupted_job_to_pb(interrupted))
+        silence = self._app.silence
+        if silence.stale_after is not None:
+            response.stale = silence.is_stale()
+            response.stale_after.CopyFrom(convert.duration(silence.stale_after.total_seconds()))
+        if self._app.notifier.enabled:
+            response.notifications.CopyFrom(convert.notification_status_to_pb(self._app.notifier.status()))
         return response
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative, got {request.page_size}")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        entries, token = self._app.history.page(size, request.page_token)
+        return pb.ListJobsResponse(jobs=[convert.history_entry_to_pb(e) for e in entries], next_page_token=token)
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         job = self._app.slot.cancel(request.backup_id, timeout=CANCEL_WAIT_SECONDS)

@@ -90,6 +90,11 @@ class BackupServiceStub:
     restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
     to a few seconds; `stopped` says whether it has.
     """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_backup_pb2.ListJobsRequest, _backup_pb2.ListJobsResponse]
+    """Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+    that deleted something, with what started each, who asked (role and address), when, how long it took
+    and how it ended. Kept across restarts, the newest 200 only.
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -145,6 +150,11 @@ class BackupServiceAsyncStub(BackupServiceStub):
     a restore is rolled back and the database is unchanged (a restore is also named by the backup it
     restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
     to a few seconds; `stopped` says whether it has.
+    """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_backup_pb2.ListJobsRequest, _backup_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+    that deleted something, with what started each, who asked (role and address), when, how long it took
+    and how it ended. Kept across restarts, the newest 200 only.
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -276,6 +286,17 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
         a restore is rolled back and the database is unchanged (a restore is also named by the backup it
         restores). The job's own stream ends with ABORTED (reason CANCELLED). Waits for the job to stop, up
         to a few seconds; `stopped` says whether it has.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _backup_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_pb2.ListJobsResponse, _abc.Awaitable[_backup_pb2.ListJobsResponse]]:
+        """Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+        that deleted something, with what started each, who asked (role and address), when, how long it took
+        and how it ended. Kept across restarts, the newest 200 only.
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
