@@ -74,7 +74,7 @@ class App:
             store, notifier, timedelta(seconds=config.stale_after) if config.stale_after is not None else None
         )
         backups = BackupManager(store, database, settings, slot, pg_bin_dir=config.pg_bin_dir, keys=keys)
-        scheduler = DailyScheduler(backups, settings)
+        scheduler = DailyScheduler(backups, settings, first_backup_delay=config.first_backup_delay)
         restores = RestoreManager(
             store,
             database,

@@ -38,6 +38,10 @@ MAX_TRANSFERS = 6
 DEFAULT_UPLOAD_IDLE_TIMEOUT = 120.0
 #: No successful backup for this long raises the silence alarm (a day, plus slack for a slow run).
 DEFAULT_STALE_AFTER = 26 * 3600.0
+#: A fresh install (no READY backup yet) makes its first backup this many seconds after start-up: long
+#: enough for the database and Aperture's migrations to be up when both start together, soon enough that
+#: nobody waits for 01:00 without a backup.
+DEFAULT_FIRST_BACKUP_DELAY = 60.0
 NOTIFY_ON_CHOICES = ("failure", "all")
 #: Shortest token accepted: a short token can be guessed, and one is enough to read every user's data.
 MIN_TOKEN_LENGTH = 16
@@ -92,6 +96,9 @@ class Config:
     notify_on: str = "failure"
     #: Seconds without a successful backup before the silence alarm; None: no silence detection.
     stale_after: float | None = DEFAULT_STALE_AFTER
+    #: Seconds after start-up a fresh install (no READY backup) makes its first backup; None: it waits for
+    #: the schedule.
+    first_backup_delay: float | None = DEFAULT_FIRST_BACKUP_DELAY
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -198,6 +205,11 @@ class Config:
                 f"{ENV_PREFIX}STALE_AFTER must be from 1m to 366d (for example 26h), or off; "
                 f"got {self.stale_after:g} seconds"
             )
+        if self.first_backup_delay is not None and not 0 <= self.first_backup_delay <= 86400:
+            raise ConfigError(
+                f"{ENV_PREFIX}FIRST_BACKUP_DELAY must be from 0s to 24h, or off; "
+                f"got {self.first_backup_delay:g} seconds"
+            )
         from .notify import parse_targets
 
         parse_targets(self.notify_urls, variable=ENV_PREFIX + "NOTIFY_URLS")
@@ -281,6 +293,11 @@ class Config:
             notify_on=(get("NOTIFY_ON") or "failure").lower(),
             stale_after=parse_duration(
                 get("STALE_AFTER"), default=DEFAULT_STALE_AFTER, variable=ENV_PREFIX + "STALE_AFTER"
+            ),
+            first_backup_delay=parse_duration(
+                get("FIRST_BACKUP_DELAY"),
+                default=DEFAULT_FIRST_BACKUP_DELAY,
+                variable=ENV_PREFIX + "FIRST_BACKUP_DELAY",
             ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
