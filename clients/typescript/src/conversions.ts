@@ -10,6 +10,9 @@ import type {
   Compression,
   Job,
   JobKind,
+  JobOutcome,
+  JobRecord,
+  NotificationStatus,
   Phase,
   Progress,
   ProgressEvent,
@@ -33,6 +36,8 @@ export const backupTrigger = (value: wire.BackupTrigger): BackupTrigger =>
   unprefixed(wire.backupTriggerToJSON(value), "BACKUP_TRIGGER_");
 export const phase = (value: wire.Phase): Phase => unprefixed(wire.phaseToJSON(value), "PHASE_");
 export const jobKind = (value: wire.JobKind): JobKind => unprefixed(wire.jobKindToJSON(value), "JOB_KIND_");
+export const jobOutcome = (value: wire.JobOutcome): JobOutcome =>
+  unprefixed(wire.jobOutcomeToJSON(value), "JOB_OUTCOME_");
 
 /** A request's format: undefined leaves the service's default (plain SQL). Throws on a name it does not know. */
 export function formatToWire(value: BackupFormat | undefined): wire.BackupFormat {
@@ -149,6 +154,38 @@ export function serviceStatus(value: wire.GetStatusResponse): ServiceStatus {
     interruptedJob: optionalJob(value.interruptedJob),
     database: value.database,
     databaseReachable: value.databaseReachable,
+    stale: value.stale,
+    staleAfterMs: durationMs(value.staleAfter),
+    notifications: value.notifications === undefined ? undefined : notificationStatus(value.notifications),
+  };
+}
+
+function notificationStatus(value: wire.NotificationStatus): NotificationStatus {
+  return {
+    targets: value.targets,
+    pending: value.pending,
+    givenUp: value.givenUp,
+    lastDeliveredTime: value.lastDeliveredTime,
+    lastError: value.lastError,
+    lastErrorTime: value.lastErrorTime,
+  };
+}
+
+export function jobRecord(value: wire.JobRecord): JobRecord {
+  return {
+    id: value.id,
+    kind: jobKind(value.kind),
+    trigger: backupTrigger(value.trigger),
+    callerRole: value.callerRole,
+    callerAddress: value.callerAddress,
+    startTime: value.startTime,
+    durationMs: durationMs(value.duration) ?? 0,
+    outcome: jobOutcome(value.outcome),
+    backupId: value.backupId,
+    error: value.error,
+    errorReason: value.errorReason,
+    description: value.description,
+    summary: value.summary,
   };
 }
 
