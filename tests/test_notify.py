@@ -5,6 +5,9 @@ injected clock, and a slow receiver that does not hold up the job."""
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -12,14 +15,16 @@ from pathlib import Path
 import grpc
 import pytest
 
+from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.config import Config, ConfigError
 from aperture_backup.model import DEFAULT_KIND, Trigger
 from aperture_backup.notify import Message, Notifier, parse_targets
 from aperture_backup.silence import SilenceWatch
+from aperture_backup_client import BackupClient
 from tests.support.fixtures import MakeDatabase
 from tests.support.postgres import PgServer
 from tests.support.receiver import Receiver
-from tests.support.service import StartApp, StartService, wait_for
+from tests.support.service import StartApp, StartService, clean_environment, free_port, serve_process, wait_for
 
 #: Nothing listens on port 1: the database refuses every connection, so a backup fails for real.
 REFUSING_DATABASE = "postgresql://postgres@127.0.0.1:1/postgres?connect_timeout=2"
@@ -34,7 +39,7 @@ def test_a_failed_backup_notifies_what_failed_why_and_what_to_do(service_factory
         [message] = receiver.wait_for(1)
     assert message["path"] == "/hook"
     assert message["type"] == "failure"
-    assert message["title"] == "Backup failed of database postgres"
+    assert message["title"] == "Backup of database postgres failed"
     body = message["message"]
     assert "manual backup" in body and "127.0.0.1:1" in body, "what failed and why"
     assert "What to do: check that the database server is running" in body
@@ -53,7 +58,7 @@ def test_a_restore_and_every_success_are_told_with_notify_on_all(
         backup = svc.client.create()
         result = svc.client.restore(backup.id)
         backup_told, restore_told = receiver.wait_for(2)
-    assert backup_told["type"] == "success" and backup_told["title"] == f"Backup succeeded of database {db.dbname}"
+    assert backup_told["type"] == "success" and backup_told["title"] == f"Backup of database {db.dbname} succeeded"
     assert backup.id in backup_told["message"]
     assert restore_told["type"] == "success"
     assert restore_told["title"] == f"Database {db.dbname} restored from {backup.id}"
@@ -114,6 +119,8 @@ def test_a_slow_receiver_does_not_delay_the_job(service_factory: StartService) -
         with pytest.raises(grpc.RpcError):
             svc.client.create()
         assert time.monotonic() - started < 2.5, "the failure came back before the receiver answered"
+        # The job's thread has ended too (it runs the listeners): nothing of it waits for the receiver.
+        wait_for(lambda: not [t for t in threading.enumerate() if t.name == "job-backup"], timeout=2.0)
         assert receiver.received() == []
         receiver.wait_for(1)
 
@@ -147,7 +154,7 @@ def test_silence_is_told_after_stale_after_by_an_injected_clock(
         finally:
             notifier.stop()
     assert alarm["type"] == "failure"
-    assert alarm["title"] == f"No backup for 27 h 0 min of database {db.dbname}"
+    assert alarm["title"] == f"No backup of database {db.dbname} for 27 h 0 min"
     assert backup.backup is not None and backup.backup.id in alarm["message"]
     assert "APERTURE_BACKUP_STALE_AFTER (26 h 0 min)" in alarm["message"]
     assert "What to do" in alarm["message"]
@@ -211,3 +218,75 @@ def test_notification_settings_are_read_and_checked(tmp_path: Path, caplog: pyte
         Config.from_env({"APERTURE_BACKUP_STALE_AFTER": "5s"})
     with pytest.raises(ConfigError, match="both APERTURE_BACKUP_NOTIFY_URLS and APERTURE_BACKUP_NOTIFY_URLS_FILE"):
         Config.from_env({"APERTURE_BACKUP_NOTIFY_URLS": "ntfy://t", "APERTURE_BACKUP_NOTIFY_URLS_FILE": str(urls)})
+
+
+def test_the_service_as_an_operator_runs_it_tells_its_first_backup_failing(tmp_path: Path) -> None:
+    """`aperture-backup serve` from the environment alone: a fresh install makes its first backup a second
+    after start-up, the database refuses it, a person hears of it, and the job history shows it."""
+    urls = tmp_path / "notify-urls"
+    port = free_port()
+    with Receiver() as receiver:
+        urls.write_text(receiver.url + "\n")
+        environment = clean_environment(
+            DATABASE_URL=REFUSING_DATABASE,
+            DIR=str(tmp_path / "backups"),
+            LISTEN=f"127.0.0.1:{port}",
+            NOTIFY_URLS_FILE=str(urls),
+            FIRST_BACKUP_DELAY="1s",
+        )
+        proc = serve_process(env=environment, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            [message] = receiver.wait_for(1, timeout=60)
+            with BackupClient(f"127.0.0.1:{port}") as client:
+                wait_for(lambda: list(client.list_jobs()))
+                [job] = client.list_jobs()
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+    assert message["title"] == "Backup of database postgres failed"
+    assert "The scheduled backup" in message["message"] and "127.0.0.1:1" in message["message"]
+    assert (job.kind, job.trigger, job.outcome) == (
+        pb.JOB_KIND_BACKUP,
+        pb.BACKUP_TRIGGER_SCHEDULED,
+        pb.JOB_OUTCOME_FAILED,
+    )
+    assert job.caller_role == "" and job.caller_address == "", "nobody asked: the schedule did"
+
+
+def test_a_notification_url_apprise_cannot_use_stops_start_up_without_showing_it(tmp_path: Path) -> None:
+    environment = clean_environment(
+        DIR=str(tmp_path / "backups"), NOTIFY_URLS="ntfy://fine-topic,discord://only-a-s3cret-token"
+    )
+    result = subprocess.run(
+        [sys.executable, "-m", "aperture_backup", "serve"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "configuration error: APERTURE_BACKUP_NOTIFY_URLS: notification URL #2 (discord) cannot be used" in (
+        result.stderr
+    )
+    assert "s3cret" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_an_offsite_copy_failing_is_told_once_per_backup(tmp_path: Path) -> None:
+    with Receiver() as receiver:
+        notifier = Notifier(parse_targets([receiver.url], variable="TEST"), notify_on="all", database="aperture")
+        notifier.start()
+        try:
+            notifier.offsite_failing("aperture-backup-2026-12-01T01-00-00-000000Z-0000.sql.gz", "the bucket said 403")
+            notifier.offsite_failing("aperture-backup-2026-12-01T01-00-00-000000Z-0000.sql.gz", "the bucket said 403")
+            [failing] = receiver.wait_for(1)
+            notifier.offsite_recovered("aperture-backup-2026-12-01T01-00-00-000000Z-0000.sql.gz")
+            _, recovered = receiver.wait_for(2)
+            time.sleep(0.5)
+            assert len(receiver.received()) == 2, "a retried copy is not told again"
+        finally:
+            notifier.stop()
+    assert failing["type"] == "failure" and failing["title"] == "Offsite copy of database aperture failing"
+    assert "the bucket said 403" in failing["message"] and "What to do" in failing["message"]
+    assert recovered["type"] == "success"

@@ -248,7 +248,7 @@ class Notifier:
         self.send(
             Message(
                 event="offsite_failing",
-                title=f"Offsite copy failing{self._of_database()}",
+                title=f"Offsite copy{self._of_database()} failing",
                 body=(
                     f"Backup {backup_id} could not be copied to offsite storage: {reason}. The local archive is "
                     "intact, but a disk or machine loss now would lose it. What to do: check the offsite storage "
@@ -269,7 +269,7 @@ class Notifier:
             self.send(
                 Message(
                     event="offsite_recovered",
-                    title=f"Offsite copy working again{self._of_database()}",
+                    title=f"Offsite copy{self._of_database()} working again",
                     body=f"Backup {backup_id} is now copied to offsite storage.",
                     failure=False,
                 )
@@ -287,7 +287,7 @@ class Notifier:
         self.send(
             Message(
                 event="backup_stale",
-                title=f"No backup for {_duration(quiet.total_seconds())}{self._of_database()}",
+                title=f"No backup{self._of_database()} for {_duration(quiet.total_seconds())}",
                 body=(
                     f"No successful backup{self._of_database()} for {_duration(quiet.total_seconds())}, longer "
                     f"than APERTURE_BACKUP_STALE_AFTER ({_duration(stale_after.total_seconds())}). {what}. "
@@ -418,7 +418,7 @@ class Notifier:
                 "it, and read the service's log for the check that failed."
             )
         return Message(
-            event=f"{kind}_failed", title=f"{kind.capitalize()} failed{self._of_database()}", body=body, failure=True
+            event=f"{kind}_failed", title=f"{kind.capitalize()}{self._of_database()} failed", body=body, failure=True
         )
 
     def _restored(self, job: Job) -> Message:
@@ -447,14 +447,14 @@ class Notifier:
         if cancelled:
             return Message(
                 event=f"{kind}_cancelled",
-                title=f"{kind.capitalize()} cancelled{self._of_database()}",
+                title=f"{kind.capitalize()}{self._of_database()} cancelled",
                 body=f"{job.description[:1].upper()}{job.description[1:]} was cancelled: {job.error}.",
                 failure=False,
             )
         size = f", {job.backup.size_bytes} bytes" if kind == "backup" and job.backup else ""
         return Message(
             event=f"{kind}_succeeded",
-            title=f"{kind.capitalize()} succeeded{self._of_database()}",
+            title=f"{kind.capitalize()}{self._of_database()} succeeded",
             body=(
                 f"{job.description[:1].upper()}{job.description[1:]} succeeded: {subject or 'done'}"
                 f"{size}, in {_duration(job.elapsed())}."
