@@ -286,13 +286,14 @@ class BackupManager:
         """A retention run that changed something (or was asked for) goes into the job history; one that
         could not delete an archive it should have is recorded as failed (the backup it follows is not)."""
         job.summary = f"deleted {len(deleted)} archive(s)" + (f": {', '.join(deleted)}" if deleted else "")
-        try:
-            with self.slot.inline(job):
-                if failures:
-                    raise Internal(f"retention could not delete {', '.join(failures)}", reason="RETENTION_INCOMPLETE")
-                job.finish(result=deleted)
-        except Internal:
-            pass  # recorded; the caller's deletions stand
+        incomplete = (
+            Internal(f"retention could not delete {', '.join(failures)}", reason="RETENTION_INCOMPLETE")
+            if failures
+            else None
+        )
+        # Finished, not raised: what retention did delete stands, and the backup it follows is not failed.
+        with self.slot.inline(job):
+            job.finish(result=deleted, error=incomplete)
 
     # -- status ----------------------------------------------------------------------------------------
 
