@@ -111,6 +111,12 @@ class Job:
             notes=dict(self.notes),
         )
 
+    def conclude(self, *, result: object = None, error: BackupError | None = None) -> None:
+        """Set the outcome without ending the job yet (the `on_end` listeners run between the two)."""
+        with self._cond:
+            self.result = result
+            self.error = error
+
     def finish(self, *, result: object = None, error: BackupError | None = None) -> None:
         with self._cond:
             self.result = result
@@ -195,20 +201,25 @@ class JobSlot:
             job.on_note = lambda j: journal.begin(j.record())
 
         def run() -> None:
+            result: object = None
+            error: BackupError | None = None
             try:
-                result = body(job)
-            except BackupError as exc:
-                _logger.warning("%s failed: %s", job.description, exc)
-                job.finish(error=exc)
-            except Exception as exc:  # the thread must record every failure, or watchers hang
-                _logger.exception("%s failed unexpectedly", job.description)
-                job.finish(error=Internal(f"{job.description} failed: {exc}"))
-            else:
-                job.finish(result=result)
-            finally:
+                try:
+                    result = body(job)
+                except BackupError as exc:
+                    _logger.warning("%s failed: %s", job.description, exc)
+                    error = exc
+                except Exception as exc:  # the thread must record every failure, or watchers hang
+                    _logger.exception("%s failed unexpectedly", job.description)
+                    error = Internal(f"{job.description} failed: {exc}")
+                # The listeners see the outcome before the watchers do: a caller told that its job ended
+                # finds it in the job history.
+                job.conclude(result=result, error=error)
                 if journal is not None:
                     journal.end(job.record())
                 self._ended(job)
+            finally:
+                job.finish(result=result, error=error)
                 memory.release_free_memory()
 
         thread = threading.Thread(target=run, name=f"job-{job.kind.value}", daemon=True)
