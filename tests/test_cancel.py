@@ -255,6 +255,7 @@ def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Databas
             [history] = client.list_jobs()  # the killed process recorded nothing; the restart did
             assert (history.kind, history.outcome) == (pb.JOB_KIND_RESTORE, pb.JOB_OUTCOME_INTERRUPTED)
             assert history.backup_id == SLEEPER and history.error_reason == "INTERRUPTED"
+            assert history.caller_address.startswith("127.0.0.1:"), "who started it, from the journal"
             wait_for(lambda: not _sleepers(db.uri), timeout=15)  # the restart ended the orphaned session
             assert list((backup_dir / ".state" / "tmp").iterdir()) == []
             with psycopg.connect(db.uri) as conn:  # and dropped the staging database it loaded into

@@ -131,6 +131,8 @@ class JobHistory:
                 duration_seconds=0.0,
                 outcome=Outcome.INTERRUPTED,
                 backup_id=record.backup_id,
+                caller_role=record.caller_role,
+                caller_address=record.caller_address,
                 error=f"the service stopped during {record.description} before it finished",
                 error_reason="INTERRUPTED",
             )

@@ -109,6 +109,8 @@ class Job:
             start_time=self.start_time,
             backup_id=self.subject_id or self.backup_id,
             notes=dict(self.notes),
+            caller_role=self.caller.role if self.caller else "",
+            caller_address=self.caller.address if self.caller else "",
         )
 
     def conclude(self, *, result: object = None, error: BackupError | None = None) -> None:
