@@ -112,3 +112,21 @@ def test_the_history_is_bounded_and_written_whole(tmp_path: Path) -> None:
 
     path.write_text("{not json")
     assert JobHistory(path).entries() == [], "an unreadable history is ignored, not fatal"
+
+
+def test_a_retention_run_that_cannot_delete_an_archive_is_recorded_as_failed(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
+) -> None:
+    db = make_database(pg16, seeded=True, rows=20)
+    svc = service_factory(db.uri)
+    old = svc.client.create()
+    svc.client.create()
+    # Something put a directory where the archive was: unlinking it fails, as on a read-only mount.
+    archive = svc.backup_dir / old.id
+    archive.unlink()
+    archive.mkdir()
+    (archive / "in-the-way").write_text("")
+    assert svc.client.set_retention(1).deleted_ids == []
+    [retention] = [j for j in svc.client.list_jobs() if j.kind == pb.JOB_KIND_RETENTION]
+    assert retention.outcome == pb.JOB_OUTCOME_FAILED and retention.error_reason == "RETENTION_INCOMPLETE"
+    assert old.id in retention.error and retention.summary == "deleted 0 archive(s)"
