@@ -52,6 +52,7 @@ HARMLESS: dict[str, protobuf_message.Message] = {
     "Verify": pb.VerifyRequest(id="aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"),
     "Pin": pb.PinRequest(id="aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"),
     "Unpin": pb.UnpinRequest(id="aperture-backup-2000-01-01T00-00-00-000000Z-0000.sql.gz"),
+    "ListJobs": pb.ListJobsRequest(),
 }
 
 

@@ -252,6 +252,10 @@ def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Databas
             job = status.interrupted_job
             assert job.kind == pb.JOB_KIND_RESTORE and job.backup_id == SLEEPER
             assert "interrupted" in job.progress.message and "as it was" in job.progress.message
+            [history] = client.list_jobs()  # the killed process recorded nothing; the restart did
+            assert (history.kind, history.outcome) == (pb.JOB_KIND_RESTORE, pb.JOB_OUTCOME_INTERRUPTED)
+            assert history.backup_id == SLEEPER and history.error_reason == "INTERRUPTED"
+            assert history.caller_address.startswith("127.0.0.1:"), "who started it, from the journal"
             wait_for(lambda: not _sleepers(db.uri), timeout=15)  # the restart ended the orphaned session
             assert list((backup_dir / ".state" / "tmp").iterdir()) == []
             with psycopg.connect(db.uri) as conn:  # and dropped the staging database it loaded into
@@ -265,6 +269,11 @@ def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Databas
             backup = client.create()
             list(client.stub.Restore(pb.RestoreRequest(id=backup.id, skip_safety_backup=True), timeout=300))
             assert not client.status().HasField("interrupted_job")
+            assert [j.outcome for j in client.list_jobs()] == [
+                pb.JOB_OUTCOME_SUCCEEDED,
+                pb.JOB_OUTCOME_SUCCEEDED,
+                pb.JOB_OUTCOME_INTERRUPTED,
+            ]
     finally:
         second.terminate()
         second.wait(timeout=30)

@@ -158,6 +158,25 @@ def test_list_is_a_readable_table_and_json_for_scripts(svc: RunningService) -> N
     assert all("progress" in m for m in messages)
 
 
+def test_jobs_is_a_table_of_the_history_and_json_for_scripts(svc: RunningService) -> None:
+    assert cli(svc, "jobs").stderr.strip() == "no jobs have ended yet"
+    made = svc.client.create()
+    svc.client.delete(made.id)
+    table = cli(svc, "jobs")
+    assert table.returncode == 0, table.stderr
+    lines = table.stdout.splitlines()
+    assert lines[0].split() == ["STARTED", "KIND", "TRIGGER", "CALLER", "DURATION", "OUTCOME", "BACKUP", "DETAIL"]
+    assert lines[1].split()[2:4] == ["delete", "manual"] and "SUCCEEDED" in lines[1] and made.id in lines[1]
+    assert "deleted a ready backup" in lines[1]
+    assert lines[2].split()[2:4] == ["backup", "manual"] and lines[2].split()[4].startswith("127.0.0.1:")
+    assert len(lines) == 3
+
+    listed = json.loads(cli(svc, "jobs", "--json").stdout)
+    assert [j["kind"] for j in listed["jobs"]] == ["JOB_KIND_DELETE", "JOB_KIND_BACKUP"]
+    assert listed["jobs"][1]["backupId"] == made.id and listed["jobs"][1]["outcome"] == "JOB_OUTCOME_SUCCEEDED"
+    assert [j["kind"] for j in json.loads(cli(svc, "jobs", "-n", "1", "--json").stdout)["jobs"]] == ["JOB_KIND_DELETE"]
+
+
 def test_schedule_shows_and_changes_the_daily_backup(svc: RunningService) -> None:
     changed = cli(svc, "schedule", "03:30", "--tz", "Europe/Berlin")
     assert changed.returncode == 0, changed.stderr

@@ -66,3 +66,19 @@ def test_metrics_tell_what_the_service_did(
 def test_a_bad_metrics_address_names_the_variable() -> None:
     with pytest.raises(ConfigError, match="APERTURE_BACKUP_METRICS_LISTEN"):
         Config.from_env({"APERTURE_BACKUP_METRICS_LISTEN": "9464"})
+
+
+def test_notifications_that_do_not_get_through_show_in_the_metrics(service_factory: StartService) -> None:
+    dead = free_port()  # nothing listens: every delivery fails and waits for its retry
+    svc = service_factory(
+        "postgresql://postgres@127.0.0.1:1/postgres?connect_timeout=2",
+        metrics_listen=f"127.0.0.1:{free_port()}",
+        notify_urls=(f"json://127.0.0.1:{dead}/hook",),
+    )
+    assert scrape(svc)[("aperture_backup_notifications_pending", ())] == 0
+    with pytest.raises(grpc.RpcError):
+        svc.client.create()
+    wait_for(lambda: svc.client.status().notifications.last_error)
+    samples = scrape(svc)
+    assert samples[("aperture_backup_notifications_pending", ())] == 1
+    assert samples[("aperture_backup_notifications_given_up_total", ())] == 0

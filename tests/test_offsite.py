@@ -25,6 +25,7 @@ from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.metrics import scrape
 from tests.support.postgres import PgServer
+from tests.support.receiver import Receiver
 from tests.support.s3 import Credentials, FaultyProxy, S3Server, running_s3
 from tests.support.service import StartService, free_port, service_process, wait_for
 from tests.test_cli import cli
@@ -445,3 +446,35 @@ def test_a_backup_that_fails_leaves_no_upload_behind(
             assert s3_server.objects(bucket) == {}, "nothing of the failed backup is in the bucket"
         finally:
             proxy.close()
+
+
+def test_a_failing_offsite_copy_reaches_a_person_and_so_does_its_recovery(
+    db16: Database, service_factory: StartService, s3_env: dict[str, str], tmp_path: Path
+) -> None:
+    port = free_port()
+    with Receiver() as receiver:
+        svc = service_factory(
+            db16.uri,
+            s3_url="s3://later/",
+            s3_endpoint=f"http://127.0.0.1:{port}",
+            notify_urls=(receiver.url,),
+            notify_on="all",
+        )
+        offsite = svc.server.app.offsite
+        assert offsite is not None
+        offsite.retry_initial = 0.5
+        backup = svc.client.create()
+
+        def about_offsite() -> list[dict[str, Any]]:
+            return [m for m in receiver.received() if "offsite" in (m["title"] + m["message"]).lower()]
+
+        wait_for(about_offsite, timeout=60)
+        failing = about_offsite()
+        assert len(failing) == 1 and backup.id in failing[0]["message"], failing
+        with running_s3(tmp_path / "moto.log", port=port) as server:
+            creds = Credentials(s3_env["AWS_ACCESS_KEY_ID"], s3_env["AWS_SECRET_ACCESS_KEY"])
+            server.client(creds).create_bucket(Bucket="later")
+            offsite.wake()
+            wait_for(lambda: len(about_offsite()) == 2, timeout=60)
+            recovered = about_offsite()[1]
+            assert recovered["type"] != "failure", recovered

@@ -18,6 +18,7 @@ import pytest
 import time_machine
 
 from aperture_backup.app import App
+from aperture_backup.config import Config, ConfigError
 from aperture_backup.model import DEFAULT_KIND, Backup, State, Trigger
 from tests.support.fixtures import MakeDatabase
 from tests.support.postgres import PgServer
@@ -127,3 +128,38 @@ def test_status_reports_the_last_backup_and_its_age(
     status = svc.client.status()
     assert status.last_successful_backup.id == backup.id
     assert 0 <= status.last_successful_age.ToTimedelta().total_seconds() < 60
+
+
+def test_a_fresh_install_makes_its_first_backup_soon_after_start_up(
+    pg16: PgServer, make_database: MakeDatabase, app_factory: StartApp, tmp_path: Path
+) -> None:
+    db = make_database(pg16, seeded=True, rows=20)
+    backup_dir = tmp_path / "backups"
+    settings = {"schedule_enabled": True, "schedule_time": time_of_day(1, 0), "catch_up": True}
+    started = time.monotonic()
+    app = app_factory(db.uri, backup_dir=backup_dir, first_backup_delay=3.0, **settings)
+    assert _scheduled(app) == [], "not at once: the database may still be starting"
+    wait_for(lambda: any(b.state is State.READY for b in _scheduled(app)), timeout=60)
+    assert time.monotonic() - started >= 3.0
+    # The archive is READY a moment before its job ends and is recorded.
+    wait_for(lambda: [e for e in app.history.entries() if e.kind == "backup"], timeout=10)
+    [entry] = [e for e in app.history.entries() if e.kind == "backup"]
+    assert (entry.trigger, entry.outcome, entry.caller_role, entry.caller_address) == ("scheduled", "succeeded", "", "")
+    app.stop()
+
+    # Not a fresh install any more: a restart makes no first backup again.
+    again = app_factory(db.uri, backup_dir=backup_dir, first_backup_delay=0.0, **settings)
+    time.sleep(2)
+    assert len(_scheduled(again)) == 1
+    # Turned off, a fresh install waits for the schedule.
+    waiting = app_factory(db.uri, backup_dir=tmp_path / "other", first_backup_delay=None, **settings)
+    time.sleep(2)
+    assert _scheduled(waiting) == []
+
+
+def test_the_first_backup_delay_is_read_and_checked() -> None:
+    assert Config.from_env({}).first_backup_delay == 60.0
+    assert Config.from_env({"APERTURE_BACKUP_FIRST_BACKUP_DELAY": "5m"}).first_backup_delay == 300.0
+    assert Config.from_env({"APERTURE_BACKUP_FIRST_BACKUP_DELAY": "off"}).first_backup_delay is None
+    with pytest.raises(ConfigError, match="APERTURE_BACKUP_FIRST_BACKUP_DELAY must be from 0s to 24h"):
+        Config.from_env({"APERTURE_BACKUP_FIRST_BACKUP_DELAY": "2d"})

@@ -224,6 +224,21 @@ def test_every_rpc_through_the_typed_api(
     assert out["deleted"]["id"] == upload["fromStream"]["backup"]["id"]
     assert_status_error(out["deletedGet"], "NOT_FOUND", "BACKUP_NOT_FOUND")
 
+    # The job history, newest first through pages of two: the two deletes, then the backups made.
+    jobs = out["jobs"]
+    assert [(j["kind"], j["backupId"]) for j in jobs[:2]] == [
+        ("DELETE", upload["fromStream"]["backup"]["id"]),
+        ("DELETE", upload["spooled"]["backup"]["id"]),
+    ]
+    assert [(j["kind"], j["backupId"]) for j in jobs if j["kind"] == "BACKUP"] == [
+        ("BACKUP", custom["id"]),
+        ("BACKUP", plain["id"]),
+    ]
+    assert all(j["outcome"] == "SUCCEEDED" and j["trigger"] == "MANUAL" for j in jobs)
+    assert all(j["callerAddress"].startswith("127.0.0.1:") and j["durationMs"] >= 0 for j in jobs)
+    assert [j["id"] for j in jobs] == [j.id for j in svc.client.list_jobs()]
+    assert out["jobsFirstPage"] == {"ids": [j["id"] for j in jobs[:2]], "hasNext": True}
+
     def only_the_kept_archives() -> bool:
         kept = {plain["id"], custom["id"], from_file["backup"]["id"]}
         return archives(svc) == kept | {f"{name}.manifest.json" for name in kept}

@@ -5,18 +5,22 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 from .backups import BackupManager
 from .config import Config
 from .database import Database
 from .embedded import EmbeddedPostgres
 from .encryption import AgeKeys
+from .history import JobHistory
 from .jobs import JobSlot
 from .journal import JobJournal
+from .notify import Notifier, parse_targets
 from .offsite import Offsite
 from .restore import RestoreManager
 from .scheduler import DailyScheduler
 from .settings import SettingsStore
+from .silence import SilenceWatch
 from .storage.catalog import Archives
 from .storage.local import ArchiveStore
 from .transfer import TransferManager
@@ -38,6 +42,9 @@ class App:
     restores: RestoreManager
     transfers: TransferManager
     verifier: VerifyManager
+    history: JobHistory
+    notifier: Notifier
+    silence: SilenceWatch
     embedded: EmbeddedPostgres | None = None
     offsite: Offsite | None = None
     _started: bool = field(default=False, repr=False)
@@ -63,6 +70,20 @@ class App:
         archives, offsite = _archives(config, store, database, keys)
         settings = SettingsStore(config.state_dir / "settings.json", config)
         slot = JobSlot(JobJournal(config.state_dir))
+        history = JobHistory(config.state_dir / "history.json")
+        notifier = Notifier(
+            parse_targets(config.notify_urls, variable="APERTURE_BACKUP_NOTIFY_URLS"),
+            notify_on=config.notify_on,
+            database=database.name,
+        )
+        slot.on_end.extend([history.job_ended, notifier.job_ended])
+        if offsite is not None:
+            offsite.on_failure.append(lambda backup, error: notifier.offsite_failing(backup.id, str(error)))
+            offsite.on_success.append(notifier.offsite_recovered)
+        # Silence is judged by every copy, the bucket's too: another replica's backup is a backup.
+        silence = SilenceWatch(
+            archives, notifier, timedelta(seconds=config.stale_after) if config.stale_after is not None else None
+        )
         backups = BackupManager(
             archives,
             database,
@@ -101,7 +122,12 @@ class App:
             # For the reason the embedded server restores in place: no database is made or dropped on it.
             scratch_on_live_server=embedded is None,
         )
-        scheduler = DailyScheduler(backups, settings, after_backup=verifier.after_scheduled_backup)
+        scheduler = DailyScheduler(
+            backups,
+            settings,
+            after_backup=verifier.after_scheduled_backup,
+            first_backup_delay=config.first_backup_delay,
+        )
         _logger.info(
             "backing up %s%s into %s%s",
             database.describe(),
@@ -121,6 +147,9 @@ class App:
             restores,
             transfers,
             verifier,
+            history,
+            notifier,
+            silence,
             embedded,
             offsite,
         )
@@ -131,18 +160,25 @@ class App:
             # In its own thread: a bucket that does not answer must not hold up start-up.
             self.offsite.start()
         interrupted = self.slot.journal.recover() if self.slot.journal else None
+        if interrupted is not None:
+            self.history.interrupted(interrupted)
         self.restores.sweep_leftovers(interrupted)
+        self.notifier.start()
         if scheduler:
             self.scheduler.start(catch_up=self.settings.current.schedule.catch_up)
+        self.silence.start()
         self._started = True
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the schedule, cancel a running job (its partial archive is removed), stop the embedded
         database."""
         self.scheduler.stop()
+        self.silence.stop()
         self.slot.cancel_and_wait(timeout)
         if self.offsite is not None:
             self.offsite.stop()
+        # After the jobs: a job cancelled by the shutdown is still told, if the receiver answers at once.
+        self.notifier.stop()
         if self.embedded is not None:
             self.embedded.stop()
 

@@ -5,7 +5,8 @@ The admin token may call everything; the read-only token only the RPCs in `READ_
 checking and server reflection stay open, so orchestrators and `grpcurl list/describe` work without one.
 
 The interceptor sits inside `rpc_errors.ErrorInterceptor`, so a refusal is a domain error like any other
-and reaches the caller with its status code and `ErrorInfo` reason.
+and reaches the caller with its status code and `ErrorInfo` reason. A call it lets through runs with its
+caller (role and address) known to the domain (callers.py), for the job history.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ import grpc
 
 from aperture.backup.v1 import backup_pb2
 
+from .callers import Caller, acting_for, address_of
 from .errors import BackupError, PermissionDenied, Unauthenticated
-from .rpc_handlers import rewrap
+from .rpc_handlers import Behavior, rewrap
 
 _logger = logging.getLogger(__name__)
 
@@ -35,7 +37,7 @@ SERVICE_PREFIX = f"/{_SERVICE.full_name}/"
 #: among them: it changes no backup, but each call loads a whole archive into the database server (CPU,
 #: disk, index builds) and holds the job slot, so a read-only token could keep backups from running. Pin
 #: and Unpin decide what retention deletes.
-READ_ONLY_METHODS = frozenset({"List", "Get", "StreamDownload", "GetStatus", "GetRetention", "GetSchedule"})
+READ_ONLY_METHODS = frozenset({"List", "Get", "StreamDownload", "GetStatus", "GetRetention", "GetSchedule", "ListJobs"})
 #: Services anyone may call: health for orchestrators, reflection for `grpcurl list/describe`. Neither
 #: reveals a backup or changes anything.
 OPEN_SERVICES = frozenset(
@@ -158,8 +160,10 @@ class AuthInterceptor(grpc.ServerInterceptor):
     ) -> grpc.RpcMethodHandler[Any, Any] | None:
         method = handler_call_details.method
         needed = required_role(method)
-        if needed is None or not self._auth.enabled:
+        if needed is None:
             return continuation(handler_call_details)
+        if not self._auth.enabled:
+            return _with_caller(continuation(handler_call_details), "")
         error: BackupError
         try:
             role = self._auth.role_of(handler_call_details.invocation_metadata)
@@ -167,7 +171,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             error = exc
         else:
             if role >= needed:
-                return continuation(handler_call_details)
+                return _with_caller(continuation(handler_call_details), role.label)
             name = method.rpartition("/")[2]
             error = PermissionDenied(
                 f"{name} needs the {needed.label} role; this token has the {role.label} role "
@@ -198,3 +202,40 @@ class AuthInterceptor(grpc.ServerInterceptor):
             yield  # pragma: no cover - makes this a generator, as streaming handlers are
 
         return rewrap(handler, unary=lambda _behavior: unary, stream=lambda _behavior: stream)
+
+
+def _with_caller(handler: grpc.RpcMethodHandler[Any, Any] | None, role: str) -> grpc.RpcMethodHandler[Any, Any] | None:
+    """The handler, run with its caller set (callers.py). A streaming handler has it set around each step
+    only, never across a `yield`: the generator may be closed from another thread, where resetting a
+    context variable set here would fail."""
+    if handler is None:
+        return None
+
+    def unary(behavior: Behavior) -> Behavior:
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
+            with acting_for(Caller(role, address_of(context.peer()))):
+                return behavior(request, context)
+
+        return wrapper
+
+    def stream(behavior: Behavior) -> Behavior:
+        def wrapper(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
+            caller = Caller(role, address_of(context.peer()))
+            with acting_for(caller):
+                responses = iter(behavior(request, context))
+            try:
+                while True:
+                    with acting_for(caller):
+                        try:
+                            response = next(responses)
+                        except StopIteration:
+                            return
+                    yield response
+            finally:
+                close = getattr(responses, "close", None)
+                if close is not None:
+                    close()
+
+        return wrapper
+
+    return rewrap(handler, unary=unary, stream=stream)

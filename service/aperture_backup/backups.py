@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 
 import psycopg
 
-from . import retention, toolchain
+from . import callers, retention, toolchain
+from .callers import Caller
 from .config import parse_time_zone
 from .database import ARCHIVE_LOCK_CLASS, BUCKET_RETENTION_LOCK_KEY, Database
 from .dump import run_dump
@@ -140,7 +141,8 @@ class BackupManager:
                 if not writer.finished:
                     job.update(backup=writer.abort(str(exc)))
                 raise
-            self.apply_retention()
+            self.apply_retention(trigger=trigger, caller=job.caller)
+            job.summary = f"{backup.size_bytes} bytes"
             return backup
 
         return self.slot.start(job, body)
@@ -288,6 +290,17 @@ class BackupManager:
     def delete(self, backup_id: str) -> tuple[Backup, frozenset[Location]]:
         """Remove every copy (directory and bucket); the backup as it was, and where it was removed from."""
         backup = self.get(backup_id)
+        # From here on the backup exists: a refusal is worth a line in the job history, a typo is not.
+        job = Job(kind=JobKind.DELETE, trigger=Trigger.MANUAL, description=f"deleting {backup.id}", backup=backup)
+        with self.slot.inline(job):
+            removed = self._delete(backup)
+            where = " and ".join(w.value for w in Location if w in removed) or "the directory"
+            job.summary = f"deleted a {backup.state.value} backup of {backup.size_bytes} bytes from {where}"
+            job.finish(result=backup)
+        return backup, removed
+
+    def _delete(self, backup: Backup) -> frozenset[Location]:
+        backup_id = backup.id
         if backup.state is State.CREATING:
             raise FailedPrecondition(
                 f"backup {backup_id} is still being created; wait for it to finish", reason="BACKUP_IN_PROGRESS"
@@ -298,7 +311,7 @@ class BackupManager:
                 reason="BACKUP_IN_USE",
             )
         if Location.BUCKET not in backup.locations:
-            return backup, self.archives.delete(backup)
+            return self.archives.delete(backup)
         with self.database.try_exclusive(ARCHIVE_LOCK_CLASS, backup.id) as free:
             if not free:
                 raise FailedPrecondition(
@@ -306,7 +319,7 @@ class BackupManager:
                     "when that has finished",
                     reason="BACKUP_IN_USE",
                 )
-            return backup, self.archives.delete(backup)
+            return self.archives.delete(backup)
 
     # -- pins ------------------------------------------------------------------------------------------
 
@@ -355,7 +368,7 @@ class BackupManager:
         if dry_run:
             return policy, self.apply_retention(policy=policy, dry_run=True)
         self.settings.set_policy(policy)
-        return policy, self.apply_retention()
+        return policy, self.apply_retention(trigger=Trigger.MANUAL, caller=callers.current(), always_record=True)
 
     def retention_decisions(self, policy: Policy | None = None) -> list[retention.Decision]:
         """What the policy (by default the one in force) does with each backup of the directory now, and why.
@@ -374,19 +387,32 @@ class BackupManager:
             keep_newest=self.offsite is None,
         )
 
-    def apply_retention(self, *, policy: Policy | None = None, dry_run: bool = False) -> list[str]:
+    def apply_retention(
+        self,
+        *,
+        policy: Policy | None = None,
+        dry_run: bool = False,
+        trigger: Trigger = Trigger.SCHEDULED,
+        caller: Caller | None = None,
+        always_record: bool = False,
+    ) -> list[str]:
         """Delete what the retention policy does not keep (retention.py decides), from the directory and,
-        when there is one, from the bucket; the ids deleted (with `dry_run`: that would be), newest first."""
+        when there is one, from the bucket; the ids deleted (with `dry_run`: that would be), newest first.
+        A run that deleted something, failed to, or was asked for (`always_record`) goes into the history."""
         policy = policy or self.settings.current.policy
+        failures: list[str] = []
+        started = Job(kind=JobKind.RETENTION, trigger=trigger, description="retention", caller=caller)
         with self._retention_lock:
-            deleted = self._retain_local(policy, dry_run=dry_run)
+            deleted = self._retain_local(policy, dry_run=dry_run, failures=failures)
             if self.offsite is not None:
                 deleted += [i for i in self._retain_bucket(policy, dry_run=dry_run) if i not in deleted]
         if deleted and not dry_run:
             _logger.info("retention deleted %s", ", ".join(deleted))
+        if not dry_run and (deleted or failures or always_record):
+            self._record_retention(started, deleted, failures)
         return deleted
 
-    def _retain_local(self, policy: Policy, *, dry_run: bool) -> list[str]:
+    def _retain_local(self, policy: Policy, *, dry_run: bool, failures: list[str]) -> list[str]:
         """The directory: what `retention.decide` does not keep, except an archive in use since the decision
         (a download that just began) and, with a bucket, one that is not offsite yet. A file that cannot be
         deleted is logged and skipped."""
@@ -405,6 +431,7 @@ class BackupManager:
                 self.store.delete(backup.id)
             except (OSError, BackupError) as exc:
                 _logger.warning("retention could not delete %s: %s", backup.id, exc)
+                failures.append(f"{backup.id} ({getattr(exc, 'strerror', None) or exc})")
                 continue
             deleted.append(backup.id)
         return deleted
@@ -444,6 +471,19 @@ class BackupManager:
         except psycopg.Error as exc:
             _logger.warning("bucket retention skipped: the database holding its lock is unreachable: %s", exc)
         return deleted
+
+    def _record_retention(self, job: Job, deleted: list[str], failures: list[str]) -> None:
+        """A retention run that changed something (or was asked for) goes into the job history; one that
+        could not delete an archive it should have is recorded as failed (the backup it follows is not)."""
+        job.summary = f"deleted {len(deleted)} archive(s)" + (f": {', '.join(deleted)}" if deleted else "")
+        incomplete = (
+            Internal(f"retention could not delete {', '.join(failures)}", reason="RETENTION_INCOMPLETE")
+            if failures
+            else None
+        )
+        # Finished, not raised: what retention did delete stands, and the backup it follows is not failed.
+        with self.slot.inline(job):
+            job.finish(result=deleted, error=incomplete)
 
     # -- status ----------------------------------------------------------------------------------------
 

@@ -256,6 +256,8 @@ def add_commands(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> No
     cmd.add_argument("id")
     cmd.add_argument("-y", "--yes", action="store_true", help="do not ask")
     command("status", "last backup, next scheduled run, running job")
+    cmd = command("jobs", "the last jobs that ended: what, started by whom, when, how long, how it ended")
+    cmd.add_argument("-n", "--limit", type=int, default=20, help="show the newest N jobs (default 20; 0: all)")
     cmd = command("retention", "show or set which backups to keep (rules not given keep their value)")
     cmd.add_argument("--keep", type=int, help="keep the newest N backups")
     cmd.add_argument("--daily", type=int, help="keep the newest backup of each of the last N days")
@@ -520,6 +522,55 @@ def _status(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
         )
         if offsite.error:
             out.text(f"offsite error: {offsite.error}")
+    if status.stale:
+        out.text(
+            f"SILENT: no successful backup for longer than {_hours(status.stale_after.ToTimedelta().total_seconds())}"
+        )
+    if status.HasField("notifications"):
+        n = status.notifications
+        line = f"notifications: {n.targets} URL(s), {n.pending} waiting, {n.given_up} given up"
+        if n.last_error:
+            line += f"; last failure {local_time(n.last_error_time)}: {n.last_error}"
+        out.text(line)
+    return EXIT_OK
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:g} h" if seconds >= 3600 else f"{seconds / 60:g} min"
+
+
+def _jobs(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
+    from aperture_backup_client import pb
+
+    if args.limit < 0:
+        out.note("aperture-backup: --limit must be 0 (all) or more")
+        return EXIT_USAGE
+    jobs = list(client.list_jobs(limit=args.limit or None))
+    if out.as_json:
+        out.document({"jobs": [json_format.MessageToDict(j) for j in jobs]})
+        return EXIT_OK
+    if not jobs:
+        out.note("no jobs have ended yet")
+        return EXIT_OK
+    rows = [("STARTED", "KIND", "TRIGGER", "CALLER", "DURATION", "OUTCOME", "BACKUP", "DETAIL")]
+    for j in jobs:
+        caller = " ".join(part for part in (j.caller_role, j.caller_address) if part) or "-"
+        kind = _name(pb.JobKind, j.kind, "JOB_KIND_") if j.kind else j.description
+        rows.append(
+            (
+                local_time(j.start_time),
+                kind,
+                _name(pb.BackupTrigger, j.trigger, "BACKUP_TRIGGER_") if j.trigger else "-",
+                caller,
+                f"{j.duration.ToTimedelta().total_seconds():.1f} s",
+                _name(pb.JobOutcome, j.outcome, "JOB_OUTCOME_").upper(),
+                j.backup_id or "-",
+                j.error or j.summary,
+            )
+        )
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
     return EXIT_OK
 
 
@@ -753,6 +804,7 @@ _HANDLERS: dict[str, Callable[[BackupClient, argparse.Namespace, Output], int]] 
     "get": _get,
     "delete": _delete,
     "status": _status,
+    "jobs": _jobs,
     "retention": _retention,
     "schedule": _schedule,
     "download": _download,

@@ -40,6 +40,13 @@ RESTORE_ISOLATIONS = ("auto", "staging", "in-place")
 #: The server's threads (server.WORKERS) must leave room for control calls beside both kinds of transfer.
 MAX_TRANSFERS = 6
 DEFAULT_UPLOAD_IDLE_TIMEOUT = 120.0
+#: No successful backup for this long raises the silence alarm (a day, plus slack for a slow run).
+DEFAULT_STALE_AFTER = 26 * 3600.0
+#: A fresh install (no READY backup yet) makes its first backup this many seconds after start-up: long
+#: enough for the database and Aperture's migrations to be up when both start together, soon enough that
+#: nobody waits for 01:00 without a backup.
+DEFAULT_FIRST_BACKUP_DELAY = 60.0
+NOTIFY_ON_CHOICES = ("failure", "all")
 #: Shortest token accepted: a short token can be guessed, and one is enough to read every user's data.
 MIN_TOKEN_LENGTH = 16
 
@@ -95,6 +102,16 @@ class Config:
     restore_isolation: str = "auto"
     #: host:port of the Prometheus metrics endpoint; None: no metrics served.
     metrics_listen: str | None = None
+    #: Apprise URLs notifications go to (ntfy://, discord://, mailto://, json://...). They hold secrets: never
+    #: shown in a repr, a log or an error.
+    notify_urls: tuple[str, ...] = field(default=(), repr=False)
+    #: "failure": notify what went wrong; "all": successes too (for dead-man's-switch services).
+    notify_on: str = "failure"
+    #: Seconds without a successful backup before the silence alarm; None: no silence detection.
+    stale_after: float | None = DEFAULT_STALE_AFTER
+    #: Seconds after start-up a fresh install (no READY backup) makes its first backup; None: it waits for
+    #: the schedule.
+    first_backup_delay: float | None = DEFAULT_FIRST_BACKUP_DELAY
     #: Logging level name.
     log_level: str = "INFO"
     #: "text" or "json" (one object per line).
@@ -185,6 +202,7 @@ class Config:
             )
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen, variable=ENV_PREFIX + "METRICS_LISTEN")
+        self._validate_notifications()
         if self.restore_isolation not in RESTORE_ISOLATIONS:
             raise ConfigError(
                 f"{ENV_PREFIX}RESTORE_ISOLATION must be one of {', '.join(RESTORE_ISOLATIONS)}, "
@@ -233,6 +251,25 @@ class Config:
             return AgeKeys.load(self.age_recipients, self.age_recipients_file, self.age_identity_file)
         except AgeKeyError as exc:
             raise ConfigError(str(exc)) from None
+
+    def _validate_notifications(self) -> None:
+        if self.notify_on not in NOTIFY_ON_CHOICES:
+            raise ConfigError(
+                f"{ENV_PREFIX}NOTIFY_ON must be one of {', '.join(NOTIFY_ON_CHOICES)}, got {self.notify_on!r}"
+            )
+        if self.stale_after is not None and not 60 <= self.stale_after <= 366 * 86400:
+            raise ConfigError(
+                f"{ENV_PREFIX}STALE_AFTER must be from 1m to 366d (for example 26h), or off; "
+                f"got {self.stale_after:g} seconds"
+            )
+        if self.first_backup_delay is not None and not 0 <= self.first_backup_delay <= 86400:
+            raise ConfigError(
+                f"{ENV_PREFIX}FIRST_BACKUP_DELAY must be from 0s to 24h, or off; "
+                f"got {self.first_backup_delay:g} seconds"
+            )
+        from .notify import parse_targets
+
+        parse_targets(self.notify_urls, variable=ENV_PREFIX + "NOTIFY_URLS")
 
     @property
     def authenticated(self) -> bool:
@@ -314,6 +351,16 @@ class Config:
             ),
             restore_isolation=(get("RESTORE_ISOLATION") or "auto").lower(),
             metrics_listen=get("METRICS_LISTEN"),
+            notify_urls=split_urls(secret_from_env(env, "NOTIFY_URLS")),
+            notify_on=(get("NOTIFY_ON") or "failure").lower(),
+            stale_after=parse_duration(
+                get("STALE_AFTER"), default=DEFAULT_STALE_AFTER, variable=ENV_PREFIX + "STALE_AFTER"
+            ),
+            first_backup_delay=parse_duration(
+                get("FIRST_BACKUP_DELAY"),
+                default=DEFAULT_FIRST_BACKUP_DELAY,
+                variable=ENV_PREFIX + "FIRST_BACKUP_DELAY",
+            ),
             log_level=(get("LOG_LEVEL") or "INFO").upper(),
             log_format=(get("LOG_FORMAT") or "text").lower(),
             token=secret_from_env(env, "TOKEN"),
@@ -424,6 +471,31 @@ def parse_int(value: str | None, *, default: int, variable: str) -> int:
         return int(value)
     except ValueError:
         raise ConfigError(f"{variable} must be a whole number, got {value!r}") from None
+
+
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd]?)$")
+_DURATION_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(value: str | None, *, default: float | None, variable: str) -> float | None:
+    """Parse "26h", "90m", "2d", "30s" or a number of seconds; "off" gives None. The default when unset."""
+    if value is None:
+        return default
+    if value.lower() in {"off", "none", "disabled"}:
+        return None
+    match = _DURATION.match(value.strip().lower())
+    if not match:
+        raise ConfigError(f'{variable} must be a duration such as "26h", "90m", "2d" or "30s", or off; got {value!r}')
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+def split_urls(value: str | None) -> tuple[str, ...]:
+    """Notification URLs, separated by commas or line breaks (a file may hold one a line; `#` starts a comment
+    line there)."""
+    if value is None:
+        return ()
+    pieces = [p.strip() for line in value.splitlines() if not line.strip().startswith("#") for p in line.split(",")]
+    return tuple(p for p in pieces if p)
 
 
 def parse_bool(value: str | None, *, default: bool, variable: str) -> bool:

@@ -9,9 +9,11 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from aperture.backup.v1 import backup_pb2 as pb
 
 from .errors import InvalidArgument
+from .history import HistoryEntry, Outcome
 from .jobs import Job, JobKind
 from .journal import JobRecord
 from .model import Backup, Compression, Format, Location, Progress, State, Trigger
+from .notify import DeliveryStatus
 from .offsite import OffsiteStatus
 from .restore import RestoreResult
 from .retention import Policy
@@ -50,6 +52,18 @@ JOB_KINDS = {
     JobKind.BACKUP: pb.JOB_KIND_BACKUP,
     JobKind.RESTORE: pb.JOB_KIND_RESTORE,
     JobKind.VERIFY: pb.JOB_KIND_VERIFY,
+    JobKind.DELETE: pb.JOB_KIND_DELETE,
+    JobKind.RETENTION: pb.JOB_KIND_RETENTION,
+}
+#: By the kind's name, as the job history stores it: a kind this table lacks shows as UNSPECIFIED, with its
+#: description, rather than failing the whole list.
+_JOB_KINDS_BY_NAME = {kind.value: number for kind, number in JOB_KINDS.items()}
+_TRIGGERS_BY_NAME = {trigger.value: number for trigger, number in TRIGGERS.items()}
+OUTCOMES = {
+    Outcome.SUCCEEDED: pb.JOB_OUTCOME_SUCCEEDED,
+    Outcome.FAILED: pb.JOB_OUTCOME_FAILED,
+    Outcome.CANCELLED: pb.JOB_OUTCOME_CANCELLED,
+    Outcome.INTERRUPTED: pb.JOB_OUTCOME_INTERRUPTED,
 }
 
 
@@ -156,6 +170,35 @@ def interrupted_job_to_pb(record: JobRecord) -> pb.Job:
             message=f"{record.description} was interrupted: the service stopped before it finished ({what})",
         ),
     )
+
+
+def history_entry_to_pb(entry: HistoryEntry) -> pb.JobRecord:
+    return pb.JobRecord(
+        id=entry.id,
+        kind=_JOB_KINDS_BY_NAME.get(entry.kind, pb.JOB_KIND_UNSPECIFIED),
+        trigger=_TRIGGERS_BY_NAME.get(entry.trigger, pb.BACKUP_TRIGGER_UNSPECIFIED),
+        caller_role=entry.caller_role,
+        caller_address=entry.caller_address,
+        start_time=timestamp(entry.start_time),
+        duration=duration(entry.duration_seconds),
+        outcome=OUTCOMES.get(entry.outcome, pb.JOB_OUTCOME_UNSPECIFIED),
+        backup_id=entry.backup_id,
+        error=entry.error,
+        error_reason=entry.error_reason,
+        description=entry.description,
+        summary=entry.summary,
+    )
+
+
+def notification_status_to_pb(status: DeliveryStatus) -> pb.NotificationStatus:
+    message = pb.NotificationStatus(
+        targets=status.targets, pending=status.pending, given_up=status.given_up, last_error=status.last_error
+    )
+    if status.last_delivered is not None:
+        message.last_delivered_time.CopyFrom(timestamp(status.last_delivered))
+    if status.last_error_time is not None:
+        message.last_error_time.CopyFrom(timestamp(status.last_error_time))
+    return message
 
 
 def restore_result_to_pb(result: RestoreResult) -> pb.RestoreResult:

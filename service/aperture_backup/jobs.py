@@ -8,6 +8,7 @@ behind a long backup without anyone knowing.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import threading
@@ -17,7 +18,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from . import memory
+from . import callers, memory
+from .callers import Caller
 from .errors import Aborted, BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning, NotFound
 from .journal import JobJournal, JobRecord
 from .model import Backup, Progress, Trigger
@@ -29,6 +31,9 @@ class JobKind(StrEnum):
     BACKUP = "backup"
     RESTORE = "restore"
     VERIFY = "verify"
+    #: Short jobs that do not take the slot (`JobSlot.inline`); they are in the job history.
+    DELETE = "delete"
+    RETENTION = "retention"
 
 
 #: Why a job was asked to stop, for its error message.
@@ -73,6 +78,10 @@ class Job:
     #: Facts worth keeping should the process die during the job (journal.py), e.g. psql's session name.
     notes: dict[str, str] = field(default_factory=dict)
     on_note: Callable[[Job], None] | None = field(default=None, repr=False)
+    #: Who asked for the job (the RPC's caller, callers.py); None for the schedule's own jobs.
+    caller: Caller | None = field(default_factory=callers.current)
+    #: One line of what the job did, for the job history ("deleted 2 archives: ...").
+    summary: str = ""
     _version: int = 0
     _cond: threading.Condition = field(default_factory=threading.Condition)
 
@@ -101,7 +110,15 @@ class Job:
             start_time=self.start_time,
             backup_id=self.subject_id or self.backup_id,
             notes=dict(self.notes),
+            caller_role=self.caller.role if self.caller else "",
+            caller_address=self.caller.address if self.caller else "",
         )
+
+    def conclude(self, *, result: object = None, error: BackupError | None = None) -> None:
+        """Set the outcome without ending the job yet (the `on_end` listeners run between the two)."""
+        with self._cond:
+            self.result = result
+            self.error = error
 
     def finish(self, *, result: object = None, error: BackupError | None = None) -> None:
         with self._cond:
@@ -187,24 +204,25 @@ class JobSlot:
             job.on_note = lambda j: journal.begin(j.record())
 
         def run() -> None:
+            result: object = None
+            error: BackupError | None = None
             try:
-                result = body(job)
-            except BackupError as exc:
-                _logger.warning("%s failed: %s", job.description, exc)
-                job.finish(error=exc)
-            except Exception as exc:  # the thread must record every failure, or watchers hang
-                _logger.exception("%s failed unexpectedly", job.description)
-                job.finish(error=Internal(f"{job.description} failed: {exc}"))
-            else:
-                job.finish(result=result)
-            finally:
+                try:
+                    result = body(job)
+                except BackupError as exc:
+                    _logger.warning("%s failed: %s", job.description, exc)
+                    error = exc
+                except Exception as exc:  # the thread must record every failure, or watchers hang
+                    _logger.exception("%s failed unexpectedly", job.description)
+                    error = Internal(f"{job.description} failed: {exc}")
+                # The listeners see the outcome before the watchers do: a caller told that its job ended
+                # finds it in the job history.
+                job.conclude(result=result, error=error)
                 if journal is not None:
                     journal.end(job.record())
-                for listener in self.on_end:
-                    try:
-                        listener(job)
-                    except Exception:
-                        _logger.exception("a listener of %s failed", job.description)
+                self._ended(job)
+            finally:
+                job.finish(result=result, error=error)
                 memory.release_free_memory()
 
         thread = threading.Thread(target=run, name=f"job-{job.kind.value}", daemon=True)
@@ -212,6 +230,32 @@ class JobSlot:
             self._threads = [t for t in self._threads if t.is_alive()] + [thread]
         thread.start()
         return job
+
+    @contextlib.contextmanager
+    def inline(self, job: Job) -> Iterator[Job]:
+        """Run a short job (a delete, a retention run) in the caller's thread, without taking the slot (it may
+        run beside a backup, or inside one), and tell the `on_end` listeners when it ends, like any job. An
+        error is recorded on the job and raised on; the body may also `finish` the job itself."""
+        try:
+            yield job
+        except BackupError as exc:
+            job.finish(error=exc)
+            raise
+        except Exception as exc:
+            job.finish(error=Internal(f"{job.description} failed: {exc}"))
+            raise
+        else:
+            if not job.done:
+                job.finish(result=job.result)
+        finally:
+            self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        for listener in self.on_end:
+            try:
+                listener(job)
+            except Exception:
+                _logger.exception("a listener of %s failed", job.description)
 
     def cancel(self, backup_id: str, *, timeout: float) -> Job:
         """Stop the running job whose backup is `backup_id` (a backup being made, or the one being restored)

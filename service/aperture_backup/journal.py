@@ -33,6 +33,9 @@ class JobRecord:
     start_time: datetime
     backup_id: str = ""
     notes: dict[str, str] = field(default_factory=dict)
+    #: Who asked for the job (callers.py), for the job history of an interrupted one.
+    caller_role: str = ""
+    caller_address: str = ""
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -48,6 +51,8 @@ class JobRecord:
             start_time=datetime.fromisoformat(str(data["start_time"])),
             backup_id=str(data.get("backup_id") or ""),
             notes={str(k): str(v) for k, v in (data.get("notes") or {}).items()},
+            caller_role=str(data.get("caller_role") or ""),
+            caller_address=str(data.get("caller_address") or ""),
         )
 
 

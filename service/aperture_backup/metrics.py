@@ -14,12 +14,13 @@ from typing import Any
 
 import grpc
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .app import App
 from .jobs import Job, JobSlot
 from .model import Location, State
+from .notify import Notifier
 from .offsite import Offsite
 from .rpc_handlers import Behavior, rewrap
 from .storage.catalog import Archives
@@ -31,14 +32,15 @@ DURATION_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400, fl
 
 
 class _StateCollector(Collector):
-    """Gauges computed from the store and the job slot when scraped."""
+    """Gauges computed from the store, the job slot and the notifier when scraped."""
 
-    def __init__(self, archives: Archives, slot: JobSlot, offsite: Offsite | None):
+    def __init__(self, archives: Archives, slot: JobSlot, offsite: Offsite | None, notifier: Notifier | None = None):
         self._archives = archives
         self._slot = slot
         self._offsite = offsite
+        self._notifier = notifier
 
-    def collect(self) -> Iterable[GaugeMetricFamily]:
+    def collect(self) -> Iterable[GaugeMetricFamily | CounterMetricFamily]:
         backups = self._archives.list_backups()
         ready = [b for b in backups if b.state is State.READY]
         newest = ready[0] if ready else None
@@ -85,6 +87,20 @@ class _StateCollector(Collector):
         for kind in ("backup", "restore", "verify"):
             running.add_metric([kind], 1.0 if job is not None and job.kind.value == kind else 0.0)
         yield running
+        if self._notifier is not None and self._notifier.enabled:
+            # A notifier that cannot deliver is the one failure it cannot tell itself: let Prometheus.
+            delivery = self._notifier.status()
+            pending = GaugeMetricFamily(
+                "aperture_backup_notifications_pending", "Notifications waiting to be sent or tried again."
+            )
+            pending.add_metric([], float(delivery.pending))
+            yield pending
+            given_up = CounterMetricFamily(
+                "aperture_backup_notifications_given_up",
+                "Notifications given up after their last delivery attempt, since the service started.",
+            )
+            given_up.add_metric([], float(delivery.given_up))
+            yield given_up
 
 
 class Metrics:
@@ -116,7 +132,7 @@ class Metrics:
 
     def attach(self, app: App) -> None:
         """Read the app's state at each scrape, and count its jobs as they end."""
-        self.registry.register(_StateCollector(app.archives, app.slot, app.offsite))
+        self.registry.register(_StateCollector(app.archives, app.slot, app.offsite, app.notifier))
         app.slot.on_end.append(self.job_ended)
 
     def job_ended(self, job: Job) -> None:

@@ -68,6 +68,8 @@ class Offsite:
     clock: Callable[[], float] = field(default=lambda: datetime.now(UTC).timestamp())
     #: Called (in the copying thread) for each failed copy; never allowed to raise into it.
     on_failure: list[FailureListener] = field(default_factory=list)
+    #: Called with the id of each archive copied (after a failure: the copy works again).
+    on_success: list[Callable[[str], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.archives.bucket is None:
@@ -197,6 +199,11 @@ class Offsite:
             if not self._retries:
                 self._error = ""
             self._last_upload = datetime.now(UTC)
+        for listener in list(self.on_success):
+            try:
+                listener(backup_id)
+            except Exception:
+                _logger.exception("an offsite success listener failed")
 
     def _failed(self, backup: Backup, exc: BackupError) -> None:
         with self._lock:

@@ -2,7 +2,9 @@
 
 A failed run is recorded (a FAILED backup in the store, visible in List and GetStatus) and logged, and the
 thread goes on to the next day. After start-up, one catch-up backup runs when the service was down at the
-scheduled time, i.e. when the newest successful backup is more than a day old.
+scheduled time, i.e. when the newest successful backup is more than a day old; and a fresh install, with no
+successful backup at all, makes its first one `first_backup_delay` seconds after start-up (default 60, see
+config.py) instead of leaving the database unprotected until the first scheduled time.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ class DailyScheduler:
         *,
         poll_seconds: float = POLL_SECONDS,
         after_backup: Callable[[], None] | None = None,
+        first_backup_delay: float | None = None,
     ):
         self._manager = manager
         #: Runs in this thread after each successful scheduled backup (the verification, verify.py).
         self._after_backup = after_backup
+        self._first_backup_delay = first_backup_delay
         self._settings = settings
         self._poll = poll_seconds
         self._scheduler = schedule.Scheduler()
@@ -100,10 +104,21 @@ class DailyScheduler:
             return
         newest = self._manager.newest_ready()
         if newest is None:
+            self._first_backup()
             return
         age = datetime.now(UTC) - newest.create_time
         if age > CATCH_UP_AFTER:
             _logger.info("newest successful backup is %s old; running a catch-up backup", age)
+            self._run_scheduled()
+
+    def _first_backup(self) -> None:
+        """A fresh install: back up soon, not at the first scheduled time, which may be a day away."""
+        if self._first_backup_delay is None:
+            return
+        _logger.info("no successful backup yet; the first one runs in %.0f s", self._first_backup_delay)
+        if self._stop.wait(self._first_backup_delay):
+            return
+        if self._manager.newest_ready() is None:  # a caller may have made one meanwhile
             self._run_scheduled()
 
     def _run_scheduled(self) -> None:

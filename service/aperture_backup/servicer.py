@@ -170,6 +170,12 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
             response.interrupted_job.CopyFrom(convert.interrupted_job_to_pb(interrupted))
         if self._app.offsite is not None:
             response.offsite.CopyFrom(convert.offsite_to_pb(self._app.offsite.status()))
+        silence = self._app.silence
+        if silence.stale_after is not None:
+            response.stale = silence.is_stale()
+            response.stale_after.CopyFrom(convert.duration(silence.stale_after.total_seconds()))
+        if self._app.notifier.enabled:
+            response.notifications.CopyFrom(convert.notification_status_to_pb(self._app.notifier.status()))
         return response
 
     def Verify(self, request: pb.VerifyRequest, context: grpc.ServicerContext) -> Iterator[pb.VerifyResponse]:
@@ -188,6 +194,13 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
 
     def Unpin(self, request: pb.UnpinRequest, context: grpc.ServicerContext) -> pb.UnpinResponse:
         return pb.UnpinResponse(backup=convert.backup_to_pb(self._app.backups.unpin(request.id)))
+
+    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext) -> pb.ListJobsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument(f"page_size must not be negative, got {request.page_size}")
+        size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        entries, token = self._app.history.page(size, request.page_token)
+        return pb.ListJobsResponse(jobs=[convert.history_entry_to_pb(e) for e in entries], next_page_token=token)
 
     def Cancel(self, request: pb.CancelRequest, context: grpc.ServicerContext) -> pb.CancelResponse:
         job = self._app.slot.cancel(request.backup_id, timeout=CANCEL_WAIT_SECONDS)

@@ -145,6 +145,20 @@ class BackupClient:
     def get(self, backup_id: str) -> pb.Backup:
         return self.stub.Get(pb.GetRequest(id=backup_id)).backup
 
+    def list_jobs(self, *, page_size: int = 0, limit: int | None = None) -> Iterator[pb.JobRecord]:
+        """The job history, newest first, following page tokens; at most `limit` jobs when given."""
+        token, seen = "", 0
+        while True:
+            response = self.stub.ListJobs(pb.ListJobsRequest(page_size=page_size, page_token=token))
+            for job in response.jobs:
+                if limit is not None and seen >= limit:
+                    return
+                seen += 1
+                yield job
+            token = response.next_page_token
+            if not token:
+                return
+
     def delete(self, backup_id: str) -> pb.Backup:
         return self.stub.Delete(pb.DeleteRequest(id=backup_id)).backup
 

@@ -30,6 +30,8 @@ import type {
   CancelResult,
   Compression,
   DownloadResult,
+  JobPage,
+  JobRecord,
   ProgressEvent,
   RestoreResult,
   RetentionPolicy,
@@ -184,6 +186,29 @@ export class BackupClient {
   /** Deletes a backup (archive and manifest); resolves with it as it was. */
   async delete(id: string, options?: CallOptions): Promise<Backup> {
     return requireBackup(await unary(this.#context, this.raw.delete.bind(this.raw), { id }, options), "Delete");
+  }
+
+  /** The job history, newest first: every job that ended (up to the service's last 200), following pages. */
+  async listJobs(options: ListOptions = {}): Promise<JobRecord[]> {
+    const jobs: JobRecord[] = [];
+    let pageToken = "";
+    do {
+      const page = await this.listJobsPage({ ...options, pageToken });
+      jobs.push(...page.jobs);
+      pageToken = page.nextPageToken;
+    } while (pageToken !== "");
+    return jobs;
+  }
+
+  /** One page of the job history, newest first. */
+  async listJobsPage(options: ListPageOptions = {}): Promise<JobPage> {
+    const response = await unary(
+      this.#context,
+      this.raw.listJobs.bind(this.raw),
+      { pageSize: options.pageSize ?? 0, pageToken: options.pageToken ?? "" },
+      options,
+    );
+    return { jobs: response.jobs.map(convert.jobRecord), nextPageToken: response.nextPageToken };
   }
 
   /** The last successful backup, the next scheduled run, the job running now, whether the database answers. */

@@ -10,6 +10,9 @@ import type {
   Compression,
   Job,
   JobKind,
+  JobOutcome,
+  JobRecord,
+  NotificationStatus,
   Phase,
   Progress,
   ProgressEvent,
@@ -40,6 +43,8 @@ export const phase = (value: wire.Phase): Phase => unprefixed(wire.phaseToJSON(v
 export const jobKind = (value: wire.JobKind): JobKind => unprefixed(wire.jobKindToJSON(value), "JOB_KIND_");
 export const verifyResult = (value: wire.VerifyResult): VerifyResult =>
   unprefixed(wire.verifyResultToJSON(value), "VERIFY_RESULT_");
+export const jobOutcome = (value: wire.JobOutcome): JobOutcome =>
+  unprefixed(wire.jobOutcomeToJSON(value), "JOB_OUTCOME_");
 
 /** A request's format: undefined leaves the service's default (plain SQL). Throws on a name it does not know. */
 export function formatToWire(value: BackupFormat | undefined): wire.BackupFormat {
@@ -207,6 +212,38 @@ export function serviceStatus(value: wire.GetStatusResponse): ServiceStatus {
             pendingIds: [...value.offsite.pendingIds],
             lastUploadTime: value.offsite.lastUploadTime,
           },
+    stale: value.stale,
+    staleAfterMs: durationMs(value.staleAfter),
+    notifications: value.notifications === undefined ? undefined : notificationStatus(value.notifications),
+  };
+}
+
+function notificationStatus(value: wire.NotificationStatus): NotificationStatus {
+  return {
+    targets: value.targets,
+    pending: value.pending,
+    givenUp: value.givenUp,
+    lastDeliveredTime: value.lastDeliveredTime,
+    lastError: value.lastError,
+    lastErrorTime: value.lastErrorTime,
+  };
+}
+
+export function jobRecord(value: wire.JobRecord): JobRecord {
+  return {
+    id: value.id,
+    kind: jobKind(value.kind),
+    trigger: backupTrigger(value.trigger),
+    callerRole: value.callerRole,
+    callerAddress: value.callerAddress,
+    startTime: value.startTime,
+    durationMs: durationMs(value.duration) ?? 0,
+    outcome: jobOutcome(value.outcome),
+    backupId: value.backupId,
+    error: value.error,
+    errorReason: value.errorReason,
+    description: value.description,
+    summary: value.summary,
   };
 }
 

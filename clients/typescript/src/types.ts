@@ -28,10 +28,12 @@ export type Phase =
   | "DONE"
   | "CHECKING"
   | "UNSPECIFIED";
-/** The kind of job running now. */
-export type JobKind = "BACKUP" | "RESTORE" | "VERIFY" | "UNSPECIFIED";
+/** The kind of a job: running now (BACKUP, RESTORE, VERIFY), or in the job history (also DELETE, RETENTION). */
+export type JobKind = "BACKUP" | "RESTORE" | "VERIFY" | "DELETE" | "RETENTION" | "UNSPECIFIED";
 /** The outcome of a backup's last verification; "UNSPECIFIED" when it never was verified. */
 export type VerifyResult = "PASSED" | "FAILED" | "UNSPECIFIED";
+/** How a job in the history ended. */
+export type JobOutcome = "SUCCEEDED" | "FAILED" | "CANCELLED" | "INTERRUPTED" | "UNSPECIFIED";
 
 /** One archive in the service's backup directory. */
 export interface Backup {
@@ -210,6 +212,12 @@ export interface ServiceStatus {
   databaseReachable: boolean;
   /** Offsite copies; undefined when no bucket is configured. */
   offsite: OffsiteStatus | undefined;
+  /** Whether backups have gone silent: no successful backup for longer than `staleAfterMs`. */
+  stale: boolean;
+  /** How long without a successful backup counts as silence, in milliseconds; undefined when off. */
+  staleAfterMs: number | undefined;
+  /** Whether notifications get through; undefined when no notification URL is configured. */
+  notifications: NotificationStatus | undefined;
 }
 
 /** Where offsite copies stand. */
@@ -224,6 +232,52 @@ export interface OffsiteStatus {
   pendingIds: string[];
   /** When the last copy finished; undefined before the first since start-up. */
   lastUploadTime: Date | undefined;
+}
+
+/** Where the notifications to the service's APERTURE_BACKUP_NOTIFY_URLS stand. */
+export interface NotificationStatus {
+  /** How many notification URLs are configured. */
+  targets: number;
+  /** Deliveries waiting to be sent or tried again. */
+  pending: number;
+  /** Deliveries given up after their last attempt. */
+  givenUp: number;
+  lastDeliveredTime: Date | undefined;
+  /** The last delivery that failed (the URL named by position and scheme only) and why; "" when none. */
+  lastError: string;
+  lastErrorTime: Date | undefined;
+}
+
+/** A job that ended, from the job history (`listJobs`). */
+export interface JobRecord {
+  /** E.g. "job-000042"; grows in the order jobs ended. */
+  id: string;
+  /** UNSPECIFIED for a kind this client does not know yet: `description` says what it was. */
+  kind: JobKind;
+  trigger: BackupTrigger;
+  /** "admin" or "read-only"; "" for the schedule's own jobs and when the service checks no tokens. */
+  callerRole: string;
+  /** The caller's address as the service saw it, e.g. "10.0.0.7:53412"; "" for the schedule's jobs. */
+  callerAddress: string;
+  startTime: Date | undefined;
+  durationMs: number;
+  outcome: JobOutcome;
+  /** The backup it made, restored, verified or deleted; "" when none. */
+  backupId: string;
+  /** Why it failed, was cancelled or interrupted; "" when it succeeded. */
+  error: string;
+  /** The error's `reason`, e.g. "JOB_RUNNING"; "" when none. */
+  errorReason: string;
+  description: string;
+  /** What it did, e.g. "deleted 2 archive(s): ..."; "" when there is nothing to add. */
+  summary: string;
+}
+
+/** One page of `listJobsPage`. */
+export interface JobPage {
+  jobs: JobRecord[];
+  /** Pass as `pageToken` for the next page; "" on the last page. */
+  nextPageToken: string;
 }
 
 /** One page of `listPage`. */

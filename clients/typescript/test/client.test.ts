@@ -133,6 +133,29 @@ describe("aperture-backup client", { concurrency: false }, () => {
     assert.equal(status.lastSuccessfulBackup?.encrypted, false);
   });
 
+  it("lists the job history newest first, following page tokens", async () => {
+    const jobs = await client.listJobs({ pageSize: 1 });
+    assert.ok(jobs.length >= 2);
+    assert.deepEqual(
+      jobs.map((j) => j.id),
+      [...jobs.map((j) => j.id)].sort().reverse(),
+    );
+    const made = jobs.find((j) => j.kind === "BACKUP" && j.backupId === backup.id);
+    assert.ok(made !== undefined);
+    assert.equal(made.outcome, "SUCCEEDED");
+    assert.equal(made.trigger, "MANUAL");
+    assert.ok(made.startTime instanceof Date);
+    assert.ok(made.durationMs > 0);
+    assert.match(made.callerAddress, /:\d+$/);
+    const page = await client.listJobsPage({ pageSize: 1 });
+    assert.equal(page.jobs.length, 1);
+    assert.notEqual(page.nextPageToken, "");
+    assert.deepEqual(page.jobs[0], jobs[0]);
+    const status = await client.status();
+    assert.equal(status.stale, false);
+    assert.equal(status.staleAfterMs, 26 * 3600 * 1000);
+  });
+
   it("gets and sets retention", async () => {
     const before = await client.getRetention();
     const changed = await client.setRetention({ keepLast: 100, keepDaily: 7, keepMonthly: 12 });

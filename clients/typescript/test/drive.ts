@@ -176,6 +176,8 @@ async function everything(client: BackupClient, work: string, missingId: string)
 
   const deleted = await client.delete(fromStream.backup.id);
   const deletedGet = await failure(client.get(fromStream.backup.id));
+  const jobs = await client.listJobs({ pageSize: 2 });
+  const jobsPage = await client.listJobsPage({ pageSize: 2 });
 
   return {
     plain,
@@ -185,6 +187,8 @@ async function everything(client: BackupClient, work: string, missingId: string)
     lastCallbackState: callbackEvents.at(-1)?.backup?.state,
     iterated,
     listed: listed.map((backup) => backup.id),
+    jobs,
+    jobsFirstPage: { ids: jobsPage.jobs.map((job) => job.id), hasNext: jobsPage.nextPageToken !== "" },
     firstPage: { ids: firstPage.backups.map((backup) => backup.id), hasNext: firstPage.nextPageToken !== "" },
     got,
     sizeIsBigint: typeof got.sizeBytes === "bigint",

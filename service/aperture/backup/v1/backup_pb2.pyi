@@ -266,6 +266,12 @@ class _JobKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobKind.Value
     """A restore."""
     JOB_KIND_VERIFY: _JobKind.ValueType  # 3
     """A verification (Verify, or the one after a scheduled backup)."""
+    JOB_KIND_DELETE: _JobKind.ValueType  # 4
+    """A Delete of one backup (in the job history only: it never holds the job slot)."""
+    JOB_KIND_RETENTION: _JobKind.ValueType  # 5
+    """A retention run (after a backup, or through SetRetention) that deleted something, or tried to (in the
+    job history only).
+    """
 
 class JobKind(_JobKind, metaclass=_JobKindEnumTypeWrapper):
     """What kind of job is running."""
@@ -278,7 +284,45 @@ JOB_KIND_RESTORE: JobKind.ValueType  # 2
 """A restore."""
 JOB_KIND_VERIFY: JobKind.ValueType  # 3
 """A verification (Verify, or the one after a scheduled backup)."""
+JOB_KIND_DELETE: JobKind.ValueType  # 4
+"""A Delete of one backup (in the job history only: it never holds the job slot)."""
+JOB_KIND_RETENTION: JobKind.ValueType  # 5
+"""A retention run (after a backup, or through SetRetention) that deleted something, or tried to (in the
+job history only).
+"""
 Global___JobKind: _TypeAlias = JobKind  # noqa: Y015
+
+class _JobOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _JobOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_JobOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    JOB_OUTCOME_UNSPECIFIED: _JobOutcome.ValueType  # 0
+    """Not set. Never used by the service."""
+    JOB_OUTCOME_SUCCEEDED: _JobOutcome.ValueType  # 1
+    """It did what it was asked to."""
+    JOB_OUTCOME_FAILED: _JobOutcome.ValueType  # 2
+    """It failed; `JobRecord.error` says why."""
+    JOB_OUTCOME_CANCELLED: _JobOutcome.ValueType  # 3
+    """It was stopped by Cancel or by the service shutting down."""
+    JOB_OUTCOME_INTERRUPTED: _JobOutcome.ValueType  # 4
+    """The service stopped (killed, crashed, power lost) while it ran; it never finished."""
+
+class JobOutcome(_JobOutcome, metaclass=_JobOutcomeEnumTypeWrapper):
+    """How a job ended."""
+
+JOB_OUTCOME_UNSPECIFIED: JobOutcome.ValueType  # 0
+"""Not set. Never used by the service."""
+JOB_OUTCOME_SUCCEEDED: JobOutcome.ValueType  # 1
+"""It did what it was asked to."""
+JOB_OUTCOME_FAILED: JobOutcome.ValueType  # 2
+"""It failed; `JobRecord.error` says why."""
+JOB_OUTCOME_CANCELLED: JobOutcome.ValueType  # 3
+"""It was stopped by Cancel or by the service shutting down."""
+JOB_OUTCOME_INTERRUPTED: JobOutcome.ValueType  # 4
+"""The service stopped (killed, crashed, power lost) while it ran; it never finished."""
+Global___JobOutcome: _TypeAlias = JobOutcome  # noqa: Y015
 
 @_typing.final
 class Backup(_message.Message):
@@ -1378,10 +1422,17 @@ class GetStatusResponse(_message.Message):
     OFFSITE_FIELD_NUMBER: _builtins.int
     LAST_VERIFIED_BACKUP_FIELD_NUMBER: _builtins.int
     LAST_VERIFY_SUCCESS_TIME_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    STALE_AFTER_FIELD_NUMBER: _builtins.int
+    NOTIFICATIONS_FIELD_NUMBER: _builtins.int
     database: _builtins.str
     """The database this service backs up (name only, never credentials)."""
     database_reachable: _builtins.bool
     """Whether the database answers right now."""
+    stale: _builtins.bool
+    """Whether backups have gone silent: no successful backup for longer than `stale_after` (counted from the
+    service's start when there is none). A notification says so too, when notifications are configured.
+    """
     @_builtins.property
     def last_successful_backup(self) -> Global___Backup:
         """The newest READY backup; unset when there is none."""
@@ -1423,6 +1474,16 @@ class GetStatusResponse(_message.Message):
     def last_verify_success_time(self) -> _timestamp_pb2.Timestamp:
         """When a verification last passed; unset when none ever did."""
 
+    @_builtins.property
+    def stale_after(self) -> _duration_pb2.Duration:
+        """How long without a successful backup counts as silence (APERTURE_BACKUP_STALE_AFTER); unset when
+        silence detection is off.
+        """
+
+    @_builtins.property
+    def notifications(self) -> Global___NotificationStatus:
+        """Whether notifications get through; unset when no notification URL is configured."""
+
     def __init__(
         self,
         *,
@@ -1437,10 +1498,13 @@ class GetStatusResponse(_message.Message):
         offsite: Global___OffsiteStatus | None = ...,
         last_verified_backup: Global___Backup | None = ...,
         last_verify_success_time: _timestamp_pb2.Timestamp | None = ...,
+        stale: _builtins.bool = ...,
+        stale_after: _duration_pb2.Duration | None = ...,
+        notifications: Global___NotificationStatus | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "last_verified_backup", b"last_verified_backup", "last_verify_success_time", b"last_verify_success_time", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "last_verified_backup", b"last_verified_backup", "last_verify_success_time", b"last_verify_success_time", "next_scheduled_run", b"next_scheduled_run", "notifications", b"notifications", "offsite", b"offsite", "stale_after", b"stale_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "last_verified_backup", b"last_verified_backup", "last_verify_success_time", b"last_verify_success_time", "next_scheduled_run", b"next_scheduled_run", "offsite", b"offsite"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["current_job", b"current_job", "database", b"database", "database_reachable", b"database_reachable", "interrupted_job", b"interrupted_job", "last_failed_backup", b"last_failed_backup", "last_successful_age", b"last_successful_age", "last_successful_backup", b"last_successful_backup", "last_verified_backup", b"last_verified_backup", "last_verify_success_time", b"last_verify_success_time", "next_scheduled_run", b"next_scheduled_run", "notifications", b"notifications", "offsite", b"offsite", "stale", b"stale", "stale_after", b"stale_after"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1487,6 +1551,188 @@ class OffsiteStatus(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___OffsiteStatus: _TypeAlias = OffsiteStatus  # noqa: Y015
+
+@_typing.final
+class NotificationStatus(_message.Message):
+    """Where the notifications to APERTURE_BACKUP_NOTIFY_URLS stand."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TARGETS_FIELD_NUMBER: _builtins.int
+    PENDING_FIELD_NUMBER: _builtins.int
+    GIVEN_UP_FIELD_NUMBER: _builtins.int
+    LAST_DELIVERED_TIME_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_FIELD_NUMBER: _builtins.int
+    LAST_ERROR_TIME_FIELD_NUMBER: _builtins.int
+    targets: _builtins.int
+    """How many notification URLs are configured."""
+    pending: _builtins.int
+    """Deliveries waiting: to be sent, or to be tried again after a failed attempt."""
+    given_up: _builtins.int
+    """Deliveries given up after their last attempt (since the service started)."""
+    last_error: _builtins.str
+    """The last delivery that failed: which message to which URL (by position and scheme, never the URL
+    itself) and why; empty when none has failed.
+    """
+    @_builtins.property
+    def last_delivered_time(self) -> _timestamp_pb2.Timestamp:
+        """When a notification was last delivered; unset when none has been yet."""
+
+    @_builtins.property
+    def last_error_time(self) -> _timestamp_pb2.Timestamp:
+        """When that delivery failed."""
+
+    def __init__(
+        self,
+        *,
+        targets: _builtins.int = ...,
+        pending: _builtins.int = ...,
+        given_up: _builtins.int = ...,
+        last_delivered_time: _timestamp_pb2.Timestamp | None = ...,
+        last_error: _builtins.str = ...,
+        last_error_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_delivered_time", b"last_delivered_time", "last_error_time", b"last_error_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["given_up", b"given_up", "last_delivered_time", b"last_delivered_time", "last_error", b"last_error", "last_error_time", b"last_error_time", "pending", b"pending", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NotificationStatus: _TypeAlias = NotificationStatus  # noqa: Y015
+
+@_typing.final
+class JobRecord(_message.Message):
+    """A job that ended, as the job history keeps it."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    TRIGGER_FIELD_NUMBER: _builtins.int
+    CALLER_ROLE_FIELD_NUMBER: _builtins.int
+    CALLER_ADDRESS_FIELD_NUMBER: _builtins.int
+    START_TIME_FIELD_NUMBER: _builtins.int
+    DURATION_FIELD_NUMBER: _builtins.int
+    OUTCOME_FIELD_NUMBER: _builtins.int
+    BACKUP_ID_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    ERROR_REASON_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    SUMMARY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    """The entry's id, for example `job-000042`; numbers grow in the order jobs ended."""
+    kind: Global___JobKind.ValueType
+    """What kind of job; UNSPECIFIED for a kind this contract does not name (see `description`)."""
+    trigger: Global___BackupTrigger.ValueType
+    """What started it (a Delete, and SetRetention, are MANUAL; retention after a backup has that backup's
+    trigger).
+    """
+    caller_role: _builtins.str
+    """The role of the caller who asked, "admin" or "read-only"; empty for the schedule's own jobs and when
+    the service checks no tokens.
+    """
+    caller_address: _builtins.str
+    """The caller's network address as the service saw it (for example "10.0.0.7:53412"); empty for the
+    schedule's own jobs.
+    """
+    outcome: Global___JobOutcome.ValueType
+    """How it ended."""
+    backup_id: _builtins.str
+    """The backup it made, restored, verified or deleted; empty when none."""
+    error: _builtins.str
+    """Why it failed, was cancelled or interrupted; empty when it succeeded."""
+    error_reason: _builtins.str
+    """The `ErrorInfo` reason of that error, for example `JOB_RUNNING`; empty when none."""
+    description: _builtins.str
+    """A human-readable line, for example "a scheduled backup"."""
+    summary: _builtins.str
+    """What it did, for example "deleted 2 archive(s): ..."; empty when there is nothing to add."""
+    @_builtins.property
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When it started."""
+
+    @_builtins.property
+    def duration(self) -> _duration_pb2.Duration:
+        """How long it ran."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        kind: Global___JobKind.ValueType = ...,
+        trigger: Global___BackupTrigger.ValueType = ...,
+        caller_role: _builtins.str = ...,
+        caller_address: _builtins.str = ...,
+        start_time: _timestamp_pb2.Timestamp | None = ...,
+        duration: _duration_pb2.Duration | None = ...,
+        outcome: Global___JobOutcome.ValueType = ...,
+        backup_id: _builtins.str = ...,
+        error: _builtins.str = ...,
+        error_reason: _builtins.str = ...,
+        description: _builtins.str = ...,
+        summary: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["duration", b"duration", "start_time", b"start_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backup_id", b"backup_id", "caller_address", b"caller_address", "caller_role", b"caller_role", "description", b"description", "duration", b"duration", "error", b"error", "error_reason", b"error_reason", "id", b"id", "kind", b"kind", "outcome", b"outcome", "start_time", b"start_time", "summary", b"summary", "trigger", b"trigger"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobRecord: _TypeAlias = JobRecord  # noqa: Y015
+
+@_typing.final
+class ListJobsRequest(_message.Message):
+    """Request of ListJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PAGE_SIZE_FIELD_NUMBER: _builtins.int
+    PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    page_size: _builtins.int
+    """Most jobs to return; 0 means the default (50), at most 1000."""
+    page_token: _builtins.str
+    """`next_page_token` of the previous response, empty for the first page."""
+    def __init__(
+        self,
+        *,
+        page_size: _builtins.int = ...,
+        page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["page_size", b"page_size", "page_token", b"page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsRequest: _TypeAlias = ListJobsRequest  # noqa: Y015
+
+@_typing.final
+class ListJobsResponse(_message.Message):
+    """Response of ListJobs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    next_page_token: _builtins.str
+    """Token of the next page; empty after the last."""
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[Global___JobRecord]:
+        """Jobs that ended, newest first."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[Global___JobRecord] | None = ...,
+        next_page_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs", "next_page_token", b"next_page_token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListJobsResponse: _TypeAlias = ListJobsResponse  # noqa: Y015
 
 @_typing.final
 class CancelRequest(_message.Message):

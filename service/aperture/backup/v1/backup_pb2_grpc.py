@@ -116,6 +116,11 @@ class BackupServiceStub:
                 request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinRequest.SerializeToString,
                 response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinResponse.FromString,
                 _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/aperture.backup.v1.BackupService/ListJobs',
+                request_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class BackupServiceServicer:
@@ -260,6 +265,15 @@ class BackupServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListJobs(self, request, context):
+        """Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+        that deleted something, with what started each, who asked (role and address), when, how long it took
+        and how it ended. Kept across restarts, the newest 200 only.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_BackupServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -342,6 +356,11 @@ def add_BackupServiceServicer_to_server(servicer, server):
                     servicer.Unpin,
                     request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinRequest.FromString,
                     response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=aperture_dot_backup_dot_v1_dot_backup__pb2.ListJobsRequest.FromString,
+                    response_serializer=aperture_dot_backup_dot_v1_dot_backup__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -778,6 +797,33 @@ class BackupService:
             '/aperture.backup.v1.BackupService/Unpin',
             aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinRequest.SerializeToString,
             aperture_dot_backup_dot_v1_dot_backup__pb2.UnpinResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/aperture.backup.v1.BackupService/ListJobs',
+            aperture_dot_backup_dot_v1_dot_backup__pb2.ListJobsRequest.SerializeToString,
+            aperture_dot_backup_dot_v1_dot_backup__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -109,6 +109,11 @@ class BackupServiceStub:
     """Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
     changes nothing.
     """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_backup_pb2.ListJobsRequest, _backup_pb2.ListJobsResponse]
+    """Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+    that deleted something, with what started each, who asked (role and address), when, how long it took
+    and how it ended. Kept across restarts, the newest 200 only.
+    """
 
 @_typing.type_check_only
 class BackupServiceAsyncStub(BackupServiceStub):
@@ -183,6 +188,11 @@ class BackupServiceAsyncStub(BackupServiceStub):
     Unpin: _aio.UnaryUnaryMultiCallable[_backup_pb2.UnpinRequest, _backup_pb2.UnpinResponse]  # type: ignore[assignment]
     """Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
     changes nothing.
+    """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_backup_pb2.ListJobsRequest, _backup_pb2.ListJobsResponse]  # type: ignore[assignment]
+    """Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+    that deleted something, with what started each, who asked (role and address), when, how long it took
+    and how it ended. Kept across restarts, the newest 200 only.
     """
 
 class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -351,6 +361,17 @@ class BackupServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_backup_pb2.UnpinResponse, _abc.Awaitable[_backup_pb2.UnpinResponse]]:
         """Removes a backup's pin; retention may delete it from its next run on. Unpinning an unpinned backup
         changes nothing.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _backup_pb2.ListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_backup_pb2.ListJobsResponse, _abc.Awaitable[_backup_pb2.ListJobsResponse]]:
+        """Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+        that deleted something, with what started each, who asked (role and address), when, how long it took
+        and how it ended. Kept across restarts, the newest 200 only.
         """
 
 def add_BackupServiceServicer_to_server(servicer: BackupServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

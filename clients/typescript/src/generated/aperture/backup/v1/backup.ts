@@ -440,6 +440,13 @@ export enum JobKind {
   JOB_KIND_RESTORE = 2,
   /** JOB_KIND_VERIFY - A verification (Verify, or the one after a scheduled backup). */
   JOB_KIND_VERIFY = 3,
+  /** JOB_KIND_DELETE - A Delete of one backup (in the job history only: it never holds the job slot). */
+  JOB_KIND_DELETE = 4,
+  /**
+   * JOB_KIND_RETENTION - A retention run (after a backup, or through SetRetention) that deleted something, or tried to (in the
+   * job history only).
+   */
+  JOB_KIND_RETENTION = 5,
   UNRECOGNIZED = -1,
 }
 
@@ -457,6 +464,12 @@ export function jobKindFromJSON(object: any): JobKind {
     case 3:
     case "JOB_KIND_VERIFY":
       return JobKind.JOB_KIND_VERIFY;
+    case 4:
+    case "JOB_KIND_DELETE":
+      return JobKind.JOB_KIND_DELETE;
+    case 5:
+    case "JOB_KIND_RETENTION":
+      return JobKind.JOB_KIND_RETENTION;
     case -1:
     case "UNRECOGNIZED":
     default:
@@ -474,7 +487,68 @@ export function jobKindToJSON(object: JobKind): string {
       return "JOB_KIND_RESTORE";
     case JobKind.JOB_KIND_VERIFY:
       return "JOB_KIND_VERIFY";
+    case JobKind.JOB_KIND_DELETE:
+      return "JOB_KIND_DELETE";
+    case JobKind.JOB_KIND_RETENTION:
+      return "JOB_KIND_RETENTION";
     case JobKind.UNRECOGNIZED:
+    default:
+      return "UNRECOGNIZED";
+  }
+}
+
+/** How a job ended. */
+export enum JobOutcome {
+  /** JOB_OUTCOME_UNSPECIFIED - Not set. Never used by the service. */
+  JOB_OUTCOME_UNSPECIFIED = 0,
+  /** JOB_OUTCOME_SUCCEEDED - It did what it was asked to. */
+  JOB_OUTCOME_SUCCEEDED = 1,
+  /** JOB_OUTCOME_FAILED - It failed; `JobRecord.error` says why. */
+  JOB_OUTCOME_FAILED = 2,
+  /** JOB_OUTCOME_CANCELLED - It was stopped by Cancel or by the service shutting down. */
+  JOB_OUTCOME_CANCELLED = 3,
+  /** JOB_OUTCOME_INTERRUPTED - The service stopped (killed, crashed, power lost) while it ran; it never finished. */
+  JOB_OUTCOME_INTERRUPTED = 4,
+  UNRECOGNIZED = -1,
+}
+
+export function jobOutcomeFromJSON(object: any): JobOutcome {
+  switch (object) {
+    case 0:
+    case "JOB_OUTCOME_UNSPECIFIED":
+      return JobOutcome.JOB_OUTCOME_UNSPECIFIED;
+    case 1:
+    case "JOB_OUTCOME_SUCCEEDED":
+      return JobOutcome.JOB_OUTCOME_SUCCEEDED;
+    case 2:
+    case "JOB_OUTCOME_FAILED":
+      return JobOutcome.JOB_OUTCOME_FAILED;
+    case 3:
+    case "JOB_OUTCOME_CANCELLED":
+      return JobOutcome.JOB_OUTCOME_CANCELLED;
+    case 4:
+    case "JOB_OUTCOME_INTERRUPTED":
+      return JobOutcome.JOB_OUTCOME_INTERRUPTED;
+    case -1:
+    case "UNRECOGNIZED":
+    default:
+      return JobOutcome.UNRECOGNIZED;
+  }
+}
+
+export function jobOutcomeToJSON(object: JobOutcome): string {
+  switch (object) {
+    case JobOutcome.JOB_OUTCOME_UNSPECIFIED:
+      return "JOB_OUTCOME_UNSPECIFIED";
+    case JobOutcome.JOB_OUTCOME_SUCCEEDED:
+      return "JOB_OUTCOME_SUCCEEDED";
+    case JobOutcome.JOB_OUTCOME_FAILED:
+      return "JOB_OUTCOME_FAILED";
+    case JobOutcome.JOB_OUTCOME_CANCELLED:
+      return "JOB_OUTCOME_CANCELLED";
+    case JobOutcome.JOB_OUTCOME_INTERRUPTED:
+      return "JOB_OUTCOME_INTERRUPTED";
+    case JobOutcome.UNRECOGNIZED:
     default:
       return "UNRECOGNIZED";
   }
@@ -937,7 +1011,23 @@ export interface GetStatusResponse {
     | Backup
     | undefined;
   /** When a verification last passed; unset when none ever did. */
-  lastVerifySuccessTime: Date | undefined;
+  lastVerifySuccessTime:
+    | Date
+    | undefined;
+  /**
+   * Whether backups have gone silent: no successful backup for longer than `stale_after` (counted from the
+   * service's start when there is none). A notification says so too, when notifications are configured.
+   */
+  stale: boolean;
+  /**
+   * How long without a successful backup counts as silence (APERTURE_BACKUP_STALE_AFTER); unset when
+   * silence detection is off.
+   */
+  staleAfter:
+    | Duration
+    | undefined;
+  /** Whether notifications get through; unset when no notification URL is configured. */
+  notifications: NotificationStatus | undefined;
 }
 
 /** Where offsite copies stand. */
@@ -952,6 +1042,86 @@ export interface OffsiteStatus {
   pendingIds: string[];
   /** When the last copy to the bucket finished; unset before the first since start-up. */
   lastUploadTime: Date | undefined;
+}
+
+/** Where the notifications to APERTURE_BACKUP_NOTIFY_URLS stand. */
+export interface NotificationStatus {
+  /** How many notification URLs are configured. */
+  targets: number;
+  /** Deliveries waiting: to be sent, or to be tried again after a failed attempt. */
+  pending: number;
+  /** Deliveries given up after their last attempt (since the service started). */
+  givenUp: number;
+  /** When a notification was last delivered; unset when none has been yet. */
+  lastDeliveredTime:
+    | Date
+    | undefined;
+  /**
+   * The last delivery that failed: which message to which URL (by position and scheme, never the URL
+   * itself) and why; empty when none has failed.
+   */
+  lastError: string;
+  /** When that delivery failed. */
+  lastErrorTime: Date | undefined;
+}
+
+/** A job that ended, as the job history keeps it. */
+export interface JobRecord {
+  /** The entry's id, for example `job-000042`; numbers grow in the order jobs ended. */
+  id: string;
+  /** What kind of job; UNSPECIFIED for a kind this contract does not name (see `description`). */
+  kind: JobKind;
+  /**
+   * What started it (a Delete, and SetRetention, are MANUAL; retention after a backup has that backup's
+   * trigger).
+   */
+  trigger: BackupTrigger;
+  /**
+   * The role of the caller who asked, "admin" or "read-only"; empty for the schedule's own jobs and when
+   * the service checks no tokens.
+   */
+  callerRole: string;
+  /**
+   * The caller's network address as the service saw it (for example "10.0.0.7:53412"); empty for the
+   * schedule's own jobs.
+   */
+  callerAddress: string;
+  /** When it started. */
+  startTime:
+    | Date
+    | undefined;
+  /** How long it ran. */
+  duration:
+    | Duration
+    | undefined;
+  /** How it ended. */
+  outcome: JobOutcome;
+  /** The backup it made, restored, verified or deleted; empty when none. */
+  backupId: string;
+  /** Why it failed, was cancelled or interrupted; empty when it succeeded. */
+  error: string;
+  /** The `ErrorInfo` reason of that error, for example `JOB_RUNNING`; empty when none. */
+  errorReason: string;
+  /** A human-readable line, for example "a scheduled backup". */
+  description: string;
+  /** What it did, for example "deleted 2 archive(s): ..."; empty when there is nothing to add. */
+  summary: string;
+}
+
+/** Request of ListJobs. */
+export interface ListJobsRequest {
+  /** Most jobs to return; 0 means the default (50), at most 1000. */
+  pageSize: number;
+  /** `next_page_token` of the previous response, empty for the first page. */
+  pageToken: string;
+}
+
+/** Response of ListJobs. */
+export interface ListJobsResponse {
+  /** Jobs that ended, newest first. */
+  jobs: JobRecord[];
+  /** Token of the next page; empty after the last. */
+  nextPageToken: string;
 }
 
 /** Request of Cancel. */
@@ -4614,6 +4784,9 @@ function createBaseGetStatusResponse(): GetStatusResponse {
     offsite: undefined,
     lastVerifiedBackup: undefined,
     lastVerifySuccessTime: undefined,
+    stale: false,
+    staleAfter: undefined,
+    notifications: undefined,
   };
 }
 
@@ -4651,6 +4824,15 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     }
     if (message.lastVerifySuccessTime !== undefined) {
       Timestamp.encode(toTimestamp(message.lastVerifySuccessTime), writer.uint32(98).fork()).join();
+    }
+    if (message.stale !== false) {
+      writer.uint32(104).bool(message.stale);
+    }
+    if (message.staleAfter !== undefined) {
+      Duration.encode(message.staleAfter, writer.uint32(114).fork()).join();
+    }
+    if (message.notifications !== undefined) {
+      NotificationStatus.encode(message.notifications, writer.uint32(122).fork()).join();
     }
     return writer;
   },
@@ -4756,6 +4938,30 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
             message.lastVerifySuccessTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
             continue;
           }
+          case 13: {
+            if (tag !== 104) {
+              break;
+            }
+
+            message.stale = reader.bool();
+            continue;
+          }
+          case 14: {
+            if (tag !== 114) {
+              break;
+            }
+
+            message.staleAfter = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 15: {
+            if (tag !== 122) {
+              break;
+            }
+
+            message.notifications = NotificationStatus.decode(reader, reader.uint32());
+            continue;
+          }
         }
         if ((tag & 7) === 4 || tag === 0) {
           break;
@@ -4817,6 +5023,13 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
         : isSet(object.last_verify_success_time)
         ? fromJsonTimestamp(object.last_verify_success_time)
         : undefined,
+      stale: isSet(object.stale) ? globalThis.Boolean(object.stale) : false,
+      staleAfter: isSet(object.staleAfter)
+        ? Duration.fromJSON(object.staleAfter)
+        : isSet(object.stale_after)
+        ? Duration.fromJSON(object.stale_after)
+        : undefined,
+      notifications: isSet(object.notifications) ? NotificationStatus.fromJSON(object.notifications) : undefined,
     };
   },
 
@@ -4855,6 +5068,15 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
     if (message.lastVerifySuccessTime !== undefined) {
       obj.lastVerifySuccessTime = message.lastVerifySuccessTime.toISOString();
     }
+    if (message.stale !== false) {
+      obj.stale = message.stale;
+    }
+    if (message.staleAfter !== undefined) {
+      obj.staleAfter = Duration.toJSON(message.staleAfter);
+    }
+    if (message.notifications !== undefined) {
+      obj.notifications = NotificationStatus.toJSON(message.notifications);
+    }
     return obj;
   },
 
@@ -4888,6 +5110,13 @@ export const GetStatusResponse: MessageFns<GetStatusResponse> = {
       ? Backup.fromPartial(object.lastVerifiedBackup)
       : undefined;
     message.lastVerifySuccessTime = object.lastVerifySuccessTime ?? undefined;
+    message.stale = object.stale ?? false;
+    message.staleAfter = (object.staleAfter !== undefined && object.staleAfter !== null)
+      ? Duration.fromPartial(object.staleAfter)
+      : undefined;
+    message.notifications = (object.notifications !== undefined && object.notifications !== null)
+      ? NotificationStatus.fromPartial(object.notifications)
+      : undefined;
     return message;
   },
 };
@@ -5029,6 +5258,650 @@ export const OffsiteStatus: MessageFns<OffsiteStatus> = {
     message.error = object.error ?? "";
     message.pendingIds = object.pendingIds?.map((e) => e) || [];
     message.lastUploadTime = object.lastUploadTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseNotificationStatus(): NotificationStatus {
+  return { targets: 0, pending: 0, givenUp: 0, lastDeliveredTime: undefined, lastError: "", lastErrorTime: undefined };
+}
+
+export const NotificationStatus: MessageFns<NotificationStatus> = {
+  encode(message: NotificationStatus, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.targets !== 0) {
+      writer.uint32(8).int32(message.targets);
+    }
+    if (message.pending !== 0) {
+      writer.uint32(16).int32(message.pending);
+    }
+    if (message.givenUp !== 0) {
+      writer.uint32(24).int32(message.givenUp);
+    }
+    if (message.lastDeliveredTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastDeliveredTime), writer.uint32(34).fork()).join();
+    }
+    if (message.lastError !== "") {
+      writer.uint32(42).string(message.lastError);
+    }
+    if (message.lastErrorTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.lastErrorTime), writer.uint32(50).fork()).join();
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): NotificationStatus {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseNotificationStatus();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.targets = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.pending = reader.int32();
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.givenUp = reader.int32();
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.lastDeliveredTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.lastError = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.lastErrorTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): NotificationStatus {
+    return {
+      targets: isSet(object.targets) ? globalThis.Number(object.targets) : 0,
+      pending: isSet(object.pending) ? globalThis.Number(object.pending) : 0,
+      givenUp: isSet(object.givenUp)
+        ? globalThis.Number(object.givenUp)
+        : isSet(object.given_up)
+        ? globalThis.Number(object.given_up)
+        : 0,
+      lastDeliveredTime: isSet(object.lastDeliveredTime)
+        ? fromJsonTimestamp(object.lastDeliveredTime)
+        : isSet(object.last_delivered_time)
+        ? fromJsonTimestamp(object.last_delivered_time)
+        : undefined,
+      lastError: isSet(object.lastError)
+        ? globalThis.String(object.lastError)
+        : isSet(object.last_error)
+        ? globalThis.String(object.last_error)
+        : "",
+      lastErrorTime: isSet(object.lastErrorTime)
+        ? fromJsonTimestamp(object.lastErrorTime)
+        : isSet(object.last_error_time)
+        ? fromJsonTimestamp(object.last_error_time)
+        : undefined,
+    };
+  },
+
+  toJSON(message: NotificationStatus): unknown {
+    const obj: any = {};
+    if (message.targets !== 0) {
+      obj.targets = Math.round(message.targets);
+    }
+    if (message.pending !== 0) {
+      obj.pending = Math.round(message.pending);
+    }
+    if (message.givenUp !== 0) {
+      obj.givenUp = Math.round(message.givenUp);
+    }
+    if (message.lastDeliveredTime !== undefined) {
+      obj.lastDeliveredTime = message.lastDeliveredTime.toISOString();
+    }
+    if (message.lastError !== "") {
+      obj.lastError = message.lastError;
+    }
+    if (message.lastErrorTime !== undefined) {
+      obj.lastErrorTime = message.lastErrorTime.toISOString();
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<NotificationStatus>, I>>(base?: I): NotificationStatus {
+    return NotificationStatus.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<NotificationStatus>, I>>(object: I): NotificationStatus {
+    const message = createBaseNotificationStatus();
+    message.targets = object.targets ?? 0;
+    message.pending = object.pending ?? 0;
+    message.givenUp = object.givenUp ?? 0;
+    message.lastDeliveredTime = object.lastDeliveredTime ?? undefined;
+    message.lastError = object.lastError ?? "";
+    message.lastErrorTime = object.lastErrorTime ?? undefined;
+    return message;
+  },
+};
+
+function createBaseJobRecord(): JobRecord {
+  return {
+    id: "",
+    kind: 0,
+    trigger: 0,
+    callerRole: "",
+    callerAddress: "",
+    startTime: undefined,
+    duration: undefined,
+    outcome: 0,
+    backupId: "",
+    error: "",
+    errorReason: "",
+    description: "",
+    summary: "",
+  };
+}
+
+export const JobRecord: MessageFns<JobRecord> = {
+  encode(message: JobRecord, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.id !== "") {
+      writer.uint32(10).string(message.id);
+    }
+    if (message.kind !== 0) {
+      writer.uint32(16).int32(message.kind);
+    }
+    if (message.trigger !== 0) {
+      writer.uint32(24).int32(message.trigger);
+    }
+    if (message.callerRole !== "") {
+      writer.uint32(34).string(message.callerRole);
+    }
+    if (message.callerAddress !== "") {
+      writer.uint32(42).string(message.callerAddress);
+    }
+    if (message.startTime !== undefined) {
+      Timestamp.encode(toTimestamp(message.startTime), writer.uint32(50).fork()).join();
+    }
+    if (message.duration !== undefined) {
+      Duration.encode(message.duration, writer.uint32(58).fork()).join();
+    }
+    if (message.outcome !== 0) {
+      writer.uint32(64).int32(message.outcome);
+    }
+    if (message.backupId !== "") {
+      writer.uint32(74).string(message.backupId);
+    }
+    if (message.error !== "") {
+      writer.uint32(82).string(message.error);
+    }
+    if (message.errorReason !== "") {
+      writer.uint32(90).string(message.errorReason);
+    }
+    if (message.description !== "") {
+      writer.uint32(98).string(message.description);
+    }
+    if (message.summary !== "") {
+      writer.uint32(106).string(message.summary);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): JobRecord {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseJobRecord();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.id = reader.string();
+            continue;
+          }
+          case 2: {
+            if (tag !== 16) {
+              break;
+            }
+
+            message.kind = reader.int32() as any;
+            continue;
+          }
+          case 3: {
+            if (tag !== 24) {
+              break;
+            }
+
+            message.trigger = reader.int32() as any;
+            continue;
+          }
+          case 4: {
+            if (tag !== 34) {
+              break;
+            }
+
+            message.callerRole = reader.string();
+            continue;
+          }
+          case 5: {
+            if (tag !== 42) {
+              break;
+            }
+
+            message.callerAddress = reader.string();
+            continue;
+          }
+          case 6: {
+            if (tag !== 50) {
+              break;
+            }
+
+            message.startTime = fromTimestamp(Timestamp.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 7: {
+            if (tag !== 58) {
+              break;
+            }
+
+            message.duration = Duration.decode(reader, reader.uint32());
+            continue;
+          }
+          case 8: {
+            if (tag !== 64) {
+              break;
+            }
+
+            message.outcome = reader.int32() as any;
+            continue;
+          }
+          case 9: {
+            if (tag !== 74) {
+              break;
+            }
+
+            message.backupId = reader.string();
+            continue;
+          }
+          case 10: {
+            if (tag !== 82) {
+              break;
+            }
+
+            message.error = reader.string();
+            continue;
+          }
+          case 11: {
+            if (tag !== 90) {
+              break;
+            }
+
+            message.errorReason = reader.string();
+            continue;
+          }
+          case 12: {
+            if (tag !== 98) {
+              break;
+            }
+
+            message.description = reader.string();
+            continue;
+          }
+          case 13: {
+            if (tag !== 106) {
+              break;
+            }
+
+            message.summary = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): JobRecord {
+    return {
+      id: isSet(object.id) ? globalThis.String(object.id) : "",
+      kind: isSet(object.kind) ? jobKindFromJSON(object.kind) : 0,
+      trigger: isSet(object.trigger) ? backupTriggerFromJSON(object.trigger) : 0,
+      callerRole: isSet(object.callerRole)
+        ? globalThis.String(object.callerRole)
+        : isSet(object.caller_role)
+        ? globalThis.String(object.caller_role)
+        : "",
+      callerAddress: isSet(object.callerAddress)
+        ? globalThis.String(object.callerAddress)
+        : isSet(object.caller_address)
+        ? globalThis.String(object.caller_address)
+        : "",
+      startTime: isSet(object.startTime)
+        ? fromJsonTimestamp(object.startTime)
+        : isSet(object.start_time)
+        ? fromJsonTimestamp(object.start_time)
+        : undefined,
+      duration: isSet(object.duration) ? Duration.fromJSON(object.duration) : undefined,
+      outcome: isSet(object.outcome) ? jobOutcomeFromJSON(object.outcome) : 0,
+      backupId: isSet(object.backupId)
+        ? globalThis.String(object.backupId)
+        : isSet(object.backup_id)
+        ? globalThis.String(object.backup_id)
+        : "",
+      error: isSet(object.error) ? globalThis.String(object.error) : "",
+      errorReason: isSet(object.errorReason)
+        ? globalThis.String(object.errorReason)
+        : isSet(object.error_reason)
+        ? globalThis.String(object.error_reason)
+        : "",
+      description: isSet(object.description) ? globalThis.String(object.description) : "",
+      summary: isSet(object.summary) ? globalThis.String(object.summary) : "",
+    };
+  },
+
+  toJSON(message: JobRecord): unknown {
+    const obj: any = {};
+    if (message.id !== "") {
+      obj.id = message.id;
+    }
+    if (message.kind !== 0) {
+      obj.kind = jobKindToJSON(message.kind);
+    }
+    if (message.trigger !== 0) {
+      obj.trigger = backupTriggerToJSON(message.trigger);
+    }
+    if (message.callerRole !== "") {
+      obj.callerRole = message.callerRole;
+    }
+    if (message.callerAddress !== "") {
+      obj.callerAddress = message.callerAddress;
+    }
+    if (message.startTime !== undefined) {
+      obj.startTime = message.startTime.toISOString();
+    }
+    if (message.duration !== undefined) {
+      obj.duration = Duration.toJSON(message.duration);
+    }
+    if (message.outcome !== 0) {
+      obj.outcome = jobOutcomeToJSON(message.outcome);
+    }
+    if (message.backupId !== "") {
+      obj.backupId = message.backupId;
+    }
+    if (message.error !== "") {
+      obj.error = message.error;
+    }
+    if (message.errorReason !== "") {
+      obj.errorReason = message.errorReason;
+    }
+    if (message.description !== "") {
+      obj.description = message.description;
+    }
+    if (message.summary !== "") {
+      obj.summary = message.summary;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<JobRecord>, I>>(base?: I): JobRecord {
+    return JobRecord.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<JobRecord>, I>>(object: I): JobRecord {
+    const message = createBaseJobRecord();
+    message.id = object.id ?? "";
+    message.kind = object.kind ?? 0;
+    message.trigger = object.trigger ?? 0;
+    message.callerRole = object.callerRole ?? "";
+    message.callerAddress = object.callerAddress ?? "";
+    message.startTime = object.startTime ?? undefined;
+    message.duration = (object.duration !== undefined && object.duration !== null)
+      ? Duration.fromPartial(object.duration)
+      : undefined;
+    message.outcome = object.outcome ?? 0;
+    message.backupId = object.backupId ?? "";
+    message.error = object.error ?? "";
+    message.errorReason = object.errorReason ?? "";
+    message.description = object.description ?? "";
+    message.summary = object.summary ?? "";
+    return message;
+  },
+};
+
+function createBaseListJobsRequest(): ListJobsRequest {
+  return { pageSize: 0, pageToken: "" };
+}
+
+export const ListJobsRequest: MessageFns<ListJobsRequest> = {
+  encode(message: ListJobsRequest, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    if (message.pageSize !== 0) {
+      writer.uint32(8).int32(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      writer.uint32(18).string(message.pageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListJobsRequest {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListJobsRequest();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 8) {
+              break;
+            }
+
+            message.pageSize = reader.int32();
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.pageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListJobsRequest {
+    return {
+      pageSize: isSet(object.pageSize)
+        ? globalThis.Number(object.pageSize)
+        : isSet(object.page_size)
+        ? globalThis.Number(object.page_size)
+        : 0,
+      pageToken: isSet(object.pageToken)
+        ? globalThis.String(object.pageToken)
+        : isSet(object.page_token)
+        ? globalThis.String(object.page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListJobsRequest): unknown {
+    const obj: any = {};
+    if (message.pageSize !== 0) {
+      obj.pageSize = Math.round(message.pageSize);
+    }
+    if (message.pageToken !== "") {
+      obj.pageToken = message.pageToken;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListJobsRequest>, I>>(base?: I): ListJobsRequest {
+    return ListJobsRequest.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListJobsRequest>, I>>(object: I): ListJobsRequest {
+    const message = createBaseListJobsRequest();
+    message.pageSize = object.pageSize ?? 0;
+    message.pageToken = object.pageToken ?? "";
+    return message;
+  },
+};
+
+function createBaseListJobsResponse(): ListJobsResponse {
+  return { jobs: [], nextPageToken: "" };
+}
+
+export const ListJobsResponse: MessageFns<ListJobsResponse> = {
+  encode(message: ListJobsResponse, writer: BinaryWriter = new BinaryWriter()): BinaryWriter {
+    for (const v of message.jobs) {
+      JobRecord.encode(v!, writer.uint32(10).fork()).join();
+    }
+    if (message.nextPageToken !== "") {
+      writer.uint32(18).string(message.nextPageToken);
+    }
+    return writer;
+  },
+
+  decode(input: BinaryReader | Uint8Array, length?: number): ListJobsResponse {
+    const reader = input instanceof BinaryReader ? input : new BinaryReader(input);
+    const previousRecursionDepth = (reader as any).__tsProtoDecodeDepth ?? 0;
+    if (previousRecursionDepth >= 100) {
+      throw new globalThis.Error("protobuf decode recursion limit exceeded");
+    }
+    (reader as any).__tsProtoDecodeDepth = previousRecursionDepth + 1;
+    try {
+      const end = length === undefined ? reader.len : reader.pos + length;
+      const message = createBaseListJobsResponse();
+      while (reader.pos < end) {
+        const tag = reader.uint32();
+        switch (tag >>> 3) {
+          case 1: {
+            if (tag !== 10) {
+              break;
+            }
+
+            message.jobs.push(JobRecord.decode(reader, reader.uint32()));
+            continue;
+          }
+          case 2: {
+            if (tag !== 18) {
+              break;
+            }
+
+            message.nextPageToken = reader.string();
+            continue;
+          }
+        }
+        if ((tag & 7) === 4 || tag === 0) {
+          break;
+        }
+        reader.skip(tag & 7);
+      }
+      return message;
+    } finally {
+      (reader as any).__tsProtoDecodeDepth = previousRecursionDepth;
+    }
+  },
+
+  fromJSON(object: any): ListJobsResponse {
+    return {
+      jobs: globalThis.Array.isArray(object?.jobs) ? object.jobs.map((e: any) => JobRecord.fromJSON(e)) : [],
+      nextPageToken: isSet(object.nextPageToken)
+        ? globalThis.String(object.nextPageToken)
+        : isSet(object.next_page_token)
+        ? globalThis.String(object.next_page_token)
+        : "",
+    };
+  },
+
+  toJSON(message: ListJobsResponse): unknown {
+    const obj: any = {};
+    if (message.jobs?.length) {
+      obj.jobs = message.jobs.map((e) => JobRecord.toJSON(e));
+    }
+    if (message.nextPageToken !== "") {
+      obj.nextPageToken = message.nextPageToken;
+    }
+    return obj;
+  },
+
+  create<I extends Exact<DeepPartial<ListJobsResponse>, I>>(base?: I): ListJobsResponse {
+    return ListJobsResponse.fromPartial(base ?? ({} as any));
+  },
+  fromPartial<I extends Exact<DeepPartial<ListJobsResponse>, I>>(object: I): ListJobsResponse {
+    const message = createBaseListJobsResponse();
+    message.jobs = object.jobs?.map((e) => JobRecord.fromPartial(e)) || [];
+    message.nextPageToken = object.nextPageToken ?? "";
     return message;
   },
 };
@@ -5854,6 +6727,20 @@ export const BackupServiceService = {
     responseSerialize: (value: UnpinResponse): Buffer => Buffer.from(UnpinResponse.encode(value).finish()),
     responseDeserialize: (value: Buffer): UnpinResponse => UnpinResponse.decode(value),
   },
+  /**
+   * Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+   * that deleted something, with what started each, who asked (role and address), when, how long it took
+   * and how it ended. Kept across restarts, the newest 200 only.
+   */
+  listJobs: {
+    path: "/aperture.backup.v1.BackupService/ListJobs" as const,
+    requestStream: false as const,
+    responseStream: false as const,
+    requestSerialize: (value: ListJobsRequest): Buffer => Buffer.from(ListJobsRequest.encode(value).finish()),
+    requestDeserialize: (value: Buffer): ListJobsRequest => ListJobsRequest.decode(value),
+    responseSerialize: (value: ListJobsResponse): Buffer => Buffer.from(ListJobsResponse.encode(value).finish()),
+    responseDeserialize: (value: Buffer): ListJobsResponse => ListJobsResponse.decode(value),
+  },
 } as const;
 
 export interface BackupServiceServer extends UntypedServiceImplementation {
@@ -5934,6 +6821,12 @@ export interface BackupServiceServer extends UntypedServiceImplementation {
    * changes nothing.
    */
   unpin: handleUnaryCall<UnpinRequest, UnpinResponse>;
+  /**
+   * Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+   * that deleted something, with what started each, who asked (role and address), when, how long it took
+   * and how it ended. Kept across restarts, the newest 200 only.
+   */
+  listJobs: handleUnaryCall<ListJobsRequest, ListJobsResponse>;
 }
 
 export interface BackupServiceClient extends Client {
@@ -6188,6 +7081,26 @@ export interface BackupServiceClient extends Client {
     metadata: Metadata,
     options: Partial<CallOptions>,
     callback: (error: ServiceError | null, response: UnpinResponse) => void,
+  ): ClientUnaryCall;
+  /**
+   * Lists the jobs that ended, newest first: backups, restores, verifications, deletes and retention runs
+   * that deleted something, with what started each, who asked (role and address), when, how long it took
+   * and how it ended. Kept across restarts, the newest 200 only.
+   */
+  listJobs(
+    request: ListJobsRequest,
+    callback: (error: ServiceError | null, response: ListJobsResponse) => void,
+  ): ClientUnaryCall;
+  listJobs(
+    request: ListJobsRequest,
+    metadata: Metadata,
+    callback: (error: ServiceError | null, response: ListJobsResponse) => void,
+  ): ClientUnaryCall;
+  listJobs(
+    request: ListJobsRequest,
+    metadata: Metadata,
+    options: Partial<CallOptions>,
+    callback: (error: ServiceError | null, response: ListJobsResponse) => void,
   ): ClientUnaryCall;
 }
 
