@@ -95,10 +95,12 @@ class Docker:
 def _report(request: pytest.FixtureRequest, line: str) -> None:
     """A line in pytest's output even without -s (build time, image size)."""
     reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None:
-        reporter.write_line(f"[image] {line}")
-    else:
-        print(f"[image] {line}")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture is not None else contextlib.nullcontext():
+        if reporter is not None:
+            reporter.write_line(f"[image] {line}")
+        else:
+            print(f"[image] {line}")
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +295,12 @@ def _volume_files(docker: Docker, image: str, volume: str) -> dict[str, str]:
     return {line.split(" ", 1)[0][2:]: line.split(" ", 1)[1] for line in listing.splitlines()}
 
 
+_LIST_TOOLSETS = (
+    "import json; from aperture_backup import toolchain; "
+    "print(json.dumps([(t.major, str(t.bin_dir)) for t in reversed(toolchain.discover())]))"
+)
+
+
 def test_the_image_backs_up_and_restores_aperture_as_a_non_root_user(
     docker: Docker, image: str, relay: _Relay, pg16: PgServer, make_database: MakeDatabase, tmp_path: Path
 ) -> None:
@@ -319,6 +327,15 @@ def test_the_image_backs_up_and_restores_aperture_as_a_non_root_user(
         status_lines = docker("exec", name, "cat", "/proc/1/status").stdout.splitlines()
         uids = next(line for line in status_lines if line.startswith("Uid:")).split()[1:]
         assert uids == [str(USER_ID)] * 4
+
+        # The client tools the README promises, found where the service looks, each one able to dump
+        # this server (pg_dump refuses servers newer than itself, so 15 only says its version).
+        found = docker("exec", name, "python3", "-c", _LIST_TOOLSETS).stdout
+        toolsets = {int(major): bin_dir for major, bin_dir in json.loads(found)}
+        assert sorted(toolsets) == [15, 16, 17, 18], toolsets
+        for major, bin_dir in toolsets.items():
+            if major >= 16:
+                docker("exec", name, f"{bin_dir}/pg_dump", "--schema-only", "-f", "/dev/null", "-d", url)
 
         # The token from the secret file is required, and enough.
         refused = _grpcurl(target, "GetStatus")
