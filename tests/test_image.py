@@ -347,6 +347,8 @@ def test_the_image_backs_up_and_restores_aperture_as_a_non_root_user(
         created = _messages(_grpcurl(target, "Create", token=token))[-1]["backup"]
         assert created["state"] == "BACKUP_STATE_READY"
         assert created["serverVersion"].startswith("16.") and created["pgDumpVersion"].startswith("16.")
+        volume_root = docker("exec", name, "stat", "-c", "%u %g %a", "/backups").stdout.strip()
+        assert volume_root == f"{USER_ID} {USER_ID} 700"
         files = _volume_files(docker, image, volume)
         assert files[created["id"]] == f"{USER_ID} {USER_ID} 600"
         assert files[f"{created['id']}.manifest.json"] == f"{USER_ID} {USER_ID} 600"
