@@ -110,9 +110,9 @@ def docker() -> Docker:
         _unavailable("no docker client installed (Debian: apt-get install docker.io)")
     assert cli is not None
     client = Docker(cli)
-    info = client("info", "--format", "{{.ServerVersion}}", check=False, timeout=30)
-    if info.returncode != 0:
-        _unavailable(f"no Docker daemon answers: {info.stderr.strip()}")
+    server = client("version", "--format", "{{.Server.Version}}", check=False, timeout=30)
+    if server.returncode != 0:
+        _unavailable(f"no Docker daemon answers: {server.stderr.strip()}")
     return client
 
 
@@ -228,12 +228,6 @@ def relay(docker: Docker, pg16: PgServer) -> Iterator[_Relay]:
     forwarder = _Relay(gateway, socket_path)
     yield forwarder
     forwarder.close()
-
-
-@dataclass
-class Secrets:
-    directory: Path
-    token: str
 
 
 def _secrets(directory: Path, **files: str) -> Path:
@@ -358,9 +352,10 @@ def test_the_image_backs_up_and_restores_aperture_as_a_non_root_user(
             conn.execute("CREATE TABLE public.added_after_backup (id integer)")
             conn.execute("UPDATE public.movies SET title = title || ' (changed)'")
         assert fingerprint(database.uri) != source
-        restored = _messages(_grpcurl(target, "Restore", {"id": created["id"]}, token=token))[-1]
-        assert "result" in restored, restored
+        result = _messages(_grpcurl(target, "Restore", {"id": created["id"]}, token=token))[-1]["result"]
+        assert result["restored"]["id"] == created["id"]
         assert_same(source, fingerprint(database.uri))
+        archives = {created["id"], result["safetyBackup"]["id"]}
 
         # `docker stop` in the middle of a backup: SIGTERM ends the job and the service well within the grace
         # period, with exit status 0 and no temporary file left in the volume.
@@ -382,8 +377,11 @@ def test_the_image_backs_up_and_restores_aperture_as_a_non_root_user(
         assert stopped_in < STOP_LIMIT, f"docker stop took {stopped_in:.1f} s"
         state = json.loads(docker.inspect(name, "{{json .State}}"))
         assert state["ExitCode"] == 0 and not state["OOMKilled"], state
-        leftovers = [n for n in _volume_files(docker, image, volume) if n.startswith(".tmp-")]
+        after_stop = _volume_files(docker, image, volume)
+        leftovers = [n for n in after_stop if n.startswith(".tmp-")]
         assert leftovers == [], leftovers
+        # The stopped backup left its manifest (FAILED) but no archive.
+        assert {n for n in after_stop if not n.startswith(".") and not n.endswith(".manifest.json")} == archives
     finally:
         docker("rm", "-f", name, check=False)
         docker("volume", "rm", "-f", volume, check=False)
@@ -414,10 +412,12 @@ def _compose_command(docker: Docker) -> list[str] | None:
 
 def test_the_compose_file_is_valid_and_keeps_the_service_internal(tmp_path: Path) -> None:
     cli = _docker_cli()
-    command = _compose_command(Docker(cli)) if cli else shutil.which("docker-compose") and ["docker-compose"]
-    if not command:
+    command = _compose_command(Docker(cli)) if cli else None
+    if command is None and (legacy := shutil.which("docker-compose")):
+        command = [legacy]
+    if command is None:
         _unavailable("no compose tool installed (Debian: apt-get install docker-compose)")
-    assert command
+    assert command is not None
     project = tmp_path / "deploy"
     shutil.copytree(ROOT / "deploy", project)
     # The secret files the README makes; the compose tool checks that they exist.
