@@ -380,8 +380,14 @@ def test_the_image_backs_up_and_restores_aperture_as_a_non_root_user(
         after_stop = _volume_files(docker, image, volume)
         leftovers = [n for n in after_stop if n.startswith(".tmp-")]
         assert leftovers == [], leftovers
-        # The stopped backup left its manifest (FAILED) but no archive.
+        # The stopped backup left no archive, and its manifest says why.
         assert {n for n in after_stop if not n.startswith(".") and not n.endswith(".manifest.json")} == archives
+        (stopped,) = {n.removesuffix(".manifest.json") for n in after_stop if n.endswith(".manifest.json")} - archives
+        manifest = json.loads(
+            docker("run", "--rm", "-v", f"{volume}:/backups", "--entrypoint", "cat", image,
+                   f"/backups/{stopped}.manifest.json").stdout
+        )  # fmt: skip
+        assert manifest["state"] == "failed" and "cancel" in manifest["error"], manifest
     finally:
         docker("rm", "-f", name, check=False)
         docker("volume", "rm", "-f", volume, check=False)
