@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 
-.PHONY: run test lint typecheck proto-check protos bench clean ts-check ts-protos age-tools
+.PHONY: run test lint typecheck proto-check protos bench clean ts-check ts-protos age-tools docker-tools
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -32,6 +32,16 @@ age-tools:
 	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends age \
 	  || { $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends age; }; }
+
+## docker-tools: what the image tests drive (Debian's docker.io, debootstrap, docker-compose), when missing
+docker-tools:
+	@{ command -v dockerd || test -x /usr/sbin/dockerd; } >/dev/null 2>&1 \
+	  && { command -v debootstrap || test -x /usr/sbin/debootstrap; } >/dev/null 2>&1 \
+	  && command -v docker-compose >/dev/null 2>&1 || { \
+	  sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+	  pkgs="docker.io debootstrap docker-compose"; \
+	  $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$pkgs \
+	  || { $$sudo apt-get update && $$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends $$pkgs; }; }
 
 lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check service/aperture_backup clients/python tests scripts

