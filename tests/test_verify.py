@@ -27,6 +27,7 @@ from tests.support.archives import TABLE_WITHOUT_REFERENCES, drop_copy_rows, res
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
+from tests.support.receiver import Receiver
 from tests.support.service import RunningService, StartApp, StartService, free_port, wait_for
 
 EDITED_TABLE = TABLE_WITHOUT_REFERENCES
@@ -86,7 +87,8 @@ def test_an_archive_that_lost_rows_fails_and_is_reported(
     pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
 ) -> None:
     db = make_database(pg16, seeded=True, rows=30)
-    svc = service_factory(db.uri, metrics_listen=f"127.0.0.1:{free_port()}")
+    receiver = Receiver().start()
+    svc = service_factory(db.uri, metrics_listen=f"127.0.0.1:{free_port()}", notify_urls=(receiver.url,))
     good = svc.client.create()
     svc.client.verify(good.id)
     edited = svc.client.create()
@@ -125,6 +127,13 @@ def test_an_archive_that_lost_rows_fails_and_is_reported(
     ), "the alert rule of the README: the last verification failed"
     assert samples["aperture_backup_runs_total{kind=verify,result=failure,trigger=manual}"] == 1
     assert _scratch_databases(pg16, db.dbname) == []
+    # And a person hears of it: one notification (failures only, by default) to a real webhook receiver.
+    try:
+        (told,) = receiver.wait_for(1)
+        assert told["type"] == "failure" and "verif" in told["title"].lower(), told
+        assert edited.id in told["message"] and "row_counts" in told["message"], told
+    finally:
+        receiver.stop()
 
 
 def test_the_operators_query_must_return_true(
