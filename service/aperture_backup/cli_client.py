@@ -10,7 +10,7 @@ import json
 import os
 import re
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TextIO
@@ -134,6 +134,12 @@ class Output:
         """One JSON line of a stream (--json)."""
         self.stdout.write(json.dumps(json_format.MessageToDict(message), separators=(",", ":")) + "\n")
         self.stdout.flush()
+
+    def table(self, rows: Sequence[Sequence[str]]) -> None:
+        """Rows of cells in aligned columns; the last column runs free (messages, errors)."""
+        widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+        for row in rows:
+            self.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
 
     def text(self, text: str) -> None:
         self.stdout.write(text + "\n")
@@ -451,9 +457,7 @@ def _list(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
                 b.error if b.state == pb.BACKUP_STATE_FAILED else "",
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    out.table(rows)
     return EXIT_OK
 
 
@@ -568,9 +572,7 @@ def _jobs(client: BackupClient, args: argparse.Namespace, out: Output) -> int:
                 j.error or j.summary,
             )
         )
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
-    for row in rows:
-        out.text("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=False)) + "  " + row[-1])
+    out.table(rows)
     return EXIT_OK
 
 
