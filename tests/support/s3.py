@@ -173,8 +173,9 @@ class FaultyProxy:
     network failing under one part of a multipart upload (the connection dropped without an answer), or a
     request held until the test lets it go (to kill a process in the middle of an upload).
 
-    Rules match a request by a substring of its path and query (`partNumber=2`); `drop` drops the next
-    `times` matching requests, `hold` blocks each matching request until `release()`. Every request seen
+    Rules match a request by a substring of its path and query (`partNumber=2`), and a hold also by its
+    method; `drop` drops the next `times` matching requests, `hold` blocks each matching request until
+    `release()`. Every request seen
     is recorded in `seen` as "METHOD path"."""
 
     def __init__(self, upstream_port: int):
@@ -183,8 +184,10 @@ class FaultyProxy:
         #: "METHOD path -> status" for each request the S3 server answered.
         self.answers: list[str] = []
         self._drops: dict[str, int] = {}
-        self._holds: set[str] = set()
+        #: (method or "", substring of the path)
+        self._holds: set[tuple[str, str]] = set()
         self._released = threading.Event()
+        self._drop_held = False
         self._held = threading.Event()
         self._lock = threading.Lock()
         proxy = self
@@ -262,17 +265,20 @@ class FaultyProxy:
         with self._lock:
             self._drops[match] = times
 
-    def hold(self, match: str) -> None:
+    def hold(self, match: str, method: str = "") -> None:
+        """Block each request whose path contains `match` (and of `method`, when given) until `release()`."""
         with self._lock:
-            self._holds.add(match)
+            self._holds.add((method, match))
 
     def wait_held(self, timeout: float = 60) -> None:
         if not self._held.wait(timeout):
             raise AssertionError("no request was held in time")
 
-    def release(self) -> None:
+    def release(self, *, drop: bool = False) -> None:
+        """Let held requests go on to the S3 server, or with `drop` cut them off (their client is gone)."""
         with self._lock:
             self._holds.clear()
+            self._drop_held = drop
         self._released.set()
 
     def count(self, match: str) -> int:
@@ -295,8 +301,11 @@ class FaultyProxy:
                 if match in path and left > 0:
                     self._drops[match] = left - 1
                     return "drop"
-            held = any(match in path for match in self._holds)
+            held = any(match in path and method_ in ("", method) for method_, match in self._holds)
         if held:
             self._held.set()
             self._released.wait(120)
+            with self._lock:
+                if self._drop_held:
+                    return "drop"
         return "forward"

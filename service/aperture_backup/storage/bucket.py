@@ -25,6 +25,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,7 +37,7 @@ import botocore.config
 import botocore.exceptions
 from boto3.s3.transfer import TransferConfig
 
-from aperture_backup.errors import BackupError, DataLoss, FailedPrecondition, Internal, NotFound, Unavailable
+from aperture_backup.errors import Aborted, BackupError, DataLoss, FailedPrecondition, Internal, NotFound, Unavailable
 from aperture_backup.model import Backup, Location, State
 
 from .local import MANIFEST_SUFFIX, validate_id
@@ -57,6 +58,8 @@ UPLOAD_CONCURRENCY = 4
 #: An archive uploaded while it is written does not know its size: its parts start at MIN_PART_SIZE and
 #: double every this many parts (S3 allows parts of different sizes), so 9,000 parts hold 4 TiB.
 PARTS_PER_DOUBLING = 1_000
+#: Parts of a growing archive held in memory at once, at most (one part when parts are larger).
+IN_FLIGHT_BYTES = UPLOAD_CONCURRENCY * MIN_PART_SIZE
 #: How often an upload of a growing archive looks whether a part's worth of it has been written.
 GROWTH_POLL_SECONDS = 0.05
 #: A cached listing is reused for this long; the service's own uploads and deletions refresh it at once.
@@ -393,6 +396,8 @@ class GrowingUpload:
         self._written = threading.Event()
         self._stop = threading.Event()
         self._parts: list[dict[str, Any]] = []
+        self._parts_lock = threading.Lock()
+        #: Of the bytes read to be sent, in order (parts go up several at a time).
         self._digest = hashlib.sha256()
         #: Bytes the bucket has acknowledged.
         self.sent = 0
@@ -467,29 +472,47 @@ class GrowingUpload:
             )
 
     def _run(self) -> None:
-        number = 1
-        try:
-            while not self._stop.is_set():
-                final = self._final
-                available = (final if final is not None else os.fstat(self._fd).st_size) - self.sent
-                want = growing_part_size(number)
-                if final is None and available < want:
-                    self._written.wait(GROWTH_POLL_SECONDS)
-                    continue
-                if final is not None and available == 0 and number > 1:
-                    return
-                self._send(number, os.pread(self._fd, min(want, available), self.sent))
-                number += 1
-                if final is not None and self.sent >= final:
-                    return
-        except BackupError as exc:
-            self.error = exc
-        except OSError as exc:
-            self.error = Internal(f"reading {self.backup_id} to upload it: {exc}")
+        """Read the file part by part as it grows (hashing it in order) and send up to UPLOAD_CONCURRENCY
+        parts at once, holding at most IN_FLIGHT_BYTES of them in memory."""
+        number, offset = 1, 0
+        in_flight: set[Future[None]] = set()
+        with ThreadPoolExecutor(UPLOAD_CONCURRENCY, thread_name_prefix=f"upload {self.backup_id}") as pool:
+            try:
+                while not self._stop.is_set():
+                    final = self._final
+                    available = (final if final is not None else os.fstat(self._fd).st_size) - offset
+                    want = growing_part_size(number)
+                    if final is None and available < want:
+                        self._written.wait(GROWTH_POLL_SECONDS)
+                        continue
+                    if final is not None and available == 0 and number > 1:
+                        break
+                    data = os.pread(self._fd, min(want, available), offset)
+                    self._digest.update(data)
+                    while in_flight and len(in_flight) * want >= max(IN_FLIGHT_BYTES, want):
+                        done, in_flight = wait(in_flight, return_when=FIRST_COMPLETED)
+                        for future in done:
+                            future.result()  # the first failed part stops the upload
+                    in_flight.add(pool.submit(self._send, number, data))
+                    number += 1
+                    offset += len(data)
+                    if final is not None and offset >= final:
+                        break
+                for future in in_flight:
+                    future.result()
+            except BackupError as exc:
+                self.error = exc
+                self._stop.set()
+            except OSError as exc:
+                self.error = Internal(f"reading {self.backup_id} to upload it: {exc}")
+                self._stop.set()
+        with self._parts_lock:
+            self._parts.sort(key=lambda part: int(part["PartNumber"]))
 
     def _send(self, number: int, data: bytes) -> None:
-        digest = hashlib.sha256(data)
-        checksum = base64.b64encode(digest.digest()).decode()
+        if self._stop.is_set():
+            raise Aborted(f"the upload of {self.backup_id} stopped")
+        checksum = base64.b64encode(hashlib.sha256(data).digest()).decode()
         with self._bucket._translated(f"uploading part {number} of {self.backup_id}"):
             answer = self._client.upload_part(
                 Bucket=self._bucket.address.bucket,
@@ -501,9 +524,9 @@ class GrowingUpload:
             )
         if answer.get("ChecksumSHA256", checksum) != checksum:
             raise DataLoss(f"the bucket's checksum of part {number} of {self.backup_id} differs from the part's")
-        self._parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum})
-        self._digest.update(data)
-        self.sent += len(data)
+        with self._parts_lock:
+            self._parts.append({"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum})
+            self.sent += len(data)
 
 
 class _TranslatingReader:
