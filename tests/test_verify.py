@@ -6,7 +6,6 @@ create databases gets a FAILED_PRECONDITION that says why."""
 from __future__ import annotations
 
 import tempfile
-import urllib.request
 from datetime import UTC, datetime
 from datetime import time as time_of_day
 from pathlib import Path
@@ -15,7 +14,6 @@ import grpc
 import psycopg
 import pytest
 import time_machine
-from prometheus_client.parser import text_string_to_metric_families
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -26,9 +24,10 @@ from tests.support.age import age_keygen
 from tests.support.archives import TABLE_WITHOUT_REFERENCES, drop_copy_rows, reseal_manifest
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
+from tests.support.metrics import scrape
 from tests.support.postgres import PgServer
 from tests.support.receiver import Receiver
-from tests.support.service import RunningService, StartApp, StartService, free_port, wait_for
+from tests.support.service import StartApp, StartService, free_port, wait_for
 
 EDITED_TABLE = TABLE_WITHOUT_REFERENCES
 
@@ -39,17 +38,6 @@ def _scratch_databases(server: PgServer, live: str) -> list[str]:
             "SELECT datname FROM pg_catalog.pg_database WHERE starts_with(datname, %s)", (f"{live}_aperture_restore_",)
         ).fetchall()
     return [str(r[0]) for r in rows]
-
-
-def _scrape(svc: RunningService) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{svc.server.metrics_port}/metrics", timeout=10) as response:
-        text = response.read().decode()
-    samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = float(sample.value)
-    return samples
 
 
 @pytest.mark.parametrize("fmt", [pb.BACKUP_FORMAT_PLAIN, pb.BACKUP_FORMAT_CUSTOM], ids=["plain", "custom"])
@@ -76,11 +64,13 @@ def test_a_good_backup_passes_and_the_live_database_is_untouched(
     assert status.last_verify_success_time == verified.verify_time
     assert_same(before, fingerprint(db.uri))
     assert _scratch_databases(pg16, db.dbname) == [], "the scratch database is dropped"
-    samples = _scrape(svc)
-    assert samples["aperture_backup_last_verify_success_timestamp_seconds"] == pytest.approx(
+    samples = scrape(svc)
+    assert samples[("aperture_backup_last_verify_success_timestamp_seconds", ())] == pytest.approx(
         verified.verify_time.ToDatetime(UTC).timestamp()
     )
-    assert samples["aperture_backup_runs_total{kind=verify,result=success,trigger=manual}"] == 1
+    assert (
+        samples[("aperture_backup_runs_total", (("kind", "verify"), ("result", "success"), ("trigger", "manual")))] == 1
+    )
 
 
 def test_an_archive_that_lost_rows_fails_and_is_reported(
@@ -120,12 +110,14 @@ def test_an_archive_that_lost_rows_fails_and_is_reported(
     assert ended[0].error.reason == "VERIFY_FAILED" and ended[0].error.metadata["check"] == "row_counts"
     assert ended[0].backup is not None and ended[0].backup.verification is not None
     assert not ended[0].backup.verification.passed
-    samples = _scrape(svc)
+    samples = scrape(svc)
     assert (
-        samples["aperture_backup_last_verify_timestamp_seconds"]
-        > (samples["aperture_backup_last_verify_success_timestamp_seconds"])
+        samples[("aperture_backup_last_verify_timestamp_seconds", ())]
+        > (samples[("aperture_backup_last_verify_success_timestamp_seconds", ())])
     ), "the alert rule of the README: the last verification failed"
-    assert samples["aperture_backup_runs_total{kind=verify,result=failure,trigger=manual}"] == 1
+    assert (
+        samples[("aperture_backup_runs_total", (("kind", "verify"), ("result", "failure"), ("trigger", "manual")))] == 1
+    )
     assert _scratch_databases(pg16, db.dbname) == []
     # And a person hears of it: one notification (failures only, by default) to a real webhook receiver.
     try:
