@@ -60,11 +60,27 @@ def test_schedule_can_be_turned_off() -> None:
         ("APERTURE_BACKUP_DATABASE_URL", "postgresql://[bad"),
         ("TZ", "Mars/Olympus_Mons"),
         ("APERTURE_BACKUP_CATCH_UP", "maybe"),
+        ("APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM", "256"),
+        ("APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM", "1GB'; DROP TABLE users; --"),
+        ("APERTURE_BACKUP_RESTORE_WORKERS", "17"),
+        ("APERTURE_BACKUP_RESTORE_WORKERS", "-1"),
     ],
 )
 def test_bad_values_name_the_variable(variable: str, value: str) -> None:
     with pytest.raises(ConfigError, match=variable):
         Config.from_env({variable: value})
+
+
+def test_restore_build_settings_are_read_and_server_leaves_postgresql_s_own() -> None:
+    config = Config.from_env(
+        {"APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM": "1GB", "APERTURE_BACKUP_RESTORE_WORKERS": "3"}
+    )
+    assert (config.restore_maintenance_work_mem, config.restore_workers) == ("1GB", 3)
+    config = Config.from_env(
+        {"APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM": "server", "APERTURE_BACKUP_RESTORE_WORKERS": "server"}
+    )
+    assert (config.restore_maintenance_work_mem, config.restore_workers) == ("", None)
+    assert (Config.from_env({}).restore_maintenance_work_mem, Config.from_env({}).restore_workers) == ("256MB", 1)
 
 
 def test_password_is_not_echoed_in_config_errors() -> None:

@@ -15,6 +15,7 @@ import random
 import re
 import threading
 from pathlib import Path
+from typing import Any
 
 import grpc
 import psycopg
@@ -548,3 +549,37 @@ def test_large_objects_are_restored(seeded_db: Database, service_factory: StartS
     _restore(svc, backup.id, skip_safety_backup=True)
     with psycopg.connect(seeded_db.uri) as conn:
         assert conn.execute("SELECT oid::bigint FROM pg_largeobject_metadata ORDER BY oid").fetchall() == original
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"),
+    [
+        ({}, ("256MB", "1")),
+        ({"restore_maintenance_work_mem": "1GB", "restore_workers": 0}, ("1GB", "0")),
+        ({"restore_maintenance_work_mem": "", "restore_workers": None}, ("64MB", "2")),
+    ],
+    ids=["defaults", "configured", "server"],
+)
+def test_index_builds_get_the_configured_memory_and_workers(
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+    settings: dict[str, Any],
+    expected: tuple[str, str],
+) -> None:
+    """What the archive's own statements (its index builds) see in the restore's session: the settings of
+    APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM and _WORKERS, or with 'server' PostgreSQL's defaults."""
+    db = make_database(pg16)
+    svc = service_factory(db.uri, **settings)
+    archive = tmp_path / "settings.sql"
+    archive.write_text(
+        "CREATE TABLE public.seen AS SELECT current_setting('maintenance_work_mem') AS memory,\n"
+        "    current_setting('max_parallel_maintenance_workers') AS workers;\n"
+    )
+    svc.client.upload(archive, restore=True, skip_safety_backup=True)
+    with psycopg.connect(db.uri) as conn:
+        row = conn.execute("SELECT memory, workers FROM public.seen").fetchone()
+        server = conn.execute("SHOW maintenance_work_mem").fetchone()
+    assert row == expected
+    assert server == ("64MB",), "the server's own setting is unchanged"

@@ -17,7 +17,7 @@ from .jobs import JobSlot
 from .journal import JobJournal
 from .notify import Notifier, parse_targets
 from .offsite import Offsite
-from .restore import RestoreManager
+from .restore import BuildSettings, RestoreManager
 from .scheduler import DailyScheduler
 from .settings import SettingsStore
 from .silence import SilenceWatch
@@ -102,6 +102,7 @@ class App:
             pg_bin_dir=config.pg_bin_dir,
             keys=keys,
             restore_timeout_seconds=config.restore_timeout,
+            build_settings=BuildSettings(config.restore_maintenance_work_mem, config.restore_workers),
             work_dir=config.state_dir / "tmp",
             # The embedded server (a first try on one machine) restores in place: as root, its data directory
             # sits in folders closed to the server's own user, and the checkpoint of a DROP DATABASE, which

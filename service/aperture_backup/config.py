@@ -50,6 +50,9 @@ NOTIFY_ON_CHOICES = ("failure", "all")
 #: Shortest token accepted: a short token can be guessed, and one is enough to read every user's data.
 MIN_TOKEN_LENGTH = 16
 
+#: A PostgreSQL memory size, as RESTORE_MAINTENANCE_WORK_MEM takes it (it goes into a SET: nothing else).
+_MEMORY = re.compile(r"^[1-9][0-9]{0,6}(kB|MB|GB)$")
+MAX_RESTORE_WORKERS = 16
 _HHMM = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
 
@@ -100,6 +103,10 @@ class Config:
     #: rename; isolation.py), "in-place" (one transaction in the live database), or "auto": staging where
     #: the service's role is a superuser, whose powers an archive must not have, in place elsewhere.
     restore_isolation: str = "auto"
+    #: `maintenance_work_mem` of a restore's session (index builds); "" leaves the server's setting.
+    restore_maintenance_work_mem: str = "256MB"
+    #: `max_parallel_maintenance_workers` of a restore's session; None leaves the server's setting.
+    restore_workers: int | None = 1
     #: host:port of the Prometheus metrics endpoint; None: no metrics served.
     metrics_listen: str | None = None
     #: Apprise URLs notifications go to (ntfy://, discord://, mailto://, json://...). They hold secrets: never
@@ -202,6 +209,16 @@ class Config:
             )
         if self.metrics_listen is not None:
             parse_listen(self.metrics_listen, variable=ENV_PREFIX + "METRICS_LISTEN")
+        if self.restore_maintenance_work_mem and not _MEMORY.match(self.restore_maintenance_work_mem):
+            raise ConfigError(
+                f"{ENV_PREFIX}RESTORE_MAINTENANCE_WORK_MEM must be a size such as 256MB or 1GB (kB, MB, GB), or "
+                f"'server' to leave PostgreSQL's setting; got {self.restore_maintenance_work_mem!r}"
+            )
+        if self.restore_workers is not None and not 0 <= self.restore_workers <= MAX_RESTORE_WORKERS:
+            raise ConfigError(
+                f"{ENV_PREFIX}RESTORE_WORKERS must be between 0 and {MAX_RESTORE_WORKERS}, or 'server'; "
+                f"got {self.restore_workers}"
+            )
         self._validate_notifications()
         if self.restore_isolation not in RESTORE_ISOLATIONS:
             raise ConfigError(
@@ -351,6 +368,12 @@ class Config:
             ),
             restore_isolation=(get("RESTORE_ISOLATION") or "auto").lower(),
             metrics_listen=get("METRICS_LISTEN"),
+            restore_maintenance_work_mem=_server_or(get("RESTORE_MAINTENANCE_WORK_MEM"), "256MB"),
+            restore_workers=(
+                None
+                if (workers := get("RESTORE_WORKERS")) is not None and workers.lower() == "server"
+                else parse_int(workers, default=1, variable=ENV_PREFIX + "RESTORE_WORKERS")
+            ),
             notify_urls=split_urls(secret_from_env(env, "NOTIFY_URLS")),
             notify_on=(get("NOTIFY_ON") or "failure").lower(),
             stale_after=parse_duration(
@@ -380,6 +403,13 @@ class Config:
         )
         config.validate()
         return config
+
+
+def _server_or(value: str | None, default: str) -> str:
+    """A setting that may say 'server' (leave PostgreSQL's own): '' then."""
+    if value is None:
+        return default
+    return "" if value.lower() == "server" else value
 
 
 def secret_from_env(env: Mapping[str, str], name: str) -> str | None:

@@ -34,7 +34,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -69,6 +69,10 @@ DEFAULT_RESTORE_TIMEOUT_SECONDS = 6 * 3600.0
 ROLLBACK_WAIT_SECONDS = 30.0
 _PROGRESS_INTERVAL = 0.25
 
+#: Memory for the index builds of a restore: four times PostgreSQL's default, modest for a host with 1 GB.
+DEFAULT_MAINTENANCE_WORK_MEM = "256MB"
+#: Parallel workers per index build: one besides the leader (PostgreSQL's default is 2, capped by its pool).
+DEFAULT_PARALLEL_MAINTENANCE_WORKERS = 1
 #: Prefix of the application_name of a restore's psql session.
 APPLICATION_NAME_PREFIX = "aperture-backup-restore-"
 #: pg_dump's extensions, in plain SQL (they come right after the schemas, well within the head read) and in
@@ -278,6 +282,27 @@ def _supports_restrict(toolset: Toolset) -> bool:
     return since is not None and toolset.minor >= since
 
 
+@dataclass(frozen=True)
+class BuildSettings:
+    """What the restore's session gives the index builds and constraint checks that end a load: pgvector's
+    HNSW builds, Aperture's longest step, take half the time with enough `maintenance_work_mem` and a
+    parallel worker. For the restore's transaction only; the server's own settings stay as they are.
+    Values are checked by the configuration (APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM, _WORKERS)."""
+
+    #: e.g. "256MB"; "" leaves the server's setting.
+    maintenance_work_mem: str = DEFAULT_MAINTENANCE_WORK_MEM
+    #: None leaves the server's setting.
+    parallel_workers: int | None = DEFAULT_PARALLEL_MAINTENANCE_WORKERS
+
+    def as_settings(self) -> dict[str, str]:
+        settings = {}
+        if self.maintenance_work_mem:
+            settings["maintenance_work_mem"] = self.maintenance_work_mem
+        if self.parallel_workers is not None:
+            settings["max_parallel_maintenance_workers"] = str(self.parallel_workers)
+        return settings
+
+
 class _PsqlSession:
     """The one psql process a restore talks to. Opens the transaction and empties the database on start;
     `commit()` sends the final check and COMMIT; `kill()` ends it without (PostgreSQL rolls back)."""
@@ -290,6 +315,7 @@ class _PsqlSession:
         *,
         lock_timeout_seconds: float,
         empty_first: bool = True,
+        settings: Mapping[str, str] | None = None,
     ):
         self._database = database
         #: Names the session in pg_stat_activity, so that a restarted service can find and end it (journal.py).
@@ -333,6 +359,11 @@ class _PsqlSession:
             # Our transaction id, into a file of ours: after psql ends, the server says whether it committed.
             f"SELECT pg_catalog.pg_current_xact_id() \\g '{self._start_xid_file}'\n"
             f"SELECT pg_catalog.set_config('aperture_backup.restore_token', '{self._token}', true);\n"
+            # For this transaction only: what index builds (HNSW above all) may use (BuildSettings).
+            + "".join(
+                f"SELECT pg_catalog.set_config('{name}', '{value}', true);\n"
+                for name, value in (settings or {}).items()
+            )
             # A staging database is new and empty: nothing to drop (and nothing its role could).
             + (
                 _PREAMBLE.replace("@LOCK_TIMEOUT_MS@", str(max(1, int(lock_timeout_seconds * 1000))))
@@ -479,6 +510,7 @@ class RestoreManager:
         pg_bin_dir: Path | None = None,
         keys: AgeKeys | None = None,
         restore_timeout_seconds: float = DEFAULT_RESTORE_TIMEOUT_SECONDS,
+        build_settings: BuildSettings | None = None,
         work_dir: Path | None = None,
         isolation: str = "auto",
     ):
@@ -493,6 +525,7 @@ class RestoreManager:
         self.keys = keys or AgeKeys()
         self.lock_timeout_seconds = DEFAULT_LOCK_TIMEOUT_SECONDS
         self.restore_timeout_seconds = restore_timeout_seconds
+        self.build_settings = build_settings or BuildSettings()
         #: "staging": the archive runs as a role without the service's powers in a database that replaces the
         #: live one (isolation.py); "in-place": in the live database, in one transaction; "auto": staging
         #: where the service's role is a superuser.
@@ -872,7 +905,12 @@ class RestoreManager:
             self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(prefix="aperture-restore-", dir=self.work_dir) as workdir:
             session = _PsqlSession(
-                toolset, target, Path(workdir), lock_timeout_seconds=self.lock_timeout_seconds, empty_first=empty_first
+                toolset,
+                target,
+                Path(workdir),
+                lock_timeout_seconds=self.lock_timeout_seconds,
+                empty_first=empty_first,
+                settings=self.build_settings.as_settings(),
             )
             job.note("application_name", session.application_name)
             watching = session.watch(job.cancel, deadline)
