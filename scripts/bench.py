@@ -64,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from aperture.backup.v1 import backup_pb2 as pb  # noqa: E402
 from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
 from aperture_backup.compression import decompressor  # noqa: E402
-from aperture_backup.model import Compression  # noqa: E402
+from aperture_backup.model import Compression, Trigger  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate  # noqa: E402
 from tests.support.postgres import PgServer, pgserver_server  # noqa: E402
@@ -960,7 +960,9 @@ def fill_backup_directory(directory: Path, seed: pb.Backup, seed_dir: Path, coun
         when = start + timedelta(days=i // 4, hours=6 * (i % 4))
         backup_id = f"aperture-backup-{when.strftime('%Y-%m-%dT%H-%M-%S')}-000000Z-{i:04x}{extension}"
         shutil.copyfile(seed_dir / seed.id, directory / backup_id)
-        store.write_manifest(recorded.replace(id=backup_id, create_time=when))
+        # Recorded as uploads, which retention never deletes: the backups made meanwhile run retention, and
+        # it must not thin out the 1,000 being listed.
+        store.write_manifest(recorded.replace(id=backup_id, create_time=when, trigger=Trigger.UPLOADED))
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -1103,6 +1105,9 @@ def bench_listing(ctx: Context) -> None:
 
             with futures.ThreadPoolExecutor(max_workers=LISTING_CALLERS) as pool:
                 list(pool.map(caller, range(LISTING_CALLERS)))
+        listed = sum(1 for _ in service.client.list())
+        if listed < LISTING_ARCHIVES:
+            raise RuntimeError(f"only {listed} archives were listed at the end, not {LISTING_ARCHIVES}")
     finally:
         stop.set()
         runner.join(timeout=600)
