@@ -994,7 +994,11 @@ def time_startup(server: PgServer, work: Path) -> float:
             stdin=subprocess.DEVNULL,
         )
     try:
-        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        # Reconnect at once: gRPC's default backoff after a refused connection (1 s) would be measured too.
+        backoff = [("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5)]
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[*backoff, ("grpc.max_reconnect_backoff_ms", 20)]
+        ) as channel:
             health = health_pb2_grpc.HealthStub(channel)
             while True:
                 if proc.poll() is not None:
