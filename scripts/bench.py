@@ -19,6 +19,10 @@ its baseline in the same run, alternating the order from round to round, reporti
 - StreamDownload and UploadAndRestore (restore=false), through the project's Python client, vs a minimal
   grpcio server and client streaming the same file with the same chunk size (started from this script with
   `--reference-server`), with a small and a large archive; the download also through the generated stub.
+- List (first page, and all 1,000 in one page) and GetStatus with 1,000 real archives and manifests in the
+  directory (copies of one real backup, each with its own manifest), 20 callers at once while a backup of
+  the benchmark database runs, median and p99 latency; and the time from starting `serve` to its gRPC
+  health check answering SERVING, with an empty directory and with those 1,000 archives (group `listing`).
 
 Baselines use the same pg_dump/psql as the service (the server's own major version, passed to the service
 as APERTURE_BACKUP_PG_BIN_DIR). Operations the service does not implement yet (UNIMPLEMENTED) are reported
@@ -60,7 +64,7 @@ sys.path.insert(0, str(REPO))
 from aperture.backup.v1 import backup_pb2 as pb  # noqa: E402
 from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
 from aperture_backup.compression import decompressor  # noqa: E402
-from aperture_backup.model import Compression  # noqa: E402
+from aperture_backup.model import Compression, Trigger  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate  # noqa: E402
 from tests.support.postgres import PgServer, pgserver_server  # noqa: E402
@@ -928,6 +932,208 @@ def bench_offsite(ctx: Context) -> None:
         moto_proc.wait(30)
 
 
+#: Issue 16, "costs that stay flat": List and GetStatus with this many archives, by this many callers at once.
+LISTING_ARCHIVES = 1000
+LISTING_CALLERS = 20
+#: Calls of each kind per caller (List first page, List whole listing, GetStatus).
+LISTING_CALLS = 15
+#: Latency bounds (ms) for each of those RPCs, and the start-up bound (s) to health SERVING.
+LISTING_MEDIAN_MS = 20
+LISTING_P99_MS = 50
+STARTUP_LIMIT = 1.5
+STARTUP_ROUNDS = 5
+
+
+def fill_backup_directory(directory: Path, seed: pb.Backup, seed_dir: Path, count: int) -> None:
+    """`count` real archives in `directory`: copies of the seed's real archive file, each with its own id,
+    creation time and manifest, written by the service's own ArchiveStore (as a backup job writes them)."""
+    from datetime import UTC, datetime, timedelta
+
+    from aperture_backup.storage.local import ArchiveStore
+
+    seed_store = ArchiveStore(seed_dir)
+    recorded = seed_store.get(seed.id)
+    store = ArchiveStore(directory)
+    start = datetime(2024, 1, 1, 1, 0, tzinfo=UTC)
+    extension = recorded.kind.extension
+    for i in range(count):
+        when = start + timedelta(days=i // 4, hours=6 * (i % 4))
+        backup_id = f"aperture-backup-{when.strftime('%Y-%m-%dT%H-%M-%S')}-000000Z-{i:04x}{extension}"
+        shutil.copyfile(seed_dir / seed.id, directory / backup_id)
+        # Recorded as uploads, which retention never deletes: the backups made meanwhile run retention, and
+        # it must not thin out the 1,000 being listed.
+        store.write_manifest(recorded.replace(id=backup_id, create_time=when, trigger=Trigger.UPLOADED))
+
+
+def _percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def time_startup(server: PgServer, work: Path) -> float:
+    """Seconds from starting `aperture-backup serve` (a new process, as an orchestrator starts it) to its
+    gRPC health check answering SERVING, against the benchmark's external database."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    port = free_port()
+    env = clean_env() | {
+        "APERTURE_BACKUP_DATABASE_URL": server.database_uri(DATABASE),
+        "APERTURE_BACKUP_DIR": str(work / "backups"),
+        "APERTURE_BACKUP_LISTEN": f"127.0.0.1:{port}",
+        "APERTURE_BACKUP_SCHEDULE": "off",
+        "APERTURE_BACKUP_CATCH_UP": "false",
+        "APERTURE_BACKUP_PG_BIN_DIR": str(server.bin_dir),
+    }
+    start = time.perf_counter()
+    with open(work / "startup.log", "ab") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "aperture_backup", "serve"],
+            env=env,
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+    try:
+        # Reconnect at once: gRPC's default backoff after a refused connection (1 s) would be measured too.
+        backoff = [("grpc.initial_reconnect_backoff_ms", 5), ("grpc.min_reconnect_backoff_ms", 5)]
+        with grpc.insecure_channel(
+            f"127.0.0.1:{port}", options=[*backoff, ("grpc.max_reconnect_backoff_ms", 20)]
+        ) as channel:
+            health = health_pb2_grpc.HealthStub(channel)
+            while True:
+                if proc.poll() is not None:
+                    raise RuntimeError(f"the service exited during start-up; see {work / 'startup.log'}")
+                if time.perf_counter() - start > 60:
+                    raise RuntimeError("the service was not SERVING after 60 s")
+                try:
+                    reply = health.Check(health_pb2.HealthCheckRequest(), timeout=1, wait_for_ready=True)
+                except grpc.RpcError:
+                    time.sleep(0.005)  # not listening yet, or listening before health is set
+                    continue
+                if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                    return time.perf_counter() - start
+                time.sleep(0.005)
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def bench_listing(ctx: Context) -> None:
+    """List and GetStatus with 1,000 real archives in the directory, 20 callers at once while a backup of
+    the benchmark database runs (started again whenever one ends), and start-up to health SERVING."""
+    work = ctx.work / "listing"
+    (work / "backups").mkdir(parents=True)
+    # One real archive with its real manifest, made by the service from a small Aperture-shaped database.
+    seed_db = "listing_seed"
+    generate(ctx.server.create_database(seed_db), 0.1)
+    (work / "seed").mkdir()
+    seeder = Service(ctx.server, work / "seed", {"APERTURE_BACKUP_DATABASE_URL": ctx.server.database_uri(seed_db)})
+    try:
+        seed = None
+        request = pb.CreateRequest(format=pb.BACKUP_FORMAT_PLAIN, compression=pb.COMPRESSION_GZIP)
+        for message in seeder.stub.Create(request):
+            seed = message.backup
+        if seed is None or seed.state != pb.BACKUP_STATE_READY:
+            raise RuntimeError(f"the seed backup did not finish READY: {seed}")
+    finally:
+        seeder.stop()
+    start = time.perf_counter()
+    fill_backup_directory(work / "backups", seed, work / "seed" / "backups", LISTING_ARCHIVES)
+    log(f"wrote {LISTING_ARCHIVES} archives ({seed.size_bytes} bytes each) in {time.perf_counter() - start:.1f} s")
+
+    empty = ctx.row("Start-up to SERVING, empty directory", "-")
+    full = ctx.row(f"Start-up to SERVING, {LISTING_ARCHIVES:,} archives", "-")
+    (work / "empty" / "backups").mkdir(parents=True)
+    for round_no in range(ctx.args.startup_rounds):
+        log(f"start-up round {round_no + 1}")
+        empty.seconds.append(time_startup(ctx.server, work / "empty"))
+        full.seconds.append(time_startup(ctx.server, work))
+    for row in (empty, full):
+        row.note = "from process start, " + ", ".join(f"{s:.2f}" for s in row.seconds) + " s"
+        ctx.target(f"{row.operation}: median seconds", row.median, STARTUP_LIMIT)
+
+    service = Service(ctx.server, work)
+    stop = threading.Event()
+    running = threading.Event()  # set while a Create stream is open
+    created: list[str] = []
+
+    def keep_a_backup_running() -> None:
+        while not stop.is_set():
+            last = None
+            for message in service.stub.Create(pb.CreateRequest(format=pb.BACKUP_FORMAT_PLAIN)):
+                running.set()
+                last = message
+            running.clear()
+            if last is not None:
+                created.append(last.backup.id)
+
+    runner = threading.Thread(target=keep_a_backup_running, name="backup-runner", daemon=True)
+    runner.start()
+    calls: dict[str, Callable[[], object]] = {
+        "List (first page of 50)": lambda: service.stub.List(pb.ListRequest()),
+        "GetStatus": lambda: service.stub.GetStatus(pb.GetStatusRequest()),
+        f"List (page_size {LISTING_ARCHIVES}, all in one call)": lambda: service.stub.List(
+            pb.ListRequest(page_size=LISTING_ARCHIVES)
+        ),
+    }
+    # List's first page and GetStatus (what CLIs and monitors call) alternate in one set of callers; the
+    # whole listing in one response (1,000 messages to build and parse) has callers of its own afterwards.
+    phases = [list(calls)[:2], list(calls)[2:]]
+    latencies: dict[str, list[float]] = {name: [] for name in calls}
+    during_backup: dict[str, list[bool]] = {name: [] for name in calls}
+    lock = threading.Lock()
+    try:
+        deadline = time.monotonic() + 60
+        while not service.stub.GetStatus(pb.GetStatusRequest()).HasField("current_job"):
+            if time.monotonic() > deadline or not runner.is_alive():
+                raise RuntimeError(f"no backup started; see {service.log_path}")
+            time.sleep(0.05)
+        # One warm-up call of each, so that a first call's one-off costs are not the p99.
+        for call in calls.values():
+            call()
+        for names in phases:
+
+            def caller(offset: int, names: list[str] = names) -> None:
+                for i in range(LISTING_CALLS * len(names)):
+                    name = names[(i + offset) % len(names)]
+                    begin = time.perf_counter()
+                    calls[name]()
+                    elapsed = time.perf_counter() - begin
+                    with lock:
+                        latencies[name].append(elapsed)
+                        during_backup[name].append(running.is_set())
+
+            with futures.ThreadPoolExecutor(max_workers=LISTING_CALLERS) as pool:
+                list(pool.map(caller, range(LISTING_CALLERS)))
+        listed = sum(1 for _ in service.client.list())
+        if listed < LISTING_ARCHIVES:
+            raise RuntimeError(f"only {listed} archives were listed at the end, not {LISTING_ARCHIVES}")
+    finally:
+        stop.set()
+        runner.join(timeout=600)
+        for backup_id in created:
+            with contextlib.suppress(grpc.RpcError):
+                service.stub.Delete(pb.DeleteRequest(id=backup_id))
+        service.stop()
+    for name, values in latencies.items():
+        row = ctx.row(f"{name}, {LISTING_ARCHIVES:,} archives", f"{LISTING_CALLERS} callers, a backup running")
+        row.seconds = values
+        p99 = _percentile(values, 0.99)
+        share = sum(during_backup[name]) / len(during_backup[name])
+        row.note = (
+            f"median {statistics.median(values) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms over {len(values)} calls, "
+            f"{share:.0%} of them while a backup ran"
+        )
+        ctx.target(
+            f"{name} with {LISTING_ARCHIVES:,} archives: median ms", statistics.median(values) * 1000, LISTING_MEDIAN_MS
+        )
+        ctx.target(f"{name} with {LISTING_ARCHIVES:,} archives: p99 ms", p99 * 1000, LISTING_P99_MS)
+
+
 def _store_copy(service: Service, path: Path) -> pb.Backup:
     """Without UploadAndRestore, put the archive into the backup directory by hand (listed as external)."""
     target = service.backup_dir / f"aperture-backup-bench-{path.name}"
@@ -970,10 +1176,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-mb", type=int, default=1100, help="large archive for transfers, MB (1100)")
     parser.add_argument(
         "--only",
-        default="create,restore,transfer,encryption,offsite",
+        default="create,restore,transfer,encryption,offsite,listing",
         help="comma-separated groups to run (encryption adds the encrypted Create and Restore rows, offsite "
-        "Create with a bucket)",
+        "Create with a bucket, listing List and GetStatus with 1,000 archives and the start-up time)",
     )
+    parser.add_argument("--startup-rounds", type=int, default=STARTUP_ROUNDS, help="starts of the service timed (5)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json", help="JSON results")
     parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a fresh one under /tmp)")
     parser.add_argument("--reference-server", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
@@ -1017,12 +1224,17 @@ def main(argv: list[str] | None = None) -> int:
                     bench_transfer(ctx, archives["gz"])
                 if "offsite" in groups:
                     bench_offsite(ctx)
+                if "listing" in groups:
+                    bench_listing(ctx)
             finally:
                 service.stop()
                 if encrypted is not None:
                     encrypted.stop()
             server_rss = [r.server_peak_rss for r in ctx.rows if r.server_peak_rss]
-            ctx.target("server peak RSS over all operations (MB)", max(server_rss) / MB if server_rss else None, 200)
+            if server_rss or not groups <= {"listing"}:
+                ctx.target(
+                    "server peak RSS over all operations (MB)", max(server_rss) / MB if server_rss else None, 200
+                )
             pg_dump_version = subprocess.run(
                 [str(server.tool("pg_dump")), "--version"], capture_output=True, text=True, check=True
             ).stdout.strip()

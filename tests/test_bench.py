@@ -13,7 +13,7 @@ REPO = Path(__file__).resolve().parent.parent
 def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--scale", "5", "--small-mb", "2", "--large-mb", "4"]
-    command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1"]
+    command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1", "--startup-rounds", "1"]
     command += ["--out", str(out), "--work-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -43,5 +43,18 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "server peak RSS over all operations (MB)",
         "Create .sql.gz.age (encrypted) / Create .sql.gz",
         "Restore .sql.gz.age (encrypted) / Restore .sql.gz",
+        "Start-up to SERVING, empty directory",
+        "Start-up to SERVING, 1,000 archives",
+        "List (first page of 50) with 1,000 archives",
+        "List (page_size 1000, all in one call) with 1,000 archives",
+        "GetStatus with 1,000 archives",
     }
+    for operation in (
+        "Start-up to SERVING, empty directory",
+        "Start-up to SERVING, 1,000 archives",
+        "List (first page of 50), 1,000 archives",
+        "List (page_size 1000, all in one call), 1,000 archives",
+        "GetStatus, 1,000 archives",
+    ):
+        assert rows[operation]["median_seconds"] > 0, operation
     assert "| operation" in done.stdout

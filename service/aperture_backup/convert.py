@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
@@ -130,6 +131,33 @@ def backup_to_pb(backup: Backup) -> pb.Backup:
         if backup.pin.expire_time is not None:
             message.pin_expire_time.CopyFrom(timestamp(backup.pin.expire_time))
     return message
+
+
+class BackupMessages:
+    """`backup_to_pb` remembered per backup: the listing hands out the same (frozen) Backup objects while
+    a file is unchanged, so List and GetStatus convert each backup once rather than at every call. A
+    pinned backup is converted each time, as whether its pin is active depends on the time."""
+
+    #: More entries than this (ids of backups long gone) and the cache starts again.
+    LIMIT = 20_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._messages: dict[str, tuple[Backup, pb.Backup]] = {}
+
+    def __call__(self, backup: Backup) -> pb.Backup:
+        if backup.pin is not None:
+            return backup_to_pb(backup)
+        with self._lock:
+            known = self._messages.get(backup.id)
+        if known is not None and known[0] is backup:
+            return known[1]
+        message = backup_to_pb(backup)
+        with self._lock:
+            if len(self._messages) >= self.LIMIT:
+                self._messages.clear()
+            self._messages[backup.id] = (backup, message)
+        return message
 
 
 def progress_to_pb(progress: Progress) -> pb.Progress:

@@ -25,13 +25,15 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-
-import apprise
+from typing import TYPE_CHECKING
 
 from .config import ConfigError
 from .errors import BackupError, FailedPrecondition, ResourceExhausted, Unauthenticated, Unavailable
 from .jobs import Job
 from .model import Backup
+
+if TYPE_CHECKING:  # Apprise (a tenth of a second of imports) loads only when notifications are configured
+    import apprise
 
 _logger = logging.getLogger(__name__)
 
@@ -81,6 +83,8 @@ def parse_targets(urls: Sequence[str], *, variable: str) -> list[Target]:
     for position, url in enumerate(urls, start=1):
         scheme = url.partition("://")[0] if "://" in url else ""
         label = f"#{position} ({scheme or 'no scheme'})"
+        import apprise
+
         service = apprise.Apprise.instantiate(url)
         if service is None:
             hint = (
@@ -344,6 +348,8 @@ class Notifier:
             self._deliver(delivery)
 
     def _deliver(self, delivery: _Delivery) -> None:
+        import apprise  # loaded by parse_targets already, as every target is one of its services
+
         target = self.targets[delivery.target]
         message = delivery.message
         try:

@@ -12,6 +12,7 @@ import threading
 from concurrent import futures
 from dataclasses import dataclass
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -26,7 +27,9 @@ from .metrics import Metrics, MetricsInterceptor
 from .reflection_docs import documented_pool
 from .rpc_errors import ErrorInterceptor
 from .servicer import BackupServicer
-from .tls import ReloadableServerCredentials, TlsFiles
+
+if TYPE_CHECKING:  # cryptography (a tenth of a second of imports) loads only when TLS is configured
+    from .tls import ReloadableServerCredentials
 
 _logger = logging.getLogger(__name__)
 
@@ -102,6 +105,8 @@ def create_server(config: Config, *, app: App | None = None, start_scheduler: bo
     the TLS files cannot be used, before anything starts."""
     tls = None
     if config.tls_cert is not None and config.tls_key is not None:
+        from .tls import ReloadableServerCredentials, TlsFiles
+
         tls = ReloadableServerCredentials(TlsFiles(config.tls_cert, config.tls_key, config.tls_client_ca))
     host, port = parse_listen(config.listen)
     _warn_about_exposure(config, host, tls)

@@ -35,6 +35,7 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
         self._app = app
         self._uploads = TransferSlots("upload", app.config.max_transfers)
         self._downloads = TransferSlots("download", app.config.max_transfers)
+        self._backup_pb = convert.BackupMessages()
 
     def Create(self, request: pb.CreateRequest, context: grpc.ServicerContext) -> Iterator[pb.CreateResponse]:
         kind = resolve_kind(convert.format_from_pb(request.format), convert.compression_from_pb(request.compression))
@@ -57,7 +58,7 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
             raise InvalidArgument(f"page_size must not be negative, got {request.page_size}")
         size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         backups, token = self._app.backups.page(size, request.page_token)
-        return pb.ListResponse(backups=[convert.backup_to_pb(b) for b in backups], next_page_token=token)
+        return pb.ListResponse(backups=[self._backup_pb(b) for b in backups], next_page_token=token)
 
     def Get(self, request: pb.GetRequest, context: grpc.ServicerContext) -> pb.GetResponse:
         return pb.GetResponse(backup=convert.backup_to_pb(self._app.backups.get(request.id)))
@@ -154,15 +155,15 @@ class BackupServicer(backup_pb2_grpc.BackupServiceServicer):
             next_scheduled_run=self._next_run(),
         )
         if status.last_successful is not None:
-            response.last_successful_backup.CopyFrom(convert.backup_to_pb(status.last_successful))
+            response.last_successful_backup.CopyFrom(self._backup_pb(status.last_successful))
             age = datetime.now(UTC) - status.last_successful.create_time
             response.last_successful_age.CopyFrom(convert.duration(max(age.total_seconds(), 0.0)))
         if status.last_failed is not None:
-            response.last_failed_backup.CopyFrom(convert.backup_to_pb(status.last_failed))
+            response.last_failed_backup.CopyFrom(self._backup_pb(status.last_failed))
         if status.current_job is not None:
             response.current_job.CopyFrom(convert.job_to_pb(status.current_job))
         if status.last_verified is not None:
-            response.last_verified_backup.CopyFrom(convert.backup_to_pb(status.last_verified))
+            response.last_verified_backup.CopyFrom(self._backup_pb(status.last_verified))
         if status.last_verify_success_time is not None:
             response.last_verify_success_time.CopyFrom(convert.timestamp(status.last_verify_success_time))
         interrupted = self._app.slot.journal.interrupted if self._app.slot.journal else None

@@ -17,6 +17,7 @@ import os
 import re
 import secrets
 import threading
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from aperture_backup.errors import BackupError, InvalidArgument, NotFound, from_
 from aperture_backup.fsutil import WritebackFile, fsync_directory, write_json
 from aperture_backup.model import ArchiveKind, Backup, Location, State, Trigger
 
+from .watch import DirectoryWatch
+
 _logger = logging.getLogger(__name__)
 
 MANIFEST_SUFFIX = ".manifest.json"
@@ -37,6 +40,119 @@ MAX_ID_LENGTH = 200
 ID_PREFIX = "aperture-backup-"
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]*$")
 _HERE = frozenset({Location.LOCAL})
+#: A file changed this recently (nanoseconds) is read again at every listing, whatever its stat says: a
+#: second write within the file system's timestamp granularity could leave mtime and size unchanged.
+_SETTLE_NS = 2_000_000_000
+
+#: What identifies one version of a file for the listing cache: inode (an atomic rename makes a new one),
+#: modification time and size.
+_Signature = tuple[int, int, int]
+
+
+def _signature(stat: os.stat_result) -> _Signature:
+    return (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+
+
+class _SharedScan:
+    """The listing of the directory, made by scanning it, shared by callers.
+
+    A caller never gets a scan that began before it asked, unless the directory's watch (inotify) says
+    nothing List shows has changed since that scan began, and that scan is less than RESCAN_SECONDS old
+    (inotify misses what other machines change on a network file system). Otherwise it waits for the scan
+    in progress, if any, then takes the next one's result (or makes it): 20 callers at once cost at most
+    two scans, and each sees every change made before its call."""
+
+    #: However quiet the watch, scan again after this long.
+    RESCAN_SECONDS = 2.0
+
+    def __init__(self, scan: Callable[[], list[Backup]], watch: DirectoryWatch | None):
+        self._scan = scan
+        self._watch = watch
+        self._cond = threading.Condition()
+        self._running = False
+        self._started = 0  # scans begun so far
+        self._finished = 0  # the number of the scan whose outcome is kept below
+        self._finished_began = 0.0  # when that scan began (time.monotonic)
+        self._stale_below = 1  # scans numbered below this may have missed a change
+        self._result: list[Backup] = []
+        self._error: BaseException | None = None
+
+    def invalidate(self) -> None:
+        """This store changed the directory: the next caller scans."""
+        with self._cond:
+            self._stale_below = self._started + 1
+
+    def __call__(self) -> list[Backup]:
+        with self._cond:
+            if self._watch is not None:
+                if self._watch.changed():
+                    self._stale_below = self._started + 1
+                elif (
+                    self._error is None
+                    and self._finished >= self._stale_below
+                    and time.monotonic() - self._finished_began < self.RESCAN_SECONDS
+                ):
+                    return list(self._result)
+            wanted = self._started + 1  # the first scan to begin from now on
+            while self._finished < wanted:
+                if not self._running:
+                    self._running = True
+                    self._started += 1
+                    mine = self._started
+                    began = time.monotonic()
+                    break
+                self._cond.wait()
+            else:
+                if self._error is not None:
+                    raise self._error
+                return list(self._result)
+        result: list[Backup] = []
+        error: BaseException | None = None
+        try:
+            result = self._scan()
+        except BaseException as exc:
+            error = exc
+        with self._cond:
+            self._running = False
+            self._finished, self._finished_began, self._result, self._error = mine, began, result, error
+            self._cond.notify_all()
+        if error is not None:
+            raise error
+        return list(result)
+
+
+class _ParsedFiles:
+    """What List learnt from each file of the directory (a manifest parsed, a file without one looked
+    into), kept while the file's signature is unchanged, so that a listing costs one directory scan and a
+    stat per file rather than reading and parsing every manifest. A file changed by anyone (this store, a
+    person, another program) gets a new signature and is read again; a file gone is forgotten."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._entries: dict[str, tuple[_Signature, Backup | None]] = {}
+
+    def get(self, name: str, stat: os.stat_result) -> tuple[bool, Backup | None]:
+        """(found, what was learnt); found is False when the file must be read."""
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None or entry[0] != _signature(stat):
+            return False, None
+        return True, entry[1]
+
+    def put(self, name: str, stat: os.stat_result, value: Backup | None) -> None:
+        if time.time_ns() - stat.st_mtime_ns < _SETTLE_NS:
+            return  # too fresh to trust its signature; read again next time
+        with self._lock:
+            self._entries[name] = (_signature(stat), value)
+
+    def forget(self, name: str) -> None:
+        with self._lock:
+            self._entries.pop(name, None)
+
+    def keep_only(self, names: set[str]) -> None:
+        with self._lock:
+            for gone in self._entries.keys() - names:
+                del self._entries[gone]
 
 
 def validate_id(backup_id: str) -> str:
@@ -155,7 +271,8 @@ class ArchiveStore:
 
     location = Location.LOCAL
 
-    def __init__(self, directory: Path, *, decrypt_head: archive_format.DecryptHead | None = None):
+    def __init__(self, directory: Path, *, decrypt_head: archive_format.DecryptHead | None = None, watch: bool = True):
+        """`watch`: reuse a listing while inotify reports no change (off: scan at every listing)."""
         self.directory = directory
         self._decrypt_head = decrypt_head
         directory.mkdir(parents=True, exist_ok=True)
@@ -163,6 +280,8 @@ class ArchiveStore:
         self._lock = threading.Lock()
         self._manifest_lock = threading.Lock()
         self._users: Counter[str] = Counter()
+        self._parsed = _ParsedFiles()
+        self._shared_scan = _SharedScan(self._scan, DirectoryWatch.open(directory) if watch else None)
 
     # -- writing ---------------------------------------------------------------------------------------
 
@@ -191,6 +310,9 @@ class ArchiveStore:
             write_json(self.manifest_path(backup.id), backup.to_json(), temp=temp, exclusive=exclusive)
         except OSError as exc:
             raise from_os_error(exc, f"writing the manifest of {backup.id}") from None
+        finally:
+            self._parsed.forget(backup.id + MANIFEST_SUFFIX)
+            self._shared_scan.invalidate()
 
     def update(self, backup_id: str, change: Callable[[Backup], Backup]) -> Backup:
         """Change what the manifest of a backup says (its verification, its pin), one caller at a time so
@@ -223,17 +345,53 @@ class ArchiveStore:
     # -- reading ---------------------------------------------------------------------------------------
 
     def list_backups(self) -> list[Backup]:
-        """Every backup, newest first."""
-        backups = {b.id: b for b in self._manifest_backups()}
-        for entry in self.directory.iterdir():
-            name = entry.name
-            if name.startswith(".") or name.endswith(MANIFEST_SUFFIX) or name in backups:
+        """Every backup, newest first. One scan of the directory, shared by callers who ask at the same time
+        (see `_SharedScan`); manifests and files without one are read only when they changed since the
+        last scan (see `_ParsedFiles`)."""
+        return self._shared_scan()
+
+    def _scan(self) -> list[Backup]:
+        manifests: list[os.DirEntry[str]] = []
+        others: dict[str, os.DirEntry[str]] = {}
+        with os.scandir(self.directory) as scan:
+            for entry in scan:
+                if entry.name.startswith("."):
+                    continue
+                if entry.name.endswith(MANIFEST_SUFFIX):
+                    manifests.append(entry)
+                else:
+                    others[entry.name] = entry
+        backups: dict[str, Backup] = {}
+        for entry in manifests:
+            backup = self._cached(entry, self._read_manifest_here)
+            if backup is not None:
+                backups[backup.id] = backup
+        files = set()
+        for name, entry in others.items():
+            with contextlib.suppress(OSError):
+                if entry.is_file():
+                    files.add(name)
+            if name in backups:
                 continue
-            external = self._external(entry)
+            external = self._cached(entry, self._external)
             if external is not None:
                 backups[name] = external
-        found = (self._as_found(b) for b in backups.values())
+        self._parsed.keep_only({e.name for e in manifests} | others.keys())
+        found = (self._as_found(b, has_file=b.id in files) for b in backups.values())
         return sorted((b for b in found if b is not None), key=_sort_key, reverse=True)
+
+    def _cached(self, entry: os.DirEntry[str], read: Callable[[Path], Backup | None]) -> Backup | None:
+        """What `read` makes of the file, from the cache while the file is unchanged."""
+        try:
+            stat = entry.stat()
+        except OSError:
+            return None  # removed since the scan
+        known, value = self._parsed.get(entry.name, stat)
+        if known:
+            return value
+        value = read(Path(entry.path))
+        self._parsed.put(entry.name, stat, value)
+        return value
 
     def page_of(self, backups: list[Backup], page_size: int, page_token: str) -> tuple[list[Backup], str]:
         """One page of `backups` (newest first), and the token of the next page ('' on the last)."""
@@ -282,6 +440,9 @@ class ArchiveStore:
         backup = self.get(backup_id)
         (self.directory / backup_id).unlink(missing_ok=True)
         self.manifest_path(backup_id).unlink(missing_ok=True)
+        self._parsed.forget(backup_id)
+        self._parsed.forget(backup_id + MANIFEST_SUFFIX)
+        self._shared_scan.invalidate()
         self.fsync_directory()
         _logger.info("deleted backup %s", backup_id)
         return backup
@@ -319,16 +480,26 @@ class ArchiveStore:
                     backups.append(backup)
         return backups
 
-    def _as_found(self, backup: Backup) -> Backup | None:
+    def _as_found(self, backup: Backup, *, has_file: bool | None = None) -> Backup | None:
         """A manifest's backup as the directory has it now: a READY archive whose file is gone is FAILED, or
-        not there at all when someone else made it (Aperture prunes its own files)."""
-        if (self.directory / backup.id).is_file():
-            return backup.replace(locations=_HERE)
+        not there at all when someone else made it (Aperture prunes its own files). `has_file`: whether the
+        archive file is there, when the caller has just scanned the directory."""
+        if has_file is None:
+            has_file = (self.directory / backup.id).is_file()
+        if has_file:
+            # Listings cache manifests already located here: no copy per backup and call.
+            return backup if backup.locations == _HERE else backup.replace(locations=_HERE)
         if backup.state is not State.READY:
-            return backup
+            return backup.replace(locations=frozenset()) if backup.locations else backup
         if backup.trigger is Trigger.EXTERNAL:
             return None
-        return backup.replace(state=State.FAILED, error="the archive file is missing from the backup directory")
+        return backup.replace(
+            state=State.FAILED, error="the archive file is missing from the backup directory", locations=frozenset()
+        )
+
+    def _read_manifest_here(self, path: Path) -> Backup | None:
+        backup = self._read_manifest(path)
+        return backup.replace(locations=_HERE) if backup is not None else None
 
     def _read_manifest(self, path: Path) -> Backup | None:
         try:

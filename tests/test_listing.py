@@ -1,0 +1,176 @@
+"""List reads the backup directory through a cache of what each file said (issue 16: List and GetStatus with
+1,000 archives). Whatever changes on disk, by the store or by hand, the next listing shows it: these tests
+change files between two listings of the same store and fail if a listing served what the cache had."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import shutil
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from aperture_backup.model import ArchiveKind, Backup, Compression, Format, State, Trigger
+from aperture_backup.storage.local import MANIFEST_SUFFIX, ArchiveStore
+
+SQL = b"--\n-- PostgreSQL database dump\n--\n\nSET statement_timeout = 0;\n"
+KIND = ArchiveKind(Format.PLAIN, Compression.GZIP)
+AN_HOUR_AGO = time.time() - 3600
+
+
+def _make(store: ArchiveStore, when: datetime, data: bytes = SQL) -> Backup:
+    """A READY archive written by the store's own code, as a backup job writes one."""
+    writer = store.begin(KIND, Trigger.MANUAL, now=when)
+    writer.file.write(gzip.compress(data))
+    return writer.commit(size_bytes=len(data))
+
+
+def _age(*paths: Path) -> None:
+    """Make files look written an hour ago, so that the cache trusts their stat (it does not trust a file
+    changed in the last moments)."""
+    for path in paths:
+        os.utime(path, (AN_HOUR_AGO, AN_HOUR_AGO))
+
+
+def _listed(store: ArchiveStore) -> dict[str, Backup]:
+    return {b.id: b for b in store.list_backups()}
+
+
+@pytest.fixture(params=[True, False], ids=["inotify", "scan-always"])
+def watch(request: pytest.FixtureRequest) -> bool:
+    """Each test runs with the listing reused while inotify reports no change, and without."""
+    return bool(request.param)
+
+
+def _stores(directory: Path, watch: bool) -> tuple[ArchiveStore, list[Backup]]:
+    store = ArchiveStore(directory, watch=watch)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    made = [_make(store, start + timedelta(hours=i)) for i in range(3)]
+    _age(*directory.iterdir())
+    assert set(_listed(store)) == {b.id for b in made}  # the listing that fills the cache
+    return store, made
+
+
+def test_a_manifest_edited_on_disk_is_seen(tmp_path: Path, watch: bool) -> None:
+    store, made = _stores(tmp_path, watch)
+    manifest = store.manifest_path(made[1].id)
+    data = json.loads(manifest.read_text())
+    data["database"] = "edited-by-hand"
+    with open(manifest, "r+") as f:  # in place: the same inode, as an editor that does not rename writes it
+        f.write(json.dumps(data, indent=2))
+        f.truncate()
+    assert _listed(store)[made[1].id].database == "edited-by-hand"
+
+
+def test_a_manifest_rewritten_twice_within_the_same_moment_shows_the_second_write(tmp_path: Path, watch: bool) -> None:
+    """Two writes in place within one tick of the file system's clock, of the same size: mtime and size
+    alone do not tell them apart, so a file this fresh is read again."""
+    store, made = _stores(tmp_path, watch)
+    manifest = store.manifest_path(made[0].id)
+    data = json.loads(manifest.read_text())
+    for name in ("first-edit-aaaa", "second-edit-bb"):
+        data["database"] = name
+        text = json.dumps(data, indent=2)
+        with open(manifest, "r+") as f:
+            f.write(text.ljust(len(text) + 16 - len(name)))  # the same size both times
+            f.truncate()
+        assert _listed(store)[made[0].id].database == name
+
+
+def test_a_manifest_changed_by_the_store_is_seen(tmp_path: Path, watch: bool) -> None:
+    store, made = _stores(tmp_path, watch)
+    store.update(made[2].id, lambda b: b.replace(error="noted"))
+    assert _listed(store)[made[2].id].error == "noted"
+
+
+def test_an_archive_removed_by_hand_is_failed_and_a_removed_manifest_disappears(tmp_path: Path, watch: bool) -> None:
+    store, made = _stores(tmp_path, watch)
+    (tmp_path / made[0].id).unlink()
+    listed = _listed(store)
+    assert listed[made[0].id].state is State.FAILED
+    assert "missing" in listed[made[0].id].error
+    (tmp_path / made[1].id).unlink()
+    store.manifest_path(made[1].id).unlink()
+    assert made[1].id not in _listed(store)
+    store.delete(made[2].id)
+    assert set(_listed(store)) == {made[0].id}
+
+
+def test_files_copied_in_are_listed_and_a_replaced_one_is_read_again(tmp_path: Path, watch: bool) -> None:
+    store, made = _stores(tmp_path, watch)
+    copied = tmp_path / "aperture_backup_20260101_000000.sql.gz"
+    shutil.copyfile(tmp_path / made[0].id, copied)
+    _age(copied)
+    listed = _listed(store)
+    assert listed[copied.name].trigger is Trigger.EXTERNAL
+    assert listed[copied.name].kind == KIND
+    # Replaced by something that is not an archive (a new file under the same name): no longer listed.
+    replacement = tmp_path / "replacement"
+    replacement.write_bytes(b"not an archive")
+    _age(replacement)
+    os.replace(replacement, copied)
+    assert copied.name not in _listed(store)
+    # A manifest copied in with its archive (from another machine's directory) is listed as it says.
+    other = ArchiveStore(tmp_path / "other")
+    theirs = _make(other, datetime(2027, 1, 1, tzinfo=UTC))
+    for name in (theirs.id, theirs.id + MANIFEST_SUFFIX):
+        shutil.copy2(other.directory / name, tmp_path / name)
+    listed = _listed(store)
+    assert next(iter(listed)) == theirs.id, "newest first"
+    assert listed[theirs.id].trigger is Trigger.MANUAL
+
+
+def test_a_file_without_a_manifest_that_gets_one_is_listed_as_the_manifest_says(tmp_path: Path, watch: bool) -> None:
+    store, _ = _stores(tmp_path, watch)
+    copied = tmp_path / "aperture_backup_20250101_000000.sql.gz"
+    copied.write_bytes(gzip.compress(SQL))
+    _age(copied)
+    assert _listed(store)[copied.name].trigger is Trigger.EXTERNAL
+    store.update(copied.name, lambda b: b.replace(sha256="ab" * 32))
+    assert _listed(store)[copied.name].sha256 == "ab" * 32
+
+
+def test_a_listing_repeated_without_changes_is_the_same_and_a_later_change_is_seen(tmp_path: Path, watch: bool) -> None:
+    store, _ = _stores(tmp_path, watch)
+    first = store.list_backups()
+    assert store.list_backups() == first
+    later = tmp_path / "aperture_backup_20990101_000000.sql"
+    later.write_bytes(SQL)
+    assert store.list_backups()[0].id == later.name
+
+
+def test_a_directory_replaced_under_the_store_is_listed_as_it_is_now(tmp_path: Path, watch: bool) -> None:
+    """The watch follows the directory it was opened on; once that is renamed away, listings scan the path."""
+    directory = tmp_path / "backups"
+    store, made = _stores(directory, watch)
+    directory.rename(tmp_path / "old")
+    directory.mkdir()
+    shutil.copyfile(tmp_path / "old" / made[0].id, directory / "aperture_backup_20260101_000000.sql.gz")
+    assert set(_listed(store)) == {"aperture_backup_20260101_000000.sql.gz"}
+    (directory / "aperture_backup_20260101_000000.sql.gz").unlink()
+    assert _listed(store) == {}
+
+
+def test_callers_at_the_same_time_each_see_what_was_written_before_they_asked(tmp_path: Path, watch: bool) -> None:
+    """Listings shared between threads: each thread writes an archive, then lists; its own must be there."""
+    store, _ = _stores(tmp_path, watch)
+    missing: list[str] = []
+
+    def write_then_list(i: int) -> None:
+        for j in range(5):
+            name = f"aperture_backup_2030{i:02d}{j:02d}_000000.sql"
+            (tmp_path / name).write_bytes(SQL)
+            if name not in _listed(store):
+                missing.append(name)
+
+    threads = [threading.Thread(target=write_then_list, args=(i,)) for i in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert missing == []
