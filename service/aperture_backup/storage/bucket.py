@@ -225,13 +225,33 @@ class Bucket:
 
     @contextlib.contextmanager
     def _uploading_key(self, key: str) -> Iterator[None]:
-        with self._lock:
-            self._uploading.add(key)
+        self._upload_started(key)
         try:
             yield
         finally:
-            with self._lock:
-                self._uploading.discard(key)
+            self._upload_ended(key)
+
+    def _upload_started(self, key: str) -> None:
+        """`key` is being uploaded by this service: the sweep of stale uploads leaves it alone."""
+        with self._lock:
+            self._uploading.add(key)
+
+    def _upload_ended(self, key: str) -> None:
+        with self._lock:
+            self._uploading.discard(key)
+
+    def _check_stored(self, backup: Backup, key: str, *, sha256_in_metadata: bool) -> None:
+        """The object the bucket now has under `key` is the archive of the manifest: its size, and the SHA-256
+        its metadata carries when the upload set one."""
+        with self._translated(f"checking the copy of {backup.id}"):
+            head = self._client.head_object(Bucket=self.address.bucket, Key=key)
+        stored_sha = head.get("Metadata", {}).get("sha256", "") if sha256_in_metadata else backup.sha256
+        if head["ContentLength"] != backup.size_bytes or stored_sha != backup.sha256:
+            raise DataLoss(
+                f"the bucket stored {head['ContentLength']} bytes (SHA-256 {stored_sha or 'not recorded'}) for "
+                f"{backup.id}, whose manifest has {backup.size_bytes} bytes and SHA-256 {backup.sha256}",
+                reason="BUCKET_MISMATCH",
+            )
 
     def _put(self, backup: Backup, path: Path, key: str, part: int, on_progress: Callable[[int], None] | None) -> None:
         self._abort_uploads(key)
@@ -254,14 +274,7 @@ class Bucket:
                 Config=transfer,
                 Callback=callback,
             )
-            head = self._client.head_object(Bucket=self.address.bucket, Key=key)
-        stored_sha = head.get("Metadata", {}).get("sha256", "")
-        if head["ContentLength"] != backup.size_bytes or stored_sha != backup.sha256:
-            raise DataLoss(
-                f"the bucket stored {head['ContentLength']} bytes (SHA-256 {stored_sha or 'not recorded'}) for "
-                f"{backup.id}, whose manifest has {backup.size_bytes} bytes and SHA-256 {backup.sha256}",
-                reason="BUCKET_MISMATCH",
-            )
+        self._check_stored(backup, key, sha256_in_metadata=True)
         self.write_manifest(backup)
         _logger.info(
             "copied %s to %s (%d bytes, parts of %d MiB)", backup.id, self.address, backup.size_bytes, part // MIB
@@ -384,13 +397,16 @@ class GrowingUpload:
         self.backup_id = backup_id
         self.key = bucket.key(backup_id)
         self._client = bucket._client
-        with bucket._lock:
-            bucket._uploading.add(self.key)
-        bucket._abort_uploads(self.key)
-        with bucket._translated(f"starting the upload of {backup_id}"):
-            self._upload_id = self._client.create_multipart_upload(
-                Bucket=bucket.address.bucket, Key=self.key, ChecksumAlgorithm="SHA256"
-            )["UploadId"]
+        bucket._upload_started(self.key)
+        try:
+            bucket._abort_uploads(self.key)
+            with bucket._translated(f"starting the upload of {backup_id}"):
+                self._upload_id = self._client.create_multipart_upload(
+                    Bucket=bucket.address.bucket, Key=self.key, ChecksumAlgorithm="SHA256"
+                )["UploadId"]
+        except BackupError:
+            bucket._upload_ended(self.key)
+            raise
         self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         self._final: int | None = None
         self._written = threading.Event()
@@ -431,13 +447,8 @@ class GrowingUpload:
                     UploadId=self._upload_id,
                     MultipartUpload={"Parts": self._parts},  # type: ignore[typeddict-item]
                 )
-                head = self._client.head_object(Bucket=self._bucket.address.bucket, Key=self.key)
-            if head["ContentLength"] != backup.size_bytes:
-                raise DataLoss(
-                    f"the bucket stored {head['ContentLength']} bytes for {backup.id}, whose manifest has "
-                    f"{backup.size_bytes}",
-                    reason="BUCKET_MISMATCH",
-                )
+            # The SHA-256 was checked on the bytes sent, above: the object has no metadata of it.
+            self._bucket._check_stored(backup, self.key, sha256_in_metadata=False)
         except BackupError:
             self._abort()
             raise
@@ -461,8 +472,7 @@ class GrowingUpload:
         self._abort()
 
     def _done(self) -> None:
-        with self._bucket._lock:
-            self._bucket._uploading.discard(self.key)
+        self._bucket._upload_ended(self.key)
 
     def _abort(self) -> None:
         self._done()

@@ -121,15 +121,22 @@ class Archives:
 
     # -- reading ---------------------------------------------------------------------------------------
 
+    def _reading_from(self, backup: Backup) -> Bucket | None:
+        """The bucket, when reading the archive means reading it (the directory has no file of it)."""
+        if self.bucket is None or Location.BUCKET not in backup.locations or self.local.has_file(backup.id):
+            return None
+        return self.bucket
+
     @contextlib.contextmanager
     def reading(self, backup: Backup, offset: int = 0) -> Iterator[BinaryIO]:
         """The archive's bytes from `offset` on: from the directory when it holds the file, else streamed
         from the bucket under the archive's read lock."""
-        if self.local.has_file(backup.id) or self.bucket is None or Location.BUCKET not in backup.locations:
+        bucket = self._reading_from(backup)
+        if bucket is None:
             with self.local.reading(backup.id, offset) as handle:
                 yield handle
             return
-        with self._read_lock(backup.id), self.bucket.reading(backup.id, offset) as handle:
+        with self._read_lock(backup.id), bucket.reading(backup.id, offset) as handle:
             yield handle
 
     @contextlib.contextmanager
@@ -137,7 +144,7 @@ class Archives:
         """A file of the archive for tools that read a file (pg_restore, the restore's checks): the
         directory's own, or a hidden copy fetched from the bucket (its SHA-256 checked against the
         manifest), removed afterwards; a start-up sweep removes one a crash left."""
-        if self.local.has_file(backup.id) or self.bucket is None or Location.BUCKET not in backup.locations:
+        if self._reading_from(backup) is None:
             yield self.local.path_of(backup.id)
             return
         temp = self.local.directory / f"{TEMP_PREFIX}fetch-{backup.id}"
