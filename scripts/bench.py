@@ -68,6 +68,7 @@ from aperture_backup.model import Compression, Trigger  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate  # noqa: E402
 from tests.support.postgres import PgServer, pgserver_server  # noqa: E402
+from tests.support.s3 import S3Server, running_s3, s3_environment  # noqa: E402
 
 MB = 1_000_000
 CHUNK_SIZE = 1024 * 1024
@@ -851,30 +852,15 @@ def bench_offsite(ctx: Context) -> None:
     """Create with offsite copies to an S3 server on loopback (moto_server, as in the tests) against Create
     to the directory alone, alternating in the same rounds; the `.sql` row is the largest archive (the whole
     plain SQL) and gives the server's peak RSS while a large archive goes up in parts."""
-    moto = Path(sys.executable).parent / "moto_server"
-    port = free_port()
-    moto_proc = subprocess.Popen(
-        [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    # The same S3 server the tests run on loopback, without authentication (any key is accepted).
+    with running_s3(ctx.work / "moto.log") as server:
+        _offsite_rounds(ctx, server)
+
+
+def _offsite_rounds(ctx: Context, server: S3Server) -> None:
     offsite: Service | None = None
     try:
-        deadline = time.monotonic() + 30
-        while True:
-            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                break
-            if time.monotonic() > deadline:
-                raise RuntimeError("moto_server did not start")
-            time.sleep(0.1)
-        credentials = {"AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench", "AWS_REGION": "us-east-1"}
-        import boto3  # the service's own S3 library
-
-        s3 = boto3.session.Session().client(
-            "s3",
-            endpoint_url=f"http://127.0.0.1:{port}",
-            aws_access_key_id=credentials["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=credentials["AWS_SECRET_ACCESS_KEY"],
-            region_name=credentials["AWS_REGION"],
-        )
+        s3 = server.client()
         s3.create_bucket(Bucket="aperture-bench")
         # What this S3 server takes for the largest archive alone: boto3's own upload_file of the same file.
         reference = ctx.row("reference: boto3 upload_file of that .sql", "Create .sql, directory only (same rounds)")
@@ -884,9 +870,8 @@ def bench_offsite(ctx: Context) -> None:
             ctx.work / "offsite",
             {
                 "APERTURE_BACKUP_S3_URL": "s3://aperture-bench/bench/",
-                "APERTURE_BACKUP_S3_ENDPOINT": f"http://127.0.0.1:{port}",
-                "AWS_EC2_METADATA_DISABLED": "true",
-                **credentials,
+                "APERTURE_BACKUP_S3_ENDPOINT": server.endpoint,
+                **s3_environment(server.credentials, ctx.work),
             },
         )
         steps: list[tuple[str, Callable[[], None]]] = []
@@ -928,8 +913,6 @@ def bench_offsite(ctx: Context) -> None:
     finally:
         if offsite is not None:
             offsite.stop()
-        moto_proc.terminate()
-        moto_proc.wait(30)
 
 
 #: Issue 16, "costs that stay flat": List and GetStatus with this many archives, by this many callers at once.
