@@ -166,10 +166,7 @@ class BackupManager:
             if streaming is not None:
                 streaming.abandon()
             return
-        if streaming is None and self.offsite.bucket.unreachable:
-            # Do not make the caller wait for the network's time-outs: the retry thread copies it.
-            self.offsite.wake()
-            return
+        bucket = self.offsite.bucket
 
         def on_progress(sent: int) -> None:
             job.update(
@@ -178,16 +175,18 @@ class BackupManager:
                     bytes_done=sent,
                     bytes_total=backup.size_bytes,
                     elapsed_seconds=job.elapsed(),
-                    message=f"copying to {self.archives.bucket.address if self.archives.bucket else 'the bucket'}",
+                    message=f"copying to {bucket.address}",
                 )
             )
 
-        if streaming is not None and self.offsite.finish_streaming(streaming, backup, on_progress=on_progress):
-            copied = True
-        else:
+        copied = streaming is not None and self.offsite.finish_streaming(streaming, backup, on_progress=on_progress)
+        if not copied and bucket.unreachable:
+            # Do not make the caller wait for the network's time-outs: the retry thread copies it.
+            self.offsite.wake()
+        elif not copied:
             # Not streamed, or that failed (a part the network lost for good): one copy of the whole archive
             # now, and if that fails too the retry thread goes on.
-            copied = not self.offsite.bucket.unreachable and self.offsite.copy(backup, on_progress=on_progress)
+            copied = self.offsite.copy(backup, on_progress=on_progress)
         if copied:
             job.update(backup=backup.replace(locations=backup.locations | {Location.BUCKET}))
 
