@@ -257,11 +257,6 @@ class Config:
         if self.s3_keep is not None and not MIN_KEEP <= self.s3_keep <= MAX_KEEP:
             raise ConfigError(f"{ENV_PREFIX}S3_KEEP must be between {MIN_KEEP} and {MAX_KEEP}, got {self.s3_keep}")
 
-    @property
-    def bucket_keep(self) -> int:
-        """Retention in the bucket when SetRetention has not changed the local one."""
-        return self.s3_keep if self.s3_keep is not None else max(self.keep, MIN_KEEP)
-
     def age_keys(self) -> AgeKeys:
         """The age keys the configuration names, parsed and read (ConfigError naming the variable)."""
         try:
