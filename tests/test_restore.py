@@ -583,3 +583,56 @@ def test_index_builds_get_the_configured_memory_and_workers(
         server = conn.execute("SHOW maintenance_work_mem").fetchone()
     assert row == expected
     assert server == ("64MB",), "the server's own setting is unchanged"
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_hnsw_builds_of_embeddings_get_a_parallel_worker(
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    """An embeddings table keeps its vectors in TOAST, so its heap stays far below PostgreSQL's 8MB
+    threshold for parallel index builds: without the restore's own threshold its HNSW graph is built on one
+    core however many workers are allowed. Seen from the server: a parallel worker led by the restore's
+    session while the archive's HNSW index builds, and none when APERTURE_BACKUP_RESTORE_WORKERS=0."""
+    db = make_database(pg16)
+    svc = service_factory(db.uri, restore_workers=workers)
+    archive = tmp_path / "embeddings.sql"
+    archive.write_text(
+        "CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;\n"
+        "CREATE TABLE public.embeddings (id integer PRIMARY KEY, embedding public.halfvec(1536) NOT NULL);\n"
+        "SELECT pg_catalog.setseed(0.5);\n"
+        "INSERT INTO public.embeddings SELECT i, (SELECT array_agg(random()::real)"
+        " FROM generate_series(1, 1536 + 0 * i))::public.halfvec(1536) FROM generate_series(1, 3000) AS i;\n"
+        "CREATE INDEX embeddings_hnsw ON public.embeddings USING hnsw (embedding public.halfvec_cosine_ops);\n"
+    )
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        # From another database: a staging restore's swap ends the sessions of the live one.
+        with psycopg.connect(pg16.database_uri("postgres"), autocommit=True) as conn:
+            while not done.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity AS w JOIN pg_stat_activity AS l ON l.pid = w.leader_pid "
+                    "WHERE w.backend_type = 'parallel worker' AND l.application_name LIKE 'aperture-backup-restore-%'"
+                ).fetchone()
+                seen.append(row[0] if row else 0)
+                done.wait(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        svc.client.upload(archive, restore=True, skip_safety_backup=True)
+    finally:
+        done.set()
+        watcher.join()
+    with psycopg.connect(db.uri) as conn:
+        assert conn.execute("SELECT count(*) FROM public.embeddings").fetchone() == (3000,)
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'embeddings_hnsw'").fetchone()
+        reloptions = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'embeddings'").fetchone()
+    assert index is not None and "hnsw" in index[0]
+    assert reloptions == (None,), "the table is left as the archive made it"
+    assert (max(seen) >= 1) == (workers > 0), f"parallel workers seen while restoring: {max(seen)}"

@@ -73,6 +73,11 @@ _PROGRESS_INTERVAL = 0.25
 DEFAULT_MAINTENANCE_WORK_MEM = "256MB"
 #: Parallel workers per index build: one besides the leader (PostgreSQL's default is 2, capped by its pool).
 DEFAULT_PARALLEL_MAINTENANCE_WORKERS = 1
+#: With workers: the smallest table (its heap, not its TOAST) whose index builds get them. PostgreSQL's
+#: 8MB (`min_parallel_table_scan_size`) never gives an embeddings table one: a halfvec(1536) is 3 KB, stored
+#: out of line in the TOAST table, so 100,000 embeddings leave a heap of about 12 MB and 20,000 of 2.5 MB,
+#: and pgvector builds their HNSW graphs on one core. 64kB is about 500 such rows.
+PARALLEL_BUILD_MIN_TABLE_SIZE = "64kB"
 #: Prefix of the application_name of a restore's psql session.
 APPLICATION_NAME_PREFIX = "aperture-backup-restore-"
 #: pg_dump's extensions, in plain SQL (they come right after the schemas, well within the head read) and in
@@ -285,9 +290,11 @@ def _supports_restrict(toolset: Toolset) -> bool:
 @dataclass(frozen=True)
 class BuildSettings:
     """What the restore's session gives the index builds and constraint checks that end a load: pgvector's
-    HNSW builds, Aperture's longest step, take half the time with enough `maintenance_work_mem` and a
-    parallel worker. For the restore's transaction only; the server's own settings stay as they are.
-    Values are checked by the configuration (APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM, _WORKERS)."""
+    HNSW builds, Aperture's longest step, are much slower once the graph outgrows `maintenance_work_mem`
+    (about 3.5 KB an embedding of 1536 dimensions), and use a parallel worker only on tables that qualify
+    (PARALLEL_BUILD_MIN_TABLE_SIZE). For the restore's transaction only; the server's own settings stay as
+    they are. Values are checked by the configuration (APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM,
+    _WORKERS)."""
 
     #: e.g. "256MB"; "" leaves the server's setting.
     maintenance_work_mem: str = DEFAULT_MAINTENANCE_WORK_MEM
@@ -300,6 +307,8 @@ class BuildSettings:
             settings["maintenance_work_mem"] = self.maintenance_work_mem
         if self.parallel_workers is not None:
             settings["max_parallel_maintenance_workers"] = str(self.parallel_workers)
+            if self.parallel_workers > 0:
+                settings["min_parallel_table_scan_size"] = PARALLEL_BUILD_MIN_TABLE_SIZE
         return settings
 
 
