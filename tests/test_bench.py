@@ -14,6 +14,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--scale", "5", "--small-mb", "2", "--large-mb", "4"]
     command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1", "--startup-rounds", "1"]
+    command += ["--library-episodes", "300", "--library-rounds", "1"]
     command += ["--out", str(out), "--work-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -33,6 +34,8 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "StreamDownload large",
         "Create .sql.gz with the bucket",
         "Create .sql with the bucket",
+        "Restore .sql.gz (library, HNSW)",
+        "Restore .dump (library, HNSW)",
     ):
         assert rows[operation]["median_seconds"] > 0, operation
         assert rows[operation]["baseline_median_seconds"] > 0, operation
@@ -48,7 +51,11 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "List (first page of 50) with 1,000 archives",
         "List (page_size 1000, all in one call) with 1,000 archives",
         "GetStatus with 1,000 archives",
+        "Restore .sql.gz (library) / (gunzip | psql -1)",
+        "Restore .dump (library) / pg_restore --single-transaction",
     }
+    assert report["facts"]["library"]["fingerprint_after_restores"] == "same as before"
+    assert 0 < report["facts"]["library"]["index_build_share"] < 1
     for operation in (
         "Start-up to SERVING, empty directory",
         "Start-up to SERVING, 1,000 archives",

@@ -110,10 +110,12 @@ def _phases(messages: list[pb.RestoreResponse]) -> list[int]:
     return phases
 
 
-def _filtered(data: bytes, *, seed: int = 0) -> tuple[bytes, SqlFilter]:
+def _filtered(
+    data: bytes, *, seed: int = 0, around_vector_index: tuple[bytes, bytes] | None = None
+) -> tuple[bytes, SqlFilter]:
     """Run `data` through the filter in random-sized chunks (1 byte to 64 KiB), as a stream would."""
     rng = random.Random(seed)  # noqa: S311 - chunk sizes, not secrets
-    sql_filter = SqlFilter()
+    sql_filter = SqlFilter(around_vector_index=around_vector_index)
     out: list[bytes] = []
     pos = 0
     while pos < len(data):
@@ -185,6 +187,27 @@ def test_filter_passes_copy_data_through_and_refuses_truncation() -> None:
     for truncated in (copy[: copy.index(b"\\.\n\n")], header + b"COPY public.t (a) FROM stdin;\n"):
         with pytest.raises(SqlFilterError, match="truncated"):
             _filtered(truncated)
+
+
+def test_filter_puts_the_given_sql_around_pgvector_index_statements_only() -> None:
+    """pg_dump's one-line HNSW and IVFFlat index statements get the restore's SQL before and after them;
+    a btree index, the same text inside a function body, COPY data or a statement split over lines do not."""
+    hnsw = b"CREATE INDEX e_hnsw ON public.e USING hnsw (embedding public.halfvec_cosine_ops) WITH (m='16');"
+    ivfflat = b"CREATE UNIQUE INDEX e_ivf ON ONLY public.e USING ivfflat (embedding public.vector_l2_ops);"
+    untouched = (
+        b"CREATE INDEX e_owner ON public.e USING btree (owner);\n"
+        b"CREATE FUNCTION public.f() RETURNS void LANGUAGE sql AS $$\n" + hnsw + b"\n$$;\n"
+        b"COPY public.t (a) FROM stdin;\n" + hnsw + b"\n\\.\n"
+        b"CREATE INDEX e_split ON public.e\n    USING hnsw (embedding public.halfvec_cosine_ops);\n"
+    )
+    sql = untouched + hnsw + b"\n" + ivfflat
+    around = (b"SET LOCAL a = 1;\n", b"SET LOCAL a TO DEFAULT;\n")
+    expected = untouched + around[0] + hnsw + b"\n" + around[1] + around[0] + ivfflat + b"\n" + around[1]
+    for seed in range(5):
+        out, sql_filter = _filtered(sql, seed=seed, around_vector_index=around)
+        assert out == expected
+        assert sql_filter.vector_indexes == 2
+    assert _filtered(sql)[0] == sql, "nothing is added unless the restore asks"
 
 
 def test_filter_refuses_foreign_statements_inside_large_object_data() -> None:

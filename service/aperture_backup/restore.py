@@ -73,10 +73,11 @@ _PROGRESS_INTERVAL = 0.25
 DEFAULT_MAINTENANCE_WORK_MEM = "256MB"
 #: Parallel workers per index build: one besides the leader (PostgreSQL's default is 2, capped by its pool).
 DEFAULT_PARALLEL_MAINTENANCE_WORKERS = 1
-#: With workers: the smallest table (its heap, not its TOAST) whose index builds get them. PostgreSQL's
-#: 8MB (`min_parallel_table_scan_size`) never gives an embeddings table one: a halfvec(1536) is 3 KB, stored
-#: out of line in the TOAST table, so 100,000 embeddings leave a heap of about 12 MB and 20,000 of 2.5 MB,
-#: and pgvector builds their HNSW graphs on one core. 64kB is about 500 such rows.
+#: With workers: the smallest table (its heap, not its TOAST) whose pgvector index builds get them.
+#: PostgreSQL's 8MB (`min_parallel_table_scan_size`) never gives an embeddings table one: a halfvec(1536)
+#: is 3 KB, stored out of line in the TOAST table, so 100,000 embeddings leave a heap of about 12 MB and
+#: 20,000 of 2.5 MB, and pgvector builds their HNSW graphs on one core. 64kB is about 500 such rows. Only
+#: for those builds: a worker costs 0.1-0.4 s to start here, more than a small btree build takes.
 PARALLEL_BUILD_MIN_TABLE_SIZE = "64kB"
 #: Prefix of the application_name of a restore's psql session.
 APPLICATION_NAME_PREFIX = "aperture-backup-restore-"
@@ -307,9 +308,16 @@ class BuildSettings:
             settings["maintenance_work_mem"] = self.maintenance_work_mem
         if self.parallel_workers is not None:
             settings["max_parallel_maintenance_workers"] = str(self.parallel_workers)
-            if self.parallel_workers > 0:
-                settings["min_parallel_table_scan_size"] = PARALLEL_BUILD_MIN_TABLE_SIZE
         return settings
+
+    def around_vector_index(self) -> tuple[bytes, bytes] | None:
+        """SQL before and after each pgvector index build of the archive (SqlFilter), or None."""
+        if not self.parallel_workers:
+            return None
+        return (
+            f"SET LOCAL min_parallel_table_scan_size = '{PARALLEL_BUILD_MIN_TABLE_SIZE}';\n".encode(),
+            b"SET LOCAL min_parallel_table_scan_size TO DEFAULT;\n",
+        )
 
 
 class _PsqlSession:
@@ -816,7 +824,7 @@ class RestoreManager:
                 reader,
                 kind=kind,
                 target=self.database,
-                sql_filter=SqlFilter(),
+                sql_filter=SqlFilter(around_vector_index=self.build_settings.around_vector_index()),
                 toolset=toolset,
                 expected_sha256=expected_sha256,
                 total=total,
@@ -866,7 +874,7 @@ class RestoreManager:
             reader,
             kind=kind,
             target=target,
-            sql_filter=SqlFilter(staging=True),
+            sql_filter=SqlFilter(staging=True, around_vector_index=self.build_settings.around_vector_index()),
             toolset=toolset,
             expected_sha256=expected_sha256,
             total=total,
