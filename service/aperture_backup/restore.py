@@ -610,7 +610,9 @@ class _SafetyBackupRun:
             backup = None
         except Exception as exc:  # the restore waits for this thread: every failure must reach it
             _logger.exception("the safety backup failed unexpectedly")
-            error = Internal(f"the safety backup failed, so the restore was not applied: {exc}")
+            error = Internal(
+                f"the safety backup failed, so the restore was not applied and the database is unchanged: {exc}"
+            )
             backup = None
         else:
             error = None
