@@ -275,3 +275,25 @@ def _sleeping_in(server: PgServer, live: str) -> bool:
             (live + STAGING_MARK,),
         ).fetchone()
     return row is not None
+
+
+def test_a_failed_load_stops_the_safety_backup_and_leaves_nothing(db: Database, service_factory: StartService) -> None:
+    svc = service_factory(db.uri)
+    before = fingerprint(db.uri)
+    failing = "failing.sql"
+    (svc.backup_dir / failing).write_bytes(b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT 1/0;\n")
+
+    with table_lock(db.uri, LOCKED_TABLE):
+        running = _Restore(svc, failing)
+        # The restore fails while its safety backup still waits for the lock: the database is unchanged, so
+        # the safety backup is not needed, and the caller is not kept waiting for it.
+        running.join(60)
+        assert pg_dump_children() == []
+
+    code, reason, message = running.failure()
+    assert (code, reason) == (grpc.StatusCode.FAILED_PRECONDITION, "RESTORE_FAILED"), message
+    assert "division by zero" in message
+    assert_same(before, fingerprint(db.uri))
+    assert _staging_databases(db.server, db.dbname) == []
+    assert _safety_backups(svc) == []
+    assert not [p for p in svc.backup_dir.iterdir() if p.name.startswith(".tmp-")]

@@ -522,7 +522,9 @@ class _RestoreProgress:
         elapsed = self._job.elapsed()
         if self._safety_running:
             safety = self._safety or Progress(phase="preparing")
-            message = f"safety backup: {safety.message or safety.phase}"
+            # As the safety backup's own progress read before it ran beside the load (the CLI shows the phase
+            # in words before the message).
+            message = safety.message or f"safety backup: {safety.phase}"
             if self._load is not None:
                 load = self._load
                 if load.message:
