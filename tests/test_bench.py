@@ -27,6 +27,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "Create .sql",
         "Create .dump (custom)",
         "Restore .sql.gz (no safety backup)",
+        "Restore .sql.gz with safety backup",
         "Create .sql.gz.age (encrypted)",
         "Create .dump.age (encrypted)",
         "Restore .sql.gz.age (encrypted)",
@@ -43,6 +44,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {
         "Create .sql.gz time / (pg_dump | gzip -6) (aim 0.3)",
         "Restore / (gunzip | psql --single-transaction)",
+        "Restore with safety backup / Restore without it",
         "server peak RSS over all operations (MB)",
         "Create .sql.gz.age (encrypted) / Create .sql.gz",
         "Restore .sql.gz.age (encrypted) / Restore .sql.gz",
