@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import hashlib
 import io
+import threading
+from collections import Counter
 from collections.abc import Iterator
 from typing import IO, BinaryIO, Protocol, cast
 
@@ -89,6 +91,28 @@ class _Passthrough:
         pass
 
 
+class _InflatedBytes:
+    """Compressed bytes fed to this process's decompressors, by compression. Every full read of an archive
+    (an upload's check, a restore, a verification) adds its size, so the count says how often archives are
+    inflated: the metric `aperture_backup_inflated_bytes_total`, and how the tests prove that
+    UploadAndRestore inflates an archive once."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes: Counter[Compression] = Counter()
+
+    def add(self, compression: Compression, count: int) -> None:
+        with self._lock:
+            self._bytes[compression] += count
+
+    def snapshot(self) -> dict[Compression, int]:
+        with self._lock:
+            return dict(self._bytes)
+
+
+INFLATED = _InflatedBytes()
+
+
 class Decompressor(Protocol):
     """Decompresses a stream fed piece by piece. Raises DataLoss (reason ARCHIVE_CORRUPT) when the data is
     corrupt, and from `end()` (reason ARCHIVE_TRUNCATED) when the stream stops before its end."""
@@ -122,6 +146,7 @@ class _GzipDecompressor:
         self._fed = False
 
     def feed(self, data: bytes) -> Iterator[bytes]:
+        INFLATED.add(Compression.GZIP, len(data))
         try:
             while data:
                 if self._d.eof:
@@ -152,6 +177,7 @@ class _ZstdDecompressor:
         self._fed = False
 
     def feed(self, data: bytes) -> Iterator[bytes]:
+        INFLATED.add(Compression.ZSTD, len(data))
         view = memoryview(data)
         try:
             while view:
