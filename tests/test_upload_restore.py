@@ -8,18 +8,24 @@ against real PostgreSQL with the real client tools; the fingerprint decides what
 
 from __future__ import annotations
 
+import collections
 import gzip
 import hashlib
 import threading
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
+import zstandard
 from google.rpc import error_details_pb2
 from grpc_status import rpc_status
 
+from aperture_backup.compression import Checker, Decompressor, checker, decompressor
+from aperture_backup.errors import DataLoss
+from aperture_backup.model import Compression
 from aperture_backup.restore import READ_SIZE
 from aperture_backup_client import pb
 from tests.support.fingerprint import assert_same, fingerprint
@@ -192,3 +198,69 @@ def test_a_damaged_upload_is_refused_by_the_restore_and_not_kept(
         (pb.BACKUP_TRIGGER_UPLOADED, pb.JOB_OUTCOME_FAILED, want)
     ], jobs
     assert svc.client.status().current_job.ByteSize() == 0
+
+
+# -- the check of an upload only stored ----------------------------------------------------------------------
+
+
+def _zstd_cases() -> dict[str, bytes]:
+    plain = b"".join(b"INSERT INTO t VALUES (%d, 'row %d');\n" % (i, i * 7) for i in range(200_000))
+    one = zstandard.ZstdCompressor(level=3).compress(plain)
+    checksummed = zstandard.ZstdCompressor(level=3, write_checksum=True).compress(plain[:100_000])
+    unsized = zstandard.ZstdCompressor(write_content_size=False).compress(b"SELECT 1;\n" * 50_000)
+    skippable = (0x184D2A53).to_bytes(4, "little") + (3).to_bytes(4, "little") + b"xyz"
+    corrupt = bytearray(one)
+    corrupt[len(one) // 2 : len(one) // 2 + 32] = bytes(32)
+    return {
+        "one frame": one,
+        "several frames, a checksum, a skippable frame": one + checksummed + skippable + unsized,
+        "cut in a block": one[: len(one) // 3],
+        "cut before the checksum's end": checksummed[:-2],
+        "cut in the second frame's header": one + checksummed[:3],
+        "trailing garbage": one + b"garbage",
+        "two bytes of garbage": one + b"ga",
+        "corrupt block": bytes(corrupt),
+    }
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64 * KiB, 4 * MiB], ids=["1 B", "7 B", "64 KiB", "4 MiB"])
+def test_the_zstd_check_refuses_what_the_decompressor_refuses(chunk: int) -> None:
+    """The upload's zstd check (the stream writer and the frame walk) against the restore's decompressor,
+    which decides from the content itself: the same verdict for sound, cut, damaged and extended streams,
+    fed in pieces of any size."""
+
+    def verdict(check: Checker | Decompressor, data: bytes) -> str:
+        try:
+            for i in range(0, len(data), chunk):
+                pieces = check.feed(data[i : i + chunk])
+                if pieces is not None:
+                    collections.deque(pieces, maxlen=0)
+            check.end()
+        except DataLoss as exc:
+            return exc.reason
+        return "ok"
+
+    for name, data in _zstd_cases().items():
+        want = verdict(decompressor(Compression.ZSTD), data)
+        assert verdict(checker(Compression.ZSTD), data) == want, name
+        assert (want == "ok") == (name.startswith(("one frame", "several"))), (name, want)
+
+
+def test_a_damaged_zstd_upload_is_refused_while_it_arrives(
+    pg16: PgServer, make_database: MakeDatabase, service_factory: StartService, tmp_path: Path
+) -> None:
+    db = _source(make_database, pg16)
+    svc = service_factory(db.uri)
+    made = svc.client.create(compression=pb.COMPRESSION_ZSTD)
+    good = (svc.backup_dir / made.id).read_bytes()
+    assert len(good) > 4 * 64 * KiB, "the damage must lie past the head the upload recognises the archive by"
+    files = _files(svc)
+    corrupt = bytearray(good)
+    corrupt[len(good) // 2 : len(good) // 2 + 32] = bytes(32)
+    for data, reason in ((good[: len(good) - 5], "ARCHIVE_TRUNCATED"), (bytes(corrupt), "ARCHIVE_CORRUPT")):
+        code, got, message = _refused(svc, _requests(data, restore=False))
+        assert (code, got) == (grpc.StatusCode.DATA_LOSS, reason), message
+        assert [b.id for b in svc.client.list()] == [made.id]
+        assert _files(svc) == files
+    stored = _upload(svc, _requests(good, restore=False))[-1].backup
+    assert stored.state == pb.BACKUP_STATE_READY and stored.compression == pb.COMPRESSION_ZSTD

@@ -3,7 +3,8 @@ that are checked while they arrive and stored (and, when asked, restored) only o
 
 Memory stays flat however large the archive: a download reads one chunk at a time from disk; an upload
 keeps at most the first `archive_format.sniff_bytes` (to recognise the archive before anything is written)
-and one chunk, and checks a compressed stream with a decompressor whose output is bounded and thrown away.
+and one chunk, and checks a compressed stream with a decompressor whose output is bounded and thrown away
+(`compression.checker`).
 An encrypted upload is decrypted on the way to that check, so it is checked like any other; without the
 service's identity it cannot be, and is refused.
 
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from . import archive_format, toolchain
-from .compression import Decompressor, decompressor
+from .compression import Checker, checker
 from .database import Database, first_line
 from .encryption import AgeKeys
 from .errors import (
@@ -132,7 +133,7 @@ class _BackgroundCheck:
 
     QUEUE_CHUNKS = 8  # at most this many received chunks wait for the check: memory stays bounded
 
-    def __init__(self, stream: Decompressor, decrypt: Decrypt | None = None):
+    def __init__(self, stream: Checker, decrypt: Decrypt | None = None):
         self._stream = stream
         self._decrypt = decrypt
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE_CHUNKS)
@@ -171,7 +172,7 @@ class _BackgroundCheck:
             for data in plain:
                 if self._abandoned:
                     break
-                _drain(self._stream.feed(data))
+                self._stream.feed(data)
             if not self._abandoned:
                 self._stream.end()
         except BackupError as exc:  # DataLoss; or, decrypting, FailedPrecondition (a wrong identity)
@@ -291,7 +292,7 @@ class _Incoming:
                 def decrypt(ciphertext: Iterable[bytes]) -> Iterator[bytes]:
                     return keys.decrypting(ciphertext, archive=name)
 
-            self._check = _BackgroundCheck(decompressor(kind.compression), decrypt)
+            self._check = _BackgroundCheck(checker(kind.compression), decrypt)
         self._header = bytearray()
         self._write(writer, header)
         return writer
