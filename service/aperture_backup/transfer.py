@@ -493,11 +493,9 @@ class TransferManager:
             writer = incoming.finish()
             received = writer.backup.replace(size_bytes=incoming.received, sha256=incoming.sha256.hexdigest())
             if metadata.restore:
-                # Not checked yet (beyond size and SHA-256): `_restore_upload` reads it once, restoring.
-                yield UploadEvent(
-                    progress("verifying", incoming.received, "checking the archive while it is restored"),
-                    backup=received,
-                )
+                # Not checked yet (beyond size and SHA-256): `_restore_upload` reads it once, restoring. The
+                # messages carry the backup only once it is checked and stored, as the contract says.
+                yield UploadEvent(progress("verifying", incoming.received, "checking the archive while it is restored"))
             else:
                 yield UploadEvent(progress("verifying", incoming.received, "checking the archive reads to its end"))
                 if received.kind.format is Format.CUSTOM:
@@ -674,7 +672,7 @@ class TransferManager:
                 raise state.error
             progress = dataclasses.replace(state.progress, elapsed_seconds=time.monotonic() - started)
             result = state.result if state.done and isinstance(state.result, RestoreResult) else None
-            yield UploadEvent(progress, backup=kept[0] if kept else received, result=result)
+            yield UploadEvent(progress, backup=kept[0] if kept else None, result=result)
 
     def _check_archive(self, path: Path, kind: ArchiveKind) -> None:
         """The whole check of an upload, alone: the compressed (and encrypted) stream read to its end and,
