@@ -63,7 +63,7 @@ sys.path.insert(0, str(REPO))
 
 from aperture.backup.v1 import backup_pb2 as pb  # noqa: E402
 from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
-from aperture_backup.compression import decompressor  # noqa: E402
+from aperture_backup.compression import checker, decompressor  # noqa: E402
 from aperture_backup.model import Compression, Trigger  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate, generate_library, library_shape  # noqa: E402
@@ -853,6 +853,95 @@ def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
             )
 
 
+#: UploadAndRestore with restore=true over a Restore of the same archive already stored (issue #16): one
+#: inflate, not two. And the .sql.zst upload's throughput over the grpcio reference.
+UPLOAD_RESTORE_LIMIT = 1.15
+ZSTD_UPLOAD_THROUGHPUT = 0.8
+
+
+def bench_upload_restore(ctx: Context, source_gz: pb.Backup) -> None:
+    """UploadAndRestore .sql.gz with restore=true against a Restore of the same archive already stored, in
+    alternating rounds; and the upload (restore=false) of a .sql.zst made by the service's own Create,
+    against the grpcio reference, with its zstd check timed alone."""
+    service = ctx.service
+    if not service.implemented(lambda: list(service.stub.UploadAndRestore(iter(())))):
+        ctx.row("UploadAndRestore .sql.gz (restore=true)", "").note = "not measured: UploadAndRestore is UNIMPLEMENTED"
+        return
+    path = service.path(source_gz)
+    both = ctx.row("UploadAndRestore .sql.gz (restore=true)", "Restore of the same archive already stored")
+    both.work_bytes = both.output_bytes = source_gz.size_bytes
+
+    def upload_and_restore() -> None:
+        service.rss.begin()
+        start = time.perf_counter()
+        last = service.client.upload(path, restore=True, skip_safety_backup=True, sha256=source_gz.sha256)
+        both.seconds.append(time.perf_counter() - start)
+        both.record_rss(*service.rss.end())
+        if not last.HasField("result") or last.backup.state != pb.BACKUP_STATE_READY:
+            raise RuntimeError(f"UploadAndRestore did not restore: {last}")
+        service.stub.Delete(pb.DeleteRequest(id=last.backup.id))
+
+    def restore_stored() -> None:
+        start = time.perf_counter()
+        collections.deque(service.stub.Restore(pb.RestoreRequest(id=source_gz.id, skip_safety_backup=True)), maxlen=0)
+        both.baseline_seconds.append(time.perf_counter() - start)
+
+    for round_no in range(ctx.args.restore_rounds):
+        steps = [("upload and restore", upload_and_restore), ("restore of the stored archive", restore_stored)]
+        for label, step in steps if round_no % 2 == 0 else steps[::-1]:
+            log(f"round {round_no + 1}: {label}")
+            step()
+    ctx.target("UploadAndRestore .sql.gz (restore=true) / Restore of it stored", both.ratio, UPLOAD_RESTORE_LIMIT)
+
+    log("making the .sql.zst archive with the service's Create")
+    made = timed_create(service, Row("", ""), pb.BACKUP_FORMAT_PLAIN, pb.COMPRESSION_ZSTD)
+    zst = ctx.work / "bench-upload.sql.zst"
+    # Whole copies of it (a multi-frame zstd stream is standard; `zstd -d` reads it) up to the small size.
+    digest = hashlib.sha256()
+    with open(zst, "wb") as out:
+        while out.tell() < max(ctx.args.small_mb * MB, made.size_bytes):
+            with open(service.path(made), "rb") as src:
+                while data := src.read(CHUNK_SIZE):
+                    out.write(data)
+                    digest.update(data)
+    service.stub.Delete(pb.DeleteRequest(id=made.id))
+    up = ctx.row("Upload .sql.zst (restore=false)", "grpcio reference")
+    floor = ctx.row("  zstd check alone (1 core)", "grpcio reference")
+    up.work_bytes = up.output_bytes = floor.work_bytes = floor.output_bytes = zst.stat().st_size
+
+    def zstd_check() -> float:
+        check = checker(Compression.ZSTD)  # the upload's own check, timed alone
+        start = time.perf_counter()
+        with open(zst, "rb", buffering=0) as f:
+            while data := f.read(CHUNK_SIZE):
+                check.feed(data)
+        check.end()
+        return time.perf_counter() - start
+
+    reference = Reference(ctx.work)
+    try:
+        for round_no in range(ctx.args.transfer_rounds):
+            log(f"round {round_no + 1}: upload of the .sql.zst archive")
+            if round_no % 2 == 1:
+                up.baseline_seconds.append(reference.upload(zst))
+            uploaded = service_upload(service, up, zst, digest.hexdigest())
+            if round_no % 2 == 0:
+                up.baseline_seconds.append(reference.upload(zst))
+            service.stub.Delete(pb.DeleteRequest(id=uploaded.id))
+            if round_no < 3:
+                floor.seconds.append(zstd_check())
+    finally:
+        reference.stop()
+        zst.unlink()
+    floor.baseline_seconds = up.baseline_seconds
+    ctx.target(
+        "Upload .sql.zst (restore=false): throughput / grpcio reference",
+        1 / up.ratio if up.ratio else None,
+        ZSTD_UPLOAD_THROUGHPUT,
+        at_most=False,
+    )
+
+
 #: Creates that also copy the archive to a bucket, against the same kind to the directory alone.
 OFFSITE_KINDS = (
     ("Create .sql.gz with the bucket", "Create .sql.gz, directory only", pb.COMPRESSION_GZIP),
@@ -1354,6 +1443,7 @@ def main(argv: list[str] | None = None) -> int:
                     bench_restore(ctx, archives["gz"], archives["sql"].size_bytes, archives.get("gz_age"))
                 if archives and "transfer" in groups:
                     bench_transfer(ctx, archives["gz"])
+                    bench_upload_restore(ctx, archives["gz"])
                 if "offsite" in groups:
                     bench_offsite(ctx)
                 if "listing" in groups:

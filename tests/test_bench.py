@@ -32,6 +32,8 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "Create .dump.age (encrypted)",
         "Restore .sql.gz.age (encrypted)",
         "Upload small (restore=false)",
+        "UploadAndRestore .sql.gz (restore=true)",
+        "Upload .sql.zst (restore=false)",
         "StreamDownload large",
         "Create .sql.gz with the bucket",
         "Create .sql with the bucket",

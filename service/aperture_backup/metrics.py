@@ -18,8 +18,9 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from .app import App
+from .compression import INFLATED
 from .jobs import Job, JobSlot
-from .model import Location, State
+from .model import Compression, Location, State
 from .notify import Notifier
 from .offsite import Offsite
 from .rpc_handlers import Behavior, rewrap
@@ -101,6 +102,16 @@ class _StateCollector(Collector):
             )
             given_up.add_metric([], float(delivery.given_up))
             yield given_up
+        inflated = CounterMetricFamily(
+            "aperture_backup_inflated_bytes",
+            "Compressed bytes decompressed since the process started (upload checks, restores, "
+            "verifications), by compression: the CPU archives cost to read.",
+            labels=["compression"],
+        )
+        counts = INFLATED.snapshot()
+        for compression in (Compression.GZIP, Compression.ZSTD):
+            inflated.add_metric([compression.value], float(counts.get(compression, 0)))
+        yield inflated
 
 
 class Metrics:

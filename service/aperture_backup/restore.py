@@ -711,7 +711,7 @@ class RestoreManager:
         return self._pg_bin_dir
 
     def start_restore(self, backup_id: str, *, skip_safety_backup: bool, trigger: Trigger = Trigger.MANUAL) -> Job:
-        """Start restoring a stored backup in its own thread (trigger UPLOADED for UploadAndRestore). Raises at
+        """Start restoring a stored backup in its own thread. Raises at
         once (before any job starts) for a bad id, an unknown backup, one that is not READY, or while another
         job runs."""
         backup = self.restorable(backup_id)
@@ -725,6 +725,43 @@ class RestoreManager:
                 # Again, now that it is in use: a Delete may have come between the request and this mark.
                 in_use = self.restorable(backup.id)
                 return self.restore_stored(job, in_use, skip_safety_backup=skip_safety_backup, lock=lock)
+
+        return self.slot.start(job, body)
+
+    def start_restore_file(
+        self,
+        backup: Backup,
+        path: Path,
+        *,
+        skip_safety_backup: bool,
+        on_intact: Callable[[], Backup],
+        on_failure: Callable[[BackupError], BackupError],
+    ) -> Job:
+        """Start restoring an archive that is not a READY backup yet (an upload, `backup` still CREATING,
+        its file at `path`), trigger UPLOADED. The restore's own read is the archive's check: `on_intact` is
+        called once the whole file read intact and matched `backup.sha256`, before the restore commits, and
+        returns the backup as now stored; `on_failure`, in the job's thread, gets the restore's error and
+        returns the one the job reports (it decides what becomes of the archive). Raises JobRunning at once
+        while another job runs."""
+        job = Job(
+            kind=JobKind.RESTORE,
+            trigger=Trigger.UPLOADED,
+            description=f"a restore of the upload {backup.id}",
+            backup=backup,
+            subject=backup,
+        )
+
+        def body(job: Job) -> RestoreResult:
+            try:
+                with self.database.job_lock(job.description) as lock, self.store.in_use(backup.id):
+                    return self._restore_from(
+                        job, backup, path, skip_safety_backup=skip_safety_backup, lock=lock, on_intact=on_intact
+                    )
+            except BackupError as exc:
+                raise on_failure(exc) from exc
+            except Exception as exc:  # a bug: recorded as Internal, and the archive is decided all the same
+                _logger.exception("%s failed unexpectedly", job.description)
+                raise on_failure(Internal(f"{job.description} failed: {exc}")) from exc
 
         return self.slot.start(job, body)
 
@@ -772,15 +809,24 @@ class RestoreManager:
         self, job: Job, backup: Backup, *, skip_safety_backup: bool, lock: JobLock | None = None
     ) -> RestoreResult:
         """Check the archive, take the safety backup, restore, notify. The caller holds the job slot, the
-        database lock and a pin on `backup` (UploadAndRestore calls this after storing the upload). An
-        archive only the bucket has is fetched into the backup directory first (its checksum checked)."""
+        database lock and a pin on `backup`. An archive only the bucket has is fetched into the backup
+        directory first (its checksum checked)."""
         with self.backups.archives.local_file(backup) as path:
             return self._restore_from(job, backup, path, skip_safety_backup=skip_safety_backup, lock=lock)
 
     def _restore_from(
-        self, job: Job, backup: Backup, path: Path, *, skip_safety_backup: bool, lock: JobLock | None
+        self,
+        job: Job,
+        backup: Backup,
+        path: Path,
+        *,
+        skip_safety_backup: bool,
+        lock: JobLock | None,
+        on_intact: Callable[[], Backup] | None = None,
     ) -> RestoreResult:
         started = time.monotonic()
+        stored: list[Backup] = []
+        intact = None if on_intact is None else (lambda: stored.append(on_intact()))
         info = self.database.server_info()
         toolset = toolchain.for_server(info.major, self._pg_bin_dir)
         job.update(progress=Progress(phase="verifying", bytes_total=backup.size_bytes, elapsed_seconds=job.elapsed()))
@@ -805,10 +851,18 @@ class RestoreManager:
                     lock=lock,
                     extensions=archive.extensions,
                     staged=staged,
+                    on_intact=intact,
                 )
             elif staged:
                 safety = self._restore_beside_safety_backup(
-                    job, stack, backup, path, toolset=toolset, lock=lock, extensions=archive.extensions
+                    job,
+                    stack,
+                    backup,
+                    path,
+                    toolset=toolset,
+                    lock=lock,
+                    extensions=archive.extensions,
+                    on_intact=intact,
                 )
             else:
                 # In place the load drops and re-creates the live tables in its transaction: it needs ACCESS
@@ -839,7 +893,10 @@ class RestoreManager:
                     lock=lock,
                     extensions=archive.extensions,
                     staged=False,
+                    on_intact=intact,
                 )
+        if stored:
+            backup = stored[0]
         try:
             self.database.notify_restored(backup.id)
         except (Unavailable, psycopg.Error) as exc:
@@ -870,6 +927,7 @@ class RestoreManager:
         toolset: Toolset,
         lock: JobLock | None,
         extensions: Sequence[str],
+        on_intact: Callable[[], object] | None = None,
     ) -> Backup:
         """A staging restore with its safety backup made at the same time as the staging database is loaded:
         nothing changes the live database before the swap, so pg_dump's snapshot, taken as it starts, is the
@@ -930,6 +988,7 @@ class RestoreManager:
                 extensions=extensions,
                 staged=True,
                 before_swap=before_swap,
+                on_intact=on_intact,
             )
         except BaseException as exc:
             safety_run.stop(_LOAD_FAILED)
@@ -1076,11 +1135,12 @@ class RestoreManager:
         extensions: Sequence[str] = (),
         staged: bool | None = None,
         before_swap: Callable[[], None] | None = None,
+        on_intact: Callable[[], object] | None = None,
     ) -> None:
         """Load `path` into the database in one transaction, replacing everything in it; commit only when
-        the archive read intact (and matches `expected_sha256`, when given). Raises on any failure, after
-        the server has rolled back. The caller holds the job slot and the database lock (`lock`, which a
-        staging restore gives up at the swap), and has `inspect`ed the archive.
+        the archive read intact (and matches `expected_sha256`, when given), after calling `on_intact`.
+        Raises on any failure, after the server has rolled back. The caller holds the job slot and the
+        database lock (`lock`, which a staging restore gives up at the swap), and has `inspect`ed the archive.
 
         Where the service's role is a superuser, the archive runs as a role without its powers in a staging
         database that then replaces the live one (isolation.py); elsewhere in place (`staged`, when the
@@ -1104,6 +1164,7 @@ class RestoreManager:
                 expected_sha256=expected_sha256,
                 total=total,
                 deadline=deadline,
+                on_intact=on_intact,
             )
             return
         with isolation.staging(self.database) as stage:
@@ -1116,6 +1177,7 @@ class RestoreManager:
                 toolset=toolset,
                 recipients=recipients,
                 extensions=extensions,
+                on_intact=on_intact,
             )
             if before_swap is not None:
                 before_swap()
@@ -1138,6 +1200,7 @@ class RestoreManager:
         toolset: Toolset,
         recipients: Sequence[str] = (),
         extensions: Sequence[str] = (),
+        on_intact: Callable[[], object] | None = None,
     ) -> Database:
         """Create `stage` with the archive's `extensions` and load `path` into it in one transaction; the
         Database its SQL ran as. The one loading path of a restore (which then swaps the stage in) and of a
@@ -1163,6 +1226,7 @@ class RestoreManager:
             total=total,
             deadline=time.monotonic() + self.restore_timeout_seconds,
             empty_first=False,
+            on_intact=on_intact,
         )
         return target
 
@@ -1199,8 +1263,11 @@ class RestoreManager:
         total: int,
         deadline: float,
         empty_first: bool = True,
+        on_intact: Callable[[], object] | None = None,
     ) -> None:
-        """One psql session loads the archive into `target` in one transaction; raises unless it committed."""
+        """One psql session loads the archive into `target` in one transaction; raises unless it committed.
+        `on_intact` runs once every byte is read and checked, before COMMIT is sent: what it raises rolls
+        the restore back like any other failure."""
         if self.work_dir is not None:
             self.work_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         with tempfile.TemporaryDirectory(prefix="aperture-restore-", dir=self.work_dir) as workdir:
@@ -1221,6 +1288,8 @@ class RestoreManager:
                     else:
                         self._feed_plain(job, reader, session, sql_filter)
                     reader.verify(expected_sha256)
+                    if on_intact is not None:
+                        on_intact()
                     session.commit()
                 except _PsqlGone:
                     pass  # psql stopped at an error; its exit status and the server tell the rest

@@ -3,12 +3,15 @@ that are checked while they arrive and stored (and, when asked, restored) only o
 
 Memory stays flat however large the archive: a download reads one chunk at a time from disk; an upload
 keeps at most the first `archive_format.sniff_bytes` (to recognise the archive before anything is written)
-and one chunk, and checks a compressed stream with a decompressor whose output is bounded and thrown away.
+and one chunk, and checks a compressed stream with a decompressor whose output is bounded and thrown away
+(`compression.checker`).
 An encrypted upload is decrypted on the way to that check, so it is checked like any other; without the
 service's identity it cannot be, and is refused.
 
 Every refused upload leaves nothing behind: no temporary file, no manifest, no listed backup, and the
-database was never touched (the restore only starts once the archive is committed as a READY backup).
+database is unchanged. An upload to restore is inflated once, not twice: it is not inflated while it
+arrives, the restore's own read (which hashes, decrypts and inflates every byte before it commits) is its
+check, and the archive becomes a READY backup only once that read has passed (`_restore_upload`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from . import archive_format, toolchain
-from .compression import Decompressor, decompressor
+from .compression import Checker, checker
 from .database import Database, first_line
 from .encryption import AgeKeys
 from .errors import (
@@ -130,7 +133,7 @@ class _BackgroundCheck:
 
     QUEUE_CHUNKS = 8  # at most this many received chunks wait for the check: memory stays bounded
 
-    def __init__(self, stream: Decompressor, decrypt: Decrypt | None = None):
+    def __init__(self, stream: Checker, decrypt: Decrypt | None = None):
         self._stream = stream
         self._decrypt = decrypt
         self._queue: queue.Queue[bytes | None] = queue.Queue(maxsize=self.QUEUE_CHUNKS)
@@ -169,7 +172,7 @@ class _BackgroundCheck:
             for data in plain:
                 if self._abandoned:
                     break
-                _drain(self._stream.feed(data))
+                self._stream.feed(data)
             if not self._abandoned:
                 self._stream.end()
         except BackupError as exc:  # DataLoss; or, decrypting, FailedPrecondition (a wrong identity)
@@ -192,6 +195,8 @@ class _Incoming:
     the store, hashed, counted and checked as each chunk arrives."""
 
     def __init__(self, store: ArchiveStore, metadata: UploadMetadata, restores: RestoreManager):
+        """An upload to restore is not inflated while it arrives: the restore's own read is its check
+        (`TransferManager._restore_upload`), so the archive is inflated once."""
         self.store = store
         self.metadata = metadata
         self.restores = restores
@@ -280,14 +285,14 @@ class _Incoming:
             )
         # Only now is the id known (its extension follows the content), so only now is anything written.
         writer = self.writer = self.store.begin(kind, Trigger.UPLOADED)
-        if kind.compression is not Compression.NONE or kind.encrypted:
+        if (kind.compression is not Compression.NONE or kind.encrypted) and not self.metadata.restore:
             decrypt: Decrypt | None = None
             if kind.encrypted:
 
                 def decrypt(ciphertext: Iterable[bytes]) -> Iterator[bytes]:
                     return keys.decrypting(ciphertext, archive=name)
 
-            self._check = _BackgroundCheck(decompressor(kind.compression), decrypt)
+            self._check = _BackgroundCheck(checker(kind.compression), decrypt)
         self._header = bytearray()
         self._write(writer, header)
         return writer
@@ -486,19 +491,30 @@ class TransferManager:
             if reported != incoming.received:
                 yield UploadEvent(progress("uploading", incoming.received))
             writer = incoming.finish()
-            kind = writer.backup.kind
-            yield UploadEvent(progress("verifying", incoming.received, "checking the archive reads to its end"))
-            if kind.format is Format.CUSTOM:
-                self._check_custom(writer.temp_path, kind)
-            backup = writer.commit(
-                size_bytes=incoming.received,
-                sha256=incoming.sha256.hexdigest(),
-                duration_seconds=time.monotonic() - started,
-            )
+            received = writer.backup.replace(size_bytes=incoming.received, sha256=incoming.sha256.hexdigest())
+            if metadata.restore:
+                # Not checked yet (beyond size and SHA-256): `_restore_upload` reads it once, restoring. The
+                # messages carry the backup only once it is checked and stored, as the contract says.
+                yield UploadEvent(progress("verifying", incoming.received, "checking the archive while it is restored"))
+            else:
+                yield UploadEvent(progress("verifying", incoming.received, "checking the archive reads to its end"))
+                if received.kind.format is Format.CUSTOM:
+                    self._check_custom(writer.temp_path, received.kind)
+                backup = self._keep(writer, received, metadata, started)
         except BaseException:
             # Also on GeneratorExit (the client went away): a refused or abandoned upload leaves nothing.
             incoming.abandon()
             raise
+        if not metadata.restore:
+            yield UploadEvent(progress("done", backup.size_bytes), backup=backup)
+            return
+        yield from self._restore_upload(writer, received, metadata, started)
+
+    def _keep(self, writer: ArchiveWriter, received: Backup, metadata: UploadMetadata, started: float) -> Backup:
+        """The checked upload becomes a READY backup."""
+        backup = writer.commit(
+            size_bytes=received.size_bytes, sha256=received.sha256, duration_seconds=time.monotonic() - started
+        )
         _logger.info(
             "stored upload %r as %s (%d bytes, %s)",
             metadata.filename,
@@ -508,11 +524,7 @@ class TransferManager:
         )
         if self.archives.on_stored is not None:
             self.archives.on_stored(backup)
-        if not metadata.restore:
-            yield UploadEvent(progress("done", backup.size_bytes), backup=backup)
-            return
-        yield UploadEvent(progress("verifying", backup.size_bytes, f"stored as {backup.id}"), backup=backup)
-        yield from self._restore(backup, metadata, started)
+        return backup
 
     def _accept(self, metadata: UploadMetadata) -> UploadMetadata:
         """Refuse, before a byte is received, an upload that cannot succeed."""
@@ -598,24 +610,81 @@ class TransferManager:
             with contextlib.suppress(BrokenPipeError):
                 sink.close()
 
-    def _restore(self, backup: Backup, metadata: UploadMetadata, started: float) -> Iterator[UploadEvent]:
-        """Restore the stored upload through the same path as the Restore RPC, in a job of its own (it goes on
-        if the caller disconnects, like every restore)."""
+    def _restore_upload(
+        self, writer: ArchiveWriter, received: Backup, metadata: UploadMetadata, started: float
+    ) -> Iterator[UploadEvent]:
+        """Restore the received archive through the same path as the Restore RPC, in a job of its own (it
+        goes on if the caller disconnects, like every restore), with the restore's read as the archive's
+        only full check: one inflate instead of two (issue #16).
+
+        The archive stays CREATING (listed, but neither restorable nor downloadable) until that read has
+        gone through every byte, matched the SHA-256 received and found the compressed (and encrypted)
+        stream intact; it becomes READY then, just before the restore commits. When the restore fails:
+        - after that point, the upload stays READY and the error says under which id (as when a restore of
+          a sound archive fails, e.g. one the server cannot load);
+        - because the read found the archive corrupt, truncated or not matching (DATA_LOSS), the upload is
+          removed, as an upload refused while it arrives is: nothing unreadable is kept or listed;
+        - before the read got to the end (a busy database, the safety backup, psql stopping at a statement
+          of the archive), the check the restore did not finish runs alone, and the upload is kept READY
+          when it passes, else removed and the check's DATA_LOSS is the answer.
+        The database is untouched in every failure: the restore commits only after the read passed."""
+        kept: list[Backup] = []
+
+        def keep() -> Backup:
+            kept.append(self._keep(writer, received, metadata, started))
+            return kept[0]
+
+        def settle(error: BackupError) -> BackupError:
+            """What becomes of the upload when the restore failed; the error to report."""
+            if kept:
+                return self._stored_note(error, kept[0])
+            if writer.finished:  # the commit itself failed half-way: nothing trustworthy to keep
+                return error
+            if isinstance(error, DataLoss):
+                writer.discard()
+                _logger.info("removed upload %r: %s", metadata.filename, error)
+                return error
+            try:
+                self._check_archive(writer.temp_path, received.kind)
+            except BaseException:
+                writer.discard()
+                raise
+            return self._stored_note(error, keep())
+
         try:
-            job = self.restores.start_restore(
-                backup.id, skip_safety_backup=metadata.skip_safety_backup, trigger=Trigger.UPLOADED
+            job = self.restores.start_restore_file(
+                received,
+                writer.temp_path,
+                skip_safety_backup=metadata.skip_safety_backup,
+                on_intact=keep,
+                on_failure=settle,
             )
         except JobRunning as exc:
-            raise JobRunning(
-                f"{exc}. The upload is stored as {backup.id}: restore it with Restore once the job has finished",
-                metadata={**exc.metadata, "backup_id": backup.id},
+            # Another job took the slot after `_accept`: store the upload if it is sound, to restore later.
+            raise settle(
+                JobRunning(f"{exc}. Restore the upload with Restore once the job has finished", metadata=exc.metadata)
             ) from exc
+        except BaseException:
+            writer.discard()
+            raise
         for state in job.watch():
             if state.done and state.error is not None:
-                raise self._stored_note(state.error, backup)
+                raise state.error
             progress = dataclasses.replace(state.progress, elapsed_seconds=time.monotonic() - started)
             result = state.result if state.done and isinstance(state.result, RestoreResult) else None
-            yield UploadEvent(progress, backup=backup, result=result)
+            yield UploadEvent(progress, backup=kept[0] if kept else None, result=result)
+
+    def _check_archive(self, path: Path, kind: ArchiveKind) -> None:
+        """The whole check of an upload, alone: the compressed (and encrypted) stream read to its end and,
+        for a custom-format archive, pg_restore's full read."""
+        if kind.format is Format.CUSTOM:
+            self._check_custom(path, kind)
+            return
+        chunks = self.restores.reader(path, kind, recipients=()).chunks()
+        try:
+            _drain(chunks)
+        finally:
+            chunks.close()
 
     @staticmethod
     def _stored_note(error: BackupError, backup: Backup) -> BackupError:
