@@ -1281,6 +1281,28 @@ def render_scaling(sizes: list[ScalingSize]) -> str:
     return "\n".join(out)
 
 
+def _settle(ctx: Context, uri: str, log_path: Path | None = None) -> None:
+    """Between timed steps (untimed): wait until the service has dropped the database a staging restore
+    replaced (it does so in the background, and DROP DATABASE waits for a checkpoint), vacuum the database
+    at `uri` and checkpoint. Freshly loaded tables are what autovacuum picks next (their inserts pass its
+    threshold), and the first read of each page sets its hint bits and dirties it: without this, the Create
+    after a restore (or after the generation) shares the machine with a vacuum of the whole database, and
+    the first round of a size measured 2-5 times the others."""
+    from aperture_backup.isolation import STAGING_MARK
+
+    deadline = time.monotonic() + 600
+    with psycopg.connect(ctx.server.uri, autocommit=True) as conn:
+        while conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE strpos(datname, %s) > 0", (STAGING_MARK,)
+        ).fetchone():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replaced database was not dropped within 600 s; see {log_path}")
+            time.sleep(0.05)
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+        conn.execute("CHECKPOINT")
+
+
 def _scaling_size(ctx: Context, size: ScalingSize, name: str, uri: str) -> None:
     """The rounds of one size: Create (and the shell's dumps), then Restore (and the shell's load)."""
     psql = shlex.quote(str(ctx.server.tool("psql")))
@@ -1327,6 +1349,7 @@ def _scaling_size(ctx: Context, size: ScalingSize, name: str, uri: str) -> None:
             last = _timed_stream(service, restore, service.stub.Restore(request), size.phases.setdefault("Restore", {}))
             if last is None or not last.HasField("result"):
                 raise RuntimeError(f"Restore did not finish: {last}; see {service.log_path}")
+            _settle(ctx, uri, service.log_path)
 
         def shell_restore() -> None:
             scratch = f"{name}_shell"
@@ -1339,6 +1362,7 @@ def _scaling_size(ctx: Context, size: ScalingSize, name: str, uri: str) -> None:
                 )
             )
             ctx.server.drop_database(scratch)
+            _settle(ctx, uri, service.log_path)
 
         creates = [("Create", service_create), ("pg_dump | gzip -6", shell_gzip), ("pg_dump | wc -c", dump_alone)]
         restores = [("Restore", service_restore), ("gunzip | psql -1", shell_restore)]
@@ -1386,8 +1410,7 @@ def bench_scaling(ctx: Context) -> None:
         start = time.perf_counter()
         generate(uri, target_mb)
         size.generate_seconds = time.perf_counter() - start
-        with psycopg.connect(uri, autocommit=True) as conn:
-            conn.execute("CHECKPOINT")  # the generation's dirty pages are not written during the first round
+        _settle(ctx, uri)
         _scaling_size(ctx, size, name, uri)
     if previous is not None:
         ctx.server.drop_database(previous)

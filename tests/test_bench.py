@@ -14,6 +14,8 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--scale", "5", "--small-mb", "2", "--large-mb", "4"]
     command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1", "--startup-rounds", "1"]
+    # The scaling group's smallest databases (the generator's minimum row counts make them 9-21 MB of SQL).
+    command += ["--scaling-sizes", "3,6,12", "--scaling-rounds", "1"]
     command += ["--out", str(out), "--work-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -48,7 +50,23 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "List (first page of 50) with 1,000 archives",
         "List (page_size 1000, all in one call) with 1,000 archives",
         "GetStatus with 1,000 archives",
+        "Scaling Create .sql.gz",
+        "Scaling Restore .sql.gz",
     }
+    scaling = [t for t in report["targets"] if t["target"].startswith("Scaling")]
+    assert len(scaling) == 4, scaling
+    assert all(t["measured"] is not None for t in scaling), scaling
+    for size in ("3", "6", "12"):
+        for operation in (
+            f"Scaling {size} MB: Create .sql.gz",
+            f"Scaling {size} MB: Restore .sql.gz (no safety backup)",
+        ):
+            assert rows[operation]["median_seconds"] > 0, operation
+            assert rows[operation]["baseline_median_seconds"] > 0, operation
+            assert rows[operation]["server_peak_rss"] > 0, operation
+            assert rows[operation]["work_bytes"] > 0, operation
+    assert [s["rounds"] for s in report["facts"]["scaling"]] == [1, 1, 1]
+    assert "Scaling (seconds per GB" in done.stdout
     for operation in (
         "Start-up to SERVING, empty directory",
         "Start-up to SERVING, 1,000 archives",
