@@ -23,6 +23,9 @@ its baseline in the same run, alternating the order from round to round, reporti
   directory (copies of one real backup, each with its own manifest), 20 callers at once while a backup of
   the benchmark database runs, median and p99 latency; and the time from starting `serve` to its gRPC
   health check answering SERVING, with an empty directory and with those 1,000 archives (group `listing`).
+- Create `.sql.gz` and Restore at several database sizes (`--scaling-sizes`, 150/600/2,400 MB of SQL), in
+  seconds per GB beside `pg_dump | gzip -6`, `pg_dump` alone and `gunzip | psql -1` at the same size, and
+  the server's peak RSS at each (group `scaling`, issue 16).
 
 Baselines use the same pg_dump/psql as the service (the server's own major version, passed to the service
 as APERTURE_BACKUP_PG_BIN_DIR). Operations the service does not implement yet (UNIMPLEMENTED) are reported
