@@ -1226,6 +1226,17 @@ def render_scaling(sizes: list[ScalingSize]) -> str:
         return s.dump_alone
 
     columns = [create_s, gzip_s, alone_s, restore_s, psql_s]
+
+    def relative(s: ScalingSize, service: Callable[[ScalingSize], list[float]], shell: list[float]) -> float | None:
+        own, theirs = s.per_gb(service(s)), s.per_gb(shell)
+        return own / theirs if own and theirs else None
+
+    # The service over the shell in the same rounds: on a shared machine whose load changes from one size
+    # to the next, what tells whether the service's own costs are flat.
+    ratios: list[Callable[[ScalingSize], float | None]] = [
+        lambda s: relative(s, create_s, s.dump_alone),
+        lambda s: relative(s, restore_s, psql_s(s)),
+    ]
     header = (
         "plain SQL",
         "rounds",
@@ -1234,6 +1245,8 @@ def render_scaling(sizes: list[ScalingSize]) -> str:
         "pg_dump alone s/GB",
         "Restore s/GB",
         "gunzip|psql -1 s/GB",
+        "Create/pg_dump alone",
+        "Restore/gunzip|psql",
         "RSS Create",
         "RSS Restore",
         "load avg",
@@ -1245,6 +1258,7 @@ def render_scaling(sizes: list[ScalingSize]) -> str:
                 f"{s.sql_bytes / MB:,.0f} MB",
                 str(s.rounds),
                 *(_fmt(s.per_gb(c(s)), ".2f") for c in columns),
+                *(_fmt(r(s), ".2f") for r in ratios),
                 _mb(s.create.server_peak_rss if s.create else 0),
                 _mb(s.restore.server_peak_rss if s.restore else 0),
                 f"{s.load[0]:.1f}-{s.load[1]:.1f}",
@@ -1257,6 +1271,7 @@ def render_scaling(sizes: list[ScalingSize]) -> str:
             "max/min",
             "",
             *(_fmt(_spread([s.per_gb(c(s)) for s in sizes]), ".2f") for c in columns),
+            *(_fmt(_spread([r(s) for s in sizes]), ".2f") for r in ratios),
             f"+{(max(create_rss) - min(create_rss)) / MB:.0f} MB" if create_rss else "-",
             f"+{(max(restore_rss) - min(restore_rss)) / MB:.0f} MB" if restore_rss else "-",
             "",
@@ -1264,10 +1279,10 @@ def render_scaling(sizes: list[ScalingSize]) -> str:
     )
     fits = [_fit(sizes, c) for c in columns]
     lines.append(
-        ("fit: fixed s", "", *(_fmt(f[0] if f else None, ".2f") for f in fits), "", "", ""),
+        ("fit: fixed s", "", *(_fmt(f[0] if f else None, ".2f") for f in fits), "", "", "", "", ""),
     )
     lines.append(
-        ("fit: s/GB", "", *(_fmt(f[1] if f else None, ".2f") for f in fits), "", "", ""),
+        ("fit: s/GB", "", *(_fmt(f[1] if f else None, ".2f") for f in fits), "", "", "", "", ""),
     )
     widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
     out = ["Scaling (seconds per GB of plain SQL, medians; server peak RSS without children):"]
