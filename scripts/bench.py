@@ -14,8 +14,8 @@ its baseline in the same run, alternating the order from round to round, reporti
 - Create `.sql.gz.age` and `.dump.age` (encrypted with age, by a second service configured with a key from
   the real `age-keygen`) vs the unencrypted Create of the same kind, in the same rounds;
 - Restore (no safety backup) vs `gunzip -c file | psql --single-transaction -v ON_ERROR_STOP=1` into an
-  empty database; one more restore with the safety backup, which is reported on its own; the restore of the
-  encrypted `.sql.gz.age` vs the unencrypted restore, in the same rounds;
+  empty database; the restore with its safety backup vs the restore without it, and the safety backup's own
+  time; the restore of the encrypted `.sql.gz.age` vs the unencrypted restore; all in the same rounds;
 - StreamDownload and UploadAndRestore (restore=false), through the project's Python client, vs a minimal
   grpcio server and client streaming the same file with the same chunk size (started from this script with
   `--reference-server`), with a small and a large archive; the download also through the generated stub.
@@ -69,7 +69,8 @@ from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
 from aperture_backup.compression import decompressor  # noqa: E402
 from aperture_backup.model import Compression, Trigger  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
-from scripts.bench_data import generate  # noqa: E402
+from scripts.bench_data import generate, generate_library, library_shape  # noqa: E402
+from tests.support.fingerprint import assert_same, fingerprint  # noqa: E402
 from tests.support.postgres import PgServer, pgserver_server  # noqa: E402
 from tests.support.s3 import S3Server, running_s3, s3_environment  # noqa: E402
 
@@ -81,6 +82,8 @@ CHANNEL_OPTIONS = [
     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
 ]
 DATABASE = "aperture"
+#: The database of the library-shaped benchmark (group `library`).
+LIBRARY_DATABASE = "aperture_library"
 RSS_INTERVAL = 0.05
 
 _REFERENCE_SERVICE = "bench.Reference"
@@ -290,14 +293,16 @@ def shell(command: str) -> float:
 class Service:
     """`python -m aperture_backup serve` as a subprocess, configured by environment like a container."""
 
-    def __init__(self, server: PgServer, work: Path, extra_env: dict[str, str] | None = None):
+    def __init__(
+        self, server: PgServer, work: Path, extra_env: dict[str, str] | None = None, *, database: str = DATABASE
+    ):
         self.backup_dir = work / "backups"
         self.port = free_port()
         self.log_path = work / "service.log"
         env = (
             clean_env()
             | {
-                "APERTURE_BACKUP_DATABASE_URL": server.database_uri(DATABASE),
+                "APERTURE_BACKUP_DATABASE_URL": server.database_uri(database),
                 "APERTURE_BACKUP_DIR": str(self.backup_dir),
                 "APERTURE_BACKUP_LISTEN": f"127.0.0.1:{self.port}",
                 "APERTURE_BACKUP_SCHEDULE": "off",
@@ -723,7 +728,26 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
         target.record_rss(*by.rss.end())
         return last
 
-    steps: list[tuple[str, Callable[[], object]]] = [("baseline", baseline), ("service", lambda: restore(True, row))]
+    # The restore with its safety backup, in the same rounds as the one without: on a staging restore (the
+    # service's role here is a superuser) the safety backup runs beside the load, and only the swap waits.
+    safety = ctx.row("Restore .sql.gz with safety backup", "Restore .sql.gz (same rounds)")
+    safety.work_bytes = sql_bytes
+    part = ctx.row("  of which the safety backup (.sql.gz)", "")
+    part.work_bytes = sql_bytes
+
+    def restore_with_safety_backup() -> None:
+        last = restore(False, safety)
+        if last is not None and last.result.HasField("safety_backup"):
+            made = last.result.safety_backup
+            part.seconds.append(made.duration.ToTimedelta().total_seconds())
+            part.output_bytes = made.size_bytes
+            service.stub.Delete(pb.DeleteRequest(id=made.id))
+
+    steps: list[tuple[str, Callable[[], object]]] = [
+        ("baseline", baseline),
+        ("service", lambda: restore(True, row)),
+        ("with safety backup", restore_with_safety_backup),
+    ]
     encrypted_row = None
     if ctx.encrypted is not None and encrypted_archive is not None:
         encrypted_row = ctx.row("Restore .sql.gz.age (encrypted)", "Restore .sql.gz (same rounds)")
@@ -740,18 +764,8 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
         encrypted_row.baseline_seconds = row.seconds
         ctx.target("Restore .sql.gz.age (encrypted) / Restore .sql.gz", encrypted_row.ratio, ENCRYPTION_LIMIT)
 
-    safety = ctx.row("Restore .sql.gz with safety backup", "gunzip | psql -1")
-    safety.work_bytes = sql_bytes
-    safety.baseline_seconds = row.baseline_seconds
-    log("restore with safety backup")
-    last = restore(False, safety)
-    if last is not None and last.result.HasField("safety_backup"):
-        backup = last.result.safety_backup
-        part = ctx.row("  of which the safety backup (.sql.gz)", "")
-        part.seconds = [backup.duration.ToTimedelta().total_seconds()]
-        part.work_bytes = sql_bytes
-        part.output_bytes = backup.size_bytes
-        service.stub.Delete(pb.DeleteRequest(id=backup.id))
+    safety.baseline_seconds = row.seconds
+    ctx.target("Restore with safety backup / Restore without it", safety.ratio, 1.15)
 
 
 def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
@@ -1465,6 +1479,132 @@ def bench_scaling(ctx: Context) -> None:
     ctx.facts["scaling_table"] = render_scaling(sizes)
 
 
+#: Restores of the library against the shell, as the issue bounds them.
+LIBRARY_PLAIN_LIMIT = 0.75
+LIBRARY_CUSTOM_LIMIT = 1.0
+
+
+def _sql_bytes(path: Path) -> int:
+    """The plain SQL size of a `.sql.gz` archive."""
+    inflate = isal_zlib.decompressobj(31)
+    total = 0
+    with open(path, "rb") as src:
+        while data := src.read(CHUNK_SIZE):
+            total += len(inflate.decompress(data))
+            while inflate.eof and inflate.unused_data:  # a multi-member stream
+                rest = inflate.unused_data
+                inflate = isal_zlib.decompressobj(31)
+                total += len(inflate.decompress(rest))
+    return total
+
+
+def _section_seconds(ctx: Context, uri: str, work: Path) -> dict[str, float]:
+    """How the shell's restore of the library splits: pg_dump's pre-data, data and post-data sections
+    (post-data is the index builds and constraints), each loaded by `psql --single-transaction` in turn."""
+    target = "bench_library_sections"
+    ctx.server.drop_database(target)
+    target_uri = ctx.server.create_database(target)
+    pg_dump, psql = (shlex.quote(str(ctx.server.tool(name))) for name in ("pg_dump", "psql"))
+    seconds = {}
+    for section in ("pre-data", "data", "post-data"):
+        path = work / f"library-{section}.sql"
+        shell(f"{pg_dump} --no-owner --no-acl --section={section} -d {shlex.quote(uri)} > {shlex.quote(str(path))}")
+        seconds[section] = shell(
+            f"{psql} -X -q --single-transaction -v ON_ERROR_STOP=1 -d {shlex.quote(target_uri)} "
+            f"-f {shlex.quote(str(path))} > /dev/null"
+        )
+        path.unlink()
+    ctx.server.drop_database(target)
+    return seconds
+
+
+def bench_library(ctx: Context) -> None:
+    """Restores of a library shaped like Aperture's embeddings (`bench_data.generate_library`: one table per
+    media kind and dimension, each with its HNSW index), where a restore waits for index builds: the
+    service's `.sql.gz` against `gunzip -c | psql --single-transaction`, its custom `.dump` against
+    `pg_restore --single-transaction --exit-on-error -d`, each into an empty database, in alternating
+    rounds; then the live database's fingerprint against the library's before the rounds."""
+    shape = library_shape(ctx.args.library_episodes)
+    server = ctx.server
+    log(f"generating the library: {shape.embeddings:,} embeddings of {shape.dimensions} dimensions")
+    uri = server.create_database(LIBRARY_DATABASE)
+    started = time.perf_counter()
+    generate_library(uri, shape)
+    ctx.facts["library"] = {"shape": asdict(shape), "generate_seconds": time.perf_counter() - started}
+    expected = fingerprint(uri)
+    work = ctx.work / "library"
+    work.mkdir()
+    service = Service(server, work, database=LIBRARY_DATABASE)
+    try:
+        creates = ctx.row("Create .sql.gz (library)", "pg_dump > /dev/null")
+        plain = timed_create(service, creates, pb.BACKUP_FORMAT_PLAIN, pb.COMPRESSION_GZIP)
+        custom = timed_create(service, Row("", ""), pb.BACKUP_FORMAT_CUSTOM, pb.COMPRESSION_NONE)
+        pg_dump = shlex.join([str(server.tool("pg_dump")), "--no-owner", "--no-acl", "-d", uri])
+        creates.baseline_seconds.append(shell(f"{pg_dump} > /dev/null"))
+        sql_bytes = _sql_bytes(service.path(plain))
+        creates.work_bytes = sql_bytes
+        sections = _section_seconds(ctx, uri, work)
+        share = sections["post-data"] / sum(sections.values())
+        ctx.facts["library"].update(sql_bytes=sql_bytes, sections_seconds=sections, index_build_share=share)
+        log(f"library: {sql_bytes / MB:,.0f} MB of SQL; index builds are {share:.0%} of the shell's restore")
+        plain_row = ctx.row("Restore .sql.gz (library, HNSW)", "gunzip | psql -1")
+        custom_row = ctx.row("Restore .dump (library, HNSW)", "pg_restore -1 -e -d")
+        for row in (plain_row, custom_row):
+            row.work_bytes = sql_bytes
+        plain_row.note = (
+            f"index builds (pg_dump's post-data) took {share:.0%} of the shell's restore "
+            f"({sections['post-data']:.1f} of {sum(sections.values()):.1f} s)"
+        )
+        psql, pg_restore = (shlex.quote(str(server.tool(name))) for name in ("psql", "pg_restore"))
+        scratch = "bench_library_baseline"
+
+        def baseline(row: Row, command: str) -> None:
+            server.drop_database(scratch)
+            target = shlex.quote(server.create_database(scratch))
+            row.baseline_seconds.append(shell(command.replace("@TARGET@", target)))
+            server.drop_database(scratch)
+
+        def restore(row: Row, backup: pb.Backup) -> None:
+            service.rss.begin()
+            start = time.perf_counter()
+            for _ in service.stub.Restore(pb.RestoreRequest(id=backup.id, skip_safety_backup=True)):
+                pass
+            row.seconds.append(time.perf_counter() - start)
+            row.record_rss(*service.rss.end())
+
+        plain_path, custom_path = (shlex.quote(str(service.path(b))) for b in (plain, custom))
+        steps: list[tuple[str, Callable[[], None]]] = [
+            (
+                "gunzip | psql -1",
+                lambda: baseline(
+                    plain_row,
+                    f"gunzip -c {plain_path} | {psql} -X -q --single-transaction -v ON_ERROR_STOP=1 "
+                    "-d @TARGET@ > /dev/null",
+                ),
+            ),
+            ("service .sql.gz", lambda: restore(plain_row, plain)),
+            (
+                "pg_restore -1",
+                lambda: baseline(
+                    custom_row, f"{pg_restore} --single-transaction --exit-on-error -d @TARGET@ {custom_path}"
+                ),
+            ),
+            ("service .dump", lambda: restore(custom_row, custom)),
+        ]
+        for round_no in range(ctx.args.library_rounds):
+            shift = round_no % len(steps)
+            for label, step in steps[shift:] + steps[:shift]:
+                log(f"round {round_no + 1}: library restore, {label}")
+                step()
+        assert_same(expected, fingerprint(uri))
+        ctx.facts["library"]["fingerprint_after_restores"] = "same as before"
+    finally:
+        service.stop()
+        server.drop_database(LIBRARY_DATABASE)
+    ctx.target("Restore .sql.gz (library) / (gunzip | psql -1)", plain_row.ratio, LIBRARY_PLAIN_LIMIT)
+    ctx.target("Restore .dump (library) / pg_restore --single-transaction", custom_row.ratio, LIBRARY_CUSTOM_LIMIT)
+
+
 def _store_copy(service: Service, path: Path) -> pb.Backup:
     """Without UploadAndRestore, put the archive into the backup directory by hand (listed as external)."""
     target = service.backup_dir / f"aperture-backup-bench-{path.name}"
@@ -1507,10 +1647,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-mb", type=int, default=1100, help="large archive for transfers, MB (1100)")
     parser.add_argument(
         "--only",
-        default="create,restore,transfer,encryption,offsite,listing,scaling",
+        default="create,restore,transfer,encryption,offsite,listing,library,scaling",
         help="comma-separated groups to run (encryption adds the encrypted Create and Restore rows, offsite "
-        "Create with a bucket, listing List and GetStatus with 1,000 archives and the start-up time, scaling "
-        "Create and Restore at --scaling-sizes, in seconds per GB)",
+        "Create with a bucket, listing List and GetStatus with 1,000 archives and the start-up time, library "
+        "the restores of a library of embeddings with their HNSW indexes, scaling Create and Restore at "
+        "--scaling-sizes, in seconds per GB)",
     )
     parser.add_argument(
         "--scaling-sizes",
@@ -1522,6 +1663,14 @@ def main(argv: list[str] | None = None) -> int:
         default=SCALING_ROUNDS,
         help=f"rounds of the scaling group: one number, or one per size ({SCALING_ROUNDS})",
     )
+    parser.add_argument(
+        "--library-episodes",
+        type=int,
+        default=24_000,
+        help="episodes of the library group, each with an embedding (and a third as many movies, a tenth as "
+        "many series): 34,400 embeddings of 1536 dimensions by default",
+    )
+    parser.add_argument("--library-rounds", type=int, default=3, help="rounds of the library's restores (3)")
     parser.add_argument("--startup-rounds", type=int, default=STARTUP_ROUNDS, help="starts of the service timed (5)")
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json", help="JSON results")
     parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a fresh one under /tmp)")
@@ -1573,6 +1722,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_offsite(ctx)
                 if "listing" in groups:
                     bench_listing(ctx)
+                if "library" in groups:
+                    bench_library(ctx)
                 if "scaling" in groups:
                     bench_scaling(ctx)
             finally:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import psycopg
 
-__all__ = ["DataShape", "generate", "shape_for"]
+__all__ = ["DataShape", "LibraryShape", "generate", "generate_library", "library_shape", "shape_for"]
 
 #: Plain-SQL bytes one unit of each table adds, measured on PostgreSQL 16 (used to size the tables).
 _BYTES_PER_MOVIE = 3_300
@@ -293,3 +293,117 @@ def generate(uri: str, target_mb: float) -> DataShape:
             future.result()
     _run(uri, _POST_DATA, params)
     return shape
+
+
+# --------------------------------------------------------------------------------------------------------
+# A library shaped like Aperture's own embeddings (migration 0078 onwards): one table per kind of media and
+# per dimension, each with an HNSW index (m = 16, ef_construction = 64, halfvec cosine) and a btree on its
+# foreign key. Only the dimension of the configured model holds rows; the other tables are empty but
+# indexed, as in a real installation. A restore of it spends most of its time building HNSW graphs.
+
+#: Dimensions Aperture creates tables for.
+LIBRARY_DIMENSIONS = (256, 384, 512, 768, 1024, 1536, 3072)
+
+
+@dataclass(frozen=True)
+class LibraryShape:
+    movies: int
+    series: int
+    episodes: int
+    dimensions: int
+
+    @property
+    def embeddings(self) -> int:
+        return self.movies + self.series + self.episodes
+
+
+def library_shape(episodes: int, dimensions: int = 1536) -> LibraryShape:
+    """A large library's proportions: a tenth as many series as episodes, a third as many movies."""
+    return LibraryShape(
+        movies=max(episodes // 3, 1), series=max(episodes // 10, 1), episodes=episodes, dimensions=dimensions
+    )
+
+
+def _library_schema() -> str:
+    parts = [
+        "CREATE EXTENSION IF NOT EXISTS vector;",
+        "CREATE TABLE public.movies (id uuid PRIMARY KEY, title text NOT NULL, overview text, year integer);",
+        "CREATE TABLE public.series (id uuid PRIMARY KEY, title text NOT NULL, overview text, year integer);",
+        "CREATE TABLE public.episodes (id uuid PRIMARY KEY, series_id uuid NOT NULL REFERENCES public.series(id) "
+        "ON DELETE CASCADE, season integer NOT NULL, number integer NOT NULL, title text NOT NULL, overview text);",
+    ]
+    for prefix, owner, parent in (
+        ("embeddings", "movie_id", "movies"),
+        ("series_embeddings", "series_id", "series"),
+        ("episode_embeddings", "episode_id", "episodes"),
+    ):
+        for dim in LIBRARY_DIMENSIONS:
+            table = f"{prefix}_{dim}"
+            parts.append(
+                f"CREATE TABLE public.{table} (id uuid PRIMARY KEY DEFAULT gen_random_uuid(), "
+                f"created_at timestamptz NOT NULL DEFAULT now(), {owner} uuid NOT NULL REFERENCES public.{parent}(id) "
+                f"ON DELETE CASCADE, model text NOT NULL, embedding halfvec({dim}) NOT NULL, canonical_text text, "
+                f"UNIQUE ({owner}, model));"
+            )
+    return "\n".join(parts)
+
+
+def _library_indexes() -> str:
+    parts = []
+    for prefix, owner in (
+        ("embeddings", "movie_id"),
+        ("series_embeddings", "series_id"),
+        ("episode_embeddings", "episode_id"),
+    ):
+        for dim in LIBRARY_DIMENSIONS:
+            table = f"{prefix}_{dim}"
+            parts.append(
+                f"CREATE INDEX idx_{table}_hnsw ON public.{table} USING hnsw (embedding halfvec_cosine_ops) "
+                "WITH (m = 16, ef_construction = 64);"
+            )
+            parts.append(f"CREATE INDEX idx_{table}_{owner} ON public.{table} ({owner});")
+    parts.append("CREATE INDEX episodes_series_idx ON public.episodes (series_id);")
+    return "\n".join(parts)
+
+
+def _library_rows(shape: LibraryShape) -> list[str]:
+    """One script per table, so that two sessions can fill them at once (built from integers and fixed names
+    only, hence the noqa)."""
+    dim = shape.dimensions
+    vector = f"(SELECT array_agg((random() * 2 - 1)::real) FROM generate_series(1, {dim} + 0 * i))::halfvec({dim})"  # noqa: S608
+    media = (
+        "SELECT setseed({seed}); INSERT INTO public.{table} (id, title, overview, year) "
+        "SELECT md5('{table}-' || i)::uuid, 'Title ' || i, repeat(md5(i::text), 8), 1950 + i % 75 "
+        "FROM generate_series(1, {n}) AS i;"
+    )
+    scripts = [
+        media.format(seed=0.11, table="movies", n=shape.movies)  # noqa: S608
+        + media.format(seed=0.12, table="series", n=shape.series)
+        + "INSERT INTO public.episodes (id, series_id, season, number, title, overview) "  # noqa: S608
+        f"SELECT md5('episodes-' || i)::uuid, md5('series-' || (1 + i % {shape.series}))::uuid, 1 + i % 7, i, "
+        f"'Episode ' || i, repeat(md5(i::text), 6) FROM generate_series(1, {shape.episodes}) AS i;"
+    ]
+    for seed, (table, owner, parent, count) in enumerate(
+        (
+            (f"embeddings_{dim}", "movie_id", "movies", shape.movies),
+            (f"series_embeddings_{dim}", "series_id", "series", shape.series),
+            (f"episode_embeddings_{dim}", "episode_id", "episodes", shape.episodes),
+        )
+    ):
+        scripts.append(
+            f"SELECT setseed(0.{seed + 5}); INSERT INTO public.{table} ({owner}, model, embedding, canonical_text) "  # noqa: S608
+            f"SELECT md5('{parent}-' || i)::uuid, 'text-embedding-3-small', {vector}, 'Title ' || i "
+            f"FROM generate_series(1, {count}) AS i;"
+        )
+    return scripts
+
+
+def generate_library(uri: str, shape: LibraryShape) -> None:
+    """Create Aperture's embeddings schema in the database at `uri`, fill it as `shape` says, index it."""
+    _run(uri, _library_schema(), {})
+    scripts = _library_rows(shape)
+    _run(uri, scripts[0], {})  # the media rows first: the embeddings refer to them
+    with concurrent.futures.ThreadPoolExecutor(max_workers=2) as pool:
+        for future in [pool.submit(_run, uri, script, {}) for script in scripts[1:]]:
+            future.result()
+    _run(uri, _library_indexes() + "\nANALYZE;", {})

@@ -14,6 +14,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--scale", "5", "--small-mb", "2", "--large-mb", "4"]
     command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1", "--startup-rounds", "1"]
+    command += ["--library-episodes", "300", "--library-rounds", "1"]
     # The scaling group's smallest databases (the generator's minimum row counts make them 9-21 MB of SQL).
     command += ["--scaling-sizes", "3,6,12", "--scaling-rounds", "1"]
     command += ["--out", str(out), "--work-dir", str(tmp_path)]
@@ -28,6 +29,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "Create .sql",
         "Create .dump (custom)",
         "Restore .sql.gz (no safety backup)",
+        "Restore .sql.gz with safety backup",
         "Create .sql.gz.age (encrypted)",
         "Create .dump.age (encrypted)",
         "Restore .sql.gz.age (encrypted)",
@@ -35,6 +37,8 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "StreamDownload large",
         "Create .sql.gz with the bucket",
         "Create .sql with the bucket",
+        "Restore .sql.gz (library, HNSW)",
+        "Restore .dump (library, HNSW)",
     ):
         assert rows[operation]["median_seconds"] > 0, operation
         assert rows[operation]["baseline_median_seconds"] > 0, operation
@@ -42,6 +46,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {
         "Create .sql.gz time / (pg_dump | gzip -6) (aim 0.3)",
         "Restore / (gunzip | psql --single-transaction)",
+        "Restore with safety backup / Restore without it",
         "server peak RSS over all operations (MB)",
         "Create .sql.gz.age (encrypted) / Create .sql.gz",
         "Restore .sql.gz.age (encrypted) / Restore .sql.gz",
@@ -50,9 +55,13 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "List (first page of 50) with 1,000 archives",
         "List (page_size 1000, all in one call) with 1,000 archives",
         "GetStatus with 1,000 archives",
+        "Restore .sql.gz (library) / (gunzip | psql -1)",
+        "Restore .dump (library) / pg_restore --single-transaction",
         "Scaling Create .sql.gz",
         "Scaling Restore .sql.gz",
     }
+    assert report["facts"]["library"]["fingerprint_after_restores"] == "same as before"
+    assert 0 < report["facts"]["library"]["index_build_share"] < 1
     scaling = [t for t in report["targets"] if t["target"].startswith("Scaling")]
     assert len(scaling) == 4, scaling
     assert all(t["measured"] is not None for t in scaling), scaling

@@ -110,10 +110,12 @@ def _phases(messages: list[pb.RestoreResponse]) -> list[int]:
     return phases
 
 
-def _filtered(data: bytes, *, seed: int = 0) -> tuple[bytes, SqlFilter]:
+def _filtered(
+    data: bytes, *, seed: int = 0, around_vector_index: tuple[bytes, bytes] | None = None
+) -> tuple[bytes, SqlFilter]:
     """Run `data` through the filter in random-sized chunks (1 byte to 64 KiB), as a stream would."""
     rng = random.Random(seed)  # noqa: S311 - chunk sizes, not secrets
-    sql_filter = SqlFilter()
+    sql_filter = SqlFilter(around_vector_index=around_vector_index)
     out: list[bytes] = []
     pos = 0
     while pos < len(data):
@@ -185,6 +187,27 @@ def test_filter_passes_copy_data_through_and_refuses_truncation() -> None:
     for truncated in (copy[: copy.index(b"\\.\n\n")], header + b"COPY public.t (a) FROM stdin;\n"):
         with pytest.raises(SqlFilterError, match="truncated"):
             _filtered(truncated)
+
+
+def test_filter_puts_the_given_sql_around_pgvector_index_statements_only() -> None:
+    """pg_dump's one-line HNSW and IVFFlat index statements get the restore's SQL before and after them;
+    a btree index, the same text inside a function body, COPY data or a statement split over lines do not."""
+    hnsw = b"CREATE INDEX e_hnsw ON public.e USING hnsw (embedding public.halfvec_cosine_ops) WITH (m='16');"
+    ivfflat = b"CREATE UNIQUE INDEX e_ivf ON ONLY public.e USING ivfflat (embedding public.vector_l2_ops);"
+    untouched = (
+        b"CREATE INDEX e_owner ON public.e USING btree (owner);\n"
+        b"CREATE FUNCTION public.f() RETURNS void LANGUAGE sql AS $$\n" + hnsw + b"\n$$;\n"
+        b"COPY public.t (a) FROM stdin;\n" + hnsw + b"\n\\.\n"
+        b"CREATE INDEX e_split ON public.e\n    USING hnsw (embedding public.halfvec_cosine_ops);\n"
+    )
+    sql = untouched + hnsw + b"\n" + ivfflat
+    around = (b"SET LOCAL a = 1;\n", b"SET LOCAL a TO DEFAULT;\n")
+    expected = untouched + around[0] + hnsw + b"\n" + around[1] + around[0] + ivfflat + b"\n" + around[1]
+    for seed in range(5):
+        out, sql_filter = _filtered(sql, seed=seed, around_vector_index=around)
+        assert out == expected
+        assert sql_filter.vector_indexes == 2
+    assert _filtered(sql)[0] == sql, "nothing is added unless the restore asks"
 
 
 def test_filter_refuses_foreign_statements_inside_large_object_data() -> None:
@@ -583,3 +606,56 @@ def test_index_builds_get_the_configured_memory_and_workers(
         server = conn.execute("SHOW maintenance_work_mem").fetchone()
     assert row == expected
     assert server == ("64MB",), "the server's own setting is unchanged"
+
+
+@pytest.mark.parametrize("workers", [1, 0])
+def test_hnsw_builds_of_embeddings_get_a_parallel_worker(
+    pg16: PgServer,
+    make_database: MakeDatabase,
+    service_factory: StartService,
+    tmp_path: Path,
+    workers: int,
+) -> None:
+    """An embeddings table keeps its vectors in TOAST, so its heap stays far below PostgreSQL's 8MB
+    threshold for parallel index builds: without the restore's own threshold its HNSW graph is built on one
+    core however many workers are allowed. Seen from the server: a parallel worker led by the restore's
+    session while the archive's HNSW index builds, and none when APERTURE_BACKUP_RESTORE_WORKERS=0."""
+    db = make_database(pg16)
+    svc = service_factory(db.uri, restore_workers=workers)
+    archive = tmp_path / "embeddings.sql"
+    archive.write_text(
+        "CREATE EXTENSION IF NOT EXISTS vector WITH SCHEMA public;\n"
+        "CREATE TABLE public.embeddings (id integer PRIMARY KEY, embedding public.halfvec(1536) NOT NULL);\n"
+        "SELECT pg_catalog.setseed(0.5);\n"
+        "INSERT INTO public.embeddings SELECT i, (SELECT array_agg(random()::real)"
+        " FROM generate_series(1, 1536 + 0 * i))::public.halfvec(1536) FROM generate_series(1, 3000) AS i;\n"
+        "CREATE INDEX embeddings_hnsw ON public.embeddings USING hnsw (embedding public.halfvec_cosine_ops);\n"
+    )
+    seen: list[int] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        # From another database: a staging restore's swap ends the sessions of the live one.
+        with psycopg.connect(pg16.database_uri("postgres"), autocommit=True) as conn:
+            while not done.is_set():
+                row = conn.execute(
+                    "SELECT count(*) FROM pg_stat_activity AS w JOIN pg_stat_activity AS l ON l.pid = w.leader_pid "
+                    "WHERE w.backend_type = 'parallel worker' AND l.application_name LIKE 'aperture-backup-restore-%'"
+                ).fetchone()
+                seen.append(row[0] if row else 0)
+                done.wait(0.01)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        svc.client.upload(archive, restore=True, skip_safety_backup=True)
+    finally:
+        done.set()
+        watcher.join()
+    with psycopg.connect(db.uri) as conn:
+        assert conn.execute("SELECT count(*) FROM public.embeddings").fetchone() == (3000,)
+        index = conn.execute("SELECT indexdef FROM pg_indexes WHERE indexname = 'embeddings_hnsw'").fetchone()
+        reloptions = conn.execute("SELECT reloptions FROM pg_class WHERE relname = 'embeddings'").fetchone()
+    assert index is not None and "hnsw" in index[0]
+    assert reloptions == (None,), "the table is left as the archive made it"
+    assert (max(seen) >= 1) == (workers > 0), f"parallel workers seen while restoring: {max(seen)}"

@@ -190,11 +190,16 @@ class BackupManager:
         if copied:
             job.update(backup=backup.replace(locations=backup.locations | {Location.BUCKET}))
 
-    def dump_into_store(self, job: Job, kind: ArchiveKind, trigger: Trigger) -> Backup:
+    def dump_into_store(
+        self, job: Job, kind: ArchiveKind, trigger: Trigger, *, forget_when_cancelled: bool = False
+    ) -> Backup:
         """Run one pg_dump into a new archive of the store, reporting progress on `job`. The caller holds
         the job slot and the database lock (a restore calls this for its safety backup). Its offsite copy is
-        made in the background, beside the restore."""
-        backup = self._dump(job, kind, self._reserve(job, kind, trigger))
+        made in the background, beside the restore. With `forget_when_cancelled`, a dump stopped through
+        `job.cancel` leaves nothing behind, not even a FAILED record (a safety backup the restore no longer
+        needs); any other failure is recorded as usual."""
+        writer = self._reserve(job, kind, trigger)
+        backup = self._dump(job, kind, writer, forget_when_cancelled=forget_when_cancelled)
         if self.archives.on_stored is not None:
             self.archives.on_stored(backup)
         return backup
@@ -207,7 +212,9 @@ class BackupManager:
         job.update(backup=writer.backup, progress=Progress(phase="preparing", elapsed_seconds=job.elapsed()))
         return writer
 
-    def _dump(self, job: Job, kind: ArchiveKind, writer: ArchiveWriter) -> Backup:
+    def _dump(
+        self, job: Job, kind: ArchiveKind, writer: ArchiveWriter, *, forget_when_cancelled: bool = False
+    ) -> Backup:
         started = job.elapsed()
         try:
             info = self.database.server_info()
@@ -249,11 +256,11 @@ class BackupManager:
                 duration_seconds=job.elapsed() - started,
                 contents=result.contents,
             )
-        except BackupError as exc:
-            job.update(backup=writer.abort(str(exc)))
-            raise
         except BaseException as exc:
-            job.update(backup=writer.abort(f"internal error: {exc}"))
+            if forget_when_cancelled and job.cancel.is_set() and not writer.finished:
+                writer.discard()
+            else:
+                job.update(backup=writer.abort(str(exc) if isinstance(exc, BackupError) else f"internal error: {exc}"))
             raise
         _logger.info(
             "backup %s is ready: %d bytes, %d tables, %.1f s",

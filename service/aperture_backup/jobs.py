@@ -47,11 +47,27 @@ class Cancellation(threading.Event):
     def __init__(self) -> None:
         super().__init__()
         self.reason = ""
+        self._children: list[Cancellation] = []
+        self._children_lock = threading.Lock()
 
     def request(self, reason: str) -> None:
         if not self.is_set():
             self.reason = reason
         self.set()
+        with self._children_lock:
+            children = list(self._children)
+        for child in children:
+            child.request(reason)
+
+    def child(self) -> Cancellation:
+        """The cancellation of one part of the job (a restore's safety backup, its load): set whenever this
+        one is, with its reason, and also on its own, to stop that part alone."""
+        child = Cancellation()
+        with self._children_lock:
+            self._children.append(child)
+        if self.is_set():
+            child.request(self.reason)
+        return child
 
     def error(self, what: str) -> Aborted:
         """The error a job reports when it stopped because of this."""

@@ -73,6 +73,12 @@ _PROGRESS_INTERVAL = 0.25
 DEFAULT_MAINTENANCE_WORK_MEM = "256MB"
 #: Parallel workers per index build: one besides the leader (PostgreSQL's default is 2, capped by its pool).
 DEFAULT_PARALLEL_MAINTENANCE_WORKERS = 1
+#: With workers: the smallest table (its heap, not its TOAST) whose pgvector index builds get them.
+#: PostgreSQL's 8MB (`min_parallel_table_scan_size`) never gives an embeddings table one: a halfvec(1536)
+#: is 3 KB, stored out of line in the TOAST table, so 100,000 embeddings leave a heap of about 12 MB and
+#: 20,000 of 2.5 MB, and pgvector builds their HNSW graphs on one core. 64kB is about 500 such rows. Only
+#: for those builds: a worker costs 0.1-0.4 s to start here, more than a small btree build takes.
+PARALLEL_BUILD_MIN_TABLE_SIZE = "64kB"
 #: Prefix of the application_name of a restore's psql session.
 APPLICATION_NAME_PREFIX = "aperture-backup-restore-"
 #: pg_dump's extensions, in plain SQL (they come right after the schemas, well within the head read) and in
@@ -285,9 +291,11 @@ def _supports_restrict(toolset: Toolset) -> bool:
 @dataclass(frozen=True)
 class BuildSettings:
     """What the restore's session gives the index builds and constraint checks that end a load: pgvector's
-    HNSW builds, Aperture's longest step, take half the time with enough `maintenance_work_mem` and a
-    parallel worker. For the restore's transaction only; the server's own settings stay as they are.
-    Values are checked by the configuration (APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM, _WORKERS)."""
+    HNSW builds, Aperture's longest step, are much slower once the graph outgrows `maintenance_work_mem`
+    (about 3.5 KB an embedding of 1536 dimensions), and use a parallel worker only on tables that qualify
+    (PARALLEL_BUILD_MIN_TABLE_SIZE). For the restore's transaction only; the server's own settings stay as
+    they are. Values are checked by the configuration (APERTURE_BACKUP_RESTORE_MAINTENANCE_WORK_MEM,
+    _WORKERS)."""
 
     #: e.g. "256MB"; "" leaves the server's setting.
     maintenance_work_mem: str = DEFAULT_MAINTENANCE_WORK_MEM
@@ -301,6 +309,15 @@ class BuildSettings:
         if self.parallel_workers is not None:
             settings["max_parallel_maintenance_workers"] = str(self.parallel_workers)
         return settings
+
+    def around_vector_index(self) -> tuple[bytes, bytes] | None:
+        """SQL before and after each pgvector index build of the archive (SqlFilter), or None."""
+        if not self.parallel_workers:
+            return None
+        return (
+            f"SET LOCAL min_parallel_table_scan_size = '{PARALLEL_BUILD_MIN_TABLE_SIZE}';\n".encode(),
+            b"SET LOCAL min_parallel_table_scan_size TO DEFAULT;\n",
+        )
 
 
 class _PsqlSession:
@@ -476,25 +493,182 @@ class _PsqlSession:
 # -- the domain ----------------------------------------------------------------------------------------------
 
 
+def _megabytes(size: int) -> str:
+    return f"{size / 1_000_000:.1f} MB"
+
+
+class _RestoreProgress:
+    """The one progress a restore shows while its safety backup and its load run at once (a staging restore):
+    the safety backup's, as phase "safety_backup" (as when it ran first), with the load's in its message,
+    until the safety backup is stored; then the load's, as phase "restoring". Without a load beside it (in
+    place), just the safety backup's."""
+
+    def __init__(self, job: Job, restored: Backup):
+        self._job = job
+        self._restored = restored
+        self._lock = threading.Lock()
+        self._safety: Progress | None = None
+        self._load: Progress | None = None
+        self._safety_running = False
+
+    def safety_started(self) -> None:
+        with self._lock:
+            self._safety_running = True
+
+    def from_safety(self, progress: Progress | None, backup: Backup | None) -> None:
+        with self._lock:
+            if progress is not None:
+                self._safety = progress
+            if self._safety_running:
+                self._publish(backup)
+
+    def from_load(self, progress: Progress | None) -> None:
+        with self._lock:
+            if progress is not None:
+                self._load = progress
+            self._publish(None)
+
+    def safety_ended(self) -> None:
+        """The safety backup is stored, failed or was stopped: the job shows the restored backup again."""
+        with self._lock:
+            self._safety_running = False
+            self._publish(self._restored)
+
+    def _publish(self, backup: Backup | None) -> None:
+        shown: Progress | None = None
+        elapsed = self._job.elapsed()
+        if self._safety_running:
+            safety = self._safety or Progress(phase="preparing")
+            # As the safety backup's own progress read before it ran beside the load (the CLI shows the phase
+            # in words before the message).
+            message = safety.message or f"safety backup: {safety.phase}"
+            if self._load is not None:
+                load = self._load
+                if load.message:
+                    message += f"; restoring alongside: {load.message}"
+                else:
+                    message += (
+                        f"; restoring alongside: {_megabytes(load.bytes_done)} of {_megabytes(load.bytes_total)} read"
+                    )
+            shown = dataclasses.replace(safety, phase="safety_backup", elapsed_seconds=elapsed, message=message)
+        elif self._load is not None:
+            shown = dataclasses.replace(self._load, elapsed_seconds=elapsed)
+        self._job.update(progress=shown, backup=backup)
+
+
 @dataclass
-class _SafetyBackupJob(Job):
-    """The safety backup runs inside the restore's job: its progress shows as phase "safety_backup"."""
+class _PartJob(Job):
+    """One part of a restore's job (its safety backup, or its load beside it): it stops with the restore
+    (its `cancel` is a child of the restore's), or alone; it reports into the restore's one progress."""
 
     parent: Job | None = None
+    report: Callable[[Progress | None, Backup | None], None] | None = None
 
     def update(self, *, progress: Progress | None = None, backup: Backup | None = None) -> None:
         super().update(progress=progress, backup=backup)
-        if self.parent is None:
-            return
-        forwarded = None
-        if progress is not None:
-            forwarded = dataclasses.replace(
-                progress,
-                phase="safety_backup",
-                elapsed_seconds=self.parent.elapsed(),
-                message=progress.message or f"safety backup: {progress.phase}",
+        if self.report is not None:
+            self.report(progress, backup)
+
+    def note(self, key: str, value: str) -> None:
+        # The restore's journal entry keeps what a restarted service needs (psql's session, the staging name).
+        if self.parent is not None:
+            self.parent.note(key, value)
+        else:  # pragma: no cover - parts always have a parent
+            super().note(key, value)
+
+    def elapsed(self) -> float:
+        return self.parent.elapsed() if self.parent is not None else super().elapsed()
+
+
+#: Why a restore stopped its safety backup, or its load.
+_LOAD_FAILED = "the restore could not load the archive, so the safety backup was not needed"
+_SAFETY_FAILED = "its safety backup failed"
+
+
+class _SafetyBackupRun:
+    """The safety backup of a staging restore, in a thread of its own beside the load. `result()` waits for
+    it: the stored (READY, pinned) backup, or its error, worded for the restore. `stop()` ends it early and
+    leaves nothing behind (a safety backup is only ever listed READY if it is complete)."""
+
+    def __init__(
+        self,
+        take: Callable[[Job], Backup],
+        job: Job,
+        progress: _RestoreProgress,
+        *,
+        on_failure: Callable[[], None],
+    ):
+        self._take = take
+        self._progress = progress
+        self._on_failure = on_failure
+        self.job = _PartJob(
+            kind=JobKind.BACKUP,
+            trigger=Trigger.PRE_RESTORE,
+            description="the safety backup before a restore",
+            cancel=job.cancel.child(),
+            parent=job,
+            report=progress.from_safety,
+        )
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._stopped = False
+        self._on_its_own = False
+        self.backup: Backup | None = None
+        self.error: BackupError | None = None
+        self._thread = threading.Thread(target=self._run, name="safety-backup", daemon=True)
+
+    def start(self) -> None:
+        self._progress.safety_started()
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            backup = self._take(self.job)
+        except BackupError as exc:
+            error: BackupError | None = exc
+            backup = None
+        except Exception as exc:  # the restore waits for this thread: every failure must reach it
+            _logger.exception("the safety backup failed unexpectedly")
+            error = Internal(
+                f"the safety backup failed, so the restore was not applied and the database is unchanged: {exc}"
             )
-        self.parent.update(progress=forwarded, backup=backup)
+            backup = None
+        else:
+            error = None
+        with self._lock:
+            self.backup, self.error = backup, error
+            self._on_its_own = error is not None and not self._stopped and not self.job.cancel.is_set()
+            self._done.set()
+        self._progress.safety_ended()
+        if self._on_its_own:
+            # No swap can follow: the load is stopped rather than left to run to its end for nothing.
+            self._on_failure()
+
+    @property
+    def failed_on_its_own(self) -> bool:
+        """It failed (a full disk, pg_dump's error), not because the restore stopped it or was cancelled."""
+        with self._lock:
+            return self._done.is_set() and self._on_its_own
+
+    def stop(self, reason: str) -> None:
+        """Stop it, if it still runs, and wait until it has cleaned up."""
+        with self._lock:
+            if not self._done.is_set():
+                self._stopped = True
+                self.job.cancel.request(reason)
+        self._thread.join()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self) -> Backup:
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        if self.backup is None:  # pragma: no cover - _run sets one or the other
+            raise Internal("the safety backup ended without a result")
+        return self.backup
 
 
 class RestoreManager:
@@ -617,22 +791,55 @@ class RestoreManager:
             path, backup.kind, server_major=info.major, toolset=toolset, recipients=backup.age_recipients
         )
 
+        staged = self._staged()
         with contextlib.ExitStack() as stack:
             safety = None
-            if not skip_safety_backup:
-                safety = self._safety_backup(job)
+            if skip_safety_backup:
+                self.restore_file(
+                    job,
+                    path,
+                    backup.kind,
+                    expected_sha256=backup.sha256,
+                    toolset=toolset,
+                    recipients=backup.age_recipients,
+                    lock=lock,
+                    extensions=archive.extensions,
+                    staged=staged,
+                )
+            elif staged:
+                safety = self._restore_beside_safety_backup(
+                    job, stack, backup, path, toolset=toolset, lock=lock, extensions=archive.extensions
+                )
+            else:
+                # In place the load drops and re-creates the live tables in its transaction: it needs ACCESS
+                # EXCLUSIVE locks, which pg_dump's ACCESS SHARE locks would keep it from (it would wait, then
+                # fail at the lock timeout). So the safety backup comes first, whole.
+                progress = _RestoreProgress(job, backup)
+                progress.safety_started()
+                safety_job = _PartJob(
+                    kind=JobKind.BACKUP,
+                    trigger=Trigger.PRE_RESTORE,
+                    description="the safety backup before a restore",
+                    cancel=job.cancel.child(),
+                    parent=job,
+                    report=progress.from_safety,
+                )
+                try:
+                    safety = self._take_safety_backup(safety_job)
+                finally:
+                    progress.safety_ended()
                 stack.enter_context(self.store.in_use(safety.id))
-                job.update(backup=backup)
-            self.restore_file(
-                job,
-                path,
-                backup.kind,
-                expected_sha256=backup.sha256,
-                toolset=toolset,
-                recipients=backup.age_recipients,
-                lock=lock,
-                extensions=archive.extensions,
-            )
+                self.restore_file(
+                    job,
+                    path,
+                    backup.kind,
+                    expected_sha256=backup.sha256,
+                    toolset=toolset,
+                    recipients=backup.age_recipients,
+                    lock=lock,
+                    extensions=archive.extensions,
+                    staged=False,
+                )
         try:
             self.database.notify_restored(backup.id)
         except (Unavailable, psycopg.Error) as exc:
@@ -653,22 +860,104 @@ class RestoreManager:
         )
         return result
 
-    def _safety_backup(self, job: Job) -> Backup:
-        safety_job = _SafetyBackupJob(
-            kind=JobKind.BACKUP,
-            trigger=Trigger.PRE_RESTORE,
-            description="the safety backup before a restore",
-            cancel=job.cancel,
+    def _restore_beside_safety_backup(
+        self,
+        job: Job,
+        stack: contextlib.ExitStack,
+        backup: Backup,
+        path: Path,
+        *,
+        toolset: Toolset,
+        lock: JobLock | None,
+        extensions: Sequence[str],
+    ) -> Backup:
+        """A staging restore with its safety backup made at the same time as the staging database is loaded:
+        nothing changes the live database before the swap, so pg_dump's snapshot, taken as it starts, is the
+        database as it was just before the restore, whatever the load does meanwhile. The swap (the only
+        change to the live database, which also ends every session there, pg_dump's too) waits until the
+        safety backup is stored: READY, its checksum written, pinned. Should it fail, the load is stopped, the
+        staging database dropped and nothing swapped. Should the load fail (or the restore be cancelled), the
+        safety backup is stopped too and leaves nothing behind: the database is unchanged, so there is
+        nothing to go back to. The stored safety backup is returned."""
+        progress = _RestoreProgress(job, backup)
+        load_job = _PartJob(
+            kind=JobKind.RESTORE,
+            trigger=job.trigger,
+            description=job.description,
+            cancel=job.cancel.child(),
             parent=job,
+            report=lambda shown, _backup: progress.from_load(shown),
         )
+        safety_run = _SafetyBackupRun(
+            self._take_safety_backup, job, progress, on_failure=lambda: load_job.cancel.request(_SAFETY_FAILED)
+        )
+        stored: list[Backup] = []
+
+        def before_swap() -> None:
+            if not safety_run.done:
+                _logger.info("the staging database is loaded; the swap waits for the safety backup")
+                progress.from_load(
+                    Progress(
+                        phase="restoring",
+                        bytes_done=backup.size_bytes,
+                        bytes_total=backup.size_bytes,
+                        message="loaded into the staging database, which replaces the live one once the safety "
+                        "backup is stored",
+                    )
+                )
+            safety = safety_run.result()
+            stack.enter_context(self.store.in_use(safety.id))
+            stored.append(safety)
+            progress.from_load(
+                Progress(
+                    phase="restoring",
+                    bytes_done=backup.size_bytes,
+                    bytes_total=backup.size_bytes,
+                    message="the safety backup is stored; the restored database replaces the live one",
+                )
+            )
+
+        safety_run.start()
         try:
-            safety = self.backups.dump_into_store(safety_job, DEFAULT_KIND, Trigger.PRE_RESTORE)
+            self.restore_file(
+                load_job,
+                path,
+                backup.kind,
+                expected_sha256=backup.sha256,
+                toolset=toolset,
+                recipients=backup.age_recipients,
+                lock=lock,
+                extensions=extensions,
+                staged=True,
+                before_swap=before_swap,
+            )
+        except BaseException as exc:
+            safety_run.stop(_LOAD_FAILED)
+            if job.cancel.is_set():
+                raise job.cancel.error("the restore") from None
+            if safety_run.failed_on_its_own and safety_run.error is not None:
+                raise safety_run.error from None
+            if isinstance(exc, BackupError) and safety_run.backup is not None:
+                _logger.info("the restore failed; its safety backup %s is kept all the same", safety_run.backup.id)
+            raise
+        return stored[0]
+
+    def _take_safety_backup(self, safety_job: Job) -> Backup:
+        """One safety backup, reported through `safety_job` (a part of the restore's job), pinned once stored.
+        Stopped through its cancellation, it leaves nothing behind; any other failure is recorded as a FAILED
+        backup and raised worded for the restore."""
+        try:
+            safety = self.backups.dump_into_store(
+                safety_job, DEFAULT_KIND, Trigger.PRE_RESTORE, forget_when_cancelled=True
+            )
+            # Pinned, so that a week of retention after a restore that went wrong cannot delete the way back.
+            return self.backups.pin(safety.id, ttl=SAFETY_BACKUP_PIN)
         except BackupError as exc:
             raise type(exc)(
-                f"the safety backup failed, so the restore did not run: {exc}", reason=exc.reason, metadata=exc.metadata
+                f"the safety backup failed, so the restore was not applied and the database is unchanged: {exc}",
+                reason=exc.reason,
+                metadata=exc.metadata,
             ) from exc
-        # Pinned, so that a week of retention after a restore that went wrong cannot delete the way back.
-        return self.backups.pin(safety.id, ttl=SAFETY_BACKUP_PIN)
 
     # -- checking an archive before touching the database ----------------------------------------------
 
@@ -785,6 +1074,8 @@ class RestoreManager:
         recipients: Sequence[str] = (),
         lock: JobLock | None = None,
         extensions: Sequence[str] = (),
+        staged: bool | None = None,
+        before_swap: Callable[[], None] | None = None,
     ) -> None:
         """Load `path` into the database in one transaction, replacing everything in it; commit only when
         the archive read intact (and matches `expected_sha256`, when given). Raises on any failure, after
@@ -792,12 +1083,13 @@ class RestoreManager:
         staging restore gives up at the swap), and has `inspect`ed the archive.
 
         Where the service's role is a superuser, the archive runs as a role without its powers in a staging
-        database that then replaces the live one (isolation.py); elsewhere in place."""
+        database that then replaces the live one (isolation.py); elsewhere in place (`staged`, when the
+        caller has decided already). A staging restore calls `before_swap` once the staging database is
+        loaded, and swaps only if it returns."""
         if toolset is None:
             toolset = toolchain.for_server(self.database.server_info().major, self._pg_bin_dir)
-        staged = self.isolation == "staging" or (
-            self.isolation == "auto" and isolation.role_powers(self.database).superuser
-        )
+        if staged is None:
+            staged = self._staged()
         if not staged:
             reader, total = self._progress_reader(job, path, kind, recipients)
             deadline = time.monotonic() + self.restore_timeout_seconds
@@ -807,7 +1099,7 @@ class RestoreManager:
                 reader,
                 kind=kind,
                 target=self.database,
-                sql_filter=SqlFilter(),
+                sql_filter=SqlFilter(around_vector_index=self.build_settings.around_vector_index()),
                 toolset=toolset,
                 expected_sha256=expected_sha256,
                 total=total,
@@ -825,7 +1117,15 @@ class RestoreManager:
                 recipients=recipients,
                 extensions=extensions,
             )
+            if before_swap is not None:
+                before_swap()
             stage.swap(release_lock=lock.release if lock is not None else None)
+
+    def _staged(self) -> bool:
+        """Whether a restore goes through a staging database (APERTURE_BACKUP_RESTORE_ISOLATION)."""
+        return self.isolation == "staging" or (
+            self.isolation == "auto" and isolation.role_powers(self.database).superuser
+        )
 
     def load_staging(
         self,
@@ -857,7 +1157,7 @@ class RestoreManager:
             reader,
             kind=kind,
             target=target,
-            sql_filter=SqlFilter(staging=True),
+            sql_filter=SqlFilter(staging=True, around_vector_index=self.build_settings.around_vector_index()),
             toolset=toolset,
             expected_sha256=expected_sha256,
             total=total,

@@ -13,6 +13,11 @@ procedures) are never touched, because removal is anchored on the header. COPY d
 up to the line `\\.`) is passed on without looking at its lines: the terminator is found with
 `bytes.find`, so the cost of a multi-gigabyte table is a few C-level scans, not a Python loop per row.
 
+A restore may ask for statements around each pgvector index build (`around_vector_index`): a one-line
+`CREATE INDEX ... USING hnsw|ivfflat (...)` statement, as pg_dump writes it, is passed on between them
+(restore.BuildSettings gives those builds a parallel worker, which would cost the small btree builds more
+than it saves).
+
 The archive's own `\\restrict KEY` / `\\unrestrict KEY` lines are dropped: the restore puts psql into
 restricted mode itself, with its own key, before the archive starts, and psql refuses a second
 `\\restrict`.
@@ -48,6 +53,8 @@ _EXTENSION_COMMENT_RE = re.compile(rb"^COMMENT ON EXTENSION [A-Za-z_][A-Za-z0-9_
 #: pg_dump's ownership statements, one line each, no string literal in them.
 _OWNER_RE = re.compile(rb"^ALTER [^';]* OWNER TO [^';]*;\r?$")
 _RESTRICT_RE = re.compile(rb"^\\(?:un)?restrict [A-Za-z0-9]+\r?$")
+#: pg_dump's statement for an index of pgvector's (one line, ending the statement).
+_VECTOR_INDEX_RE = re.compile(rb"^CREATE (?:UNIQUE )?INDEX [^;]* USING (?:hnsw|ivfflat) \([^\n]*;$")
 #: psql ends COPY data at a line `\.` (with a Unix or a Windows line end).
 _COPY_TERMINATOR = b"\\."
 _COPY_TERMINATOR_ENDS = (b"\n", b"\r\n")
@@ -79,12 +86,15 @@ class SqlFilter:
     """Push-based: `feed(chunk)` returns the bytes to pass on (in order), `finish()` the rest. Raises
     SqlFilterError when the input cannot be restored atomically or ends in the middle of data."""
 
-    def __init__(self, *, staging: bool = False) -> None:
+    def __init__(self, *, staging: bool = False, around_vector_index: tuple[bytes, bytes] | None = None) -> None:
         #: In a staging restore the archive runs as a role that may not do what its owner statements ask:
         #: pg_dump's `ALTER ... OWNER TO` lines are left out (everything goes to the live database's owner at
         #: the swap, as with --no-owner), and so are its `COMMENT ON EXTENSION` lines (the extensions belong
         #: to the privileged session; the comment is the extension's own).
         self._staging = staging
+        #: SQL passed on before and after each of pg_dump's pgvector index statements, when given.
+        self._around_vector_index = around_vector_index
+        self.vector_indexes = 0
         self._scanner = StatementScanner()
         self._buf = bytearray()
         self._state = _State.SQL
@@ -173,11 +183,26 @@ class SqlFilter:
                 nl = len(buf)  # last line without a newline
             end = min(nl + 1, len(buf))
             line = bytes(buf[pos:nl]).rstrip(b"\r")
+            statement_start = self._state is _State.SQL and self._scanner.at_top_level
             keep = self._line_kept(line)
             self._line += 1
             if not keep:
                 out.append(bytes(buf[emit_from:pos]))
                 emit_from = end
+            elif (
+                self._around_vector_index is not None
+                and statement_start
+                and self._scanner.at_top_level
+                and self._state is _State.SQL
+                and _VECTOR_INDEX_RE.match(line)
+            ):
+                before, after = self._around_vector_index
+                out += [bytes(buf[emit_from:pos]), before, bytes(buf[pos:end])]
+                if not buf.endswith(b"\n", pos, end):
+                    out.append(b"\n")
+                out.append(after)
+                emit_from = end
+                self.vector_indexes += 1
             pos = end
             if self._state is _State.COPY:
                 self._copy_start = pos
