@@ -23,6 +23,9 @@ its baseline in the same run, alternating the order from round to round, reporti
   directory (copies of one real backup, each with its own manifest), 20 callers at once while a backup of
   the benchmark database runs, median and p99 latency; and the time from starting `serve` to its gRPC
   health check answering SERVING, with an empty directory and with those 1,000 archives (group `listing`).
+- Create `.sql.gz` and Restore at several database sizes (`--scaling-sizes`, 150/600/2,400 MB of SQL), in
+  seconds per GB beside `pg_dump | gzip -6`, `pg_dump` alone and `gunzip | psql -1` at the same size, and
+  the server's peak RSS at each (group `scaling`, issue 16).
 
 Baselines use the same pg_dump/psql as the service (the server's own major version, passed to the service
 as APERTURE_BACKUP_PG_BIN_DIR). Operations the service does not implement yet (UNIMPLEMENTED) are reported
@@ -1220,6 +1223,351 @@ def bench_listing(ctx: Context) -> None:
         ctx.target(f"{name} with {LISTING_ARCHIVES:,} archives: p99 ms", p99 * 1000, LISTING_P99_MS)
 
 
+#: Issue 16, "costs that stay flat as the work grows": Create and Restore at three database sizes (MB of plain
+#: SQL), seconds per GB within 15% of each other (max / min), the server's peak RSS within 20 MB.
+SCALING_SIZES = "150,600,2400"
+#: Rounds per size. The 2.4 GB size gets two: one of its rounds (service and shell, both operations) took
+#: 10-13 minutes on 2 shared cores (the shell's gzip -6 alone 3-7), a third would add as much again, and
+#: over minute-long operations the bursts of a shared machine weigh less than over the few seconds of the
+#: smallest size, which therefore gets more.
+SCALING_ROUNDS = "3,3,2"
+SCALING_RATIO_LIMIT = 1.15
+SCALING_RSS_LIMIT_MB = 20
+GB = 1_000_000_000
+_PHASE_NAMES = {value: name.removeprefix("PHASE_").lower() for name, value in pb.Phase.items()}
+
+
+@dataclass
+class ScalingSize:
+    """One database size of the scaling group: the figures behind one line of its table."""
+
+    target_mb: float
+    rounds: int
+    generate_seconds: float = 0.0
+    sql_bytes: int = 0
+    create: Row | None = None
+    restore: Row | None = None
+    dump_alone: list[float] = field(default_factory=list)
+    #: Client-side seconds from the request to the first message of each phase's successor, per operation.
+    phases: dict[str, dict[str, list[float]]] = field(default_factory=dict)
+    load: tuple[float, float] = (0.0, 0.0)
+
+    def per_gb(self, seconds: list[float]) -> float | None:
+        return statistics.median(seconds) / (self.sql_bytes / GB) if seconds and self.sql_bytes else None
+
+
+def _scaling_list(text: str, count: int) -> list[float]:
+    """`--scaling-rounds`: one value for every size, or one per size."""
+    values = [float(v) for v in text.split(",") if v.strip()]
+    if len(values) == 1:
+        values *= count
+    if len(values) != count or any(v < 1 for v in values):
+        raise SystemExit(f"--scaling-rounds: one value, or one per size ({count}), each 1 or more; not {text!r}")
+    return values
+
+
+def _timed_stream(service: Service, row: Row, messages: Iterator[Any], phases: dict[str, list[float]]) -> Any:
+    """Consume a Create or Restore stream into `row` (wall time, server RSS) and record how long each phase
+    lasted as the client saw it (from its first message to the next phase's first message)."""
+    service.rss.begin()
+    start = time.perf_counter()
+    last = None
+    current, since = "request", start
+    spans: dict[str, float] = {}
+    for message in messages:
+        last = message
+        phase = _PHASE_NAMES.get(message.progress.phase, "?") if message.HasField("progress") else current
+        if phase != current:
+            now = time.perf_counter()
+            spans[current] = spans.get(current, 0.0) + now - since
+            current, since = phase, now
+    end = time.perf_counter()
+    spans[current] = spans.get(current, 0.0) + end - since
+    row.seconds.append(end - start)
+    row.record_rss(*service.rss.end())
+    for phase, seconds in spans.items():
+        phases.setdefault(phase, []).append(seconds)
+    return last
+
+
+def _fit(sizes: list[ScalingSize], seconds: Callable[[ScalingSize], list[float]]) -> tuple[float, float] | None:
+    """Least squares of median seconds over GB of SQL: (fixed seconds, seconds per GB). A fixed cost per
+    operation is what makes s/GB fall as the size grows; a slope that grows would make it rise."""
+    points = [(s.sql_bytes / GB, statistics.median(seconds(s))) for s in sizes if seconds(s) and s.sql_bytes]
+    if len(points) < 2:
+        return None
+    mean_x = statistics.fmean(x for x, _ in points)
+    mean_y = statistics.fmean(y for _, y in points)
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    if not var:
+        return None
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / var
+    return mean_y - slope * mean_x, slope
+
+
+def _spread(values: list[float | None]) -> float | None:
+    known = [v for v in values if v]
+    return max(known) / min(known) if len(known) == len(values) and known else None
+
+
+def render_scaling(sizes: list[ScalingSize]) -> str:
+    """The scaling group's own table: s/GB of the service beside the shell's at each size, the server's
+    peak RSS, max/min over the sizes, and a straight-line fit (fixed seconds + seconds per GB)."""
+
+    def create_s(s: ScalingSize) -> list[float]:
+        return s.create.seconds if s.create else []
+
+    def gzip_s(s: ScalingSize) -> list[float]:
+        return s.create.baseline_seconds if s.create else []
+
+    def restore_s(s: ScalingSize) -> list[float]:
+        return s.restore.seconds if s.restore else []
+
+    def psql_s(s: ScalingSize) -> list[float]:
+        return s.restore.baseline_seconds if s.restore else []
+
+    def alone_s(s: ScalingSize) -> list[float]:
+        return s.dump_alone
+
+    columns = [create_s, gzip_s, alone_s, restore_s, psql_s]
+
+    def relative(s: ScalingSize, service: Callable[[ScalingSize], list[float]], shell: list[float]) -> float | None:
+        own, theirs = s.per_gb(service(s)), s.per_gb(shell)
+        return own / theirs if own and theirs else None
+
+    # The service over the shell in the same rounds: on a shared machine whose load changes from one size
+    # to the next, what tells whether the service's own costs are flat.
+    ratios: list[Callable[[ScalingSize], float | None]] = [
+        lambda s: relative(s, create_s, s.dump_alone),
+        lambda s: relative(s, restore_s, psql_s(s)),
+    ]
+    header = (
+        "plain SQL",
+        "rounds",
+        "Create s/GB",
+        "pg_dump|gzip -6 s/GB",
+        "pg_dump alone s/GB",
+        "Restore s/GB",
+        "gunzip|psql -1 s/GB",
+        "Create/pg_dump alone",
+        "Restore/gunzip|psql",
+        "RSS Create",
+        "RSS Restore",
+        "load avg",
+    )
+    lines: list[tuple[str, ...]] = []
+    for s in sizes:
+        lines.append(
+            (
+                f"{s.sql_bytes / MB:,.0f} MB",
+                str(s.rounds),
+                *(_fmt(s.per_gb(c(s)), ".2f") for c in columns),
+                *(_fmt(r(s), ".2f") for r in ratios),
+                _mb(s.create.server_peak_rss if s.create else 0),
+                _mb(s.restore.server_peak_rss if s.restore else 0),
+                f"{s.load[0]:.1f}-{s.load[1]:.1f}",
+            )
+        )
+    create_rss = [s.create.server_peak_rss for s in sizes if s.create]
+    restore_rss = [s.restore.server_peak_rss for s in sizes if s.restore]
+    lines.append(
+        (
+            "max/min",
+            "",
+            *(_fmt(_spread([s.per_gb(c(s)) for s in sizes]), ".2f") for c in columns),
+            *(_fmt(_spread([r(s) for s in sizes]), ".2f") for r in ratios),
+            f"+{(max(create_rss) - min(create_rss)) / MB:.0f} MB" if create_rss else "-",
+            f"+{(max(restore_rss) - min(restore_rss)) / MB:.0f} MB" if restore_rss else "-",
+            "",
+        )
+    )
+    fits = [_fit(sizes, c) for c in columns]
+    lines.append(
+        ("fit: fixed s", "", *(_fmt(f[0] if f else None, ".2f") for f in fits), "", "", "", "", ""),
+    )
+    lines.append(
+        ("fit: s/GB", "", *(_fmt(f[1] if f else None, ".2f") for f in fits), "", "", "", "", ""),
+    )
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *lines, strict=True)]
+    out = ["Scaling (seconds per GB of plain SQL, medians; server peak RSS without children):"]
+    for i, cells in enumerate([header, *lines]):
+        out.append("| " + " | ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=True)) + " |")
+        if i == 0:
+            out.append("|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    out.append("")
+    out.append("Phases as the client saw them (median seconds; request = until the first progress message):")
+    for s in sizes:
+        for op, phases in s.phases.items():
+            parts = ", ".join(f"{name} {statistics.median(v):.2f}" for name, v in phases.items())
+            out.append(f"- {s.sql_bytes / MB:,.0f} MB {op}: {parts}")
+    return "\n".join(out)
+
+
+def _settle(ctx: Context, uri: str, log_path: Path | None = None) -> None:
+    """Between timed steps (untimed): wait until the service has dropped the database a staging restore
+    replaced (it does so in the background, and DROP DATABASE waits for a checkpoint), vacuum the database
+    at `uri` and checkpoint. Freshly loaded tables are what autovacuum picks next (their inserts pass its
+    threshold), and the first read of each page sets its hint bits and dirties it: without this, the Create
+    after a restore (or after the generation) shares the machine with a vacuum of the whole database, and
+    the first round of a size measured 2.6 times the others (600 MB: 26 s against 10)."""
+    from aperture_backup.isolation import STAGING_MARK
+
+    deadline = time.monotonic() + 600
+    with psycopg.connect(ctx.server.uri, autocommit=True) as conn:
+        while conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_database WHERE strpos(datname, %s) > 0", (STAGING_MARK,)
+        ).fetchone():
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the replaced database was not dropped within 600 s; see {log_path}")
+            time.sleep(0.05)
+    with psycopg.connect(uri, autocommit=True) as conn:
+        conn.execute("VACUUM (ANALYZE)")
+        conn.execute("CHECKPOINT")
+
+
+def _scaling_size(ctx: Context, size: ScalingSize, name: str, uri: str) -> None:
+    """The rounds of one size: Create (and the shell's dumps), then Restore (and the shell's load)."""
+    psql = shlex.quote(str(ctx.server.tool("psql")))
+    pg_dump = str(ctx.server.tool("pg_dump"))
+    target_mb = size.target_mb
+    size_rounds = size.rounds
+    work = ctx.work / "scaling" / name
+    work.mkdir(parents=True)
+    label = f"{target_mb:g} MB"
+    size.create = create = ctx.row(f"Scaling {label}: Create .sql.gz", "pg_dump | gzip -6")
+    size.restore = restore = ctx.row(f"Scaling {label}: Restore .sql.gz (no safety backup)", "gunzip | psql -1")
+    dump_cmd = " ".join(shlex.quote(a) for a in (pg_dump, "--no-owner", "--no-acl", "-d", uri))
+    gzip_file = work / "baseline.sql.gz"
+    count_file = work / "sql-bytes"
+    service = Service(ctx.server, work, {"APERTURE_BACKUP_DATABASE_URL": uri})
+    kept: list[pb.Backup] = []
+    try:
+
+        def service_create() -> None:
+            last = _timed_stream(
+                service,
+                create,
+                service.stub.Create(pb.CreateRequest()),  # the defaults: plain SQL, gzip
+                size.phases.setdefault("Create", {}),
+            )
+            if last is None or last.backup.state != pb.BACKUP_STATE_READY:
+                raise RuntimeError(f"Create did not finish READY: {last}; see {service.log_path}")
+            create.output_bytes = last.backup.size_bytes
+            create.recorded_seconds.append(last.backup.duration.ToTimedelta().total_seconds())
+            for old in kept:
+                service.stub.Delete(pb.DeleteRequest(id=old.id))
+            kept[:] = [last.backup]
+
+        def shell_gzip() -> None:
+            create.baseline_seconds.append(shell(f"{dump_cmd} | gzip -6 > {shlex.quote(str(gzip_file))}"))
+
+        def dump_alone() -> None:
+            # Counting the bytes costs next to nothing (wc reads a pipe at GB/s) and gives the SQL's size.
+            size.dump_alone.append(shell(f"{dump_cmd} | wc -c > {shlex.quote(str(count_file))}"))
+            size.sql_bytes = int(count_file.read_text().split()[0])
+
+        def service_restore() -> None:
+            request = pb.RestoreRequest(id=kept[-1].id, skip_safety_backup=True)
+            last = _timed_stream(service, restore, service.stub.Restore(request), size.phases.setdefault("Restore", {}))
+            if last is None or not last.HasField("result"):
+                raise RuntimeError(f"Restore did not finish: {last}; see {service.log_path}")
+            _settle(ctx, uri, service.log_path)
+
+        def shell_restore() -> None:
+            scratch = f"{name}_shell"
+            ctx.server.drop_database(scratch)
+            scratch_uri = ctx.server.create_database(scratch)
+            restore.baseline_seconds.append(
+                shell(
+                    f"gunzip -c {shlex.quote(str(service.path(kept[-1])))} | {psql} -X -q --single-transaction "
+                    f"-v ON_ERROR_STOP=1 -d {shlex.quote(scratch_uri)} > /dev/null"
+                )
+            )
+            ctx.server.drop_database(scratch)
+            _settle(ctx, uri, service.log_path)
+
+        creates = [("Create", service_create), ("pg_dump | gzip -6", shell_gzip), ("pg_dump | wc -c", dump_alone)]
+        restores = [("Restore", service_restore), ("gunzip | psql -1", shell_restore)]
+        load_start = os.getloadavg()[0]
+        for round_no in range(size_rounds):
+            # Creates first (the restores need an archive), each group in an order that turns every round.
+            for steps in (creates, restores):
+                shift = round_no % len(steps)
+                for step_label, step in steps[shift:] + steps[:shift]:
+                    log(f"scaling {label} round {round_no + 1}: {step_label}")
+                    step()
+        size.load = (load_start, os.getloadavg()[0])
+    finally:
+        service.stop()
+        gzip_file.unlink(missing_ok=True)
+        shutil.rmtree(work / "backups", ignore_errors=True)
+    create.work_bytes = restore.work_bytes = size.sql_bytes
+    create.note = (
+        f"{create.mb_per_s and 1000 / create.mb_per_s:.2f} s/GB; pg_dump alone "
+        f"{_fmt(size.per_gb(size.dump_alone), '.2f')} s/GB; generated in {size.generate_seconds:.0f} s"
+    )
+    restore.note = f"{restore.mb_per_s and 1000 / restore.mb_per_s:.2f} s/GB"
+
+
+def bench_scaling(ctx: Context) -> None:
+    """Create `.sql.gz` and Restore it (no safety backup) at several database sizes, each generated into its
+    own database after the previous one is dropped, with a service of its own (started the same way, so its
+    RSS has the same history at every size) and the shell pipelines at the same size in the same rounds."""
+    targets = [float(v) for v in ctx.args.scaling_sizes.split(",") if v.strip()]
+    if len(targets) < 2 or any(v <= 0 for v in targets):
+        raise SystemExit(f"--scaling-sizes: two or more positive sizes in MB, not {ctx.args.scaling_sizes!r}")
+    rounds = [int(r) for r in _scaling_list(ctx.args.scaling_rounds, len(targets))]
+    sizes: list[ScalingSize] = []
+    previous: str | None = None
+    for target_mb, size_rounds in zip(targets, rounds, strict=True):
+        size = ScalingSize(target_mb, size_rounds)
+        sizes.append(size)
+        name = f"scaling_{target_mb:g}".replace(".", "_")
+        if previous is not None:
+            ctx.server.drop_database(previous)  # one at a time: the 2.4 GB database takes ~5 GB on disk
+        ctx.server.drop_database(name)
+        uri = ctx.server.create_database(name)
+        previous = name
+        log(f"scaling: generating about {target_mb:g} MB of SQL into {name}")
+        start = time.perf_counter()
+        generate(uri, target_mb)
+        size.generate_seconds = time.perf_counter() - start
+        _settle(ctx, uri)
+        _scaling_size(ctx, size, name, uri)
+    if previous is not None:
+        ctx.server.drop_database(previous)
+
+    span = f"{sizes[0].sql_bytes / MB:,.0f}-{sizes[-1].sql_bytes / MB:,.0f} MB"
+    for op in ("Create", "Restore"):
+        rows = [s.create if op == "Create" else s.restore for s in sizes]
+        per_gb = [s.per_gb(r.seconds) if r else None for s, r in zip(sizes, rows, strict=True)]
+        ctx.target(f"Scaling {op} .sql.gz: s/GB max / min over {span}", _spread(per_gb), SCALING_RATIO_LIMIT)
+        rss = [r.server_peak_rss for r in rows if r]
+        ctx.target(
+            f"Scaling {op} .sql.gz: server peak RSS max - min over {span} (MB)",
+            (max(rss) - min(rss)) / MB if rss else None,
+            SCALING_RSS_LIMIT_MB,
+        )
+    ctx.facts["scaling"] = [
+        {
+            "target_mb": s.target_mb,
+            "sql_bytes": s.sql_bytes,
+            "rounds": s.rounds,
+            "generate_seconds": s.generate_seconds,
+            "create_s_per_gb": s.per_gb(s.create.seconds if s.create else []),
+            "gzip6_s_per_gb": s.per_gb(s.create.baseline_seconds if s.create else []),
+            "pg_dump_alone_s_per_gb": s.per_gb(s.dump_alone),
+            "restore_s_per_gb": s.per_gb(s.restore.seconds if s.restore else []),
+            "psql_s_per_gb": s.per_gb(s.restore.baseline_seconds if s.restore else []),
+            "pg_dump_alone_seconds": s.dump_alone,
+            "phases": s.phases,
+            "load": s.load,
+        }
+        for s in sizes
+    ]
+    ctx.facts["scaling_table"] = render_scaling(sizes)
+
+
 #: Restores of the library against the shell, as the issue bounds them.
 LIBRARY_PLAIN_LIMIT = 0.75
 LIBRARY_CUSTOM_LIMIT = 1.0
@@ -1388,10 +1736,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--large-mb", type=int, default=1100, help="large archive for transfers, MB (1100)")
     parser.add_argument(
         "--only",
-        default="create,restore,transfer,encryption,offsite,listing,library",
+        default="create,restore,transfer,encryption,offsite,listing,library,scaling",
         help="comma-separated groups to run (encryption adds the encrypted Create and Restore rows, offsite "
         "Create with a bucket, listing List and GetStatus with 1,000 archives and the start-up time, library "
-        "the restores of a library of embeddings with their HNSW indexes)",
+        "the restores of a library of embeddings with their HNSW indexes, scaling Create and Restore at "
+        "--scaling-sizes, in seconds per GB)",
+    )
+    parser.add_argument(
+        "--scaling-sizes",
+        default=SCALING_SIZES,
+        help=f"database sizes of the scaling group, MB of plain SQL, each generated on its own ({SCALING_SIZES})",
+    )
+    parser.add_argument(
+        "--scaling-rounds",
+        default=SCALING_ROUNDS,
+        help=f"rounds of the scaling group: one number, or one per size ({SCALING_ROUNDS})",
     )
     parser.add_argument(
         "--library-episodes",
@@ -1416,9 +1775,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         log("starting PostgreSQL 16")
         with pgserver_server(16, name="bench") as server:
-            log(f"generating about {args.scale:.0f} MB of SQL")
-            data = prepare_database(server, args.scale)
-            log(f"generated in {data['generate_seconds']:.1f} s; database {data['database_bytes'] / MB:,.0f} MB")
+            if groups <= {"scaling"}:
+                # The scaling group generates databases of its own; the service below only needs one to exist.
+                server.create_database(DATABASE)
+                data: dict[str, Any] = {}
+            else:
+                log(f"generating about {args.scale:.0f} MB of SQL")
+                data = prepare_database(server, args.scale)
+                log(f"generated in {data['generate_seconds']:.1f} s; database {data['database_bytes'] / MB:,.0f} MB")
             service = Service(server, work)
             encrypted = None
             if "encryption" in groups:
@@ -1450,6 +1814,8 @@ def main(argv: list[str] | None = None) -> int:
                     bench_listing(ctx)
                 if "library" in groups:
                     bench_library(ctx)
+                if "scaling" in groups:
+                    bench_scaling(ctx)
             finally:
                 service.stop()
                 if encrypted is not None:
@@ -1473,6 +1839,8 @@ def main(argv: list[str] | None = None) -> int:
         bound = "<=" if "throughput" not in t["target"] else ">="
         print(f"{'PASS' if t['met'] else 'FAIL'}  {t['target']}: {measured} ({bound} {t['limit']})")
     facts = ctx.facts
+    if "scaling_table" in facts:
+        print(f"\n{facts['scaling_table']}")
     if "plain_sql_bytes" in facts:
         print(
             f"\nplain SQL {facts['plain_sql_bytes'] / MB:,.0f} MB; gzip -6 ratio {facts['gzip6_ratio']:.2f}; "

@@ -15,6 +15,8 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     command = [sys.executable, str(REPO / "scripts" / "bench.py"), "--scale", "5", "--small-mb", "2", "--large-mb", "4"]
     command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1", "--startup-rounds", "1"]
     command += ["--library-episodes", "300", "--library-rounds", "1"]
+    # The scaling group's smallest databases (the generator's minimum row counts make them 9-21 MB of SQL).
+    command += ["--scaling-sizes", "3,6,12", "--scaling-rounds", "1"]
     command += ["--out", str(out), "--work-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -57,9 +59,25 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "GetStatus with 1,000 archives",
         "Restore .sql.gz (library) / (gunzip | psql -1)",
         "Restore .dump (library) / pg_restore --single-transaction",
+        "Scaling Create .sql.gz",
+        "Scaling Restore .sql.gz",
     }
     assert report["facts"]["library"]["fingerprint_after_restores"] == "same as before"
     assert 0 < report["facts"]["library"]["index_build_share"] < 1
+    scaling = [t for t in report["targets"] if t["target"].startswith("Scaling")]
+    assert len(scaling) == 4, scaling
+    assert all(t["measured"] is not None for t in scaling), scaling
+    for size in ("3", "6", "12"):
+        for operation in (
+            f"Scaling {size} MB: Create .sql.gz",
+            f"Scaling {size} MB: Restore .sql.gz (no safety backup)",
+        ):
+            assert rows[operation]["median_seconds"] > 0, operation
+            assert rows[operation]["baseline_median_seconds"] > 0, operation
+            assert rows[operation]["server_peak_rss"] > 0, operation
+            assert rows[operation]["work_bytes"] > 0, operation
+    assert [s["rounds"] for s in report["facts"]["scaling"]] == [1, 1, 1]
+    assert "Scaling (seconds per GB" in done.stdout
     for operation in (
         "Start-up to SERVING, empty directory",
         "Start-up to SERVING, 1,000 archives",

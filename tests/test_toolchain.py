@@ -40,3 +40,14 @@ def test_configured_directory_comes_first(pg16: PgServer, tmp_path: Path) -> Non
     tools = toolchain.discover(configured=pg16.bin_dir)
     assert tools[0].bin_dir == pg16.bin_dir.resolve()
     assert toolchain.discover(dirs=[tmp_path]) == []
+
+
+def test_warm_up_probes_in_the_background_so_the_first_choice_runs_no_tool(pg16: PgServer) -> None:
+    # The service calls warm_up at start-up: the first backup after it then finds every probe cached
+    # (a probe runs `pg_dump --version` once per candidate directory; 0.26 s in all on a busy machine).
+    toolchain._probe.cache_clear()
+    toolchain.warm_up(pg16.bin_dir).join(timeout=60)
+    probed = toolchain._probe.cache_info()
+    assert probed.currsize >= 1
+    assert toolchain.for_server(16, pg16.bin_dir).major == 16
+    assert toolchain._probe.cache_info().misses == probed.misses

@@ -7,6 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import timedelta
 
+from . import toolchain
 from .backups import BackupManager
 from .config import Config
 from .database import Database
@@ -168,6 +169,8 @@ class App:
         if scheduler:
             self.scheduler.start(catch_up=self.settings.current.schedule.catch_up)
         self.silence.start()
+        # Last, so that it does not compete with the rest of start-up for the CPU.
+        toolchain.warm_up(self.restores.pg_bin_dir)
         self._started = True
 
     def stop(self, timeout: float = 30.0) -> None:
