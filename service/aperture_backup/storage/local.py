@@ -19,7 +19,7 @@ import secrets
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -60,12 +60,15 @@ class _SharedScan:
     nothing List shows has changed since that scan began, and that scan is less than RESCAN_SECONDS old
     (inotify misses what other machines change on a network file system). Otherwise it waits for the scan
     in progress, if any, then takes the next one's result (or makes it): 20 callers at once cost at most
-    two scans, and each sees every change made before its call."""
+    two scans, and each sees every change made before its call.
+
+    The result is a tuple handed out as it is, not a copy: while nothing changed, callers get the very same
+    object, so what they derive from it (a page's messages, GetStatus's summary) can be kept per listing."""
 
     #: However quiet the watch, scan again after this long.
     RESCAN_SECONDS = 2.0
 
-    def __init__(self, scan: Callable[[], list[Backup]], watch: DirectoryWatch | None):
+    def __init__(self, scan: Callable[[], tuple[Backup, ...]], watch: DirectoryWatch | None):
         self._scan = scan
         self._watch = watch
         self._cond = threading.Condition()
@@ -74,7 +77,7 @@ class _SharedScan:
         self._finished = 0  # the number of the scan whose outcome is kept below
         self._finished_began = 0.0  # when that scan began (time.monotonic)
         self._stale_below = 1  # scans numbered below this may have missed a change
-        self._result: list[Backup] = []
+        self._result: tuple[Backup, ...] = ()
         self._error: BaseException | None = None
 
     def invalidate(self) -> None:
@@ -82,7 +85,7 @@ class _SharedScan:
         with self._cond:
             self._stale_below = self._started + 1
 
-    def __call__(self) -> list[Backup]:
+    def __call__(self) -> tuple[Backup, ...]:
         with self._cond:
             if self._watch is not None:
                 if self._watch.changed():
@@ -92,7 +95,7 @@ class _SharedScan:
                     and self._finished >= self._stale_below
                     and time.monotonic() - self._finished_began < self.RESCAN_SECONDS
                 ):
-                    return list(self._result)
+                    return self._result
             wanted = self._started + 1  # the first scan to begin from now on
             while self._finished < wanted:
                 if not self._running:
@@ -105,8 +108,8 @@ class _SharedScan:
             else:
                 if self._error is not None:
                     raise self._error
-                return list(self._result)
-        result: list[Backup] = []
+                return self._result
+        result: tuple[Backup, ...] = ()
         error: BaseException | None = None
         try:
             result = self._scan()
@@ -118,7 +121,7 @@ class _SharedScan:
             self._cond.notify_all()
         if error is not None:
             raise error
-        return list(result)
+        return result
 
 
 class _ParsedFiles:
@@ -203,6 +206,19 @@ class PageToken:
 
 def _sort_key(backup: Backup) -> tuple[datetime, str]:
     return (backup.create_time, backup.id)
+
+
+def _first_after(backups: Sequence[Backup], key: tuple[datetime, str]) -> int:
+    """The index of the first backup below `key` in `backups` (newest first): a binary search, so a page
+    deep into 1,000 backups costs no pass over all of them."""
+    low, high = 0, len(backups)
+    while low < high:
+        middle = (low + high) // 2
+        if _sort_key(backups[middle]) < key:
+            high = middle
+        else:
+            low = middle + 1
+    return low
 
 
 class ArchiveWriter:
@@ -345,12 +361,16 @@ class ArchiveStore:
     # -- reading ---------------------------------------------------------------------------------------
 
     def list_backups(self) -> list[Backup]:
+        """Every backup, newest first (a list of the caller's own; `listing` shares one)."""
+        return list(self._shared_scan())
+
+    def listing(self) -> tuple[Backup, ...]:
         """Every backup, newest first. One scan of the directory, shared by callers who ask at the same time
         (see `_SharedScan`); manifests and files without one are read only when they changed since the
-        last scan (see `_ParsedFiles`)."""
+        last scan (see `_ParsedFiles`). The same tuple while the directory is unchanged."""
         return self._shared_scan()
 
-    def _scan(self) -> list[Backup]:
+    def _scan(self) -> tuple[Backup, ...]:
         manifests: list[os.DirEntry[str]] = []
         others: dict[str, os.DirEntry[str]] = {}
         with os.scandir(self.directory) as scan:
@@ -378,7 +398,7 @@ class ArchiveStore:
                 backups[name] = external
         self._parsed.keep_only({e.name for e in manifests} | others.keys())
         found = (self._as_found(b, has_file=b.id in files) for b in backups.values())
-        return sorted((b for b in found if b is not None), key=_sort_key, reverse=True)
+        return tuple(sorted((b for b in found if b is not None), key=_sort_key, reverse=True))
 
     def _cached(self, entry: os.DirEntry[str], read: Callable[[Path], Backup | None]) -> Backup | None:
         """What `read` makes of the file, from the cache while the file is unchanged."""
@@ -393,19 +413,19 @@ class ArchiveStore:
         self._parsed.put(entry.name, stat, value)
         return value
 
-    def page_of(self, backups: list[Backup], page_size: int, page_token: str) -> tuple[list[Backup], str]:
+    def page_of(self, backups: Sequence[Backup], page_size: int, page_token: str) -> tuple[list[Backup], str]:
         """One page of `backups` (newest first), and the token of the next page ('' on the last)."""
+        start = 0
         if page_token:
             after = PageToken.decode(page_token)
-            key = (after.create_time, after.id)
-            backups = [b for b in backups if _sort_key(b) < key]
-        page = backups[:page_size]
-        more = len(backups) > page_size
+            start = _first_after(backups, (after.create_time, after.id))
+        page = list(backups[start : start + page_size])
+        more = len(backups) > start + page_size
         return page, PageToken(page[-1].create_time, page[-1].id).encode() if more and page else ""
 
     def page(self, page_size: int, page_token: str) -> tuple[list[Backup], str]:
         """One page of `list()`, and the token of the next page ('' on the last)."""
-        return self.page_of(self.list_backups(), page_size, page_token)
+        return self.page_of(self.listing(), page_size, page_token)
 
     def get(self, backup_id: str) -> Backup:
         validate_id(backup_id)
