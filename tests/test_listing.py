@@ -239,7 +239,8 @@ def test_list_responses_joined_from_kept_encodings_are_protobuf_s_own_and_follow
         size_bytes=12,
     )
     forever = plain.replace(id="aperture-backup-b.sql.gz", pin=Pin())
-    soon = plain.replace(id="aperture-backup-c.sql.gz", pin=Pin(expire_time=now + timedelta(seconds=1)))
+    expiry = now + timedelta(seconds=1)
+    soon = plain.replace(id="aperture-backup-c.sql.gz", pin=Pin(expire_time=expiry))
     expired = plain.replace(id="aperture-backup-d.sql.gz", pin=Pin(expire_time=now - timedelta(days=1)))
     backups = [plain, forever, soon, expired]
     messages = BackupMessages()
@@ -251,7 +252,7 @@ def test_list_responses_joined_from_kept_encodings_are_protobuf_s_own_and_follow
         assert messages.list_response(backups, token) == expected(token)
     parsed = pb.ListResponse.FromString(messages.list_response(backups, ""))
     assert [m.pinned for m in parsed.backups] == [False, True, True, False]
-    time.sleep(max(0.0, (soon.pin.expire_time - datetime.now(UTC)).total_seconds()) + 0.05)  # type: ignore[union-attr]
+    time.sleep(max(0.0, (expiry - datetime.now(UTC)).total_seconds()) + 0.05)
     parsed = pb.ListResponse.FromString(messages.list_response(backups, ""))
     assert [m.pinned for m in parsed.backups] == [False, True, False, False]
     assert messages.list_response(backups, "") == expected("")
