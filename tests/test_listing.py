@@ -20,6 +20,7 @@ from aperture_backup.convert import BackupMessages, backup_to_pb
 from aperture_backup.model import ArchiveKind, Backup, Compression, Format, Pin, State, Trigger
 from aperture_backup.storage import PerListing
 from aperture_backup.storage.local import MANIFEST_SUFFIX, ArchiveStore
+from aperture_backup.storage.watch import DirectoryWatch
 
 SQL = b"--\n-- PostgreSQL database dump\n--\n\nSET statement_timeout = 0;\n"
 KIND = ArchiveKind(Format.PLAIN, Compression.GZIP)
@@ -257,3 +258,36 @@ def test_list_responses_joined_from_kept_encodings_are_protobuf_s_own_and_follow
     assert [m.pinned for m in parsed.backups] == [False, True, False, False]
     assert messages.list_response(backups, "") == expected("")
     assert messages(soon) == backup_to_pb(soon)
+
+
+def test_the_watch_names_what_changed_and_says_when_it_cannot_tell(tmp_path: Path) -> None:
+    """The names the watch reports are what the next scan looks at again: each listed name changed, hidden
+    ones never, and None (look at everything) once the directory is gone from under it."""
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    watch = DirectoryWatch.open(directory)
+    if watch is None:
+        pytest.skip("no inotify here")
+    assert watch.changes() == set()
+    (directory / ".tmp-partial").write_bytes(SQL)
+    assert watch.changes() == set()
+    (directory / "a.sql").write_bytes(SQL)
+    (directory / "b.sql").write_bytes(SQL)
+    os.replace(directory / "b.sql", directory / "c.sql")
+    assert watch.changes() == {"a.sql", "b.sql", "c.sql"}
+    assert not watch.changed()
+    directory.rename(tmp_path / "moved")
+    assert watch.changes() is None
+    assert watch.changes() is None
+
+
+def test_a_listing_after_a_change_reads_only_what_changed_and_still_sees_everything(tmp_path: Path) -> None:
+    """With the watch, a scan after a change stats the changed names only; a store that lists after files
+    were added, replaced, renamed and removed by hand shows exactly what a fresh store shows."""
+    store, made = _stores(tmp_path, True)
+    shutil.copyfile(tmp_path / made[0].id, tmp_path / "aperture_backup_20260101_000000.sql.gz")
+    (tmp_path / (made[1].id + MANIFEST_SUFFIX)).unlink()
+    os.replace(tmp_path / made[2].id, tmp_path / "aperture_backup_20260102_000000.sql.gz")
+    _make(store, datetime(2027, 1, 1, tzinfo=UTC))
+    fresh = ArchiveStore(tmp_path, watch=False)
+    assert store.listing() == fresh.listing()
