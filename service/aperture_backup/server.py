@@ -6,7 +6,6 @@ and returns it with its port; `serve` adds signal handling for the command line.
 
 from __future__ import annotations
 
-import gc
 import logging
 import signal
 import sys
@@ -227,10 +226,6 @@ def serve(config: Config) -> None:
     tune_interpreter()
     # Handlers first: a stop asked for while the server starts is honoured once it has started.
     running = create_server(config)
-    # What start-up loaded and built (modules, the gRPC and protobuf machinery) lives as long as the process:
-    # out of the cyclic collector's sight, a full collection no longer walks it. Measured under 20 callers:
-    # 49-60 ms per full collection with the interpreter held, which every call in flight waited for.
-    gc.freeze()
     while True:
         wake.wait()
         wake.clear()
