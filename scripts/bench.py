@@ -1179,6 +1179,7 @@ def bench_listing(ctx: Context) -> None:
     phases = [list(calls)[:2], list(calls)[2:]]
     latencies: dict[str, list[float]] = {name: [] for name in calls}
     during_backup: dict[str, list[bool]] = {name: [] for name in calls}
+    loads: dict[str, float] = {}
     lock = threading.Lock()
     try:
         deadline = time.monotonic() + 60
@@ -1203,6 +1204,9 @@ def bench_listing(ctx: Context) -> None:
 
             with futures.ThreadPoolExecutor(max_workers=LISTING_CALLERS) as pool:
                 list(pool.map(caller, range(LISTING_CALLERS)))
+            # The machine's load while these callers ran: on 2 shared cores it moves the p99 most.
+            for name in names:
+                loads[name] = os.getloadavg()[0]
         listed = sum(1 for _ in service.client.list())
         if listed < LISTING_ARCHIVES:
             raise RuntimeError(f"only {listed} archives were listed at the end, not {LISTING_ARCHIVES}")
@@ -1220,7 +1224,7 @@ def bench_listing(ctx: Context) -> None:
         share = sum(during_backup[name]) / len(during_backup[name])
         row.note = (
             f"median {statistics.median(values) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms over {len(values)} calls, "
-            f"{share:.0%} of them while a backup ran"
+            f"{share:.0%} of them while a backup ran, load average {loads.get(name, 0.0):.1f}"
         )
         ctx.target(
             f"{name} with {LISTING_ARCHIVES:,} archives: median ms", statistics.median(values) * 1000, LISTING_MEDIAN_MS

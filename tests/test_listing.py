@@ -15,8 +15,12 @@ from pathlib import Path
 
 import pytest
 
-from aperture_backup.model import ArchiveKind, Backup, Compression, Format, State, Trigger
+from aperture.backup.v1 import backup_pb2 as pb
+from aperture_backup.convert import BackupMessages, backup_to_pb
+from aperture_backup.model import ArchiveKind, Backup, Compression, Format, Pin, State, Trigger
+from aperture_backup.storage import PerListing
 from aperture_backup.storage.local import MANIFEST_SUFFIX, ArchiveStore
+from aperture_backup.storage.watch import DirectoryWatch
 
 SQL = b"--\n-- PostgreSQL database dump\n--\n\nSET statement_timeout = 0;\n"
 KIND = ArchiveKind(Format.PLAIN, Compression.GZIP)
@@ -174,3 +178,116 @@ def test_callers_at_the_same_time_each_see_what_was_written_before_they_asked(tm
     for thread in threads:
         thread.join()
     assert missing == []
+
+
+def test_an_unchanged_directory_hands_out_one_listing_and_what_is_derived_from_it_follows_a_change(
+    tmp_path: Path, watch: bool
+) -> None:
+    """`listing()` is the same tuple while the watch reports nothing (so GetStatus's summary is computed once
+    per listing, `PerListing`); a change gives a new tuple, and the derived value follows it."""
+    store, made = _stores(tmp_path, watch)
+    passes: list[int] = []
+
+    def newest(backups: tuple[Backup, ...]) -> str:
+        passes.append(len(backups))
+        return backups[0].id
+
+    derived = PerListing(newest)
+    first = store.listing()
+    assert derived(first) == made[-1].id
+    if watch:
+        assert store.listing() is first
+        assert derived(store.listing()) == made[-1].id
+        assert len(passes) == 1
+    later = _make(store, datetime(2027, 1, 1, tzinfo=UTC))
+    assert store.listing() is not first
+    assert derived(store.listing()) == later.id
+
+
+def test_pages_by_token_follow_the_listing_also_after_the_token_s_backup_is_gone(tmp_path: Path, watch: bool) -> None:
+    store = ArchiveStore(tmp_path, watch=watch)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    made = [_make(store, start + timedelta(hours=i)) for i in range(7)]
+    newest_first = [b.id for b in reversed(made)]
+    seen: list[str] = []
+    tokens: list[str] = []
+    token = ""
+    while True:
+        page, token = store.page(2, token)
+        seen += [b.id for b in page]
+        if not token:
+            break
+        tokens.append(token)
+    assert seen == newest_first
+    # The backup a token points after is deleted: the next page still starts below it (keyset paging).
+    store.delete(newest_first[1])
+    page, _ = store.page(2, tokens[0])
+    assert [b.id for b in page] == newest_first[2:4]
+    assert store.page(2, tokens[-1]) == ([store.get(newest_first[-1])], "")
+
+
+def test_list_responses_joined_from_kept_encodings_are_protobuf_s_own_and_follow_a_pin_s_expiry() -> None:
+    """List answers with each backup's encoding kept (`BackupMessages.list_response`): byte for byte what
+    protobuf writes for the same ListResponse, pinned backups included, and a pin that expires meanwhile is
+    shown unpinned once it has."""
+    now = datetime.now(UTC)
+    plain = Backup(
+        id="aperture-backup-a.sql.gz",
+        state=State.READY,
+        create_time=now,
+        kind=KIND,
+        trigger=Trigger.MANUAL,
+        size_bytes=12,
+    )
+    forever = plain.replace(id="aperture-backup-b.sql.gz", pin=Pin())
+    expiry = now + timedelta(seconds=1)
+    soon = plain.replace(id="aperture-backup-c.sql.gz", pin=Pin(expire_time=expiry))
+    expired = plain.replace(id="aperture-backup-d.sql.gz", pin=Pin(expire_time=now - timedelta(days=1)))
+    backups = [plain, forever, soon, expired]
+    messages = BackupMessages()
+
+    def expected(token: str) -> bytes:
+        return pb.ListResponse(backups=[backup_to_pb(b) for b in backups], next_page_token=token).SerializeToString()
+
+    for token in ("", "next-page"):
+        assert messages.list_response(backups, token) == expected(token)
+    parsed = pb.ListResponse.FromString(messages.list_response(backups, ""))
+    assert [m.pinned for m in parsed.backups] == [False, True, True, False]
+    time.sleep(max(0.0, (expiry - datetime.now(UTC)).total_seconds()) + 0.05)
+    parsed = pb.ListResponse.FromString(messages.list_response(backups, ""))
+    assert [m.pinned for m in parsed.backups] == [False, True, False, False]
+    assert messages.list_response(backups, "") == expected("")
+    assert messages(soon) == backup_to_pb(soon)
+
+
+def test_the_watch_names_what_changed_and_says_when_it_cannot_tell(tmp_path: Path) -> None:
+    """The names the watch reports are what the next scan looks at again: each listed name changed, hidden
+    ones never, and None (look at everything) once the directory is gone from under it."""
+    directory = tmp_path / "backups"
+    directory.mkdir()
+    watch = DirectoryWatch.open(directory)
+    if watch is None:
+        pytest.skip("no inotify here")
+    assert watch.changes() == set()
+    (directory / ".tmp-partial").write_bytes(SQL)
+    assert watch.changes() == set()
+    (directory / "a.sql").write_bytes(SQL)
+    (directory / "b.sql").write_bytes(SQL)
+    os.replace(directory / "b.sql", directory / "c.sql")
+    assert watch.changes() == {"a.sql", "b.sql", "c.sql"}
+    assert not watch.changed()
+    directory.rename(tmp_path / "moved")
+    assert watch.changes() is None
+    assert watch.changes() is None
+
+
+def test_a_listing_after_a_change_reads_only_what_changed_and_still_sees_everything(tmp_path: Path) -> None:
+    """With the watch, a scan after a change stats the changed names only; a store that lists after files
+    were added, replaced, renamed and removed by hand shows exactly what a fresh store shows."""
+    store, made = _stores(tmp_path, True)
+    shutil.copyfile(tmp_path / made[0].id, tmp_path / "aperture_backup_20260101_000000.sql.gz")
+    (tmp_path / (made[1].id + MANIFEST_SUFFIX)).unlink()
+    os.replace(tmp_path / made[2].id, tmp_path / "aperture_backup_20260102_000000.sql.gz")
+    _make(store, datetime(2027, 1, 1, tzinfo=UTC))
+    fresh = ArchiveStore(tmp_path, watch=False)
+    assert store.listing() == fresh.listing()

@@ -28,6 +28,7 @@ from .model import DEFAULT_KIND, ArchiveKind, Backup, Compression, Format, Locat
 from .offsite import Offsite
 from .retention import Policy
 from .settings import SettingsStore
+from .storage import PerListing
 from .storage.catalog import Archives
 from .storage.local import ArchiveWriter
 
@@ -107,6 +108,8 @@ class BackupManager:
         self.clock = clock
         self._pg_bin_dir = pg_bin_dir
         self._retention_lock = threading.Lock()
+        #: GetStatus's summary, one pass over the backups per listing rather than per call.
+        self._summary = PerListing(_summarize)
 
     # -- making backups --------------------------------------------------------------------------------
 
@@ -494,27 +497,35 @@ class BackupManager:
     # -- status ----------------------------------------------------------------------------------------
 
     def status(self) -> Status:
-        backups = self.list_backups()
-        last_ok = next((b for b in backups if b.state is State.READY), None)
-        last_failed = next((b for b in backups if b.state is State.FAILED), None)
-        if last_failed and last_ok and last_failed.create_time < last_ok.create_time:
-            last_failed = None
-        verified = [b for b in backups if b.verification is not None]
-        last_verified = max(
-            verified, key=lambda b: b.verification.time if b.verification else b.create_time, default=None
-        )
-        passed = [b.verification.time for b in verified if b.verification is not None and b.verification.passed]
+        last_ok, last_failed, last_verified, last_verify_success_time = self._summary(self.archives.listing())
         return Status(
             last_successful=last_ok,
             last_failed=last_failed,
             current_job=self.slot.current,
             database_reachable=self.database.ping(),
             last_verified=last_verified,
-            last_verify_success_time=max(passed, default=None),
+            last_verify_success_time=last_verify_success_time,
         )
 
     def newest_ready(self) -> Backup | None:
-        return next((b for b in self.archives.list_backups() if b.state is State.READY), None)
+        return next((b for b in self.archives.listing() if b.state is State.READY), None)
+
+
+_Summary = tuple[Backup | None, Backup | None, Backup | None, datetime | None]
+
+
+def _summarize(backups: tuple[Backup, ...]) -> _Summary:
+    """GetStatus's facts from a listing: the newest successful backup, the newest failure when it is newer,
+    the backup verified most recently and when a verification last passed. A running backup's live state
+    (`_with_live_state`) changes none of them: it is CREATING, and unverified."""
+    last_ok = next((b for b in backups if b.state is State.READY), None)
+    last_failed = next((b for b in backups if b.state is State.FAILED), None)
+    if last_failed and last_ok and last_failed.create_time < last_ok.create_time:
+        last_failed = None
+    verified = [b for b in backups if b.verification is not None]
+    last_verified = max(verified, key=lambda b: b.verification.time if b.verification else b.create_time, default=None)
+    passed = [b.verification.time for b in verified if b.verification is not None and b.verification.passed]
+    return last_ok, last_failed, last_verified, max(passed, default=None)
 
 
 def wait_for(job: Job) -> Backup:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from google.protobuf import duration_pb2, timestamp_pb2
 
 from aperture.backup.v1 import backup_pb2 as pb
+from aperture_backup_client import wire
 
 from .errors import InvalidArgument
 from .history import HistoryEntry, Outcome
@@ -134,30 +136,57 @@ def backup_to_pb(backup: Backup) -> pb.Backup:
 
 
 class BackupMessages:
-    """`backup_to_pb` remembered per backup: the listing hands out the same (frozen) Backup objects while
-    a file is unchanged, so List and GetStatus convert each backup once rather than at every call. A
-    pinned backup is converted each time, as whether its pin is active depends on the time."""
+    """`backup_to_pb` remembered per backup, with its encoding: the listing hands out the same (frozen)
+    Backup objects while a file is unchanged, so List and GetStatus convert each backup once rather than at
+    every call, and List answers with the encoded backups joined (`list_response`), without building and
+    serializing a ListResponse of them each time. Whether a pin is active depends on the time, so a
+    backup pinned until a time is converted again once that time has come."""
 
     #: More entries than this (ids of backups long gone) and the cache starts again.
     LIMIT = 20_000
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._messages: dict[str, tuple[Backup, pb.Backup]] = {}
+        self._entries: dict[str, _Converted] = {}
 
     def __call__(self, backup: Backup) -> pb.Backup:
-        if backup.pin is not None:
-            return backup_to_pb(backup)
-        with self._lock:
-            known = self._messages.get(backup.id)
-        if known is not None and known[0] is backup:
-            return known[1]
+        return self._entry(backup, datetime.now(UTC)).message
+
+    def list_response(self, backups: list[Backup], next_page_token: str) -> bytes:
+        """`ListResponse(backups=..., next_page_token=...).SerializeToString()`, from the encodings kept."""
+        now = datetime.now(UTC)
+        pieces = [self._entry(b, now).framed for b in backups]
+        if next_page_token:
+            pieces.append(pb.ListResponse(next_page_token=next_page_token).SerializeToString())
+        return b"".join(pieces)
+
+    def _entry(self, backup: Backup, now: datetime) -> _Converted:
+        known = self._entries.get(backup.id)  # a dict read needs no lock; replacing entries does
+        if known is not None and known.backup is backup and (known.until is None or now < known.until):
+            return known
+        pin = backup.pin
+        until = pin.expire_time if pin is not None and pin.expire_time is not None and pin.expire_time > now else None
         message = backup_to_pb(backup)
+        encoded = message.SerializeToString()
+        entry = _Converted(backup, message, wire.length_delimited_head(_LIST_BACKUPS, len(encoded)) + encoded, until)
         with self._lock:
-            if len(self._messages) >= self.LIMIT:
-                self._messages.clear()
-            self._messages[backup.id] = (backup, message)
-        return message
+            if len(self._entries) >= self.LIMIT:
+                self._entries.clear()
+            self._entries[backup.id] = entry
+        return entry
+
+
+_LIST_BACKUPS = pb.ListResponse.BACKUPS_FIELD_NUMBER
+
+
+@dataclass(frozen=True, slots=True)
+class _Converted:
+    backup: Backup
+    message: pb.Backup
+    #: The message as one entry of ListResponse.backups: the field's key, the length, the encoding.
+    framed: bytes
+    #: When a pin's expiry changes the message; None: never.
+    until: datetime | None
 
 
 def progress_to_pb(progress: Progress) -> pb.Progress:

@@ -19,6 +19,7 @@ from .backups import utc_now
 from .model import Backup, State
 from .notify import Notifier
 from .retention import UNCOUNTED_TRIGGERS
+from .storage import PerListing
 
 _logger = logging.getLogger(__name__)
 
@@ -28,7 +29,12 @@ CHECK_INTERVAL_SECONDS = 60.0
 class Listing(Protocol):
     """Where the backups are listed: the directory, or every location (`storage.catalog.Archives`)."""
 
-    def list_backups(self) -> list[Backup]: ...
+    def listing(self) -> tuple[Backup, ...]: ...
+
+
+def _newest_success(listing: tuple[Backup, ...]) -> Backup | None:
+    # Uploads are not backups of this database; every other READY archive is.
+    return next((b for b in listing if b.state is State.READY and b.trigger not in UNCOUNTED_TRIGGERS), None)
 
 
 class SilenceWatch:
@@ -52,6 +58,8 @@ class SilenceWatch:
         self._thread: threading.Thread | None = None
         #: The success the alarms are about (None: none yet) and how many were sent since it.
         self._episode: tuple[datetime, int] | None = None
+        #: GetStatus asks at every call; one pass per listing, not one per call.
+        self._newest_success_in = PerListing(_newest_success)
 
     def is_stale(self) -> bool:
         """Whether backups are silent now; notifies nobody (GetStatus asks this)."""
@@ -100,11 +108,7 @@ class SilenceWatch:
         return newest, since, self._clock() - since
 
     def _newest_success(self) -> Backup | None:
-        # Uploads are not backups of this database; every other READY archive is.
-        return next(
-            (b for b in self._store.list_backups() if b.state is State.READY and b.trigger not in UNCOUNTED_TRIGGERS),
-            None,
-        )
+        return self._newest_success_in(self._store.listing())
 
     def _loop(self) -> None:
         while not self._stop.is_set():

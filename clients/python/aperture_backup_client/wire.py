@@ -20,7 +20,13 @@ from dataclasses import dataclass
 
 from aperture.backup.v1 import backup_pb2 as pb
 
-__all__ = ["DownloadChunk", "decode_download_response", "encode_download_response", "encode_upload_chunk"]
+__all__ = [
+    "DownloadChunk",
+    "decode_download_response",
+    "encode_download_response",
+    "encode_upload_chunk",
+    "length_delimited_head",
+]
 
 _VARINT = 0
 _FIXED64 = 1
@@ -56,6 +62,13 @@ def _key(field: int, wire_type: int) -> bytes:
 def _bytes_field(field: int, data: bytes) -> tuple[bytes, bytes]:
     """The two pieces in front of `data` in a length-delimited field: its key and its length."""
     return _key(field, _LENGTH_DELIMITED), _varint(len(data))
+
+
+def length_delimited_head(field: int, size: int) -> bytes:
+    """What precedes `size` bytes of a length-delimited field (bytes, string, an embedded message) in a
+    message: the field's key and the length. The service frames each backup of a List page with it once,
+    and answers List by joining the framed backups (convert.BackupMessages)."""
+    return _key(field, _LENGTH_DELIMITED) + _varint(size)
 
 
 _DOWNLOAD_DATA = pb.StreamDownloadResponse.DATA_FIELD_NUMBER

@@ -8,9 +8,9 @@ location holds it, the directory first. Nothing outside this package imports the
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from typing import BinaryIO, Protocol
+from typing import BinaryIO, Generic, Protocol, TypeVar
 
 from aperture_backup.model import Backup, Location
 
@@ -31,6 +31,27 @@ class ArchiveSource(Protocol):
 
     def delete(self, backup_id: str) -> Backup | None:
         """Remove the archive and its manifest."""
+
+
+_T = TypeVar("_T")
+
+
+class PerListing(Generic[_T]):
+    """What `compute` makes of a listing, computed once per listing: the stores hand out the same tuple
+    while nothing changed (`ArchiveStore.listing`), so a caller asking again gets the value kept for that
+    tuple rather than another pass over every backup. Threads may compute the same value twice at worst."""
+
+    def __init__(self, compute: Callable[[tuple[Backup, ...]], _T]):
+        self._compute = compute
+        self._last: tuple[tuple[Backup, ...], _T] | None = None
+
+    def __call__(self, listing: tuple[Backup, ...]) -> _T:
+        last = self._last  # one read: another thread may replace it meanwhile
+        if last is not None and last[0] is listing:
+            return last[1]
+        value = self._compute(listing)
+        self._last = (listing, value)
+        return value
 
 
 def chunks(handle: BinaryIO, size: int) -> Iterator[bytes]:

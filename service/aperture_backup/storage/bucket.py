@@ -125,7 +125,7 @@ class Bucket:
         self._client: S3Client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self._endpoint = endpoint_url
         self._lock = threading.Lock()
-        self._listing: list[Backup] | None = None
+        self._listing: tuple[Backup, ...] | None = None
         self._listed_at = 0.0
         #: Parsed manifests by key and ETag: a listing reads only the manifests it has not seen.
         self._manifests: dict[str, tuple[str, Backup | None]] = {}
@@ -152,9 +152,13 @@ class Bucket:
 
     def list_backups(self, *, fresh: bool = False) -> list[Backup]:
         """The READY archives the bucket holds whole, newest first (cached for LISTING_TTL_SECONDS)."""
+        return list(self.listing(fresh=fresh))
+
+    def listing(self, *, fresh: bool = False) -> tuple[Backup, ...]:
+        """As `list_backups`, the same tuple while the cached listing stands."""
         with self._lock:
             if not fresh and self._listing is not None and time.monotonic() - self._listed_at < LISTING_TTL_SECONDS:
-                return list(self._listing)
+                return self._listing
             if self._unreachable is not None and time.monotonic() < self._unreachable[0]:
                 raise self._unreachable[1]
         objects: dict[str, tuple[int, str]] = {}
@@ -176,17 +180,18 @@ class Bucket:
             if backup.state is State.READY and archive is not None and archive[0] == backup.size_bytes:
                 backups.append(backup.replace(locations=frozenset({Location.BUCKET})))
         backups.sort(key=lambda b: (b.create_time, b.id), reverse=True)
+        listing = tuple(backups)
         with self._lock:
-            self._listing, self._listed_at = backups, time.monotonic()
+            self._listing, self._listed_at = listing, time.monotonic()
             live = set(objects)
             self._manifests = {k: v for k, v in self._manifests.items() if k in live}
-        return list(backups)
+        return listing
 
-    def cached_listing(self) -> list[Backup] | None:
+    def cached_listing(self) -> tuple[Backup, ...] | None:
         """The last listing, however old (None before the first): what List shows while the bucket is
         unreachable."""
         with self._lock:
-            return None if self._listing is None else list(self._listing)
+            return self._listing
 
     def get(self, backup_id: str) -> Backup:
         key = self.key(backup_id)

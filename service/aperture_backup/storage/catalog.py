@@ -51,39 +51,56 @@ class Archives:
         #: Told of each archive stored in the directory outside a backup job (uploads, safety backups), so
         #: that its offsite copy is made in the background.
         self.on_stored: Callable[[Backup], None] | None = None
+        #: The last merged listing, and the directory's and the bucket's listings it was made of.
+        self._merged: tuple[tuple[Backup, ...], tuple[Backup, ...], tuple[Backup, ...]] | None = None
 
     # -- listing ---------------------------------------------------------------------------------------
 
     def list_backups(self, *, fresh: bool = False) -> list[Backup]:
-        """Every backup, newest first. While the bucket is unreachable, its last listing stands in."""
-        local = self.local.list_backups()
-        remote = self.bucket_backups(fresh=fresh)
+        """Every backup, newest first (a list of the caller's own). While the bucket is unreachable, its
+        last listing stands in."""
+        return list(self.listing(fresh=fresh))
+
+    def listing(self, *, fresh: bool = False) -> tuple[Backup, ...]:
+        """Every backup, newest first, as `list_backups`; the same tuple while neither the directory's
+        listing nor the bucket's changed (`ArchiveStore.listing`), so that what List and GetStatus derive
+        from it is computed once per listing."""
+        local = self.local.listing()
+        remote = self._bucket_listing(fresh=fresh)
         if not remote:
             return local
-        merged = {b.id: b for b in local}
+        merged = self._merged
+        if merged is not None and merged[0] is local and merged[1] is remote:
+            return merged[2]
+        by_id = {b.id: b for b in local}
         for copy in remote:
-            mine = merged.get(copy.id)
+            mine = by_id.get(copy.id)
             if mine is None or Location.LOCAL not in mine.locations:
-                merged[copy.id] = copy  # only the bucket has it (or the local record lost its file)
+                by_id[copy.id] = copy  # only the bucket has it (or the local record lost its file)
             elif mine.state is State.READY and mine.sha256 == copy.sha256:
-                merged[copy.id] = mine.replace(locations=mine.locations | {Location.BUCKET})
-        return sorted(merged.values(), key=lambda b: (b.create_time, b.id), reverse=True)
+                by_id[copy.id] = mine.replace(locations=mine.locations | {Location.BUCKET})
+        result = tuple(sorted(by_id.values(), key=lambda b: (b.create_time, b.id), reverse=True))
+        self._merged = (local, remote, result)
+        return result
 
     def bucket_backups(self, *, fresh: bool = False) -> list[Backup]:
+        return list(self._bucket_listing(fresh=fresh))
+
+    def _bucket_listing(self, *, fresh: bool = False) -> tuple[Backup, ...]:
         if self.bucket is None:
-            return []
+            return ()
         try:
-            backups = self.bucket.list_backups(fresh=fresh)
+            backups = self.bucket.listing(fresh=fresh)
         except BackupError as exc:
             if self.bucket_error != str(exc):
                 _logger.warning("cannot list the bucket: %s", exc)
             self.bucket_error = str(exc)
-            return self.bucket.cached_listing() or []
+            return self.bucket.cached_listing() or ()
         self.bucket_error = ""
         return backups
 
     def page(self, page_size: int, page_token: str) -> tuple[list[Backup], str]:
-        return self.local.page_of(self.list_backups(), page_size, page_token)
+        return self.local.page_of(self.listing(), page_size, page_token)
 
     def get(self, backup_id: str) -> Backup:
         try:

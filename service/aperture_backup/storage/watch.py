@@ -83,17 +83,23 @@ class DirectoryWatch:
     def changed(self) -> bool:
         """Read every event queued so far; True when one is about a name List shows, when events were lost
         (the queue overflowed), or when the watch no longer works."""
+        return self.changes() != set()
+
+    def changes(self) -> set[str] | None:
+        """Read every event queued so far: the names List shows that changed since the last call (empty when
+        none did), or None when events were lost (the queue overflowed) or the watch no longer works, and
+        only a scan of the whole directory can tell."""
         if self._fd < 0:
-            return True
-        changed = False
+            return None
+        names: set[str] | None = set()
         while True:
             try:
                 data = os.read(self._fd, 64 * 1024)
             except BlockingIOError:
-                return changed
+                return names
             except OSError:
                 self.close()
-                return True
+                return None
             offset = 0
             while offset + _EVENT.size <= len(data):
                 _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
@@ -102,9 +108,11 @@ class DirectoryWatch:
                 offset = start + length
                 if mask & _GONE:
                     self.close()
-                    return True
-                if mask & _IN_Q_OVERFLOW or not name.startswith(b"."):
-                    changed = True
+                    return None
+                if mask & _IN_Q_OVERFLOW or not name:
+                    names = None  # events lost, or one about the directory itself: scan it whole
+                elif names is not None and not name.startswith(b"."):
+                    names.add(os.fsdecode(name))
 
     def close(self) -> None:
         if self._fd >= 0:
