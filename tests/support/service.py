@@ -148,12 +148,13 @@ def grpcurl_path() -> str:
 
 
 def pg_dump_children(pid: int | None = None) -> list[psutil.Process]:
-    """The pg_dump processes running under `pid` (default: this process, whose in-process server starts them)."""
+    """The pg_dumps dumping under `pid` (default: this process, whose in-process server starts them); not the
+    `pg_dump --version` probes a service runs as it starts (toolchain.warm_up)."""
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         # A short-lived child (a tool's --version probe) may be gone between the listing and this look.
         with contextlib.suppress(psutil.NoSuchProcess):
-            if child.name() == "pg_dump":
+            if child.name() == "pg_dump" and "--version" not in child.cmdline():
                 found.append(child)
     return found
 
