@@ -287,7 +287,7 @@ def test_ctrl_c_says_the_job_goes_on(svc: RunningService, db: Database) -> None:
             stderr=subprocess.PIPE,
             text=True,
         )
-        wait_for(pg_dump_children)
+        wait_for(lambda: pg_dump_children(database=db.dbname))
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
         assert proc.returncode == 130
@@ -315,7 +315,7 @@ def test_cancel_from_the_cli_stops_the_running_job(svc: RunningService, db: Data
     with table_lock(db.uri):
         running = svc.client.stub.Create(pb.CreateRequest(), timeout=120)
         first = next(running)
-        wait_for(pg_dump_children)
+        wait_for(lambda: pg_dump_children(database=db.dbname))
         stopped = cli(svc, "cancel")
         assert stopped.returncode == 0, stopped.stderr
         assert stopped.stdout.strip() == f"stopped: {first.backup.id}"

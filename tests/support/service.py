@@ -147,14 +147,17 @@ def grpcurl_path() -> str:
     return path
 
 
-def pg_dump_children(pid: int | None = None) -> list[psutil.Process]:
-    """The pg_dumps dumping under `pid` (default: this process, whose in-process server starts them); not the
-    `pg_dump --version` probes a service runs as it starts (toolchain.warm_up)."""
+def pg_dump_children(pid: int | None = None, *, database: str | None = None) -> list[psutil.Process]:
+    """The pg_dumps dumping under `pid` (default: this process, whose in-process servers start them), of
+    `database` only when given (another test's service may be dumping too); not the `pg_dump --version`
+    probes a service runs as it starts (toolchain.warm_up)."""
     found = []
     for child in psutil.Process(pid).children(recursive=True):
         # A short-lived child (a tool's --version probe) may be gone between the listing and this look.
         with contextlib.suppress(psutil.NoSuchProcess):
-            if child.name() == "pg_dump" and "--version" not in child.cmdline():
+            if child.name() != "pg_dump" or "--version" in (cmdline := child.cmdline()):
+                continue
+            if database is None or any(f"dbname={database}" in arg for arg in cmdline):
                 found.append(child)
     return found
 
