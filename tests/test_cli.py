@@ -278,15 +278,20 @@ def test_a_closed_pipe_is_not_an_error(svc: RunningService) -> None:
     assert "Traceback" not in shell.stderr and "BrokenPipe" not in shell.stderr, shell.stderr
 
 
+def _spawn_with_ctrl_c(command: list[str], env: dict[str, str]) -> subprocess.Popen[str]:
+    """Start `command` with SIGINT at its default, as from a terminal. A test run started in the background
+    ignores SIGINT, and a child inherits that (Python then never raises KeyboardInterrupt); a handled
+    signal is reset to the default at exec, so handle it here while the child starts."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def test_ctrl_c_says_the_job_goes_on(svc: RunningService, db: Database) -> None:
     with table_lock(db.uri) as locker:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "aperture_backup", "create"],
-            env=_env(svc),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        proc = _spawn_with_ctrl_c([sys.executable, "-m", "aperture_backup", "create"], _env(svc))
         wait_for(lambda: pg_dump_children(database=db.dbname))
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)
