@@ -162,17 +162,3 @@ def test_transfer_rpcs_answer_an_empty_request_with_invalid_argument(
     assert result.returncode != 0
     assert "InvalidArgument" in result.stderr, result.stderr
     assert "Unimplemented" not in result.stderr
-
-
-def test_a_serving_process_hands_the_interpreter_over_in_short_slices() -> None:
-    """`serve` shortens the interpreter's switch interval, so that a call's threads do not wait 5 ms each
-    for a backup's threads to let go of it."""
-    from aperture_backup.server import SWITCH_INTERVAL_SECONDS, tune_interpreter
-
-    before = sys.getswitchinterval()
-    try:
-        tune_interpreter()
-        assert sys.getswitchinterval() == pytest.approx(SWITCH_INTERVAL_SECONDS)
-        assert before > SWITCH_INTERVAL_SECONDS
-    finally:
-        sys.setswitchinterval(before)

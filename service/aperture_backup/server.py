@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import signal
-import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -39,13 +38,6 @@ HEALTH_INTERVAL_SECONDS = 5.0
 #: Large archives stream in chunks of up to 4 MiB; leave room for the message around a chunk.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 WORKERS = 16
-#: How long a thread may hold the interpreter while another waits for it (Python's default: 5 ms). A call
-#: passes through several threads (gRPC's poller, a worker, the poller again), each waiting for the
-#: interpreter while a backup's threads use it; measured with 20 callers of List and GetStatus while a
-#: backup ran (1,000 archives, 2 cores at load 10, medians of 3 runs): p99 138 ms at 5 ms, 94 ms at 1 ms,
-#: 66 ms at 0.2 ms. Create took as long either way within this machine's noise (`bench.py --only create
-#: --scale 300`, two runs each: .sql.gz 8.7 and 4.3 s at 5 ms, 5.0 and 8.2 s at 0.2 ms; rounds spread by half).
-SWITCH_INTERVAL_SECONDS = 0.0002
 
 
 class HealthMonitor:
@@ -199,12 +191,6 @@ def _warn_about_exposure(config: Config, host: str, tls: ReloadableServerCredent
         )
 
 
-def tune_interpreter() -> None:
-    """Settings of the interpreter for a serving process (the whole process: `serve` calls this, tests that
-    build a server with `create_server` keep theirs)."""
-    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
-
-
 def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly: no half-written archive is left behind. SIGHUP
     re-reads the TLS certificate and key."""
@@ -223,7 +209,6 @@ def serve(config: Config) -> None:
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGHUP, on_signal)
-    tune_interpreter()
     # Handlers first: a stop asked for while the server starts is honoured once it has started.
     running = create_server(config)
     while True:
