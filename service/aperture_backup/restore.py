@@ -840,20 +840,7 @@ class RestoreManager:
         staged = self._staged()
         with contextlib.ExitStack() as stack:
             safety = None
-            if skip_safety_backup:
-                self.restore_file(
-                    job,
-                    path,
-                    backup.kind,
-                    expected_sha256=backup.sha256,
-                    toolset=toolset,
-                    recipients=backup.age_recipients,
-                    lock=lock,
-                    extensions=archive.extensions,
-                    staged=staged,
-                    on_intact=intact,
-                )
-            elif staged:
+            if not skip_safety_backup and staged:
                 safety = self._restore_beside_safety_backup(
                     job,
                     stack,
@@ -865,24 +852,25 @@ class RestoreManager:
                     on_intact=intact,
                 )
             else:
-                # In place the load drops and re-creates the live tables in its transaction: it needs ACCESS
-                # EXCLUSIVE locks, which pg_dump's ACCESS SHARE locks would keep it from (it would wait, then
-                # fail at the lock timeout). So the safety backup comes first, whole.
-                progress = _RestoreProgress(job, backup)
-                progress.safety_started()
-                safety_job = _PartJob(
-                    kind=JobKind.BACKUP,
-                    trigger=Trigger.PRE_RESTORE,
-                    description="the safety backup before a restore",
-                    cancel=job.cancel.child(),
-                    parent=job,
-                    report=progress.from_safety,
-                )
-                try:
-                    safety = self._take_safety_backup(safety_job)
-                finally:
-                    progress.safety_ended()
-                stack.enter_context(self.store.in_use(safety.id))
+                if not skip_safety_backup:
+                    # In place the load drops and re-creates the live tables in its transaction: it needs
+                    # ACCESS EXCLUSIVE locks, which pg_dump's ACCESS SHARE locks would keep it from (it would
+                    # wait, then fail at the lock timeout). So the safety backup comes first, whole.
+                    progress = _RestoreProgress(job, backup)
+                    progress.safety_started()
+                    safety_job = _PartJob(
+                        kind=JobKind.BACKUP,
+                        trigger=Trigger.PRE_RESTORE,
+                        description="the safety backup before a restore",
+                        cancel=job.cancel.child(),
+                        parent=job,
+                        report=progress.from_safety,
+                    )
+                    try:
+                        safety = self._take_safety_backup(safety_job)
+                    finally:
+                        progress.safety_ended()
+                    stack.enter_context(self.store.in_use(safety.id))
                 self.restore_file(
                     job,
                     path,
@@ -892,7 +880,7 @@ class RestoreManager:
                     recipients=backup.age_recipients,
                     lock=lock,
                     extensions=archive.extensions,
-                    staged=False,
+                    staged=staged,
                     on_intact=intact,
                 )
         if stored:
