@@ -130,11 +130,12 @@ def test_the_upload_is_not_listed_ready_before_the_restore_has_read_it(
     pg16: PgServer, make_database: MakeDatabase, service_factory: StartService
 ) -> None:
     """While the restore's safety backup waits for a lock the application holds, the upload is listed as
-    CREATING, neither restorable nor downloadable; READY once the restore read it through."""
+    CREATING, neither restorable nor downloadable; READY once the restore read it through. In place, where
+    the safety backup comes before the read (a staging restore reads beside it)."""
     source = _source(make_database, pg16)
     target = make_database(pg16, seeded=True, rows=20)
     data = _gzip_dump(pg16, source.uri)
-    svc = service_factory(target.uri)
+    svc = service_factory(target.uri, restore_isolation="in-place")
     responses: list[pb.UploadAndRestoreResponse] = []
     errors: list[BaseException] = []
 
