@@ -18,7 +18,8 @@ import grpc
 import psycopg
 import pytest
 
-from aperture_backup.database import JOB_LOCK_KEY
+from aperture_backup.database import JOB_LOCK_KEY, PING_REUSE_SECONDS
+from aperture_backup.database import Database as AppDatabase
 from aperture_backup_client import pb
 from tests.support.archives import restore_by_hand
 from tests.support.fingerprint import assert_same, fingerprint
@@ -288,6 +289,21 @@ def test_server_down_is_unavailable_and_leaves_a_visible_failure(service_factory
     assert status.last_failed_backup.id == backups[0].id
     assert not status.HasField("last_successful_backup")
     assert not status.database_reachable
+
+
+def test_status_answers_reachability_without_waiting_and_follows_the_database(
+    pg16: PgServer, make_database: MakeDatabase
+) -> None:
+    # GetStatus's answer: the first call pings; later ones get the latest answer at once while one
+    # background ping refreshes it, so 20 monitors never queue behind a connection.
+    db = make_database(pg16, create=False)
+    database = AppDatabase(db.uri)
+    assert not database.reachable(), "the database does not exist yet"
+    pg16.create_database(db.dbname)
+    time.sleep(PING_REUSE_SECONDS + 0.1)
+    assert not database.reachable(), "a stale answer comes back at once; the refresh runs behind it"
+    wait_for(database.reachable, timeout=10)
+    assert database.ping(), "the health check's ping agrees"
 
 
 @pytest.mark.parametrize("problem", ["unknown role", "unknown database"])

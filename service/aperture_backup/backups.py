@@ -249,6 +249,9 @@ class BackupManager:
                 cancel=job.cancel,
                 on_progress=on_progress,
                 keys=self.keys,
+                # A safety backup shares the cores with the restore it guards; it is kept only until
+                # retention removes it, so size matters less than the restore's time.
+                fast=writer.backup.trigger is Trigger.PRE_RESTORE,
             )
             job.update(
                 progress=Progress(phase="finalizing", bytes_done=result.size_bytes, elapsed_seconds=job.elapsed())
@@ -502,7 +505,7 @@ class BackupManager:
             last_successful=last_ok,
             last_failed=last_failed,
             current_job=self.slot.current,
-            database_reachable=self.database.ping(),
+            database_reachable=self.database.reachable(),
             last_verified=last_verified,
             last_verify_success_time=last_verify_success_time,
         )

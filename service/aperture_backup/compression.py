@@ -24,6 +24,11 @@ from .model import Compression
 #: is 9% larger than `gzip -6`'s, level 2's 12% (the target is within 10%). Level 3 costs about twice the
 #: CPU of level 2 (150 vs 300 MB/s per core) but still runs at pg_dump's pace with two threads.
 GZIP_LEVEL = 3
+#: A restore's safety backup runs beside the load, on the cores the load needs (issue 16): ISA-L level 2
+#: (measured on the benchmark's data: 0.57 CPU-s per 164 MB of SQL against level 3's 1.0, output 3% larger;
+#: level 1 costs the same as 2 and is 5% larger). zstd keeps its level: its level 1 saves a fifth of the CPU
+#: for output half as large again.
+FAST_GZIP_LEVEL = 2
 GZIP_THREADS = 2
 ZSTD_LEVEL = 3
 ZSTD_THREADS = 2
@@ -67,11 +72,13 @@ class HashingFile(io.RawIOBase):
         return len(view)
 
 
-def compressor(compression: Compression, sink: io.RawIOBase) -> Sink:
+def compressor(compression: Compression, sink: io.RawIOBase, *, fast: bool = False) -> Sink:
     """A writer that compresses into `sink` (the hashing file, or the encrypting stage before it); closing
-    it flushes the compressed stream's end, but does not close `sink`."""
+    it flushes the compressed stream's end, but does not close `sink`. `fast`: gzip with less CPU (a safety
+    backup's)."""
     if compression is Compression.GZIP:
-        gzip_writer = igzip_threaded.open(sink, "wb", compresslevel=GZIP_LEVEL, threads=GZIP_THREADS)  # type: ignore[no-untyped-call]
+        level = FAST_GZIP_LEVEL if fast else GZIP_LEVEL
+        gzip_writer = igzip_threaded.open(sink, "wb", compresslevel=level, threads=GZIP_THREADS)  # type: ignore[no-untyped-call]
         return cast(Sink, gzip_writer)
     if compression is Compression.ZSTD:
         # With the content's checksum (XXH64) in each frame, as gzip has its CRC-32: without it, damage inside

@@ -109,13 +109,34 @@ class Database:
 
     def ping(self) -> bool:
         """True when the database answers a query now (or answered within PING_REUSE_SECONDS; callers who
-        ask while a ping runs wait for it and share its answer)."""
+        ask while a ping runs wait for it and share its answer). For the health check and start-up waits."""
         with self._ping_cond:
             while self._pinging:
                 self._ping_cond.wait()
             if self._last_ping is not None and time.monotonic() - self._last_ping[0] < PING_REUSE_SECONDS:
                 return self._last_ping[1]
             self._pinging = True
+        return self._ping_and_share()
+
+    def reachable(self) -> bool:
+        """The latest ping's answer, at once; for GetStatus, which monitors call often and must not wait on a
+        connection. Only the first call waits for a ping. When the answer is older than PING_REUSE_SECONDS,
+        one background thread asks again and later calls get its answer; the health check's pings (every
+        few seconds) keep it fresh as well."""
+        with self._ping_cond:
+            while self._last_ping is None and self._pinging:
+                self._ping_cond.wait()
+            last = self._last_ping
+            if last is not None and (self._pinging or time.monotonic() - last[0] < PING_REUSE_SECONDS):
+                return last[1]
+            self._pinging = True
+        if last is None:
+            return self._ping_and_share()
+        threading.Thread(target=self._ping_and_share, name="database-ping", daemon=True).start()
+        return last[1]
+
+    def _ping_and_share(self) -> bool:
+        """Ping now, for the caller that set _pinging, and hand the answer to the callers waiting."""
         ok = False
         try:
             ok = self._ping_now()

@@ -89,9 +89,11 @@ def run_dump(
     cancel: threading.Event,
     on_progress: Callable[[int, int, str], None],
     keys: AgeKeys | None = None,
+    fast: bool = False,
 ) -> DumpResult:
     """Dump the database into `writer`'s temporary file, encrypted to `keys`' recipients when `kind` is
-    encrypted. Raises a BackupError on any failure; the caller aborts the writer."""
+    encrypted, compressed with less CPU when `fast` (compression.compressor). Raises a BackupError on any
+    failure; the caller aborts the writer."""
     if kind.encrypted and (keys is None or not keys.encrypts):
         raise Internal("an encrypted backup was asked for without age recipients")
     command = pg_dump_command(toolset, database, kind)
@@ -113,7 +115,7 @@ def run_dump(
     stage: io.RawIOBase = sink
     if keys is not None and kind.encrypted:
         stage = keys.encrypting(sink)
-    out = compressor(kind.compression, stage)
+    out = compressor(kind.compression, stage, fast=fast)
     # Rows are counted from the stream as it goes by (contents.py): plain SQL directly, a custom archive
     # through a pg_restore that turns it into the same SQL.
     plain_counter = ContentCounter() if kind.format is Format.PLAIN else None
