@@ -221,9 +221,11 @@ def test_a_safety_backup_that_fills_the_disk_leaves_everything_as_it_was(
         _change(db.uri)
         before = fingerprint(db.uri)
         filler = fill(small)
-        # Room for the safety backup's manifest and its first bytes, not for the whole of it.
+        # Room for the safety backup's manifest and its first bytes, not for the whole of it (at its cheaper
+        # gzip level it can be much smaller than the manual backup: 33 KB against 204 KB on this seed).
+        room = min(backup.size_bytes // 2, 16 * 1024)
         with open(filler, "r+b") as handle:
-            handle.truncate(max(0, filler.stat().st_size - backup.size_bytes // 2))
+            handle.truncate(max(0, filler.stat().st_size - room))
 
         running = _Restore(svc, backup.id)
         running.join()
