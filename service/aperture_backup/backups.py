@@ -249,8 +249,8 @@ class BackupManager:
                 cancel=job.cancel,
                 on_progress=on_progress,
                 keys=self.keys,
-                # A safety backup shares the cores with the restore it guards; it is kept only until
-                # retention removes it, so size matters less than the restore's time.
+                # A safety backup shares the cores with the restore it guards: the restore's time matters
+                # more than a few percent of its size.
                 fast=writer.backup.trigger is Trigger.PRE_RESTORE,
             )
             job.update(
