@@ -148,7 +148,8 @@ class BackupManager:
             job.summary = f"{backup.size_bytes} bytes"
             return backup
 
-        return self.slot.start(job, body)
+        # A backup is background work: the calls people wait on come first when the cores are busy.
+        return self.slot.start(job, body, background=True)
 
     def _replica_made_today(self, trigger: Trigger) -> Backup | None:
         """With a shared bucket, the scheduled backup another replica made in this schedule's window."""

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 
-from . import callers, memory
+from . import callers, memory, priority
 from .callers import Caller
 from .errors import Aborted, BackupError, FailedPrecondition, Internal, InvalidArgument, JobRunning, NotFound
 from .journal import JobJournal, JobRecord
@@ -211,8 +211,9 @@ class JobSlot:
                 metadata={"running_kind": running.kind.value, "running_backup_id": running.backup_id},
             )
 
-    def start(self, job: Job, body: Callable[[Job], object]) -> Job:
-        """Claim the slot and run `body(job)` in a thread; the job records its result or error."""
+    def start(self, job: Job, body: Callable[[Job], object], *, background: bool = False) -> Job:
+        """Claim the slot and run `body(job)` in a thread; the job records its result or error. A
+        `background` job (a backup) runs at lower CPU priority than the RPCs (priority.py)."""
         self.claim(job)
         journal = self.journal
         if journal is not None:
@@ -220,6 +221,8 @@ class JobSlot:
             job.on_note = lambda j: journal.begin(j.record())
 
         def run() -> None:
+            if background:
+                priority.lower_this_thread()
             result: object = None
             error: BackupError | None = None
             try:

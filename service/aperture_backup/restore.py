@@ -41,7 +41,7 @@ from typing import IO
 
 import psycopg
 
-from . import isolation, toolchain
+from . import isolation, priority, toolchain
 from .backups import SAFETY_BACKUP_PIN, BackupManager
 from .compression import decompressor
 from .database import NOTIFY_CHANNEL, Database, JobLock, first_line
@@ -622,6 +622,8 @@ class _SafetyBackupRun:
         self._thread.start()
 
     def _run(self) -> None:
+        # Beside the restore it guards, whose load is the critical path (priority.py).
+        priority.lower_this_thread()
         try:
             backup = self._take(self.job)
         except BackupError as exc:

@@ -1,0 +1,75 @@
+"""Backups run at lower CPU priority than the calls people wait on (issue 16: List and GetStatus while a
+backup runs). Real PostgreSQL 16, real pg_dump; the service runs in this process, so its threads and its
+pg_dump are this process's, and their nice values are read from the kernel.
+
+A lock on a live table keeps pg_dump waiting, after it has started, for as long as a test needs."""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import pytest
+
+from aperture.backup.v1 import backup_pb2 as pb
+from aperture_backup.priority import BACKGROUND_NICENESS
+from tests.support.fixtures import Database, MakeDatabase
+from tests.support.postgres import PgServer, table_lock
+from tests.support.service import StartService, pg_dump_children, wait_for
+from tests.test_safety_overlap import _pg_dump_waits_for_the_lock, _Restore
+
+
+@pytest.fixture
+def db(pg16: PgServer, make_database: MakeDatabase) -> Database:
+    return make_database(pg16, seeded=True, rows=20)
+
+
+def _nice_of_thread(name: str) -> int:
+    [thread] = [t for t in threading.enumerate() if t.name == name and t.native_id is not None]
+    assert thread.native_id is not None
+    return os.getpriority(os.PRIO_PROCESS, thread.native_id)
+
+
+def _niced_threads(base: int) -> int:
+    """How many threads of this process run at a lower priority than `base`."""
+    return sum(1 for tid in os.listdir("/proc/self/task") if os.getpriority(os.PRIO_PROCESS, int(tid)) > base)
+
+
+def test_a_backup_and_its_pg_dump_yield_the_cpu_and_the_rpcs_do_not(
+    db: Database, service_factory: StartService
+) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    svc = service_factory(db.uri)
+    with table_lock(db.uri):
+        call = svc.client.stub.Create(pb.CreateRequest(), timeout=300)
+        first = next(call)
+        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        [pg_dump] = pg_dump_children(database=db.dbname)
+        assert pg_dump.nice() == base + BACKGROUND_NICENESS
+        assert _nice_of_thread("job-backup") == base + BACKGROUND_NICENESS
+        # The job's thread, and the compression threads it started, and nothing else: the RPC threads,
+        # which answer this very call, keep their priority.
+        assert _niced_threads(base) >= 1 + 2
+        assert svc.client.status().current_job.backup_id == first.backup.id
+        assert os.getpriority(os.PRIO_PROCESS, 0) == base
+    *_, last = call
+    assert last.backup.state == pb.BACKUP_STATE_READY
+    # The priority ended with the job's threads: none of the threads that outlive it was lowered.
+    wait_for(lambda: _niced_threads(base) == 0, timeout=30)
+
+
+def test_a_safety_backup_yields_the_cpu_to_the_restore_it_guards(db: Database, service_factory: StartService) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    svc = service_factory(db.uri)
+    backup = svc.client.create()
+    with table_lock(db.uri) as holder:
+        running = _Restore(svc, backup.id)
+        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        [pg_dump] = pg_dump_children(database=db.dbname)
+        assert pg_dump.nice() == base + BACKGROUND_NICENESS
+        assert _nice_of_thread("safety-backup") == base + BACKGROUND_NICENESS
+        assert _nice_of_thread("job-restore") == base, "the restore's load is what the caller waits for"
+        holder.rollback()
+        running.join()
+    assert running.error is None, running.failure()
+    wait_for(lambda: _niced_threads(base) == 0, timeout=30)
