@@ -61,7 +61,7 @@ protos: $(VENV)/.installed-dev
 	$(BIN)/python scripts/gen_protos.py
 
 ## bench: the performance benchmark against the shell pipelines
-bench: $(VENV)/.installed-dev
+bench: $(VENV)/.installed-dev age-tools
 	$(BIN)/python scripts/bench.py
 
 clean:

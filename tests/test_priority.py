@@ -14,9 +14,8 @@ import pytest
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.priority import BACKGROUND_NICENESS
 from tests.support.fixtures import Database, MakeDatabase
-from tests.support.postgres import PgServer, table_lock
-from tests.support.service import StartService, pg_dump_children, wait_for
-from tests.test_safety_overlap import _pg_dump_waits_for_the_lock, _Restore
+from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, table_lock
+from tests.support.service import RestoreCall, StartService, pg_dump_children, wait_for
 
 
 @pytest.fixture
@@ -43,7 +42,7 @@ def test_a_backup_and_its_pg_dump_yield_the_cpu_and_the_rpcs_do_not(
     with table_lock(db.uri):
         call = svc.client.stub.Create(pb.CreateRequest(), timeout=300)
         first = next(call)
-        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
         [pg_dump] = pg_dump_children(database=db.dbname)
         assert pg_dump.nice() == base + BACKGROUND_NICENESS
         assert _nice_of_thread("job-backup") == base + BACKGROUND_NICENESS
@@ -63,8 +62,8 @@ def test_a_safety_backup_yields_the_cpu_to_the_restore_it_guards(db: Database, s
     svc = service_factory(db.uri)
     backup = svc.client.create()
     with table_lock(db.uri) as holder:
-        running = _Restore(svc, backup.id)
-        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        running = RestoreCall(svc, backup.id)
+        wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
         [pg_dump] = pg_dump_children(database=db.dbname)
         assert pg_dump.nice() == base + BACKGROUND_NICENESS
         assert _nice_of_thread("safety-backup") == base + BACKGROUND_NICENESS

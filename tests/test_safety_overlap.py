@@ -14,23 +14,20 @@ from __future__ import annotations
 
 import gzip
 import signal
-import threading
 import time
 from pathlib import Path
 
 import grpc
 import psycopg
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.isolation import STAGING_MARK
 from tests.support.filesystem import fill, small_filesystem
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
-from tests.support.postgres import PgServer, public_tables, table_lock
-from tests.support.service import RunningService, StartService, pg_dump_children, wait_for
+from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, public_tables, table_lock
+from tests.support.service import RestoreCall, RunningService, StartService, pg_dump_children, wait_for
 
 #: A table pg_dump must lock (the seed's), held by the test to keep the safety backup waiting.
 LOCKED_TABLE = "public.users"
@@ -41,48 +38,6 @@ SLEEPER_SQL = b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catal
 @pytest.fixture
 def db(pg16: PgServer, make_database: MakeDatabase) -> Database:
     return make_database(pg16, seeded=True, rows=40)
-
-
-class _Restore:
-    """A Restore call running in a thread: its messages, and its error if it fails."""
-
-    def __init__(self, svc: RunningService, backup_id: str):
-        self.messages: list[pb.RestoreResponse] = []
-        self.error: grpc.RpcError | None = None
-        call = svc.client.stub.Restore(pb.RestoreRequest(id=backup_id), timeout=300)
-        self._thread = threading.Thread(target=self._run, args=(call,))
-        self._thread.start()
-
-    def _run(self, call: object) -> None:
-        try:
-            for message in call:  # type: ignore[attr-defined]
-                self.messages.append(message)
-        except grpc.RpcError as exc:
-            self.error = exc
-
-    def join(self, timeout: float = 120) -> None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the restore did not end"
-
-    def failure(self) -> tuple[grpc.StatusCode, str, str]:
-        """Code, ErrorInfo reason and message of a restore that failed."""
-        assert self.error is not None, "the restore succeeded"
-        status = rpc_status.from_call(self.error)
-        reason = ""
-        if status is not None and status.details:
-            info = error_details_pb2.ErrorInfo()
-            status.details[0].Unpack(info)
-            reason = info.reason
-        return self.error.code(), reason, self.error.details() or ""
-
-
-def _pg_dump_waits_for_the_lock(uri: str) -> bool:
-    with psycopg.connect(uri, autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT 1 FROM pg_catalog.pg_stat_activity WHERE datname = pg_catalog.current_database() "
-            "AND wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE %'"
-        ).fetchone()
-    return row is not None
 
 
 def _staging_databases(server: PgServer, live: str) -> list[str]:
@@ -125,12 +80,12 @@ def test_the_staging_load_does_not_wait_for_the_safety_backup(db: Database, serv
     _change(db.uri)
 
     with table_lock(db.uri, LOCKED_TABLE) as holder:
-        running = _Restore(svc, backup.id)
-        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        running = RestoreCall(svc, backup.id)
+        wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
         # The safety backup cannot go on, yet the archive is loaded into the staging database meanwhile (one
         # after the other, no staging database would exist before pg_dump has finished).
         wait_for(lambda: _loaded_beside(svc), timeout=60)
-        assert _pg_dump_waits_for_the_lock(db.uri), "the safety backup still runs"
+        assert pg_dump_waits_for_a_lock(db.uri), "the safety backup still runs"
         [staging] = _staging_databases(db.server, db.dbname)
         assert "added_after_the_backup" not in public_tables(db.server.database_uri(staging))
         assert "added_after_the_backup" in public_tables(db.uri), "the live database is not touched yet"
@@ -161,8 +116,8 @@ def test_the_safety_backup_is_the_database_as_it_was_before_the_restore(
     before = fingerprint(db.uri)
 
     with table_lock(db.uri, LOCKED_TABLE) as holder:
-        running = _Restore(svc, backup.id)
-        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        running = RestoreCall(svc, backup.id)
+        wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
         wait_for(lambda: _loaded_beside(svc), timeout=60)
         # The application writes while the restore runs (after pg_dump took its snapshot): the safety backup
         # does not have these rows; the swap then replaces the database, as any restore does.
@@ -186,8 +141,8 @@ def test_a_killed_safety_backup_leaves_everything_as_it_was(db: Database, servic
     before = fingerprint(db.uri)
 
     with table_lock(db.uri, LOCKED_TABLE) as holder:
-        running = _Restore(svc, backup.id)
-        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        running = RestoreCall(svc, backup.id)
+        wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
         wait_for(lambda: _loaded_beside(svc), timeout=60)  # the staging database is ready to be swapped in
         [pg_dump] = pg_dump_children()
         pg_dump.send_signal(signal.SIGKILL)
@@ -227,7 +182,7 @@ def test_a_safety_backup_that_fills_the_disk_leaves_everything_as_it_was(
         with open(filler, "r+b") as handle:
             handle.truncate(max(0, filler.stat().st_size - room))
 
-        running = _Restore(svc, backup.id)
+        running = RestoreCall(svc, backup.id)
         running.join()
         code, reason, message = running.failure()
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DISK_FULL"), message
@@ -245,8 +200,8 @@ def test_cancel_while_both_run_stops_both_and_changes_nothing(db: Database, serv
     (svc.backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
 
     with table_lock(db.uri, LOCKED_TABLE):
-        running = _Restore(svc, SLEEPER)
-        wait_for(lambda: _pg_dump_waits_for_the_lock(db.uri), timeout=60)
+        running = RestoreCall(svc, SLEEPER)
+        wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
         # The load is stuck in its archive's statement in the staging database at the same time.
         wait_for(lambda: _sleeping_in(db.server, db.dbname), timeout=60)
         started = time.monotonic()
@@ -286,7 +241,7 @@ def test_a_failed_load_stops_the_safety_backup_and_leaves_nothing(db: Database, 
     (svc.backup_dir / failing).write_bytes(b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT 1/0;\n")
 
     with table_lock(db.uri, LOCKED_TABLE):
-        running = _Restore(svc, failing)
+        running = RestoreCall(svc, failing)
         # The restore fails while its safety backup still waits for the lock: the database is unchanged, so
         # the safety backup is not needed, and the caller is not kept waiting for it.
         running.join(60)
@@ -311,7 +266,7 @@ def test_the_safety_backup_is_compressed_with_less_cpu_and_holds_the_same_dump(
     # the test asks for a difference no restrict key can make.
     svc = service_factory(db.uri)
     manual = svc.client.create()
-    result = _Restore(svc, manual.id)
+    result = RestoreCall(svc, manual.id)
     result.join()
     assert result.error is None, result.failure()
     safety = result.messages[-1].result.safety_backup

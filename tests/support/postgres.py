@@ -301,6 +301,16 @@ def table_lock(uri: str, table: str = "public.users") -> Iterator[psycopg.Connec
             conn.rollback()
 
 
+def pg_dump_waits_for_a_lock(uri: str) -> bool:
+    """A pg_dump of the database at `uri` waits for a lock (one `table_lock` holds)."""
+    with psycopg.connect(uri, autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT 1 FROM pg_catalog.pg_stat_activity WHERE datname = pg_catalog.current_database() "
+            "AND wait_event_type = 'Lock' AND query LIKE 'LOCK TABLE %'"
+        ).fetchone()
+    return row is not None
+
+
 def public_tables(uri: str) -> set[str]:
     """The names of the tables in the public schema of the database at `uri`."""
     with psycopg.connect(uri) as conn:

@@ -11,15 +11,20 @@ import shutil
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+import grpc
 import psutil
 import pytest
+from google.rpc import error_details_pb2
+from grpc_status import rpc_status
 
+from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.app import App
 from aperture_backup.config import Config
 from aperture_backup.server import RunningServer, create_server
@@ -228,3 +233,36 @@ def _answers(running: ServiceProcess) -> bool:
     except Exception:
         return False
     return True
+
+
+class RestoreCall:
+    """A Restore call running in a thread: its messages, and its error if it fails."""
+
+    def __init__(self, svc: RunningService, backup_id: str):
+        self.messages: list[pb.RestoreResponse] = []
+        self.error: grpc.RpcError | None = None
+        call = svc.client.stub.Restore(pb.RestoreRequest(id=backup_id), timeout=300)
+        self._thread = threading.Thread(target=self._run, args=(call,))
+        self._thread.start()
+
+    def _run(self, call: object) -> None:
+        try:
+            for message in call:  # type: ignore[attr-defined]
+                self.messages.append(message)
+        except grpc.RpcError as exc:
+            self.error = exc
+
+    def join(self, timeout: float = 120) -> None:
+        self._thread.join(timeout)
+        assert not self._thread.is_alive(), "the restore did not end"
+
+    def failure(self) -> tuple[grpc.StatusCode, str, str]:
+        """Code, ErrorInfo reason and message of a restore that failed."""
+        assert self.error is not None, "the restore succeeded"
+        status = rpc_status.from_call(self.error)
+        reason = ""
+        if status is not None and status.details:
+            info = error_details_pb2.ErrorInfo()
+            status.details[0].Unpack(info)
+            reason = info.reason
+        return self.error.code(), reason, self.error.details() or ""
