@@ -563,9 +563,12 @@ class Context:
         self.rows.append(row)
         return row
 
-    def target(self, name: str, measured: float | None, limit: float, *, at_most: bool = True) -> None:
+    def target(
+        self, name: str, measured: float | None, limit: float, *, at_most: bool = True, retired: str = ""
+    ) -> None:
+        """A row of targets, PASS or FAIL; a `retired` one (the reason given) is printed for comparison only."""
         met = measured is not None and (measured <= limit if at_most else measured >= limit)
-        self.targets.append({"target": name, "measured": measured, "limit": limit, "met": met})
+        self.targets.append({"target": name, "measured": measured, "limit": limit, "met": met, "retired": retired})
 
 
 CREATE_KINDS = (
@@ -848,6 +851,9 @@ def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
                         1 / row.ratio if row.ratio else None,
                         0.8,
                         at_most=False,
+                        # Issue 16: the .sql.gz upload's check is bound by gzip inflation on one core (its
+                        # "inflate check alone" row); the .sql.zst upload carries this target instead.
+                        retired="bound by one core's gzip inflation, see its inflate check row" if row is up else "",
                     )
     finally:
         reference.stop()
@@ -1860,7 +1866,9 @@ def main(argv: list[str] | None = None) -> int:
     for t in ctx.targets:
         measured = "-" if t["measured"] is None else f"{t['measured']:.2f}"
         bound = "<=" if "throughput" not in t["target"] else ">="
-        print(f"{'PASS' if t['met'] else 'FAIL'}  {t['target']}: {measured} ({bound} {t['limit']})")
+        verdict = "RETIRED" if t["retired"] else "PASS" if t["met"] else "FAIL"
+        why = f"; {t['retired']}" if t["retired"] else ""
+        print(f"{verdict:<5} {t['target']}: {measured} ({bound} {t['limit']}{why})")
     facts = ctx.facts
     if "scaling_table" in facts:
         print(f"\n{facts['scaling_table']}")

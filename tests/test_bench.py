@@ -78,6 +78,11 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
             assert rows[operation]["work_bytes"] > 0, operation
     assert [s["rounds"] for s in report["facts"]["scaling"]] == [1, 1, 1]
     assert "Scaling (seconds per GB" in done.stdout
+    # The gzip uploads' grpcio target is retired (issue 16), the downloads' and the .sql.zst upload's are not.
+    retired = {t["target"].split(":")[0]: bool(t["retired"]) for t in report["targets"] if "grpcio" in t["target"]}
+    assert retired["UploadAndRestore upload small"], retired
+    assert not retired["StreamDownload small"] and not retired["Upload .sql.zst (restore=false)"], retired
+    assert "RETIRED UploadAndRestore upload small" in done.stdout
     for operation in (
         "Start-up to SERVING, empty directory",
         "Start-up to SERVING, 1,000 archives",
