@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 import threading
 
+import grpc
+import psutil
 import pytest
 
 from aperture.backup.v1 import backup_pb2 as pb
@@ -16,6 +18,10 @@ from aperture_backup.priority import BACKGROUND_NICENESS
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, table_lock
 from tests.support.service import RestoreCall, StartService, pg_dump_children, wait_for
+
+#: A hand-made plain archive whose load never ends on its own.
+SLEEPER = "sleeper.sql"
+SLEEPER_SQL = b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catalog.pg_sleep(100000);\n"
 
 
 @pytest.fixture
@@ -71,4 +77,21 @@ def test_a_safety_backup_yields_the_cpu_to_the_restore_it_guards(db: Database, s
         holder.rollback()
         running.join()
     assert running.error is None, running.failure()
+    wait_for(lambda: _niced_threads(base) == 0, timeout=30)
+
+
+def test_a_verification_and_its_load_yield_the_cpu(db: Database, service_factory: StartService) -> None:
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    svc = service_factory(db.uri)
+    # A hand-made archive whose load sleeps in the scratch database until the verification is cancelled.
+    (svc.backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
+    call = svc.client.stub.Verify(pb.VerifyRequest(id=SLEEPER), timeout=300)
+    next(call)
+    wait_for(lambda: [p for p in psutil.Process().children(recursive=True) if p.name() == "psql"], timeout=60)
+    [psql] = [p for p in psutil.Process().children(recursive=True) if p.name() == "psql"]
+    assert psql.nice() == base + BACKGROUND_NICENESS
+    assert _nice_of_thread("job-verify") == base + BACKGROUND_NICENESS
+    assert svc.client.cancel(SLEEPER).stopped
+    with pytest.raises(grpc.RpcError):
+        list(call)
     wait_for(lambda: _niced_threads(base) == 0, timeout=30)

@@ -113,7 +113,9 @@ class VerifyManager:
                 # Again, now that it is in use: a Delete may have come in between.
                 return self._verify(job, self.restores.restorable(backup.id))
 
-        return self.slot.start(job, body)
+        # Background work like a backup: its load into a scratch database (or a throwaway server, which
+        # inherits the priority) must not slow the calls people wait on.
+        return self.slot.start(job, body, background=True)
 
     def due(self) -> bool:
         """Whether the schedule (APERTURE_BACKUP_VERIFY) wants the newest backup verified now."""
