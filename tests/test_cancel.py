@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import threading
 import time
 from pathlib import Path
 
@@ -14,8 +13,6 @@ import grpc
 import psutil
 import psycopg
 import pytest
-from google.rpc import error_details_pb2
-from grpc_status import rpc_status
 
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.isolation import STAGING_MARK
@@ -24,17 +21,18 @@ from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, table_lock
 from tests.support.service import (
+    SLEEPER,
+    SLEEPER_SQL,
+    CallInThread,
     RunningService,
     StartService,
     clean_environment,
+    error_reason,
     free_port,
     pg_dump_children,
     serve_process,
     wait_for,
 )
-
-SLEEPER = "sleeper.sql"
-SLEEPER_SQL = b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catalog.pg_sleep(100000);\n"
 
 
 @pytest.fixture
@@ -63,40 +61,10 @@ def _psql_children(pid: int | None = None) -> list[psutil.Process]:
     return found
 
 
-def _reason(error: grpc.RpcError) -> str:
-    status = rpc_status.from_call(error)
-    if status is None or not status.details:
-        return ""
-    info = error_details_pb2.ErrorInfo()
-    status.details[0].Unpack(info)
-    return str(info.reason)
-
-
-class _Background:
-    """Runs a streaming call in a thread and keeps how it ended."""
-
-    def __init__(self, call: object):
-        self.error: grpc.RpcError | None = None
-        self.messages: list[object] = []
-        self._thread = threading.Thread(target=self._run, args=(call,))
-        self._thread.start()
-
-    def _run(self, call: object) -> None:
-        try:
-            for message in call:  # type: ignore[attr-defined]
-                self.messages.append(message)
-        except grpc.RpcError as exc:
-            self.error = exc
-
-    def join(self, timeout: float) -> None:
-        self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the call did not end"
-
-
-def _start_sleeping_restore(svc: RunningService, uri: str) -> _Background:
+def _start_sleeping_restore(svc: RunningService, uri: str) -> CallInThread:
     (svc.backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
     call = svc.client.stub.Restore(pb.RestoreRequest(id=SLEEPER, skip_safety_backup=True), timeout=300)
-    running = _Background(call)
+    running = CallInThread(call)
     wait_for(lambda: _sleepers(uri), timeout=60)
     return running
 
@@ -113,7 +81,7 @@ def test_cancel_stops_a_restore_stuck_in_a_statement(db: Database, service_facto
     running.join(30)
     assert time.monotonic() - started < 20
     assert running.error is not None and running.error.code() is grpc.StatusCode.ABORTED
-    assert _reason(running.error) == "CANCELLED"
+    assert error_reason(running.error) == "CANCELLED"
     assert "cancelled: a Cancel call asked for it" in (running.error.details() or "")
 
     assert_same(before, fingerprint(db.uri))
@@ -130,7 +98,7 @@ def test_a_restore_past_its_time_limit_is_rolled_back(db: Database, service_fact
     running = _start_sleeping_restore(svc, db.uri)
     running.join(60)
     assert running.error is not None and running.error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
-    assert _reason(running.error) == "RESTORE_TIMEOUT"
+    assert error_reason(running.error) == "RESTORE_TIMEOUT"
     assert "APERTURE_BACKUP_RESTORE_TIMEOUT" in (running.error.details() or "")
     assert_same(before, fingerprint(db.uri))
     assert _sleepers(db.uri) == [] and _psql_children() == []
@@ -146,7 +114,7 @@ def test_cancel_stops_a_backup_waiting_for_a_lock(db: Database, service_factory:
         assert response.stopped
         with pytest.raises(grpc.RpcError) as ended:
             list(call)
-    assert ended.value.code() is grpc.StatusCode.ABORTED and _reason(ended.value) == "CANCELLED"
+    assert ended.value.code() is grpc.StatusCode.ABORTED and error_reason(ended.value) == "CANCELLED"
     assert pg_dump_children() == []
     listed = svc.client.get(first.backup.id)
     assert listed.state == pb.BACKUP_STATE_FAILED and "cancelled" in listed.error
@@ -161,7 +129,7 @@ def test_cancel_says_what_is_wrong(db: Database, service_factory: StartService) 
     ):
         with pytest.raises(grpc.RpcError) as refused:
             svc.client.cancel(backup_id)
-        assert (refused.value.code(), _reason(refused.value)) == (code, reason)
+        assert (refused.value.code(), error_reason(refused.value)) == (code, reason)
     running = _start_sleeping_restore(svc, db.uri)
     try:
         with pytest.raises(grpc.RpcError) as other:
@@ -187,7 +155,7 @@ def test_sigterm_ends_a_stuck_restore_at_once(db: Database, tmp_path: Path) -> N
         with BackupClient(f"127.0.0.1:{port}") as client:
             wait_for(lambda: _answers(client), timeout=60)
             call = client.stub.Restore(pb.RestoreRequest(id=SLEEPER, skip_safety_backup=True), timeout=300)
-            running = _Background(call)
+            running = CallInThread(call)
             wait_for(lambda: _sleepers(db.uri), timeout=60)
             children = _psql_children(proc.pid)
             assert children
@@ -231,7 +199,7 @@ def test_a_restore_interrupted_by_sigkill_is_known_after_the_restart(db: Databas
         with BackupClient(f"127.0.0.1:{port}") as client:
             wait_for(lambda: _answers(client), timeout=60)
             call = client.stub.Restore(pb.RestoreRequest(id=SLEEPER, skip_safety_backup=True), timeout=300)
-            running = _Background(call)
+            running = CallInThread(call)
             wait_for(lambda: _sleepers(db.uri), timeout=60)
             assert list((backup_dir / ".state" / "tmp").iterdir()), "the restore's working files are there"
             first.send_signal(signal.SIGKILL)

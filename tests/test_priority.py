@@ -17,11 +17,7 @@ from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.priority import BACKGROUND_NICENESS
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, table_lock
-from tests.support.service import RestoreCall, StartService, pg_dump_children, wait_for
-
-#: A hand-made plain archive whose load never ends on its own.
-SLEEPER = "sleeper.sql"
-SLEEPER_SQL = b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catalog.pg_sleep(100000);\n"
+from tests.support.service import SLEEPER, SLEEPER_SQL, RestoreCall, StartService, pg_dump_children, wait_for
 
 
 @pytest.fixture
@@ -40,6 +36,10 @@ def _niced_threads(base: int) -> int:
     return sum(1 for tid in os.listdir("/proc/self/task") if os.getpriority(os.PRIO_PROCESS, int(tid)) > base)
 
 
+def _psql_children() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children(recursive=True) if p.name() == "psql"]
+
+
 def test_a_backup_and_its_pg_dump_yield_the_cpu_and_the_rpcs_do_not(
     db: Database, service_factory: StartService
 ) -> None:
@@ -52,8 +52,8 @@ def test_a_backup_and_its_pg_dump_yield_the_cpu_and_the_rpcs_do_not(
         [pg_dump] = pg_dump_children(database=db.dbname)
         assert pg_dump.nice() == base + BACKGROUND_NICENESS
         assert _nice_of_thread("job-backup") == base + BACKGROUND_NICENESS
-        # The job's thread, and the compression threads it started, and nothing else: the RPC threads,
-        # which answer this very call, keep their priority.
+        # At least the job's thread and the two compression threads it started; the process itself (and so
+        # every thread started later, the RPC threads' pool included) keeps its priority.
         assert _niced_threads(base) >= 1 + 2
         assert svc.client.status().current_job.backup_id == first.backup.id
         assert os.getpriority(os.PRIO_PROCESS, 0) == base
@@ -87,8 +87,8 @@ def test_a_verification_and_its_load_yield_the_cpu(db: Database, service_factory
     (svc.backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
     call = svc.client.stub.Verify(pb.VerifyRequest(id=SLEEPER), timeout=300)
     next(call)
-    wait_for(lambda: [p for p in psutil.Process().children(recursive=True) if p.name() == "psql"], timeout=60)
-    [psql] = [p for p in psutil.Process().children(recursive=True) if p.name() == "psql"]
+    wait_for(_psql_children, timeout=60)
+    [psql] = _psql_children()
     assert psql.nice() == base + BACKGROUND_NICENESS
     assert _nice_of_thread("job-verify") == base + BACKGROUND_NICENESS
     assert svc.client.cancel(SLEEPER).stopped

@@ -27,12 +27,18 @@ from tests.support.filesystem import fill, small_filesystem
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, public_tables, table_lock
-from tests.support.service import RestoreCall, RunningService, StartService, pg_dump_children, wait_for
+from tests.support.service import (
+    SLEEPER,
+    SLEEPER_SQL,
+    RestoreCall,
+    RunningService,
+    StartService,
+    pg_dump_children,
+    wait_for,
+)
 
 #: A table pg_dump must lock (the seed's), held by the test to keep the safety backup waiting.
 LOCKED_TABLE = "public.users"
-SLEEPER = "sleeper.sql"
-SLEEPER_SQL = b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catalog.pg_sleep(100000);\n"
 
 
 @pytest.fixture

@@ -213,7 +213,7 @@ class JobSlot:
 
     def start(self, job: Job, body: Callable[[Job], object], *, background: bool = False) -> Job:
         """Claim the slot and run `body(job)` in a thread; the job records its result or error. A
-        `background` job (a backup) runs at lower CPU priority than the RPCs (priority.py)."""
+        `background` job (a backup, a verification) runs at lower CPU priority than the RPCs (priority.py)."""
         self.claim(job)
         journal = self.journal
         if journal is not None:

@@ -235,13 +235,28 @@ def _answers(running: ServiceProcess) -> bool:
     return True
 
 
-class RestoreCall:
-    """A Restore call running in a thread: its messages, and its error if it fails."""
+#: A hand-made plain archive whose load sleeps until it is cancelled: it keeps a restore or a verification
+#: running for as long as a test needs.
+SLEEPER = "sleeper.sql"
+SLEEPER_SQL = b"-- hand-made\nCREATE TABLE public.half (a int);\nSELECT pg_catalog.pg_sleep(100000);\n"
 
-    def __init__(self, svc: RunningService, backup_id: str):
-        self.messages: list[pb.RestoreResponse] = []
+
+def error_reason(error: grpc.RpcError) -> str:
+    """The ErrorInfo reason of a failed call ("" when it has none)."""
+    status = rpc_status.from_call(error)
+    if status is None or not status.details:
+        return ""
+    info = error_details_pb2.ErrorInfo()
+    status.details[0].Unpack(info)
+    return str(info.reason)
+
+
+class CallInThread:
+    """A streaming call read in a thread: its messages, and its error if it fails."""
+
+    def __init__(self, call: object):
+        self.messages: list[Any] = []
         self.error: grpc.RpcError | None = None
-        call = svc.client.stub.Restore(pb.RestoreRequest(id=backup_id), timeout=300)
         self._thread = threading.Thread(target=self._run, args=(call,))
         self._thread.start()
 
@@ -254,15 +269,16 @@ class RestoreCall:
 
     def join(self, timeout: float = 120) -> None:
         self._thread.join(timeout)
-        assert not self._thread.is_alive(), "the restore did not end"
+        assert not self._thread.is_alive(), "the call did not end"
 
     def failure(self) -> tuple[grpc.StatusCode, str, str]:
-        """Code, ErrorInfo reason and message of a restore that failed."""
-        assert self.error is not None, "the restore succeeded"
-        status = rpc_status.from_call(self.error)
-        reason = ""
-        if status is not None and status.details:
-            info = error_details_pb2.ErrorInfo()
-            status.details[0].Unpack(info)
-            reason = info.reason
-        return self.error.code(), reason, self.error.details() or ""
+        """Code, ErrorInfo reason and message of a call that failed."""
+        assert self.error is not None, "the call succeeded"
+        return self.error.code(), error_reason(self.error), self.error.details() or ""
+
+
+class RestoreCall(CallInThread):
+    """A Restore of `backup_id` read in a thread."""
+
+    def __init__(self, svc: RunningService, backup_id: str):
+        super().__init__(svc.client.stub.Restore(pb.RestoreRequest(id=backup_id), timeout=300))
