@@ -87,6 +87,8 @@ def _start_serve(database_uri: str, backup_dir: Path) -> tuple[subprocess.Popen[
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
     env.update(
+        # A service that does not stop is aborted, and this prints where each of its threads is.
+        PYTHONFAULTHANDLER="1",
         APERTURE_BACKUP_DATABASE_URL=database_uri,
         APERTURE_BACKUP_DIR=str(backup_dir),
         APERTURE_BACKUP_LISTEN=f"127.0.0.1:{port}",
@@ -109,18 +111,43 @@ def _start_serve(database_uri: str, backup_dir: Path) -> tuple[subprocess.Popen[
 
 
 def _stop(proc: subprocess.Popen[str]) -> str:
+    """SIGTERM, then the service's log; a service still running after a minute fails the test with the
+    stack of each of its threads."""
     proc.send_signal(signal.SIGTERM)
     try:
-        assert proc.wait(timeout=60) == 0
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.stderr.read() if proc.stderr else ""
+        code = proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        try:
+            proc.wait(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        pytest.fail(f"the service did not stop within 60 s of SIGTERM:\n{proc.stderr.read() if proc.stderr else ''}")
+    log = proc.stderr.read() if proc.stderr else ""
+    assert code == 0, log
+    return log
 
 
 def test_serve_stops_cleanly_on_sigterm(seeded_db: Database, tmp_path: Path) -> None:
     proc, _ = _start_serve(seeded_db.uri, tmp_path / "backups")
     assert "shutting down" in _stop(proc)
+
+
+def test_a_sigterm_that_lands_on_another_thread_still_stops_the_service(seeded_db: Database, tmp_path: Path) -> None:
+    """The kernel hands a process's signal to any of its threads. kill() with a thread's id prefers that
+    thread, so this is the case the main thread alone would not notice: it stopped only sometimes, and a
+    container's stop then waited for its SIGKILL."""
+    proc, _ = _start_serve(seeded_db.uri, tmp_path / "backups")
+    others = [int(tid) for tid in os.listdir(f"/proc/{proc.pid}/task") if int(tid) != proc.pid]
+    assert others
+    os.kill(others[-1], signal.SIGTERM)
+    try:
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert "shutting down" in (proc.stderr.read() if proc.stderr else "")
 
 
 def test_sigterm_during_a_backup_leaves_no_half_written_archive(seeded_db: Database, tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -191,35 +192,56 @@ def _warn_about_exposure(config: Config, host: str, tls: ReloadableServerCredent
         )
 
 
+class SignalInbox:
+    """The signals the command line acts on, read one at a time by the main thread.
+
+    Python runs a signal's handler only in the main thread, and only when that thread runs bytecode. The
+    kernel may deliver a process's signal to any of its threads (pg_dump's, gRPC's, the compressor's): a
+    main thread blocked in `Event.wait()` is then never interrupted and the handler never runs, so SIGTERM
+    was sometimes ignored. Here the C-level handler writes each signal's number into a socket
+    (`signal.set_wakeup_fd`) from whichever thread it lands on, and the main thread blocks reading that
+    socket, which wakes it whatever the thread."""
+
+    def __init__(self, signums: tuple[signal.Signals, ...]) -> None:
+        self._reader, self._writer = socket.socketpair()
+        self._writer.setblocking(False)
+        self._previous_fd = signal.set_wakeup_fd(self._writer.fileno(), warn_on_full_buffer=False)
+        self._previous = {signum: signal.signal(signum, self._ignore) for signum in signums}
+
+    @staticmethod
+    def _ignore(signum: int, frame: FrameType | None) -> None:
+        """A Python-level handler must exist for the wakeup byte to be written; the work is in `next`."""
+
+    def next(self) -> signal.Signals:
+        """Block until one of the signals arrives; signals that came earlier are returned in order."""
+        while True:
+            data = self._reader.recv(1)
+            if data and data[0] in self._previous:
+                return signal.Signals(data[0])
+
+    def close(self) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        signal.set_wakeup_fd(self._previous_fd)
+        self._reader.close()
+        self._writer.close()
+
+
 def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly: no half-written archive is left behind. SIGHUP
     re-reads the TLS certificate and key."""
-    wake = threading.Event()
-    stopping = False
-
-    def on_signal(signum: int, frame: FrameType | None) -> None:
-        nonlocal stopping
-        if signum == signal.SIGHUP:
-            _logger.info("received SIGHUP; reloading the TLS certificate")
-        else:
-            _logger.info("received %s; shutting down", signal.Signals(signum).name)
-            stopping = True
-        wake.set()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGHUP, on_signal)
-    # Handlers first: a stop asked for while the server starts is honoured once it has started.
-    running = create_server(config)
-    while True:
-        wake.wait()
-        wake.clear()
-        if stopping:
-            break
-        # Here rather than in the handler, which could interrupt the reload's own lock.
-        if running.tls is None:
-            _logger.info("SIGHUP ignored: TLS is not configured")
-        else:
-            running.reload_tls()
-    running.stop()
+    # Before the server starts: a stop asked for while it starts is honoured once it has started.
+    inbox = SignalInbox((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
+    try:
+        running = create_server(config)
+        while (signum := inbox.next()) == signal.SIGHUP:
+            if running.tls is None:
+                _logger.info("received SIGHUP; ignored: TLS is not configured")
+            else:
+                _logger.info("received SIGHUP; reloading the TLS certificate")
+                running.reload_tls()
+        _logger.info("received %s; shutting down", signum.name)
+        running.stop()
+    finally:
+        inbox.close()
     _logger.info("stopped")
