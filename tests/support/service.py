@@ -160,7 +160,9 @@ def pg_dump_children(pid: int | None = None, *, database: str | None = None) -> 
     for child in psutil.Process(pid).children(recursive=True):
         # A short-lived child (a tool's --version probe) may be gone between the listing and this look.
         with contextlib.suppress(psutil.NoSuchProcess):
-            if child.name() != "pg_dump" or "--version" in (cmdline := child.cmdline()):
+            # A dump names its database. A probe that is exiting has an empty command line, which once let
+            # a test take a start-up probe for the dump it waited for.
+            if child.name() != "pg_dump" or "--dbname" not in (cmdline := child.cmdline()):
                 continue
             if database is None or any(f"dbname={database}" in arg for arg in cmdline):
                 found.append(child)
