@@ -66,9 +66,10 @@ ENV PATH=/opt/aperture-backup/bin:$PATH \
 VOLUME ["/backups"]
 EXPOSE 50051
 
-# gRPC health on loopback: SERVING once the service is up and its database answers.
+# gRPC health on loopback, at the port of APERTURE_BACKUP_LISTEN: SERVING once the service is up and its
+# database answers.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
-    CMD ["aperture-backup", "health", "--server", "127.0.0.1:50051"]
+    CMD ["aperture-backup", "health"]
 
 ENTRYPOINT ["tini", "--", "aperture-backup"]
 CMD ["serve"]

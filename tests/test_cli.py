@@ -359,3 +359,46 @@ def test_verify_pin_unpin_and_gfs_retention(svc: RunningService) -> None:
 
     assert cli(svc, "unpin", older).stdout == f"unpinned {older}: retention may delete it\n"
     assert not svc.client.get(older).pinned
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:{port}", "127.0.0.1:{port}"])
+def test_health_finds_the_service_at_the_port_it_listens_on(listen: str, svc: RunningService) -> None:
+    """The image's HEALTHCHECK runs `aperture-backup health` with the service's own environment: without
+    APERTURE_BACKUP_ADDRESS it goes to APERTURE_BACKUP_LISTEN's port, so a changed port stays healthy."""
+    port = svc.target.rsplit(":", 1)[1]
+    environment = {k: v for k, v in _env(svc).items() if k != "APERTURE_BACKUP_ADDRESS"}
+    environment["APERTURE_BACKUP_LISTEN"] = listen.format(port=port)
+    done = subprocess.run(
+        [sys.executable, "-m", "aperture_backup", "health"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "SERVING" in done.stdout
+    # Nothing configured: the documented default, which nothing listens on here.
+    del environment["APERTURE_BACKUP_LISTEN"]
+    elsewhere = subprocess.run(
+        [sys.executable, "-m", "aperture_backup", "health"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert elsewhere.returncode != 0 or port == "50051"
+
+
+def test_the_default_address_follows_the_listen_address() -> None:
+    from aperture_backup.cli_client import default_address
+
+    assert default_address({}) == "127.0.0.1:50051"
+    assert default_address({"APERTURE_BACKUP_LISTEN": "0.0.0.0:6000"}) == "127.0.0.1:6000"
+    assert default_address({"APERTURE_BACKUP_LISTEN": "[::]:6000"}) == "[::1]:6000"
+    assert default_address({"APERTURE_BACKUP_LISTEN": "10.1.2.3:6000"}) == "10.1.2.3:6000"
+    # An explicit address wins; a port 0 (pick any) or a malformed value says nothing about where to go.
+    assert default_address({"APERTURE_BACKUP_ADDRESS": "b:1", "APERTURE_BACKUP_LISTEN": "0.0.0.0:6000"}) == "b:1"
+    assert default_address({"APERTURE_BACKUP_LISTEN": "0.0.0.0:0"}) == "127.0.0.1:50051"
+    assert default_address({"APERTURE_BACKUP_LISTEN": "nonsense"}) == "127.0.0.1:50051"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ipaddress
 import json
 import os
 import re
@@ -189,6 +190,26 @@ class Output:
 # -- the commands ------------------------------------------------------------------------------------------------
 
 
+DEFAULT_ADDRESS = "127.0.0.1:50051"
+
+
+def default_address(env: Mapping[str, str]) -> str:
+    """Where the client commands go without --server: APERTURE_BACKUP_ADDRESS, else the service this
+    environment configures (APERTURE_BACKUP_LISTEN, reached over loopback when it listens on every
+    address), so that `aperture-backup health` in the image follows a changed port."""
+    if address := env.get(ENV_PREFIX + "ADDRESS", "").strip():
+        return address
+    listen = env.get(ENV_PREFIX + "LISTEN", "").strip()
+    host, _, port = listen.rpartition(":")
+    if not host or not port.isdigit() or int(port) == 0:
+        return DEFAULT_ADDRESS
+    with contextlib.suppress(ValueError):
+        listening = ipaddress.ip_address(host.strip("[]"))
+        if listening.is_unspecified:  # every address: this machine's loopback of the same family
+            host = "127.0.0.1" if listening.version == 4 else "[::1]"
+    return f"{host}:{port}"
+
+
 def connection_options() -> argparse.ArgumentParser:
     """How the client commands reach the service: flags, or the same APERTURE_BACKUP_* variables."""
     common = argparse.ArgumentParser(add_help=False)
@@ -196,8 +217,9 @@ def connection_options() -> argparse.ArgumentParser:
     group = common.add_argument_group("connection")
     group.add_argument(
         "--server",
-        default=os.environ.get(ENV_PREFIX + "ADDRESS") or "127.0.0.1:50051",
-        help="host:port of the service (APERTURE_BACKUP_ADDRESS; default 127.0.0.1:50051)",
+        default=default_address(os.environ),
+        help=f"host:port of the service (APERTURE_BACKUP_ADDRESS; else the port of APERTURE_BACKUP_LISTEN on "
+        f"loopback; default {DEFAULT_ADDRESS})",
     )
     group.add_argument("--token", help="bearer token; prefer --token-file (APERTURE_BACKUP_TOKEN)")
     group.add_argument("--token-file", type=Path, help="file holding the token (APERTURE_BACKUP_TOKEN_FILE)")
