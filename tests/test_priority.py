@@ -6,6 +6,7 @@ A lock on a live table keeps pg_dump waiting, after it has started, for as long 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -32,8 +33,13 @@ def _nice_of_thread(name: str) -> int:
 
 
 def _niced_threads(base: int) -> int:
-    """How many threads of this process run at a lower priority than `base`."""
-    return sum(1 for tid in os.listdir("/proc/self/task") if os.getpriority(os.PRIO_PROCESS, int(tid)) > base)
+    """How many threads of this process run at a lower priority than `base` (a thread may end between
+    the listing and the look)."""
+    lowered = 0
+    for tid in os.listdir("/proc/self/task"):
+        with contextlib.suppress(ProcessLookupError):
+            lowered += os.getpriority(os.PRIO_PROCESS, int(tid)) > base
+    return lowered
 
 
 def _psql_children() -> list[psutil.Process]:
