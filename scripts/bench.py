@@ -134,6 +134,17 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def busy_cpu_seconds() -> float:
+    """Core-seconds every CPU of the machine has spent working since boot (user, nice, system, interrupts;
+    not idle, I/O wait or time the hypervisor stole), from /proc/stat. Machine-wide, so that the
+    PostgreSQL backends and the tools an operation starts count too: on a quiet machine the difference
+    over an operation is the CPU that operation costs."""
+    with open("/proc/stat", encoding="ascii") as stat:
+        fields = stat.readline().split()
+    user, nice, system, _idle, _iowait, irq, softirq = (int(v) for v in fields[1:8])
+    return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
+
+
 class RssMonitor(threading.Thread):
     """Samples VmRSS at ~20 Hz; also resets and reads the kernel's own peak (VmHWM via clear_refs), so a
     spike between two samples is not missed."""
@@ -188,6 +199,8 @@ class Row:
     output_bytes: int = 0
     server_peak_rss: int = 0
     children_peak_rss: int = 0
+    #: Machine-wide busy core-seconds per run (`busy_cpu_seconds`), for the rows that record it.
+    cpu_seconds: list[float] = field(default_factory=list)
     note: str = ""
 
     @property
@@ -205,6 +218,10 @@ class Row:
         return self.median / self.baseline_median
 
     @property
+    def cpu_median(self) -> float | None:
+        return statistics.median(self.cpu_seconds) if self.cpu_seconds else None
+
+    @property
     def mb_per_s(self) -> float | None:
         return self.work_bytes / MB / self.median if self.median and self.work_bytes else None
 
@@ -219,6 +236,7 @@ class Row:
             baseline_median_seconds=self.baseline_median,
             ratio=self.ratio,
             mb_per_s=self.mb_per_s,
+            cpu_median_seconds=self.cpu_median,
         )
         return data
 
@@ -232,7 +250,18 @@ def _mb(value: int) -> str:
 
 
 def render_table(rows: list[Row]) -> str:
-    header = ("operation", "median s", "baseline", "baseline s", "ratio", "MB/s", "output", "server RSS", "child RSS")
+    header = (
+        "operation",
+        "median s",
+        "baseline",
+        "baseline s",
+        "ratio",
+        "MB/s",
+        "output",
+        "server RSS",
+        "child RSS",
+        "CPU core-s",
+    )
     lines = [
         (
             row.operation,
@@ -244,6 +273,7 @@ def render_table(rows: list[Row]) -> str:
             _mb(row.output_bytes),
             _mb(row.server_peak_rss),
             _mb(row.children_peak_rss),
+            _fmt(row.cpu_median, ".1f"),
         )
         for row in rows
     ]
@@ -710,29 +740,34 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
         return
     path = service.path(archive)
     psql = shlex.quote(str(ctx.server.tool("psql")))
+    shell_cpu: list[float] = []
 
     def baseline() -> None:
         name = "bench_restore_baseline"
         ctx.server.drop_database(name)
         uri = ctx.server.create_database(name)
+        cpu = busy_cpu_seconds()
         row.baseline_seconds.append(
             shell(
                 f"gunzip -c {shlex.quote(str(path))} | {psql} -X -q --single-transaction -v ON_ERROR_STOP=1 "
                 f"-d {shlex.quote(uri)} > /dev/null"
             )
         )
+        shell_cpu.append(busy_cpu_seconds() - cpu)
         ctx.server.drop_database(name)
 
     def restore(
         skip_safety_backup: bool, target: Row, by: Service = service, backup: pb.Backup = archive
     ) -> pb.RestoreResponse | None:
         by.rss.begin()
+        cpu = busy_cpu_seconds()
         start = time.perf_counter()
         last = None
         request = pb.RestoreRequest(id=backup.id, skip_safety_backup=skip_safety_backup)
         for message in by.stub.Restore(request):
             last = message
         target.seconds.append(time.perf_counter() - start)
+        target.cpu_seconds.append(busy_cpu_seconds() - cpu)
         target.record_rss(*by.rss.end())
         return last
 
@@ -774,6 +809,32 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
 
     safety.baseline_seconds = row.seconds
     ctx.target("Restore with safety backup / Restore without it", safety.ratio, 1.15)
+    _cpu_bound(ctx, safety, row, shell_cpu)
+
+
+def _cpu_bound(ctx: Context, safety: Row, alone: Row, shell_cpu: list[float]) -> None:
+    """What the cores allow: the restore with its safety backup has the CPU work of both to do, and on this
+    machine's cores it cannot take less than that work over the cores, however well the two overlap."""
+    cores = os.cpu_count() or 1
+    if safety.cpu_median is None or alone.cpu_median is None or not alone.median:
+        return
+    floor = safety.cpu_median / cores / alone.median
+    ctx.facts["restore_cpu"] = {
+        "cores": cores,
+        "shell_core_seconds": statistics.median(shell_cpu) if shell_cpu else None,
+        "restore_core_seconds": alone.cpu_median,
+        "with_safety_core_seconds": safety.cpu_median,
+        "with_safety_floor_ratio": floor,
+    }
+    alone.note = (
+        f"CPU {alone.cpu_median:.1f} core-s over {alone.median:.2f} s: {alone.cpu_median / alone.median:.2f} of "
+        f"{cores} cores busy" + (f"; the shell pipeline {statistics.median(shell_cpu):.1f} core-s" if shell_cpu else "")
+    )
+    safety.note = (
+        f"CPU {safety.cpu_median:.1f} core-s, {safety.cpu_median - alone.cpu_median:.1f} more than the restore "
+        f"alone; on {cores} cores that work takes at least {safety.cpu_median / cores:.2f} s, {floor:.2f} of the "
+        "restore alone, whatever the overlap"
+    )
 
 
 def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:

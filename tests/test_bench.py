@@ -91,4 +91,11 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "GetStatus, 1,000 archives",
     ):
         assert rows[operation]["median_seconds"] > 0, operation
+    # What the cores allow a restore with its safety backup: their CPU work over the cores (issue 16, part 2).
+    for operation in ("Restore .sql.gz (no safety backup)", "Restore .sql.gz with safety backup"):
+        assert rows[operation]["cpu_median_seconds"] > 0, operation
+    cpu = report["facts"]["restore_cpu"]
+    assert cpu["cores"] >= 1 and cpu["with_safety_floor_ratio"] > 0, cpu
+    assert "whatever the overlap" in rows["Restore .sql.gz with safety backup"]["note"]
+    assert "CPU core-s" in done.stdout
     assert "| operation" in done.stdout
