@@ -98,4 +98,6 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     assert cpu["cores"] >= 1 and cpu["with_safety_floor_ratio"] > 0, cpu
     assert "whatever the overlap" in rows["Restore .sql.gz with safety backup"]["note"]
     assert "CPU core-s" in done.stdout
+    beside = rows["reference: gunzip | psql -1 beside an idle-class busy loop"]
+    assert beside["ratio"] > 0 and beside["cpu_median_seconds"] > 0, beside
     assert "| operation" in done.stdout
