@@ -5,15 +5,22 @@ create databases gets a FAILED_PRECONDITION that says why."""
 
 from __future__ import annotations
 
+import os
+import shutil
+import signal
+import subprocess
+import sys
 import tempfile
 from datetime import UTC, datetime
 from datetime import time as time_of_day
 from pathlib import Path
 
 import grpc
+import psutil
 import psycopg
 import pytest
 import time_machine
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -27,7 +34,7 @@ from tests.support.fixtures import Database, MakeDatabase
 from tests.support.metrics import scrape
 from tests.support.postgres import PgServer
 from tests.support.receiver import Receiver
-from tests.support.service import StartApp, StartService, free_port, wait_for
+from tests.support.service import SLEEPER, SLEEPER_SQL, StartApp, StartService, free_port, wait_for
 
 EDITED_TABLE = TABLE_WITHOUT_REFERENCES
 
@@ -202,6 +209,99 @@ def test_a_role_that_may_not_create_databases_verifies_in_a_throwaway_server(
     assert "public.notes has 17 rows, the backup recorded 20" in (info.value.details() or "")
     leftovers = [p for p in Path(tempfile.gettempdir()).glob("aperture-verify-server-*")]
     assert leftovers == [], "the throwaway server's directory is deleted"
+
+
+def _serving(target: str) -> bool:
+    with grpc.insecure_channel(target) as channel:
+        try:
+            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
+        except grpc.RpcError:
+            return False
+    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
+def test_a_throwaway_server_a_killed_service_left_running_is_stopped_at_the_next_start(
+    pg16: PgServer, make_database: MakeDatabase, tmp_path: Path
+) -> None:
+    """SIGKILL in the middle of a verification leaves its throwaway server running, with its directory; the
+    next start of the service stops that server and deletes the directory."""
+    role_uri = _role(pg16, "aperture_verify_plain", createdb=False)
+    db = _own_database(pg16, make_database, "aperture_verify_plain", role_uri)
+    backup_dir = tmp_path / "backups"
+    backup_dir.mkdir()
+    # A hand-made archive whose load sleeps in the throwaway server until the service dies.
+    (backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
+    env.update(
+        APERTURE_BACKUP_DATABASE_URL=db.uri,
+        APERTURE_BACKUP_DIR=str(backup_dir),
+        APERTURE_BACKUP_LISTEN=target,
+        APERTURE_BACKUP_CATCH_UP="false",
+        APERTURE_BACKUP_PG_BIN_DIR=str(pg16.bin_dir),
+    )
+    command = [sys.executable, "-m", "aperture_backup", "serve"]
+    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    verify = None
+    try:
+        wait_for(lambda: _serving(target), timeout=60)
+        verify = subprocess.Popen(
+            [sys.executable, "-m", "aperture_backup", "verify", SLEEPER, "--server", target],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        found: list[psutil.Process] = []
+
+        def loading_postmaster() -> bool:
+            """The throwaway postmaster, once the verification's psql loads into it."""
+            children = psutil.Process(first.pid).children(recursive=True)
+            if not any(child.name() == "psql" for child in children):
+                return False
+            found[:] = [c for c in children if c.name() == "postgres" and "-D" in c.cmdline()]
+            return bool(found)
+
+        wait_for(loading_postmaster, timeout=120)
+        postmaster = found[0].pid
+        arguments = found[0].cmdline()
+        data_dir = Path(arguments[arguments.index("-D") + 1])
+        assert data_dir.parent.name.startswith("aperture-verify-server-")
+        first.kill()
+        first.wait(timeout=30)
+        assert _alive(postmaster), "the killed service's throwaway server runs on (the case this test is for)"
+        assert data_dir.is_dir()
+    finally:
+        if first.poll() is None:
+            first.kill()
+        if verify is not None:
+            verify.kill()
+            verify.wait()
+    second = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for(lambda: _serving(target), timeout=60)
+        assert not _alive(postmaster), "the orphaned server was stopped"
+        assert not data_dir.parent.exists(), "its directory was deleted"
+    finally:
+        second.send_signal(signal.SIGTERM)
+        try:
+            second.wait(timeout=60)
+        finally:
+            if second.poll() is None:
+                second.kill()
+            if _alive(postmaster):
+                os.kill(postmaster, signal.SIGKILL)
+            shutil.rmtree(data_dir.parent, ignore_errors=True)  # a failed run must not fail the other tests
+    assert "a throwaway verification server a stopped service left behind" in (
+        second.stderr.read() if second.stderr else ""
+    )
 
 
 def test_without_createdb_or_a_server_of_the_same_major_it_says_why_it_cannot_verify(

@@ -41,7 +41,7 @@ from typing import IO
 
 import psycopg
 
-from . import isolation, priority, toolchain
+from . import isolation, priority, throwaway, toolchain
 from .backups import SAFETY_BACKUP_PIN, BackupManager
 from .compression import decompressor
 from .database import NOTIFY_CHANNEL, Database, JobLock, first_line
@@ -770,6 +770,8 @@ class RestoreManager:
     def sweep_leftovers(self, interrupted: JobRecord | None) -> None:
         """At start-up: remove the working files of restores a dead process left, and end the server process
         of an interrupted restore that still runs (it would hold its locks until its statement ends)."""
+        # Before the working files: a verification's throwaway server may live among them, still running.
+        throwaway.sweep_orphans(self.work_dir)
         if self.work_dir is not None and self.work_dir.is_dir():
             for entry in self.work_dir.iterdir():
                 _logger.info("removing %s, left by a restore that did not finish", entry)

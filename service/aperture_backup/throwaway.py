@@ -18,6 +18,7 @@ import logging
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -39,6 +40,11 @@ START_TIMEOUT_SECONDS = 60.0
 STOP_TIMEOUT_SECONDS = 30.0
 #: The socket's port number (it names the socket file; nothing listens on TCP).
 _PORT = 5432
+DIRECTORY_PREFIX = "aperture-verify-server-"
+#: In a server's directory: "pid:start time" of the service process that started it.
+_OWNER_FILE = "owner"
+#: A directory without its owner file yet may be another service's, being made; one older than this is not.
+_UNOWNED_GRACE_SECONDS = 600.0
 _RUN_AS_ROOT = ("postgres", "nobody")
 
 
@@ -77,10 +83,12 @@ def throwaway_server(bin_dir: Path, work_dir: Path | None) -> Iterator[Database]
     parent = work_dir if user is None else None
     if parent is not None:
         parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    base = Path(tempfile.mkdtemp(prefix="aperture-verify-server-", dir=parent))
+    base = Path(tempfile.mkdtemp(prefix=DIRECTORY_PREFIX, dir=parent))
     data = base / "data"
     proc: subprocess.Popen[bytes] | None = None
     try:
+        # Whose server this is: a service that starts later leaves it alone while this process lives.
+        (base / _OWNER_FILE).write_text(_process_identity(os.getpid()) or "", encoding="ascii")
         if user is not None:
             os.chown(base, user.pw_uid, user.pw_gid)
         # Through setpriv rather than Popen(user=...): that makes Python fork without exec in between,
@@ -182,3 +190,74 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
     except subprocess.TimeoutExpired:
         _logger.warning("the throwaway verification server (pid %d) did not stop; killing it", proc.pid)
         kill(proc)
+
+
+def _process_identity(pid: int) -> str | None:
+    """ "pid:start time" (in clock ticks since boot, /proc/PID/stat), which a reused pid does not repeat;
+    None when no such process runs."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+    # The command name (field 2) is in parentheses and may hold spaces; the start time is field 22.
+    fields = stat.rpartition(")")[2].split()
+    return f"{pid}:{fields[19]}" if len(fields) > 19 else None
+
+
+def sweep_orphans(work_dir: Path | None) -> int:
+    """At start-up: stop the throwaway servers that a service which died in a verification left running,
+    and delete their directories. A server whose service still runs (another instance sharing the system's
+    temporary directory) is left alone. Returns how many directories were removed."""
+    parents = {Path(tempfile.gettempdir())}
+    if work_dir is not None and work_dir.is_dir():
+        parents.add(work_dir)
+    removed = 0
+    for parent in parents:
+        for base in parent.glob(DIRECTORY_PREFIX + "*"):
+            if base.is_symlink() or not base.is_dir() or not _orphaned(base):
+                continue
+            _stop_orphan(base / "data")
+            shutil.rmtree(base, ignore_errors=True)
+            _logger.warning("removed %s, a throwaway verification server a stopped service left behind", base)
+            removed += 1
+    return removed
+
+
+def _orphaned(base: Path) -> bool:
+    try:
+        owner = (base / _OWNER_FILE).read_text(encoding="ascii").strip()
+    except OSError:
+        with contextlib.suppress(OSError):
+            return time.time() - base.stat().st_mtime > _UNOWNED_GRACE_SECONDS
+        return False
+    pid_text = owner.partition(":")[0]
+    return not pid_text.isdigit() or _process_identity(int(pid_text)) != owner
+
+
+def _stop_orphan(data: Path) -> None:
+    """Immediate shutdown (SIGQUIT) of the postmaster serving `data`, if one does; killed when it does not
+    stop. The pid is checked against the process's command line: a stale postmaster.pid may name another."""
+    try:
+        pid = int((data / "postmaster.pid").read_text(encoding="ascii").split("\n", 1)[0])
+        command = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return
+    if os.fsencode(str(data)) not in command:
+        return
+    for signum, wait in ((signal.SIGQUIT, STOP_TIMEOUT_SECONDS), (signal.SIGKILL, 5.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signum)
+        deadline = time.monotonic() + wait
+        while _process_identity(pid) is not None and not _is_zombie(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _process_identity(pid) is None or _is_zombie(pid):
+            return
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return False
+    fields = stat.rpartition(")")[2].split()
+    return bool(fields) and fields[0] in ("Z", "X")
