@@ -218,6 +218,9 @@ def sweep_orphans(work_dir: Path | None) -> int:
                 continue
             _stop_orphan(base / "data")
             shutil.rmtree(base, ignore_errors=True)
+            if base.exists():  # another user's, say
+                _logger.warning("could not remove %s, left by a throwaway verification server", base)
+                continue
             _logger.warning("removed %s, a throwaway verification server a stopped service left behind", base)
             removed += 1
     return removed
