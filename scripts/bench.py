@@ -158,6 +158,14 @@ def busy_cpu_seconds() -> float:
     return (user + nice + system + irq + softirq) / os.sysconf("SC_CLK_TCK")
 
 
+@contextlib.contextmanager
+def recording_cpu(into: list[float]) -> Iterator[None]:
+    """Append to `into` the machine's busy core-seconds (`busy_cpu_seconds`) the block took, when it ends."""
+    start = busy_cpu_seconds()
+    yield
+    into.append(busy_cpu_seconds() - start)
+
+
 class RssMonitor(threading.Thread):
     """Samples VmRSS at ~20 Hz; also resets and reads the kernel's own peak (VmHWM via clear_refs), so a
     spike between two samples is not missed."""
@@ -768,9 +776,8 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
             ctx.server.drop_database(name)
 
     def baseline() -> None:
-        cpu = busy_cpu_seconds()
-        row.baseline_seconds.append(shell_restore())
-        shell_cpu.append(busy_cpu_seconds() - cpu)
+        with recording_cpu(shell_cpu):
+            row.baseline_seconds.append(shell_restore())
 
     # What any work beside a restore costs it here: the same shell restore beside a busy loop at the idle
     # scheduling class, which by the scheduler's rules only takes CPU that nothing else wants.
@@ -778,23 +785,20 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
     idle_loop.work_bytes = sql_bytes
 
     def beside_idle_loop() -> None:
-        with idle_class_busy_loop():
-            cpu = busy_cpu_seconds()
+        with idle_class_busy_loop(), recording_cpu(idle_loop.cpu_seconds):
             idle_loop.seconds.append(shell_restore())
-            idle_loop.cpu_seconds.append(busy_cpu_seconds() - cpu)
 
     def restore(
         skip_safety_backup: bool, target: Row, by: Service = service, backup: pb.Backup = archive
     ) -> pb.RestoreResponse | None:
         by.rss.begin()
-        cpu = busy_cpu_seconds()
-        start = time.perf_counter()
         last = None
         request = pb.RestoreRequest(id=backup.id, skip_safety_backup=skip_safety_backup)
-        for message in by.stub.Restore(request):
-            last = message
-        target.seconds.append(time.perf_counter() - start)
-        target.cpu_seconds.append(busy_cpu_seconds() - cpu)
+        with recording_cpu(target.cpu_seconds):
+            start = time.perf_counter()
+            for message in by.stub.Restore(request):
+                last = message
+            target.seconds.append(time.perf_counter() - start)
         target.record_rss(*by.rss.end())
         return last
 

@@ -43,10 +43,13 @@ def _env(svc: RunningService) -> dict[str, str]:
     return environment
 
 
-def cli(svc: RunningService, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+def cli(
+    svc: RunningService, *args: str, stdin: str | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """The CLI against `svc` (APERTURE_BACKUP_ADDRESS names it), or with `env` as the whole environment."""
     return subprocess.run(
         [sys.executable, "-m", "aperture_backup", *args],
-        env=_env(svc),
+        env=_env(svc) if env is None else env,
         input=stdin,
         capture_output=True,
         text=True,
@@ -368,27 +371,12 @@ def test_health_finds_the_service_at_the_port_it_listens_on(listen: str, svc: Ru
     port = svc.target.rsplit(":", 1)[1]
     environment = {k: v for k, v in _env(svc).items() if k != "APERTURE_BACKUP_ADDRESS"}
     environment["APERTURE_BACKUP_LISTEN"] = listen.format(port=port)
-    done = subprocess.run(
-        [sys.executable, "-m", "aperture_backup", "health"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    done = cli(svc, "health", env=environment)
     assert done.returncode == 0, done.stderr
     assert "SERVING" in done.stdout
     # Nothing configured: the documented default, which nothing listens on here.
     del environment["APERTURE_BACKUP_LISTEN"]
-    elsewhere = subprocess.run(
-        [sys.executable, "-m", "aperture_backup", "health"],
-        env=environment,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert elsewhere.returncode != 0 or port == "50051"
+    assert cli(svc, "health", env=environment).returncode != 0 or port == "50051"
 
 
 def test_the_default_address_follows_the_listen_address() -> None:

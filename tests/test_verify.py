@@ -8,8 +8,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 from datetime import UTC, datetime
 from datetime import time as time_of_day
@@ -20,7 +18,6 @@ import psutil
 import psycopg
 import pytest
 import time_machine
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
@@ -34,7 +31,7 @@ from tests.support.fixtures import Database, MakeDatabase
 from tests.support.metrics import scrape
 from tests.support.postgres import PgServer
 from tests.support.receiver import Receiver
-from tests.support.service import SLEEPER, SLEEPER_SQL, StartApp, StartService, free_port, wait_for
+from tests.support.service import SLEEPER, SLEEPER_SQL, StartApp, StartService, free_port, service_process, wait_for
 
 EDITED_TABLE = TABLE_WITHOUT_REFERENCES
 
@@ -211,15 +208,6 @@ def test_a_role_that_may_not_create_databases_verifies_in_a_throwaway_server(
     assert leftovers == [], "the throwaway server's directory is deleted"
 
 
-def _serving(target: str) -> bool:
-    with grpc.insecure_channel(target) as channel:
-        try:
-            response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=2)
-        except grpc.RpcError:
-            return False
-    return bool(response.status == health_pb2.HealthCheckResponse.SERVING)
-
-
 def _alive(pid: int) -> bool:
     try:
         return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
@@ -238,70 +226,41 @@ def test_a_throwaway_server_a_killed_service_left_running_is_stopped_at_the_next
     backup_dir.mkdir()
     # A hand-made archive whose load sleeps in the throwaway server until the service dies.
     (backup_dir / SLEEPER).write_bytes(SLEEPER_SQL)
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
-    env.update(
-        APERTURE_BACKUP_DATABASE_URL=db.uri,
-        APERTURE_BACKUP_DIR=str(backup_dir),
-        APERTURE_BACKUP_LISTEN=target,
-        APERTURE_BACKUP_CATCH_UP="false",
-        APERTURE_BACKUP_PG_BIN_DIR=str(pg16.bin_dir),
-    )
-    command = [sys.executable, "-m", "aperture_backup", "serve"]
-    first = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    verify = None
+    settings = {"DATABASE_URL": db.uri, "PG_BIN_DIR": str(pg16.bin_dir)}
+    found: list[psutil.Process] = []
+    data_dir: Path | None = None
     try:
-        wait_for(lambda: _serving(target), timeout=60)
-        verify = subprocess.Popen(
-            [sys.executable, "-m", "aperture_backup", "verify", SLEEPER, "--server", target],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        found: list[psutil.Process] = []
+        with service_process(backup_dir, tmp_path / "first.log", **settings) as first:
+            call = first.client.stub.Verify(pb.VerifyRequest(id=SLEEPER), timeout=300)
+            next(call)
 
-        def loading_postmaster() -> bool:
-            """The throwaway postmaster, once the verification's psql loads into it."""
-            children = psutil.Process(first.pid).children(recursive=True)
-            if not any(child.name() == "psql" for child in children):
-                return False
-            found[:] = [c for c in children if c.name() == "postgres" and "-D" in c.cmdline()]
-            return bool(found)
+            def loading_postmaster() -> bool:
+                """The throwaway postmaster, once the verification's psql loads into it."""
+                children = psutil.Process(first.process.pid).children(recursive=True)
+                if not any(child.name() == "psql" for child in children):
+                    return False
+                found[:] = [c for c in children if c.name() == "postgres" and "-D" in c.cmdline()]
+                return bool(found)
 
-        wait_for(loading_postmaster, timeout=120)
-        postmaster = found[0].pid
-        arguments = found[0].cmdline()
-        data_dir = Path(arguments[arguments.index("-D") + 1])
-        assert data_dir.parent.name.startswith("aperture-verify-server-")
-        first.kill()
-        first.wait(timeout=30)
-        assert _alive(postmaster), "the killed service's throwaway server runs on (the case this test is for)"
-        assert data_dir.is_dir()
-    finally:
-        if first.poll() is None:
+            wait_for(loading_postmaster, timeout=120)
+            arguments = found[0].cmdline()
+            data_dir = Path(arguments[arguments.index("-D") + 1])
+            assert data_dir.parent.name.startswith("aperture-verify-server-")
             first.kill()
-        if verify is not None:
-            verify.kill()
-            verify.wait()
-    second = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        wait_for(lambda: _serving(target), timeout=60)
-        assert not _alive(postmaster), "the orphaned server was stopped"
-        assert not data_dir.parent.exists(), "its directory was deleted"
+            call.cancel()
+        assert _alive(found[0].pid), "the killed service's throwaway server runs on (the case this test is for)"
+        assert data_dir is not None and data_dir.is_dir()
+        with service_process(backup_dir, tmp_path / "second.log", **settings) as second:
+            assert not _alive(found[0].pid), "the orphaned server was stopped"
+            assert not data_dir.parent.exists(), "its directory was deleted"
+            assert "a throwaway verification server a stopped service left behind" in second.log()
     finally:
-        second.send_signal(signal.SIGTERM)
-        try:
-            second.wait(timeout=60)
-        finally:
-            if second.poll() is None:
-                second.kill()
-            if _alive(postmaster):
-                os.kill(postmaster, signal.SIGKILL)
-            shutil.rmtree(data_dir.parent, ignore_errors=True)  # a failed run must not fail the other tests
-    assert "a throwaway verification server a stopped service left behind" in (
-        second.stderr.read() if second.stderr else ""
-    )
+        # A failed run must not leave a server or a directory that fails the other tests.
+        for server in found:
+            if _alive(server.pid):
+                os.kill(server.pid, signal.SIGKILL)
+        if data_dir is not None:
+            shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 def test_without_createdb_or_a_server_of_the_same_major_it_says_why_it_cannot_verify(
