@@ -20,7 +20,7 @@ import grpc
 from google.protobuf import json_format
 from google.protobuf.message import Message
 
-from .config import ENV_PREFIX, ConfigError, parse_hhmm, read_secret_file, secret_from_env
+from .config import ENV_PREFIX, ConfigError, parse_hhmm, parse_listen, read_secret_file, secret_from_env
 
 if TYPE_CHECKING:
     from rich.progress import Progress as RichProgress
@@ -199,9 +199,11 @@ def default_address(env: Mapping[str, str]) -> str:
     address), so that `aperture-backup health` in the image follows a changed port."""
     if address := env.get(ENV_PREFIX + "ADDRESS", "").strip():
         return address
-    listen = env.get(ENV_PREFIX + "LISTEN", "").strip()
-    host, _, port = listen.rpartition(":")
-    if not host or not port.isdigit() or int(port) == 0:
+    try:
+        host, port = parse_listen(env.get(ENV_PREFIX + "LISTEN", "").strip())
+    except ConfigError:  # unset or malformed: the service would not start on it either
+        return DEFAULT_ADDRESS
+    if port == 0:
         return DEFAULT_ADDRESS
     with contextlib.suppress(ValueError):
         listening = ipaddress.ip_address(host.strip("[]"))

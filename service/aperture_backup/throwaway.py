@@ -192,16 +192,27 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         kill(proc)
 
 
-def _process_identity(pid: int) -> str | None:
-    """ "pid:start time" (in clock ticks since boot, /proc/PID/stat), which a reused pid does not repeat;
-    None when no such process runs."""
+def _stat_fields(pid: int) -> list[str] | None:
+    """The fields of /proc/PID/stat after the command name (field 2, in parentheses, may hold spaces), so
+    that field N is at N - 3; None when no such process runs."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
     except OSError:
         return None
-    # The command name (field 2) is in parentheses and may hold spaces; the start time is field 22.
-    fields = stat.rpartition(")")[2].split()
-    return f"{pid}:{fields[19]}" if len(fields) > 19 else None
+    return stat.rpartition(")")[2].split()
+
+
+def _process_identity(pid: int) -> str | None:
+    """ "pid:start time" (field 22, clock ticks since boot), which a reused pid does not repeat; None when
+    no such process runs."""
+    fields = _stat_fields(pid)
+    return f"{pid}:{fields[19]}" if fields is not None and len(fields) > 19 else None
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and has not exited (a zombie waits only for its parent to reap it)."""
+    fields = _stat_fields(pid)
+    return fields is not None and len(fields) > 0 and fields[0] not in ("Z", "X")
 
 
 def sweep_orphans(work_dir: Path | None) -> int:
@@ -251,16 +262,7 @@ def _stop_orphan(data: Path) -> None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signum)
         deadline = time.monotonic() + wait
-        while _process_identity(pid) is not None and not _is_zombie(pid) and time.monotonic() < deadline:
+        while _running(pid) and time.monotonic() < deadline:
             time.sleep(0.1)
-        if _process_identity(pid) is None or _is_zombie(pid):
+        if not _running(pid):
             return
-
-
-def _is_zombie(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace")
-    except OSError:
-        return False
-    fields = stat.rpartition(")")[2].split()
-    return bool(fields) and fields[0] in ("Z", "X")
