@@ -1019,7 +1019,12 @@ def bench_upload_restore(ctx: Context, source_gz: pb.Backup) -> None:
     service.stub.Delete(pb.DeleteRequest(id=made.id))
     up = ctx.row("Upload .sql.zst (restore=false)", "grpcio reference")
     floor = ctx.row("  zstd check alone (1 core)", "grpcio reference")
-    up.work_bytes = up.output_bytes = floor.work_bytes = floor.output_bytes = zst.stat().st_size
+    # zstd's own decompressor on the same file: how fast the check could be at best on this CPU.
+    cli = ctx.row("  reference: zstd -d > /dev/null (1 thread)", "grpcio reference") if shutil.which("zstd") else None
+    rows = [up, floor, *([cli] if cli else [])]
+    for row in rows:
+        row.work_bytes = row.output_bytes = zst.stat().st_size
+    reference_cpu: list[float] = []
 
     def zstd_check() -> float:
         check = checker(Compression.ZSTD)  # the upload's own check, timed alone
@@ -1030,27 +1035,62 @@ def bench_upload_restore(ctx: Context, source_gz: pb.Backup) -> None:
         check.end()
         return time.perf_counter() - start
 
+    def reference_upload() -> None:
+        with recording_cpu(reference_cpu):
+            up.baseline_seconds.append(reference.upload(zst))
+
     reference = Reference(ctx.work)
     try:
         for round_no in range(ctx.args.transfer_rounds):
             log(f"round {round_no + 1}: upload of the .sql.zst archive")
             if round_no % 2 == 1:
-                up.baseline_seconds.append(reference.upload(zst))
-            uploaded = service_upload(service, up, zst, digest.hexdigest())
+                reference_upload()
+            with recording_cpu(up.cpu_seconds):
+                uploaded = service_upload(service, up, zst, digest.hexdigest())
             if round_no % 2 == 0:
-                up.baseline_seconds.append(reference.upload(zst))
+                reference_upload()
             service.stub.Delete(pb.DeleteRequest(id=uploaded.id))
             if round_no < 3:
-                floor.seconds.append(zstd_check())
+                with recording_cpu(floor.cpu_seconds):
+                    floor.seconds.append(zstd_check())
+                if cli is not None:
+                    with recording_cpu(cli.cpu_seconds):
+                        cli.seconds.append(shell(f"zstd -d -q -c -T1 {shlex.quote(str(zst))} > /dev/null"))
     finally:
         reference.stop()
         zst.unlink()
-    floor.baseline_seconds = up.baseline_seconds
+    for row in rows[1:]:
+        row.baseline_seconds = up.baseline_seconds
     ctx.target(
         "Upload .sql.zst (restore=false): throughput / grpcio reference",
         1 / up.ratio if up.ratio else None,
         ZSTD_UPLOAD_THROUGHPUT,
         at_most=False,
+    )
+    _zstd_upload_ceiling(ctx, up, floor, reference_cpu)
+
+
+def _zstd_upload_ceiling(ctx: Context, up: Row, check: Row, reference_cpu: list[float]) -> None:
+    """What the cores allow the .sql.zst upload: it has at least the reference's transfer work (client and
+    server on this machine) and the check's inflate to do, and cannot take less than that work over the
+    cores, however well the check overlaps the transfer."""
+    cores = os.cpu_count() or 1
+    if not reference_cpu or check.cpu_median is None or not up.baseline_median:
+        return
+    transfer = statistics.median(reference_cpu)
+    least = (transfer + check.cpu_median) / cores
+    ceiling = up.baseline_median / max(least, up.baseline_median)
+    ctx.facts["zstd_upload_cpu"] = {
+        "cores": cores,
+        "reference_core_seconds": transfer,
+        "check_core_seconds": check.cpu_median,
+        "service_core_seconds": up.cpu_median,
+        "throughput_ceiling": ceiling,
+    }
+    up.note = (
+        f"CPU {up.cpu_median or 0:.2f} core-s; the reference's transfer takes {transfer:.2f} core-s and the check "
+        f"{check.cpu_median:.2f}: on {cores} cores at least {least:.2f} s, so at most {ceiling:.2f} of the "
+        "reference's throughput, whatever the overlap"
     )
 
 

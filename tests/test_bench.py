@@ -98,6 +98,11 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     assert cpu["cores"] >= 1 and cpu["with_safety_floor_ratio"] > 0, cpu
     assert "whatever the overlap" in rows["Restore .sql.gz with safety backup"]["note"]
     assert "CPU core-s" in done.stdout
+    # And what they allow the .sql.zst upload: the reference's transfer and the check's inflate over the cores.
+    zstd = report["facts"]["zstd_upload_cpu"]
+    assert zstd["reference_core_seconds"] > 0 and zstd["check_core_seconds"] > 0, zstd
+    assert 0 < zstd["throughput_ceiling"] <= 1, zstd
+    assert "whatever the overlap" in rows["Upload .sql.zst (restore=false)"]["note"]
     beside = rows["reference: gunzip | psql -1 beside an idle-class busy loop"]
     assert beside["ratio"] > 0 and beside["cpu_median_seconds"] > 0, beside
     assert "| operation" in done.stdout
