@@ -8,12 +8,15 @@ import gzip
 import json
 import os
 import shutil
+import tempfile
 import threading
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.convert import BackupMessages, backup_to_pb
@@ -291,3 +294,71 @@ def test_a_listing_after_a_change_reads_only_what_changed_and_still_sees_everyth
     _make(store, datetime(2027, 1, 1, tzinfo=UTC))
     fresh = ArchiveStore(tmp_path, watch=False)
     assert store.listing() == fresh.listing()
+
+
+def test_a_listing_after_one_change_places_only_that_backup_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16: with 1,000 backups, a pass over all of them after each change of a running backup's files
+    cost milliseconds of the interpreter that every List and GetStatus waited for. A scan after one change
+    looks at that change's backup only, and the listing is still exactly a fresh store's."""
+    store = ArchiveStore(tmp_path)
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    made = [_make(store, start + timedelta(hours=i)) for i in range(200)]
+    _age(*tmp_path.iterdir())
+    assert len(store.listing()) == 200
+    looked_at: list[str] = []
+    as_found = ArchiveStore._as_found
+
+    def counting(self: ArchiveStore, backup: Backup, *, has_file: bool | None = None) -> Backup | None:
+        looked_at.append(backup.id)
+        return as_found(self, backup, has_file=has_file)
+
+    monkeypatch.setattr(ArchiveStore, "_as_found", counting)
+    store.update(made[50].id, lambda b: b.replace(sha256="cd" * 32))
+    newest = _make(store, start + timedelta(days=30))
+    listing = store.listing()
+    assert sorted(set(looked_at)) == sorted({made[50].id, newest.id}), f"looked at {len(looked_at)} backups"
+    assert listing[0].id == newest.id and listing[150].sha256 == "cd" * 32
+    assert listing == ArchiveStore(tmp_path, watch=False).listing()
+
+
+_STEPS = ("make", "edit", "remove-archive", "remove-manifest", "copy-in", "not-an-archive", "misnamed-manifest")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_STEPS), st.integers(0, 5)), min_size=1, max_size=12))
+def test_a_listing_kept_up_to_date_change_by_change_is_what_a_fresh_store_lists(steps: list[tuple[str, int]]) -> None:
+    """Whatever happens to the directory (by the store or by hand, a manifest that names another backup
+    included), the store that places the changed backups again into its kept listing lists exactly what a
+    store that reads the whole directory lists."""
+    with tempfile.TemporaryDirectory() as name:
+        directory = Path(name)
+        # Made first: a store opened on the directory changes its mode, which makes the other scan it whole.
+        fresh = ArchiveStore(directory, watch=False)
+        store = ArchiveStore(directory)
+        start = datetime(2026, 1, 1, tzinfo=UTC)
+        for i in range(3):
+            _make(store, start + timedelta(hours=i))
+        store.listing()
+        for number, (step, pick) in enumerate(steps):
+            ids = sorted(b.id for b in fresh.listing()) or ["none"]
+            target = ids[pick % len(ids)]
+            manifest, archive = directory / (target + MANIFEST_SUFFIX), directory / target
+            if step == "make":
+                _make(store, start + timedelta(days=1 + pick, minutes=number))
+            elif step == "edit" and manifest.exists():
+                data = json.loads(manifest.read_text())
+                data["database"] = f"edited-{number}"
+                manifest.write_text(json.dumps(data))
+            elif step == "remove-archive":
+                archive.unlink(missing_ok=True)
+            elif step == "remove-manifest":
+                manifest.unlink(missing_ok=True)
+            elif step == "copy-in":
+                (directory / f"aperture_backup_2025010{pick}_00000{number % 10}.sql.gz").write_bytes(gzip.compress(SQL))
+            elif step == "not-an-archive" and archive.exists():
+                archive.write_bytes(b"not an archive")
+            elif step == "misnamed-manifest" and manifest.exists():
+                shutil.copyfile(manifest, directory / f"copy-{number}.sql.gz{MANIFEST_SUFFIX}")
+            assert store.listing() == fresh.listing(), (number, step, target)
