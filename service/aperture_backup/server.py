@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import signal
 import socket
+import sys
 import threading
 from concurrent import futures
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ HEALTH_INTERVAL_SECONDS = 5.0
 #: Large archives stream in chunks of up to 4 MiB; leave room for the message around a chunk.
 MAX_MESSAGE_BYTES = 8 * 1024 * 1024
 WORKERS = 16
+#: How long a thread may hold the interpreter while another waits for it (Python's default: 5 ms). A call
+#: passes through several threads (gRPC's poller, a worker, the poller again), each waiting for the
+#: interpreter while a backup's threads use it. Measured with 20 callers of List and GetStatus while a
+#: backup ran (1,000 archives, 2 cores): p99 45-62 ms at 5 ms against 22-48 ms at 0.2 ms, medians 11-20
+#: against 7-12 ms (four runs each, 2026-12-04). It was withdrawn once as the suspect of serve processes
+#: that did not stop on SIGTERM; that was a signal handed to another thread (`SignalInbox`).
+SWITCH_INTERVAL_SECONDS = 0.0002
 
 
 class HealthMonitor:
@@ -227,9 +235,16 @@ class SignalInbox:
         self._writer.close()
 
 
+def tune_interpreter() -> None:
+    """Settings of the interpreter for a serving process (the whole process: `serve` calls this, tests that
+    build a server with `create_server` keep theirs)."""
+    sys.setswitchinterval(SWITCH_INTERVAL_SECONDS)
+
+
 def serve(config: Config) -> None:
     """Run until SIGINT or SIGTERM, then stop cleanly: no half-written archive is left behind. SIGHUP
     re-reads the TLS certificate and key."""
+    tune_interpreter()
     # Before the server starts: a stop asked for while it starts is honoured once it has started.
     inbox = SignalInbox((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     try:
