@@ -91,6 +91,10 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "GetStatus, 1,000 archives",
     ):
         assert rows[operation]["median_seconds"] > 0, operation
+    # What one call costs, and so the least median 20 callers at once can see on these cores.
+    for name, cpu in report["facts"]["listing_cpu"].items():
+        assert cpu["alone_core_ms_per_call"] > 0 and cpu["closed_loop_floor_ms"] > 0, (name, cpu)
+    assert "see a median of at least" in rows["GetStatus, 1,000 archives"]["note"]
     # What the cores allow a restore with its safety backup: their CPU work over the cores (issue 16, part 2).
     for operation in ("Restore .sql.gz (no safety backup)", "Restore .sql.gz with safety backup"):
         assert rows[operation]["cpu_median_seconds"] > 0, operation
