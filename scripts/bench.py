@@ -1398,10 +1398,10 @@ def bench_listing(ctx: Context) -> None:
             began = time.perf_counter()
             with recording_cpu(phase_cpu), futures.ThreadPoolExecutor(max_workers=LISTING_CALLERS) as pool:
                 list(pool.map(caller, range(LISTING_CALLERS)))
+            # The machine's load while these callers ran (on 2 shared cores it moves the p99 most), and how
+            # busy the cores were.
             for name in names:
                 busy[name] = phase_cpu[0] / (time.perf_counter() - began)
-            # The machine's load while these callers ran: on 2 shared cores it moves the p99 most.
-            for name in names:
                 loads[name] = os.getloadavg()[0]
         listed = sum(1 for _ in service.client.list())
         if listed < LISTING_ARCHIVES:
