@@ -62,7 +62,8 @@ PARTS_PER_DOUBLING = 1_000
 IN_FLIGHT_BYTES = UPLOAD_CONCURRENCY * MIN_PART_SIZE
 #: How often an upload of a growing archive looks whether a part's worth of it has been written.
 GROWTH_POLL_SECONDS = 0.05
-#: A cached listing is reused for this long; the service's own uploads and deletions refresh it at once.
+#: A listing older than this is renewed in the background at the next call (its callers are answered from it
+#: meanwhile); the service's own uploads, manifests and deletions show in it at once.
 LISTING_TTL_SECONDS = 5.0
 #: After the bucket could not be reached, listings use the last one for this long instead of waiting for
 #: the network again at every List call.
@@ -125,8 +126,18 @@ class Bucket:
         self._client: S3Client = boto3.session.Session().client("s3", endpoint_url=endpoint_url, config=config)
         self._endpoint = endpoint_url
         self._lock = threading.Lock()
+        #: Held while the bucket is listed: one listing at a time, whoever asks.
+        self._listing_lock = threading.Lock()
         self._listing: tuple[Backup, ...] | None = None
-        self._listed_at = 0.0
+        #: When the listing kept began (monotonic), and when the last attempt began, successful or not.
+        self._listed_at = self._attempted_at = float("-inf")
+        #: Whether a thread is listing the bucket in the background now.
+        self._refreshing = False
+        #: Why the last listing failed; None once one succeeded again.
+        self._listing_error: BackupError | None = None
+        #: This service's own changes (when, id, the backup now listed or None), applied to the listing kept
+        #: at once, and again to a listing that began before them.
+        self._changes: list[tuple[float, str, Backup | None]] = []
         #: Parsed manifests by key and ETag: a listing reads only the manifests it has not seen.
         self._manifests: dict[str, tuple[str, Backup | None]] = {}
         self._unreachable: tuple[float, BackupError] | None = None
@@ -151,16 +162,76 @@ class Bucket:
     # -- reading ---------------------------------------------------------------------------------------
 
     def list_backups(self, *, fresh: bool = False) -> list[Backup]:
-        """The READY archives the bucket holds whole, newest first (cached for LISTING_TTL_SECONDS)."""
+        """The READY archives the bucket holds whole, newest first (see `listing`)."""
         return list(self.listing(fresh=fresh))
 
     def listing(self, *, fresh: bool = False) -> tuple[Backup, ...]:
-        """As `list_backups`, the same tuple while the cached listing stands."""
+        """As `list_backups`, the same tuple while nothing changed. Listing a bucket of a thousand archives
+        takes a storage service a second or more, so no caller waits for it once a listing exists: the one
+        kept is answered at once, and when it is older than LISTING_TTL_SECONDS one thread lists the bucket
+        again in the background (stale-while-revalidate). This service's own uploads, manifests and deletions
+        show at once (`_changed`). `fresh` (and the first call) lists now; raises while the last listing
+        failed, and the caller may fall back on `cached_listing`."""
+        asked = time.monotonic()
         with self._lock:
-            if not fresh and self._listing is not None and time.monotonic() - self._listed_at < LISTING_TTL_SECONDS:
+            if not fresh and self._listing is not None:
+                self._refresh_if_due(asked)
+                if self._listing_error is not None:
+                    raise self._listing_error
                 return self._listing
-            if self._unreachable is not None and time.monotonic() < self._unreachable[0]:
+            if self._unreachable is not None and asked < self._unreachable[0]:
                 raise self._unreachable[1]
+        return self._list_now(asked)
+
+    def _refresh_if_due(self, now: float) -> None:
+        """Start a background listing when the last attempt is old enough (the caller holds `_lock`)."""
+        if self._refreshing or now - self._attempted_at < LISTING_TTL_SECONDS:
+            return
+        if self._unreachable is not None and now < self._unreachable[0]:
+            return
+        self._refreshing = True
+        threading.Thread(target=self._refresh, name="bucket-listing", daemon=True).start()
+
+    def _refresh(self) -> None:
+        try:
+            self._list_now(time.monotonic())
+        except BackupError:
+            pass  # kept in _listing_error: the next caller is told
+        except Exception:  # a thread of its own: nobody else would see it
+            _logger.exception("listing the bucket %s failed", self.address)
+        finally:
+            with self._lock:
+                self._refreshing = False
+
+    def _list_now(self, asked: float) -> tuple[Backup, ...]:
+        """List the bucket, unless a listing that began after `asked` already did (callers that arrive
+        together share one listing)."""
+        with self._listing_lock:
+            began = time.monotonic()
+            with self._lock:
+                if self._listing is not None and self._listed_at >= asked:
+                    return self._listing
+                self._attempted_at = began
+            try:
+                listing, keys = self._list_bucket()
+            except BackupError as exc:
+                with self._lock:
+                    self._listing_error = exc
+                raise
+            with self._lock:
+                for when, backup_id, backup in self._changes:
+                    if when >= began:  # the bucket may have been listed before this change reached it
+                        listing = _with_change(listing, backup_id, backup)
+                self._changes = [change for change in self._changes if change[0] >= began]
+                if listing != self._listing:  # else the same tuple: what callers derived from it stands
+                    self._listing = listing
+                self._listed_at = began
+                self._listing_error = None
+                self._manifests = {k: v for k, v in self._manifests.items() if k in keys}
+                return self._listing
+
+    def _list_bucket(self) -> tuple[tuple[Backup, ...], set[str]]:
+        """The READY archives whose manifest and whole archive the bucket holds, and every key it holds."""
         objects: dict[str, tuple[int, str]] = {}
         with self._translated("listing the bucket"):
             pages = self._client.get_paginator("list_objects_v2").paginate(
@@ -179,13 +250,8 @@ class Bucket:
             archive = objects.get(self.address.prefix + backup.id)
             if backup.state is State.READY and archive is not None and archive[0] == backup.size_bytes:
                 backups.append(backup.replace(locations=frozenset({Location.BUCKET})))
-        backups.sort(key=lambda b: (b.create_time, b.id), reverse=True)
-        listing = tuple(backups)
-        with self._lock:
-            self._listing, self._listed_at = listing, time.monotonic()
-            live = set(objects)
-            self._manifests = {k: v for k, v in self._manifests.items() if k in live}
-        return listing
+        backups.sort(key=_newest_first, reverse=True)
+        return tuple(backups), set(objects)
 
     def cached_listing(self) -> tuple[Backup, ...] | None:
         """The last listing, however old (None before the first): what List shows while the bucket is
@@ -299,7 +365,9 @@ class Bucket:
                 ContentType="application/json",
                 ChecksumAlgorithm="SHA256",
             )
-        self._invalidate()
+        # Every caller writes the manifest of an archive the bucket holds whole: `put` and `finish` checked
+        # it, `update` found it with `get`.
+        self._changed(backup.id, backup)
 
     def delete(self, backup_id: str) -> None:
         """Manifest first (the archive stops being listed), then the archive."""
@@ -307,7 +375,7 @@ class Bucket:
         with self._translated(f"deleting {backup_id} from the bucket"):
             self._client.delete_object(Bucket=self.address.bucket, Key=key + MANIFEST_SUFFIX)
             self._client.delete_object(Bucket=self.address.bucket, Key=key)
-        self._invalidate()
+        self._changed(backup_id, None)
         _logger.info("deleted %s from %s", backup_id, self.address)
 
     def abort_stale_uploads(self, *, now: datetime | None = None) -> int:
@@ -361,9 +429,17 @@ class Bucket:
             self._manifests[key] = (etag, backup)
         return backup
 
-    def _invalidate(self) -> None:
+    def _changed(self, backup_id: str, backup: Backup | None) -> None:
+        """This service changed what the bucket holds of `backup_id`: its listing shows `backup` (None: no
+        longer listed) from now on, without listing the bucket again."""
+        when = time.monotonic()
+        listed = (
+            backup.replace(locations=frozenset({Location.BUCKET})) if backup and backup.state is State.READY else None
+        )
         with self._lock:
-            self._listing = None
+            self._changes.append((when, backup_id, listed))
+            if self._listing is not None:
+                self._listing = _with_change(self._listing, backup_id, listed)
 
     @property
     def unreachable(self) -> bool:
@@ -564,6 +640,19 @@ class _TranslatingReader:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _newest_first(backup: Backup) -> tuple[datetime, str]:
+    return backup.create_time, backup.id
+
+
+def _with_change(listing: tuple[Backup, ...], backup_id: str, backup: Backup | None) -> tuple[Backup, ...]:
+    """`listing` with `backup_id` no longer listed, or listed as `backup`, in the listing's order."""
+    rest = [b for b in listing if b.id != backup_id]
+    if backup is not None:
+        rest.append(backup)
+        rest.sort(key=_newest_first, reverse=True)
+    return tuple(rest)
 
 
 def _parse_manifest(raw: bytes, key: str) -> Backup | None:
