@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
+import secrets
 from pathlib import Path
 from typing import Any
 
@@ -20,24 +22,56 @@ def fsync_directory(directory: Path) -> None:
 
 
 def write_json(path: Path, data: Any, *, temp: Path | None = None, exclusive: bool = False) -> None:
-    """Write `data` to `path`, readable by the owner only. `exclusive`: create it, failing with
-    FileExistsError when it exists (a reservation). Otherwise atomically: write `temp` (default: a hidden
-    name beside `path`), fsync, rename over `path`, fsync the directory."""
-    target = path if exclusive else temp or path.with_name(f".{path.name}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC)
-    fd = os.open(target, flags, 0o600)
+    """Write `data` to `path`, readable by the owner only, durably, and so that a reader finds the file whole
+    or not at all: written to `temp` (default: a hidden name beside `path`), fsynced, then moved into place.
+    `exclusive`: create it, failing with FileExistsError when it exists (a reservation)."""
+    text = json.dumps(data, indent=2)
+    temp = temp or path.with_name(f".{path.name}.tmp")
+    if exclusive:
+        # A name of this writer's own: two writers reserving one name must not share a temporary file.
+        temp = temp.with_name(f"{temp.name}.{secrets.token_hex(4)}")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
     try:
         with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         if not exclusive:
-            os.replace(target, path)
-            fsync_directory(path.parent)
+            os.replace(temp, path)
+        else:
+            _link_exclusively(temp, path, text)
+        fsync_directory(path.parent)
     except BaseException:
-        # A full disk fails the write or the close: leave neither a temporary file nor a half reservation.
-        target.unlink(missing_ok=True)
+        # A full disk fails the write or the close: leave no temporary file behind.
+        temp.unlink(missing_ok=True)
         raise
+
+
+def _link_exclusively(temp: Path, path: Path, text: str) -> None:
+    """Give the complete `temp` the name `path` unless that name exists (FileExistsError): a hard link, unlike
+    a rename, refuses an existing name. Where the file system has no hard links, `path` is created
+    exclusively and written in place (a reader may then see it before it is complete)."""
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        raise
+    except OSError as exc:
+        if exc.errno not in _NO_HARD_LINKS:
+            raise
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+                handle.flush()
+                os.fsync(handle.fileno())
+        except BaseException:
+            path.unlink(missing_ok=True)
+            raise
+    temp.unlink()
+
+
+#: What link(2) answers on file systems without hard links (FAT, some network and FUSE file systems).
+_NO_HARD_LINKS = frozenset({errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.ENOSYS})
 
 
 #: An archive file hands what it has written to the disk every this many bytes.
