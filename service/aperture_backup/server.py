@@ -6,6 +6,7 @@ and returns it with its port; `serve` adds signal handling for the command line.
 
 from __future__ import annotations
 
+import gc
 import logging
 import signal
 import socket
@@ -235,6 +236,15 @@ class SignalInbox:
         self._writer.close()
 
 
+def freeze_start_up_objects() -> None:
+    """Leave what start-up made (modules, the gRPC server, the protobuf and S3 clients' models: several
+    hundred thousand objects that live as long as the process) out of every later garbage collection. A full
+    collection walks every tracked object while holding the interpreter lock, so every call in flight
+    waits for it: with a bucket configured it took 40-56 ms, once per backup, measured."""
+    gc.collect()
+    gc.freeze()
+
+
 def tune_interpreter() -> None:
     """Settings of the interpreter for a serving process (the whole process: `serve` calls this, tests that
     build a server with `create_server` keep theirs)."""
@@ -249,6 +259,7 @@ def serve(config: Config) -> None:
     inbox = SignalInbox((signal.SIGINT, signal.SIGTERM, signal.SIGHUP))
     try:
         running = create_server(config)
+        freeze_start_up_objects()
         while (signum := inbox.next()) == signal.SIGHUP:
             if running.tls is None:
                 _logger.info("received SIGHUP; ignored: TLS is not configured")
