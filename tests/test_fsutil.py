@@ -65,7 +65,7 @@ def test_a_json_file_appears_whole_or_not_at_all(
         seen_while_writing.append(path.exists())
         real_fsync(fd)
 
-    monkeypatch.setattr(fsutil.os, "fsync", fsync)
+    monkeypatch.setattr(os, "fsync", fsync)
     fsutil.write_json(path, {"id": "backup"}, temp=tmp_path / ".tmp-backup.manifest.json", exclusive=exclusive)
     assert seen_while_writing[0] is False, "the name existed before its content was on disk"
     assert json.loads(path.read_text()) == {"id": "backup"}
@@ -88,7 +88,7 @@ def test_an_exclusive_write_works_where_the_file_system_has_no_hard_links(
     def no_links(source: object, target: object) -> None:
         raise OSError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(fsutil.os, "link", no_links)
+    monkeypatch.setattr(os, "link", no_links)
     path = tmp_path / "backup.manifest.json"
     fsutil.write_json(path, {"id": "backup"}, exclusive=True)
     assert json.loads(path.read_text()) == {"id": "backup"}
