@@ -22,7 +22,9 @@ its baseline in the same run, alternating the order from round to round, reporti
 - List (first page, and all 1,000 in one page) and GetStatus with 1,000 real archives and manifests in the
   directory (copies of one real backup, each with its own manifest), 20 callers at once while a backup of
   the benchmark database runs, median and p99 latency; and the time from starting `serve` to its gRPC
-  health check answering SERVING, with an empty directory and with those 1,000 archives (group `listing`).
+  health check answering SERVING, with an empty directory and with those 1,000 archives; then all of it
+  again with the 1,000 archives in a bucket (moto_server on loopback, its share of the cores reported) and
+  the directory empty, the backups made meanwhile copied to the bucket too (group `listing`).
 - Create `.sql.gz` and Restore at several database sizes (`--scaling-sizes`, 150/600/2,400 MB of SQL), in
   seconds per GB beside `pg_dump` alone and `gunzip | psql -1` at the same size (and `pg_dump | gzip -6`
   with `--scaling-gzip`), and the server's peak RSS at each (group `scaling`, issue 16).
@@ -62,6 +64,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import psutil
 import psycopg
 from isal import isal_zlib
 from psycopg import sql
@@ -72,8 +75,9 @@ sys.path.insert(0, str(REPO))
 from aperture.backup.v1 import backup_pb2 as pb  # noqa: E402
 from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
 from aperture_backup.compression import checker, decompressor  # noqa: E402
-from aperture_backup.model import Compression, Trigger  # noqa: E402
+from aperture_backup.model import Backup, Compression, Trigger  # noqa: E402
 from aperture_backup.priority import BACKGROUND_NICENESS  # noqa: E402
+from aperture_backup.storage.bucket import BucketAddress  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate, generate_library, library_shape  # noqa: E402
 from tests.support.fingerprint import assert_same, fingerprint  # noqa: E402
@@ -1225,25 +1229,49 @@ STARTUP_LIMIT = 1.5
 STARTUP_ROUNDS = 5
 
 
-def fill_backup_directory(directory: Path, seed: pb.Backup, seed_dir: Path, count: int) -> None:
-    """`count` real archives in `directory`: copies of the seed's real archive file, each with its own id,
-    creation time and manifest, written by the service's own ArchiveStore (as a backup job writes them)."""
+def _listing_copies(seed_dir: Path, seed: pb.Backup, count: int) -> Iterator[Backup]:
+    """`count` records of the seed's real archive, each with its own id and creation time (four a day from
+    2024 on), recorded as uploads, which retention never deletes: the backups made meanwhile run retention,
+    and it must not thin out the archives being listed."""
     from datetime import UTC, datetime, timedelta
 
     from aperture_backup.storage.local import ArchiveStore
 
-    seed_store = ArchiveStore(seed_dir)
-    recorded = seed_store.get(seed.id)
-    store = ArchiveStore(directory)
+    recorded = ArchiveStore(seed_dir).get(seed.id)
     start = datetime(2024, 1, 1, 1, 0, tzinfo=UTC)
-    extension = recorded.kind.extension
     for i in range(count):
         when = start + timedelta(days=i // 4, hours=6 * (i % 4))
-        backup_id = f"aperture-backup-{when.strftime('%Y-%m-%dT%H-%M-%S')}-000000Z-{i:04x}{extension}"
-        shutil.copyfile(seed_dir / seed.id, directory / backup_id)
-        # Recorded as uploads, which retention never deletes: the backups made meanwhile run retention, and
-        # it must not thin out the 1,000 being listed.
-        store.write_manifest(recorded.replace(id=backup_id, create_time=when, trigger=Trigger.UPLOADED))
+        backup_id = f"aperture-backup-{when.strftime('%Y-%m-%dT%H-%M-%S')}-000000Z-{i:04x}{recorded.kind.extension}"
+        yield recorded.replace(id=backup_id, create_time=when, trigger=Trigger.UPLOADED)
+
+
+def fill_backup_directory(directory: Path, seed: pb.Backup, seed_dir: Path, count: int) -> None:
+    """`count` real archives in `directory`: copies of the seed's real archive file, each with its own id,
+    creation time and manifest, written by the service's own ArchiveStore (as a backup job writes them)."""
+    from aperture_backup.storage.local import ArchiveStore
+
+    store = ArchiveStore(directory)
+    for backup in _listing_copies(seed_dir, seed, count):
+        shutil.copyfile(seed_dir / seed.id, directory / backup.id)
+        store.write_manifest(backup)
+
+
+def fill_bucket(url: str, s3: S3Server, seed: pb.Backup, seed_dir: Path, count: int) -> None:
+    """`count` real archives in the bucket at `url`: the seed's archive uploaded under each copy's id, then
+    its manifest, by the service's own Bucket (as its offsite copies are made), several at a time."""
+    from aperture_backup.storage.bucket import Bucket
+
+    # boto3 takes its credentials and region from the environment when the client is made.
+    saved = dict(os.environ)
+    os.environ.update(s3_environment(s3.credentials, seed_dir))
+    try:
+        bucket = Bucket(BucketAddress.parse(url), endpoint_url=s3.endpoint)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    path = seed_dir / seed.id
+    with futures.ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(lambda backup: bucket.put(backup, path), _listing_copies(seed_dir, seed, count)))
 
 
 def _percentile(values: list[float], fraction: float) -> float:
@@ -1251,20 +1279,24 @@ def _percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
-def time_startup(server: PgServer, work: Path) -> float:
+def time_startup(server: PgServer, work: Path, extra_env: dict[str, str] | None = None) -> float:
     """Seconds from starting `aperture-backup serve` (a new process, as an orchestrator starts it) to its
     gRPC health check answering SERVING, against the benchmark's external database."""
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
     port = free_port()
-    env = clean_env() | {
-        "APERTURE_BACKUP_DATABASE_URL": server.database_uri(DATABASE),
-        "APERTURE_BACKUP_DIR": str(work / "backups"),
-        "APERTURE_BACKUP_LISTEN": f"127.0.0.1:{port}",
-        "APERTURE_BACKUP_SCHEDULE": "off",
-        "APERTURE_BACKUP_CATCH_UP": "false",
-        "APERTURE_BACKUP_PG_BIN_DIR": str(server.bin_dir),
-    }
+    env = (
+        clean_env()
+        | {
+            "APERTURE_BACKUP_DATABASE_URL": server.database_uri(DATABASE),
+            "APERTURE_BACKUP_DIR": str(work / "backups"),
+            "APERTURE_BACKUP_LISTEN": f"127.0.0.1:{port}",
+            "APERTURE_BACKUP_SCHEDULE": "off",
+            "APERTURE_BACKUP_CATCH_UP": "false",
+            "APERTURE_BACKUP_PG_BIN_DIR": str(server.bin_dir),
+        }
+        | (extra_env or {})
+    )
     start = time.perf_counter()
     with open(work / "startup.log", "ab") as log_file:
         proc = subprocess.Popen(
@@ -1304,24 +1336,12 @@ def time_startup(server: PgServer, work: Path) -> float:
 
 
 def bench_listing(ctx: Context) -> None:
-    """List and GetStatus with 1,000 real archives in the directory, 20 callers at once while a backup of
-    the benchmark database runs (started again whenever one ends), and start-up to health SERVING."""
+    """List and GetStatus with 1,000 real archives, 20 callers at once while a backup of the benchmark
+    database runs (started again whenever one ends), and start-up to health SERVING: first with the archives
+    in the directory, then with them in a bucket (moto_server on loopback) and the directory empty."""
     work = ctx.work / "listing"
     (work / "backups").mkdir(parents=True)
-    # One real archive with its real manifest, made by the service from a small Aperture-shaped database.
-    seed_db = "listing_seed"
-    generate(ctx.server.create_database(seed_db), 0.1)
-    (work / "seed").mkdir()
-    seeder = Service(ctx.server, work / "seed", {"APERTURE_BACKUP_DATABASE_URL": ctx.server.database_uri(seed_db)})
-    try:
-        seed = None
-        request = pb.CreateRequest(format=pb.BACKUP_FORMAT_PLAIN, compression=pb.COMPRESSION_GZIP)
-        for message in seeder.stub.Create(request):
-            seed = message.backup
-        if seed is None or seed.state != pb.BACKUP_STATE_READY:
-            raise RuntimeError(f"the seed backup did not finish READY: {seed}")
-    finally:
-        seeder.stop()
+    seed = _listing_seed(ctx, work)
     start = time.perf_counter()
     fill_backup_directory(work / "backups", seed, work / "seed" / "backups", LISTING_ARCHIVES)
     log(f"wrote {LISTING_ARCHIVES} archives ({seed.size_bytes} bytes each) in {time.perf_counter() - start:.1f} s")
@@ -1333,11 +1353,72 @@ def bench_listing(ctx: Context) -> None:
         log(f"start-up round {round_no + 1}")
         empty.seconds.append(time_startup(ctx.server, work / "empty"))
         full.seconds.append(time_startup(ctx.server, work))
-    for row in (empty, full):
+    _startup_targets(ctx, empty, full)
+    _listing_under_load(ctx, Service(ctx.server, work), f"{LISTING_ARCHIVES:,} archives")
+    with running_s3(work / "moto.log") as s3:
+        _listing_in_bucket(ctx, work, seed, s3)
+
+
+def _listing_seed(ctx: Context, work: Path) -> pb.Backup:
+    """One real archive with its real manifest, made by the service from a small Aperture-shaped database,
+    in `work`/seed/backups."""
+    seed_db = "listing_seed"
+    generate(ctx.server.create_database(seed_db), 0.1)
+    (work / "seed").mkdir()
+    seeder = Service(ctx.server, work / "seed", {"APERTURE_BACKUP_DATABASE_URL": ctx.server.database_uri(seed_db)})
+    try:
+        seed = None
+        request = pb.CreateRequest(format=pb.BACKUP_FORMAT_PLAIN, compression=pb.COMPRESSION_GZIP)
+        for message in seeder.stub.Create(request):
+            seed = message.backup
+        if seed is None or seed.state != pb.BACKUP_STATE_READY:
+            raise RuntimeError(f"the seed backup did not finish READY: {seed}")
+        return seed
+    finally:
+        seeder.stop()
+
+
+def _startup_targets(ctx: Context, *rows: Row) -> None:
+    for row in rows:
         row.note = "from process start, " + ", ".join(f"{s:.2f}" for s in row.seconds) + " s"
         ctx.target(f"{row.operation}: median seconds", row.median, STARTUP_LIMIT)
 
-    service = Service(ctx.server, work)
+
+#: Where the bucket variant of the listing group keeps its archives.
+LISTING_BUCKET_URL = "s3://aperture-listing/backups/"
+
+
+def _listing_in_bucket(ctx: Context, work: Path, seed: pb.Backup, s3: S3Server) -> None:
+    """The listing group again with the 1,000 archives in the bucket and none in the directory, as on a new
+    machine after a disaster, or beside replicas that keep their archives offsite; the backups made while
+    the callers call are copied to the bucket too, as the service always does with one configured."""
+    bucket_work = work / "bucket"
+    (bucket_work / "backups").mkdir(parents=True)
+    s3.client().create_bucket(Bucket=BucketAddress.parse(LISTING_BUCKET_URL).bucket)
+    env = {
+        "APERTURE_BACKUP_S3_URL": LISTING_BUCKET_URL,
+        "APERTURE_BACKUP_S3_ENDPOINT": s3.endpoint,
+        **s3_environment(s3.credentials, bucket_work),
+    }
+    start = time.perf_counter()
+    fill_bucket(LISTING_BUCKET_URL, s3, seed, work / "seed" / "backups", LISTING_ARCHIVES)
+    log(f"uploaded {LISTING_ARCHIVES} archives to the bucket in {time.perf_counter() - start:.1f} s")
+    where = f"{LISTING_ARCHIVES:,} archives in the bucket"
+    startup = ctx.row(f"Start-up to SERVING, {where}", "-")
+    for round_no in range(ctx.args.startup_rounds):
+        log(f"start-up round {round_no + 1}, archives in the bucket")
+        startup.seconds.append(time_startup(ctx.server, bucket_work, env))
+    _startup_targets(ctx, startup)
+    if s3.process is None:
+        raise RuntimeError("the S3 server is not running")
+    moto = psutil.Process(s3.process.pid)
+    _listing_under_load(ctx, Service(ctx.server, bucket_work, env), where, beside=moto)
+
+
+def _listing_under_load(ctx: Context, service: Service, where: str, beside: psutil.Process | None = None) -> None:
+    """20 callers of List and GetStatus while backups run one after another on `service`, which holds the
+    archives `where` says; the service is stopped at the end. `beside`: a process on the same cores that
+    would run elsewhere in production (the S3 server), whose share of the cores each phase reports."""
     stop = threading.Event()
     running = threading.Event()  # set while a Create stream is open
     created: list[str] = []
@@ -1372,6 +1453,7 @@ def bench_listing(ctx: Context) -> None:
     during_backup: dict[str, list[bool]] = {name: [] for name in calls}
     loads: dict[str, float] = {}
     busy: dict[str, float] = {}  # cores busy while each call's phase ran
+    beside_busy: dict[str, float] = {}  # of which the process beside
     lock = threading.Lock()
     try:
         deadline = time.monotonic() + 60
@@ -1396,13 +1478,17 @@ def bench_listing(ctx: Context) -> None:
 
             phase_cpu: list[float] = []
             began = time.perf_counter()
+            beside_before = _process_cpu_seconds(beside)
             with recording_cpu(phase_cpu), futures.ThreadPoolExecutor(max_workers=LISTING_CALLERS) as pool:
                 list(pool.map(caller, range(LISTING_CALLERS)))
             # The machine's load while these callers ran (on 2 shared cores it moves the p99 most), and how
             # busy the cores were.
+            took = time.perf_counter() - began
             for name in names:
-                busy[name] = phase_cpu[0] / (time.perf_counter() - began)
+                busy[name] = phase_cpu[0] / took
                 loads[name] = os.getloadavg()[0]
+                if beside is not None:
+                    beside_busy[name] = (_process_cpu_seconds(beside) - beside_before) / took
         listed = sum(1 for _ in service.client.list())
         if listed < LISTING_ARCHIVES:
             raise RuntimeError(f"only {listed} archives were listed at the end, not {LISTING_ARCHIVES}")
@@ -1420,12 +1506,17 @@ def bench_listing(ctx: Context) -> None:
         per_call = statistics.mean(alone_cpu[name] for name in names)
         for name in names:
             floors[name] = LISTING_CALLERS * per_call / cores
-    ctx.facts["listing_cpu"] = {
-        name: {"alone_core_ms_per_call": alone_cpu[name] * 1000, "closed_loop_floor_ms": floors[name] * 1000}
-        for name in calls
-    }
+    ctx.facts.setdefault("listing_cpu", {}).update(
+        {
+            f"{name}, {where}": {
+                "alone_core_ms_per_call": alone_cpu[name] * 1000,
+                "closed_loop_floor_ms": floors[name] * 1000,
+            }
+            for name in calls
+        }
+    )
     for name, values in latencies.items():
-        row = ctx.row(f"{name}, {LISTING_ARCHIVES:,} archives", f"{LISTING_CALLERS} callers, a backup running")
+        row = ctx.row(f"{name}, {where}", f"{LISTING_CALLERS} callers, a backup running")
         row.seconds = values
         p99 = _percentile(values, 0.99)
         share = sum(during_backup[name]) / len(during_backup[name])
@@ -1436,10 +1527,18 @@ def bench_listing(ctx: Context) -> None:
             f"cores see a median of at least {floors[name] * 1000:.1f} ms with nothing else running; "
             f"{busy.get(name, 0.0):.2f} of the {cores} cores were busy during these calls"
         )
-        ctx.target(
-            f"{name} with {LISTING_ARCHIVES:,} archives: median ms", statistics.median(values) * 1000, LISTING_MEDIAN_MS
-        )
-        ctx.target(f"{name} with {LISTING_ARCHIVES:,} archives: p99 ms", p99 * 1000, LISTING_P99_MS)
+        if name in beside_busy:
+            row.note += f", {beside_busy[name]:.2f} of them by the S3 server"
+        ctx.target(f"{name} with {where}: median ms", statistics.median(values) * 1000, LISTING_MEDIAN_MS)
+        ctx.target(f"{name} with {where}: p99 ms", p99 * 1000, LISTING_P99_MS)
+
+
+def _process_cpu_seconds(process: psutil.Process | None) -> float:
+    """CPU seconds (user and system) `process` has used; 0 for None."""
+    if process is None:
+        return 0.0
+    times = process.cpu_times()
+    return float(times.user + times.system)
 
 
 def _cpu_per_call(call: Callable[[], object]) -> float:

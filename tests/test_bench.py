@@ -57,6 +57,10 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "List (first page of 50) with 1,000 archives",
         "List (page_size 1000, all in one call) with 1,000 archives",
         "GetStatus with 1,000 archives",
+        "Start-up to SERVING, 1,000 archives in the bucket",
+        "List (first page of 50) with 1,000 archives in the bucket",
+        "List (page_size 1000, all in one call) with 1,000 archives in the bucket",
+        "GetStatus with 1,000 archives in the bucket",
         "Restore .sql.gz (library) / (gunzip | psql -1)",
         "Restore .dump (library) / pg_restore --single-transaction",
         "Scaling Create .sql.gz",
@@ -89,12 +93,17 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         "List (first page of 50), 1,000 archives",
         "List (page_size 1000, all in one call), 1,000 archives",
         "GetStatus, 1,000 archives",
+        "Start-up to SERVING, 1,000 archives in the bucket",
+        "List (first page of 50), 1,000 archives in the bucket",
+        "GetStatus, 1,000 archives in the bucket",
     ):
         assert rows[operation]["median_seconds"] > 0, operation
     # What one call costs, and so the least median 20 callers at once can see on these cores.
     for name, cpu in report["facts"]["listing_cpu"].items():
         assert cpu["alone_core_ms_per_call"] > 0 and cpu["closed_loop_floor_ms"] > 0, (name, cpu)
     assert "see a median of at least" in rows["GetStatus, 1,000 archives"]["note"]
+    assert len(report["facts"]["listing_cpu"]) == 6, "three calls, in the directory and in the bucket"
+    assert "of them by the S3 server" in rows["GetStatus, 1,000 archives in the bucket"]["note"]
     # What the cores allow a restore with its safety backup: their CPU work over the cores (issue 16, part 2).
     for operation in ("Restore .sql.gz (no safety backup)", "Restore .sql.gz with safety backup"):
         assert rows[operation]["cpu_median_seconds"] > 0, operation
