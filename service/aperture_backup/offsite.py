@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from .errors import BackupError
 from .model import Backup, Location, State, Trigger
+from .storage import PerListing
 from .storage.catalog import Archives
 from .storage.local import ArchiveWriter
 
@@ -83,6 +84,10 @@ class Offsite:
         self._thread: threading.Thread | None = None
         self._error = ""
         self._last_upload: datetime | None = None
+        #: The ids of a bucket listing, and the pending archives of a directory listing and those ids: every
+        #: GetStatus asks, and a thousand archives are worth not going through again while nothing changed.
+        self._bucket_ids = PerListing(lambda listing: frozenset(b.id for b in listing))
+        self._pending: tuple[tuple[Backup, ...], frozenset[str], tuple[Backup, ...]] | None = None
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -116,7 +121,7 @@ class Offsite:
         if not self.wanted(backup):
             return False
         with self._copying:  # one upload at a time: the job's and the retry thread's never overlap
-            if backup.id in {b.id for b in self.archives.bucket_backups()}:
+            if self.is_offsite(backup.id):
                 self._succeeded(backup.id)
                 return True
             try:
@@ -158,12 +163,21 @@ class Offsite:
 
     def pending(self) -> list[Backup]:
         """READY archives of the directory the bucket does not have, oldest first."""
-        in_bucket = {b.id for b in self.archives.bucket_backups()}
-        local = [b for b in self.archives.local.list_backups() if Location.LOCAL in b.locations]
-        return [b for b in reversed(local) if self.wanted(b) and b.id not in in_bucket]
+        local = self.archives.local.listing()
+        in_bucket = self._in_bucket()
+        kept = self._pending  # one read: another thread may replace it meanwhile
+        if kept is None or kept[0] is not local or kept[1] is not in_bucket:
+            pending = tuple(
+                b for b in reversed(local) if Location.LOCAL in b.locations and self.wanted(b) and b.id not in in_bucket
+            )
+            kept = self._pending = (local, in_bucket, pending)
+        return list(kept[2])
 
     def is_offsite(self, backup_id: str) -> bool:
-        return backup_id in {b.id for b in self.archives.bucket_backups()}
+        return backup_id in self._in_bucket()
+
+    def _in_bucket(self) -> frozenset[str]:
+        return self._bucket_ids(self.archives.bucket_listing())
 
     def status(self) -> OffsiteStatus:
         pending = tuple(b.id for b in self.pending())

@@ -66,7 +66,7 @@ class Archives:
         listing nor the bucket's changed (`ArchiveStore.listing`), so that what List and GetStatus derive
         from it is computed once per listing."""
         local = self.local.listing()
-        remote = self._bucket_listing(fresh=fresh)
+        remote = self.bucket_listing(fresh=fresh)
         if not remote:
             return local
         merged = self._merged
@@ -84,9 +84,11 @@ class Archives:
         return result
 
     def bucket_backups(self, *, fresh: bool = False) -> list[Backup]:
-        return list(self._bucket_listing(fresh=fresh))
+        return list(self.bucket_listing(fresh=fresh))
 
-    def _bucket_listing(self, *, fresh: bool = False) -> tuple[Backup, ...]:
+    def bucket_listing(self, *, fresh: bool = False) -> tuple[Backup, ...]:
+        """The bucket's backups, newest first; the same tuple while its listing stands (`Bucket.listing`);
+        the last one while the bucket is unreachable, () without a bucket."""
         if self.bucket is None:
             return ()
         try:
