@@ -40,7 +40,7 @@ from boto3.s3.transfer import TransferConfig
 from aperture_backup.errors import Aborted, BackupError, DataLoss, FailedPrecondition, Internal, NotFound, Unavailable
 from aperture_backup.model import Backup, Location, State
 
-from .local import MANIFEST_SUFFIX, validate_id
+from .local import MANIFEST_SUFFIX, sort_key, validate_id
 
 if TYPE_CHECKING:
     from mypy_boto3_s3 import S3Client
@@ -250,7 +250,7 @@ class Bucket:
             archive = objects.get(self.address.prefix + backup.id)
             if backup.state is State.READY and archive is not None and archive[0] == backup.size_bytes:
                 backups.append(backup.replace(locations=frozenset({Location.BUCKET})))
-        backups.sort(key=_newest_first, reverse=True)
+        backups.sort(key=sort_key, reverse=True)
         return tuple(backups), set(objects)
 
     def cached_listing(self) -> tuple[Backup, ...] | None:
@@ -642,16 +642,12 @@ class _TranslatingReader:
         self.close()
 
 
-def _newest_first(backup: Backup) -> tuple[datetime, str]:
-    return backup.create_time, backup.id
-
-
 def _with_change(listing: tuple[Backup, ...], backup_id: str, backup: Backup | None) -> tuple[Backup, ...]:
     """`listing` with `backup_id` no longer listed, or listed as `backup`, in the listing's order."""
     rest = [b for b in listing if b.id != backup_id]
     if backup is not None:
         rest.append(backup)
-        rest.sort(key=_newest_first, reverse=True)
+        rest.sort(key=sort_key, reverse=True)
     return tuple(rest)
 
 

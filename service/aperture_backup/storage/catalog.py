@@ -21,7 +21,7 @@ from aperture_backup.errors import BackupError, DataLoss, NotFound, ResourceExha
 from aperture_backup.model import Backup, Location, State
 
 from . import chunks
-from .local import TEMP_PREFIX, ArchiveStore
+from .local import TEMP_PREFIX, ArchiveStore, sort_key
 
 if TYPE_CHECKING:  # the S3 library loads only when a bucket is configured
     from .bucket import Bucket
@@ -79,7 +79,7 @@ class Archives:
                 by_id[copy.id] = copy  # only the bucket has it (or the local record lost its file)
             elif mine.state is State.READY and mine.sha256 == copy.sha256:
                 by_id[copy.id] = mine.replace(locations=mine.locations | {Location.BUCKET})
-        result = tuple(sorted(by_id.values(), key=lambda b: (b.create_time, b.id), reverse=True))
+        result = tuple(sorted(by_id.values(), key=sort_key, reverse=True))
         self._merged = (local, remote, result)
         return result
 

@@ -227,7 +227,9 @@ class PageToken:
             ) from None
 
 
-def _sort_key(backup: Backup) -> tuple[datetime, str]:
+def sort_key(backup: Backup) -> tuple[datetime, str]:
+    """The order of every listing (the directory's, the bucket's, both merged): newest first is this key
+    in reverse."""
     return (backup.create_time, backup.id)
 
 
@@ -237,7 +239,7 @@ def _first_after(backups: Sequence[Backup], key: tuple[datetime, str]) -> int:
     low, high = 0, len(backups)
     while low < high:
         middle = (low + high) // 2
-        if _sort_key(backups[middle]) < key:
+        if sort_key(backups[middle]) < key:
             high = middle
         else:
             low = middle + 1
@@ -328,7 +330,7 @@ class _Listing:
 
     def rebuild(self, found: tuple[dict[str, Backup], bool]) -> tuple[Backup, ...]:
         self._by_id, self.regular = found
-        self._ascending = sorted(self._by_id.values(), key=_sort_key)
+        self._ascending = sorted(self._by_id.values(), key=sort_key)
         return self.newest_first()
 
     def update(self, placed: dict[str, Backup | None]) -> tuple[Backup, ...]:
@@ -336,11 +338,11 @@ class _Listing:
         for backup_id, backup in placed.items():
             old = self._by_id.pop(backup_id, None)
             if old is not None:
-                at = bisect.bisect_left(self._ascending, _sort_key(old), key=_sort_key)
+                at = bisect.bisect_left(self._ascending, sort_key(old), key=sort_key)
                 del self._ascending[at]
             if backup is not None:
                 self._by_id[backup_id] = backup
-                bisect.insort(self._ascending, backup, key=_sort_key)
+                bisect.insort(self._ascending, backup, key=sort_key)
         return self.newest_first()
 
     def newest_first(self) -> tuple[Backup, ...]:
