@@ -30,12 +30,8 @@ def write_json(path: Path, data: Any, *, temp: Path | None = None, exclusive: bo
     if exclusive:
         # A name of this writer's own: two writers reserving one name must not share a temporary file.
         temp = temp.with_name(f"{temp.name}.{secrets.token_hex(4)}")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | (os.O_EXCL if exclusive else os.O_TRUNC), 0o600)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
+        _write_durably(temp, text, os.O_EXCL if exclusive else os.O_TRUNC)
         if not exclusive:
             os.replace(temp, path)
         else:
@@ -58,16 +54,23 @@ def _link_exclusively(temp: Path, path: Path, text: str) -> None:
     except OSError as exc:
         if exc.errno not in _NO_HARD_LINKS:
             raise
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         try:
-            with os.fdopen(fd, "w") as handle:
-                handle.write(text)
-                handle.flush()
-                os.fsync(handle.fileno())
+            _write_durably(path, text, os.O_EXCL)
+        except FileExistsError:
+            raise
         except BaseException:
             path.unlink(missing_ok=True)
             raise
     temp.unlink()
+
+
+def _write_durably(path: Path, text: str, mode: int) -> None:
+    """Create `path` (owner only) with `text` and fsync it; `mode` is O_EXCL or O_TRUNC."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | mode, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 #: What link(2) answers on file systems without hard links (FAT, some network and FUSE file systems).
