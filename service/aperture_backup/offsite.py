@@ -84,10 +84,13 @@ class Offsite:
         self._thread: threading.Thread | None = None
         self._error = ""
         self._last_upload: datetime | None = None
-        #: The ids of a bucket listing, and the pending archives of a directory listing and those ids: every
-        #: GetStatus asks, and a thousand archives are worth not going through again while nothing changed.
+        #: The ids of a bucket listing, and the archives of a directory listing that belong in the bucket,
+        #: oldest first: every GetStatus asks, and a thousand archives are worth not going through again
+        #: while nothing changed.
         self._bucket_ids = PerListing(lambda listing: frozenset(b.id for b in listing))
-        self._pending: tuple[tuple[Backup, ...], frozenset[str], tuple[Backup, ...]] | None = None
+        self._to_copy = PerListing(
+            lambda listing: tuple(b for b in reversed(listing) if Location.LOCAL in b.locations and self.wanted(b))
+        )
 
     # -- life cycle ------------------------------------------------------------------------------------
 
@@ -163,15 +166,8 @@ class Offsite:
 
     def pending(self) -> list[Backup]:
         """READY archives of the directory the bucket does not have, oldest first."""
-        local = self.archives.local.listing()
         in_bucket = self._in_bucket()
-        kept = self._pending  # one read: another thread may replace it meanwhile
-        if kept is None or kept[0] is not local or kept[1] is not in_bucket:
-            pending = tuple(
-                b for b in reversed(local) if Location.LOCAL in b.locations and self.wanted(b) and b.id not in in_bucket
-            )
-            kept = self._pending = (local, in_bucket, pending)
-        return list(kept[2])
+        return [b for b in self._to_copy(self.archives.local.listing()) if b.id not in in_bucket]
 
     def is_offsite(self, backup_id: str) -> bool:
         return backup_id in self._in_bucket()
