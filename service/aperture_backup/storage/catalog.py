@@ -53,6 +53,10 @@ class Archives:
         self.on_stored: Callable[[Backup], None] | None = None
         #: The last merged listing, and the directory's and the bucket's listings it was made of.
         self._merged: tuple[tuple[Backup, ...], tuple[Backup, ...], tuple[Backup, ...]] | None = None
+        #: By id, each backup the last merge found in both places: the directory's, the bucket's and the one
+        #: listed. The next merge lists the same object while neither copy changed, so that what callers
+        #: derive from a backup (List's encoding of it) is not made again whenever either listing changes.
+        self._in_both: dict[str, tuple[Backup, Backup, Backup]] = {}
 
     # -- listing ---------------------------------------------------------------------------------------
 
@@ -73,13 +77,21 @@ class Archives:
         if merged is not None and merged[0] is local and merged[1] is remote:
             return merged[2]
         by_id = {b.id: b for b in local}
+        known, in_both = self._in_both, {}
         for copy in remote:
             mine = by_id.get(copy.id)
             if mine is None or Location.LOCAL not in mine.locations:
                 by_id[copy.id] = copy  # only the bucket has it (or the local record lost its file)
             elif mine.state is State.READY and mine.sha256 == copy.sha256:
-                by_id[copy.id] = mine.replace(locations=mine.locations | {Location.BUCKET})
+                before = known.get(copy.id)
+                if before is not None and before[0] is mine and before[1] is copy:
+                    both = before[2]
+                else:
+                    both = mine.replace(locations=mine.locations | {Location.BUCKET})
+                in_both[copy.id] = (mine, copy, both)
+                by_id[copy.id] = both
         result = tuple(sorted(by_id.values(), key=sort_key, reverse=True))
+        self._in_both = in_both
         self._merged = (local, remote, result)
         return result
 
