@@ -77,6 +77,7 @@ from aperture.backup.v1 import backup_pb2_grpc  # noqa: E402
 from aperture_backup.compression import checker, decompressor  # noqa: E402
 from aperture_backup.model import Backup, Compression, Trigger  # noqa: E402
 from aperture_backup.priority import BACKGROUND_NICENESS  # noqa: E402
+from aperture_backup.server import WORKERS  # noqa: E402
 from aperture_backup.storage.bucket import BucketAddress  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate, generate_library, library_shape  # noqa: E402
@@ -467,17 +468,27 @@ def _reference_handlers(directory: Path) -> grpc.GenericRpcHandler:
         path.unlink()
         return str(size).encode()
 
+    answers: dict[str, bytes] = {}
+
+    def fixed(request: bytes, context: grpc.ServicerContext) -> bytes:
+        # The content of the file the request names, read at the first call: a unary call doing nothing else.
+        path = request.decode()
+        if path not in answers:
+            answers[path] = Path(path).read_bytes()
+        return answers[path]
+
     return grpc.method_handlers_generic_handler(
         _REFERENCE_SERVICE,
         {
             "Download": grpc.unary_stream_rpc_method_handler(download),
             "Upload": grpc.stream_unary_rpc_method_handler(upload),
+            "Fixed": grpc.unary_unary_rpc_method_handler(fixed),
         },
     )
 
 
 def run_reference_server(port: int, directory: Path) -> None:
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4), options=CHANNEL_OPTIONS)
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), options=CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((_reference_handlers(directory),))
     server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
@@ -515,6 +526,14 @@ class Reference:
         if size != path.stat().st_size:
             raise RuntimeError(f"reference upload stored {size} bytes of {path.stat().st_size}")
         return elapsed
+
+    def fixed(self, path: Path, parse: Callable[[bytes], object]) -> Callable[[], object]:
+        """A call answered with the bytes of `path`, which the client parses with `parse`."""
+        call: grpc.UnaryUnaryMultiCallable[bytes, object] = self.channel.unary_unary(
+            f"/{_REFERENCE_SERVICE}/Fixed", response_deserializer=parse
+        )
+        request = str(path).encode()
+        return lambda: call(request)
 
     def stop(self) -> None:
         self.channel.close()
@@ -1216,10 +1235,15 @@ def _offsite_rounds(ctx: Context, server: S3Server) -> None:
 #: Issue 16, "costs that stay flat": List and GetStatus with this many archives, by this many callers at once.
 LISTING_ARCHIVES = 1000
 LISTING_CALLERS = 20
-#: Calls of each kind per caller (List first page, List whole listing, GetStatus). 300 calls in all took a
-#: quarter of a second, the first of the backup only, and their p99 was their third slowest: 1,500 span
-#: more of the backup and steady the p99.
-LISTING_CALLS = 75
+#: The reference call of the listing group: List's first page from a bare grpcio server (see
+#: `_listing_under_load`).
+LISTING_BARE = "List's first page from a bare grpcio server"
+#: How long the callers of each phase call (`--listing-seconds`): longer than one backup of the benchmark
+#: database takes here (8-11 s at 600 MB), so that the p99 is taken over a whole backup, its start, its dump,
+#: its upload to the bucket and its end. 300 calls in all (a quarter of a second) saw the backup's first
+#: moments only and their p99 was their third slowest; 3,000 (about 1.5 s) swung with what the backup was
+#: doing in that second: first page p99 76 and 49 ms in two runs of the same code, 49-53 ms over 30 s.
+LISTING_PHASE_SECONDS = 12.0
 #: How long each call is repeated alone, before the backup starts, to learn the CPU one call costs.
 LISTING_ALONE_SECONDS = 1.0
 #: Latency bounds (ms) for each of those RPCs, and the start-up bound (s) to health SERVING.
@@ -1440,6 +1464,13 @@ def _listing_under_load(ctx: Context, service: Service, where: str, beside: psut
             pb.ListRequest(page_size=LISTING_ARCHIVES)
         ),
     }
+    # The floor of those latencies on these cores: a bare grpcio server in a process of its own, with as many
+    # workers as the service, answering List's first page (the same bytes, parsed by the client the same way)
+    # and doing nothing else, called by the same callers while the same backup runs.
+    first_page = service.backup_dir.parent / "first-page.bin"
+    first_page.write_bytes(service.stub.List(pb.ListRequest()).SerializeToString())
+    bare = Reference(service.backup_dir.parent)
+    calls[LISTING_BARE] = bare.fixed(first_page, pb.ListResponse.FromString)
     # What one call costs the machine (this client and the service), each call alone on a quiet service:
     # callers that call again as soon as they are answered share the cores, so that cost times the callers
     # over the cores is the least median they can see, before any backup takes CPU of its own.
@@ -1448,11 +1479,12 @@ def _listing_under_load(ctx: Context, service: Service, where: str, beside: psut
     runner.start()
     # List's first page and GetStatus (what CLIs and monitors call) alternate in one set of callers; the
     # whole listing in one response (1,000 messages to build and parse) has callers of its own afterwards.
-    phases = [list(calls)[:2], list(calls)[2:]]
+    phases = [list(calls)[:2], list(calls)[2:3], [LISTING_BARE]]
     latencies: dict[str, list[float]] = {name: [] for name in calls}
     during_backup: dict[str, list[bool]] = {name: [] for name in calls}
     loads: dict[str, float] = {}
     busy: dict[str, float] = {}  # cores busy while each call's phase ran
+    ended: dict[str, int] = {}  # backups that ended while each call's phase ran
     beside_busy: dict[str, float] = {}  # of which the process beside
     lock = threading.Lock()
     try:
@@ -1465,10 +1497,14 @@ def _listing_under_load(ctx: Context, service: Service, where: str, beside: psut
         for call in calls.values():
             call()
         for names in phases:
+            began = time.perf_counter()
+            until = began + ctx.args.listing_seconds
 
-            def caller(offset: int, names: list[str] = names) -> None:
-                for i in range(LISTING_CALLS * len(names)):
+            def caller(offset: int, names: list[str] = names, until: float = until) -> None:
+                i = 0
+                while i % len(names) or time.perf_counter() < until:  # each name as often as the others
                     name = names[(i + offset) % len(names)]
+                    i += 1
                     begin = time.perf_counter()
                     calls[name]()
                     elapsed = time.perf_counter() - begin
@@ -1477,7 +1513,7 @@ def _listing_under_load(ctx: Context, service: Service, where: str, beside: psut
                         during_backup[name].append(running.is_set())
 
             phase_cpu: list[float] = []
-            began = time.perf_counter()
+            ended_before = len(created)
             beside_before = _process_cpu_seconds(beside)
             with recording_cpu(phase_cpu), futures.ThreadPoolExecutor(max_workers=LISTING_CALLERS) as pool:
                 list(pool.map(caller, range(LISTING_CALLERS)))
@@ -1487,6 +1523,7 @@ def _listing_under_load(ctx: Context, service: Service, where: str, beside: psut
             for name in names:
                 busy[name] = phase_cpu[0] / took
                 loads[name] = os.getloadavg()[0]
+                ended[name] = len(created) - ended_before
                 if beside is not None:
                     beside_busy[name] = (_process_cpu_seconds(beside) - beside_before) / took
         listed = sum(1 for _ in service.client.list())
@@ -1499,6 +1536,7 @@ def _listing_under_load(ctx: Context, service: Service, where: str, beside: psut
             with contextlib.suppress(grpc.RpcError):
                 service.stub.Delete(pb.DeleteRequest(id=backup_id))
         service.stop()
+        bare.stop()
     cores = os.cpu_count() or 1
     floors = {}
     for names in phases:
@@ -1522,13 +1560,22 @@ def _listing_under_load(ctx: Context, service: Service, where: str, beside: psut
         share = sum(during_backup[name]) / len(during_backup[name])
         row.note = (
             f"median {statistics.median(values) * 1000:.1f} ms, p99 {p99 * 1000:.1f} ms over {len(values)} calls, "
-            f"{share:.0%} of them while a backup ran, load average {loads.get(name, 0.0):.1f}; a call alone costs "
+            f"{share:.0%} of them while a backup ran ({ended.get(name, 0)} ended meanwhile), load average "
+            f"{loads.get(name, 0.0):.1f}; a call alone costs "
             f"{alone_cpu[name] * 1000:.2f} core-ms (client and service), so {LISTING_CALLERS} callers on {cores} "
             f"cores see a median of at least {floors[name] * 1000:.1f} ms with nothing else running; "
             f"{busy.get(name, 0.0):.2f} of the {cores} cores were busy during these calls"
         )
         if name in beside_busy:
             row.note += f", {beside_busy[name]:.2f} of them by the S3 server"
+        if name == LISTING_BARE:
+            row.note += "; the reference for the rows above: nothing answers these callers faster on these cores"
+            continue
+        bare_values = latencies[LISTING_BARE]
+        row.note += (
+            f"; the bare grpcio server's median and p99 in the same run: "
+            f"{statistics.median(bare_values) * 1000:.1f} and {_percentile(bare_values, 0.99) * 1000:.1f} ms"
+        )
         ctx.target(f"{name} with {where}: median ms", statistics.median(values) * 1000, LISTING_MEDIAN_MS)
         ctx.target(f"{name} with {where}: p99 ms", p99 * 1000, LISTING_P99_MS)
 
@@ -2105,6 +2152,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--library-rounds", type=int, default=3, help="rounds of the library's restores (3)")
     parser.add_argument("--startup-rounds", type=int, default=STARTUP_ROUNDS, help="starts of the service timed (5)")
+    parser.add_argument(
+        "--listing-seconds",
+        type=float,
+        default=LISTING_PHASE_SECONDS,
+        help=f"how long 20 callers call in each phase of the listing group ({LISTING_PHASE_SECONDS:g})",
+    )
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json", help="JSON results")
     parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a fresh one under /tmp)")
     parser.add_argument("--reference-server", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)

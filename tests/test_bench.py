@@ -27,7 +27,7 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     command += ["--rounds", "1", "--restore-rounds", "1", "--transfer-rounds", "1", "--startup-rounds", "1"]
     command += ["--library-episodes", "300", "--library-rounds", "1"]
     # The scaling group's smallest databases (the generator's minimum row counts make them 9-21 MB of SQL).
-    command += ["--scaling-sizes", "3,6,12", "--scaling-rounds", "1"]
+    command += ["--scaling-sizes", "3,6,12", "--scaling-rounds", "1", "--listing-seconds", "0.5"]
     command += ["--out", str(out), "--work-dir", str(tmp_path)]
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -113,7 +113,13 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
     for name, cpu in report["facts"]["listing_cpu"].items():
         assert cpu["alone_core_ms_per_call"] > 0 and cpu["closed_loop_floor_ms"] > 0, (name, cpu)
     assert "see a median of at least" in rows["GetStatus, 1,000 archives"]["note"]
-    assert len(report["facts"]["listing_cpu"]) == 6, "three calls, in the directory and in the bucket"
+    assert len(report["facts"]["listing_cpu"]) == 8, "three calls and the bare server's, in each place"
+    # The floor of those latencies: a bare grpcio server answering the same bytes, in the same run.
+    for where in ("1,000 archives", "1,000 archives in the bucket"):
+        bare = rows[f"List's first page from a bare grpcio server, {where}"]
+        assert bare["median_seconds"] > 0 and "nothing answers these callers faster" in bare["note"], bare
+        assert "the bare grpcio server's median and p99 in the same run" in rows[f"GetStatus, {where}"]["note"]
+    assert not [t for t in report["targets"] if "bare grpcio" in t["target"]], "a reference, not a target"
     assert "of them by the S3 server" in rows["GetStatus, 1,000 archives in the bucket"]["note"]
     # What the cores allow a restore with its safety backup: their CPU work over the cores (issue 16, part 2).
     for operation in ("Restore .sql.gz (no safety backup)", "Restore .sql.gz with safety backup"):
