@@ -71,13 +71,20 @@ def _ids(backups: tuple[Backup, ...]) -> list[str]:
     return [b.id for b in backups]
 
 
+def _this_service_and_a_replica(name: str, proxy: FaultyProxy, s3_server: S3Server) -> tuple[Bucket, Bucket]:
+    """The bucket `name` as this service sees it, through the proxy, and as another replica does."""
+    return (
+        Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=proxy.endpoint),
+        Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=s3_server.endpoint),
+    )
+
+
 def test_a_listing_past_its_age_is_answered_at_once_and_renewed_in_the_background(
     setting: tuple[str, FaultyProxy, Samples], s3_server: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     name, proxy, archives = setting
     monkeypatch.setattr(bucket_module, "LISTING_TTL_SECONDS", 0.2)
-    mine = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=proxy.endpoint)
-    replica = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=s3_server.endpoint)
+    mine, replica = _this_service_and_a_replica(name, proxy, s3_server)
     first, first_path = archives.make()
     replica.put(first, first_path)
     assert _ids(mine.listing()) == [first.id]
@@ -121,8 +128,7 @@ def test_an_upload_that_lands_while_the_bucket_is_listed_stays_listed(
     setting: tuple[str, FaultyProxy, Samples], s3_server: S3Server
 ) -> None:
     name, proxy, archives = setting
-    mine = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=proxy.endpoint)
-    replica = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=s3_server.endpoint)
+    mine, replica = _this_service_and_a_replica(name, proxy, s3_server)
     theirs, theirs_path = archives.make()
     replica.put(theirs, theirs_path)
     # The listing has its object list (without the upload below) and waits for the manifest of `theirs`.
@@ -209,8 +215,7 @@ def test_a_listing_keeps_the_objects_of_the_backups_that_did_not_change(
     setting: tuple[str, FaultyProxy, Samples], s3_server: S3Server
 ) -> None:
     name, proxy, archives = setting
-    mine = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=proxy.endpoint)
-    replica = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=s3_server.endpoint)
+    mine, replica = _this_service_and_a_replica(name, proxy, s3_server)
     theirs, theirs_path = archives.make()
     replica.put(theirs, theirs_path)
     own, own_path = archives.make()
@@ -233,8 +238,7 @@ def test_the_merged_listing_keeps_the_objects_of_backups_in_both_places(
 ) -> None:
     name, proxy, archives = setting
     store = ArchiveStore(tmp_path / "backups", watch=False)
-    mine = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=proxy.endpoint)
-    replica = Bucket(BucketAddress.parse(f"s3://{name}/"), endpoint_url=s3_server.endpoint)
+    mine, replica = _this_service_and_a_replica(name, proxy, s3_server)
     catalog = Archives(store, mine)
     both, both_path = archives.make()
     (store.directory / both.id).write_bytes(both_path.read_bytes())
