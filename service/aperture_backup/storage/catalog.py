@@ -53,10 +53,11 @@ class Archives:
         self.on_stored: Callable[[Backup], None] | None = None
         #: The last merged listing, and the directory's and the bucket's listings it was made of.
         self._merged: tuple[tuple[Backup, ...], tuple[Backup, ...], tuple[Backup, ...]] | None = None
-        #: By id, each backup the last merge found in both places: the directory's, the bucket's and the one
-        #: listed. The next merge lists the same object while neither copy changed, so that what callers
-        #: derive from a backup (List's encoding of it) is not made again whenever either listing changes.
-        self._in_both: dict[str, tuple[Backup, Backup, Backup]] = {}
+        #: By id, each backup the last merge found in both places: the directory's and the one listed (made
+        #: from the directory's alone). The next merge lists the same object while the directory's is the
+        #: same, so that what callers derive from a backup (List's encoding of it) is not made again whenever
+        #: either listing changes.
+        self._in_both: dict[str, tuple[Backup, Backup]] = {}
 
     # -- listing ---------------------------------------------------------------------------------------
 
@@ -84,11 +85,11 @@ class Archives:
                 by_id[copy.id] = copy  # only the bucket has it (or the local record lost its file)
             elif mine.state is State.READY and mine.sha256 == copy.sha256:
                 before = known.get(copy.id)
-                if before is not None and before[0] is mine and before[1] is copy:
-                    both = before[2]
+                if before is not None and before[0] is mine:
+                    both = before[1]
                 else:
                     both = mine.replace(locations=mine.locations | {Location.BUCKET})
-                in_both[copy.id] = (mine, copy, both)
+                in_both[copy.id] = (mine, both)
                 by_id[copy.id] = both
         result = tuple(sorted(by_id.values(), key=sort_key, reverse=True))
         self._in_both = in_both
