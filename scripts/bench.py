@@ -239,7 +239,28 @@ class Row:
         return statistics.median(self.baseline_seconds) if self.baseline_seconds else None
 
     @property
+    def round_ratios(self) -> list[float]:
+        """Each run against its baseline of the same round, when every run has one: the rounds alternate the
+        two, so a burst of the shared machine's load in one round slows both sides of its pair."""
+        if len(self.seconds) != len(self.baseline_seconds):
+            return []
+        return [s / b for s, b in zip(self.seconds, self.baseline_seconds, strict=True) if b > 0]
+
+    @property
     def ratio(self) -> float | None:
+        """The median of the per-round ratios where the rounds pair up, else the ratio of the medians. On 2
+        shared cores one slow round moved the ratio of the medians by 8% (a Restore's rounds paired 0.92,
+        1.23, 1.03, 1.00 and 0.99, yet their medians gave 1.08); the paired median keeps each comparison
+        within its round."""
+        paired = self.round_ratios
+        if paired:
+            return statistics.median(paired)
+        if self.median is None or not self.baseline_median:
+            return None
+        return self.median / self.baseline_median
+
+    @property
+    def ratio_of_medians(self) -> float | None:
         if self.median is None or not self.baseline_median:
             return None
         return self.median / self.baseline_median
@@ -262,6 +283,8 @@ class Row:
             median_seconds=self.median,
             baseline_median_seconds=self.baseline_median,
             ratio=self.ratio,
+            round_ratios=self.round_ratios,
+            ratio_of_medians=self.ratio_of_medians,
             mb_per_s=self.mb_per_s,
             cpu_median_seconds=self.cpu_median,
         )

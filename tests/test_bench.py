@@ -2,12 +2,45 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def _bench() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_a_ratio_compares_each_run_with_the_baseline_of_its_own_round() -> None:
+    bench = _bench()
+    # A restore's five rounds on 2 shared cores: the fourth was slow for both sides, the second only for
+    # the service; the medians taken apart (14.87 / 13.77) would say 1.08.
+    row = bench.Row(
+        "Restore",
+        "shell",
+        seconds=[14.87, 14.92, 14.18, 18.16, 13.59],
+        baseline_seconds=[16.20, 12.15, 13.75, 18.13, 13.77],
+    )
+    assert row.round_ratios == pytest.approx([0.918, 1.228, 1.031, 1.002, 0.987], abs=1e-3)
+    assert row.ratio == pytest.approx(1.002, abs=1e-3)
+    assert row.ratio_of_medians == pytest.approx(14.87 / 13.77)
+    assert row.to_json()["round_ratios"] == row.round_ratios
+    # Runs that do not pair with their baseline's (fewer rounds of one side) fall back to the medians.
+    unpaired = bench.Row("Check", "reference", seconds=[3.0, 1.0, 2.0], baseline_seconds=[1.0, 2.0])
+    assert unpaired.round_ratios == []
+    assert unpaired.ratio == pytest.approx(2.0 / 1.5)
 
 
 def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
