@@ -20,8 +20,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from aperture_backup.errors import BackupError
+from aperture_backup.errors import Aborted, BackupError
 from aperture_backup.model import ArchiveKind, Backup, Compression, Format, Location, State, Trigger
+from aperture_backup.offsite import Offsite
 from aperture_backup.storage import bucket as bucket_module
 from aperture_backup.storage.bucket import Bucket, BucketAddress
 from aperture_backup.storage.catalog import Archives
@@ -141,6 +142,54 @@ def test_an_upload_that_lands_while_the_bucket_is_listed_stays_listed(
         proxy.release()
         assert _ids(listing.result(timeout=30)) == [uploaded.id, theirs.id]
     assert _ids(mine.listing()) == [uploaded.id, theirs.id]
+
+
+def _manifest_reads(proxy: FaultyProxy) -> int:
+    return sum(entry.startswith("GET ") and entry.endswith(MANIFEST_SUFFIX) for entry in list(proxy.seen))
+
+
+def test_the_manifests_a_listing_has_not_seen_are_read_several_at_once(
+    setting: tuple[str, FaultyProxy, Samples], s3_server: S3Server
+) -> None:
+    """The first listing after start-up reads every manifest, one GET each: a thousand, one after another,
+    take a storage service seconds (tens against a distant region)."""
+    name, proxy, archives = setting
+    mine, replica = _this_service_and_a_replica(name, proxy, s3_server)
+    made = [archives.make() for _ in range(bucket_module.MANIFEST_READERS + 4)]
+    for backup, path in made:
+        replica.put(backup, path)
+    proxy.hold(MANIFEST_SUFFIX, method="GET")
+    with ThreadPoolExecutor(1) as pool:
+        listing = pool.submit(mine.listing)
+        wait_for(lambda: _manifest_reads(proxy) == bucket_module.MANIFEST_READERS, timeout=10)
+        time.sleep(0.2)
+        assert _manifest_reads(proxy) == bucket_module.MANIFEST_READERS, "so many at once, and no more"
+        proxy.release()
+        assert _ids(listing.result(timeout=30)) == [b.id for b, _ in reversed(made)], "all, newest first"
+    assert _manifest_reads(proxy) == len(made)
+
+
+def test_closing_the_bucket_stops_a_listing_under_way(
+    setting: tuple[str, FaultyProxy, Samples], s3_server: S3Server, tmp_path: Path
+) -> None:
+    """The service stops while its first listing reads a thousand manifests: the reads in flight end, no
+    other begins, and the offsite thread that was listing is free at once."""
+    name, proxy, archives = setting
+    mine, replica = _this_service_and_a_replica(name, proxy, s3_server)
+    for _ in range(3 * bucket_module.MANIFEST_READERS):
+        replica.put(*archives.make())
+    offsite = Offsite(Archives(ArchiveStore(tmp_path / "backups", watch=False), mine))
+    proxy.hold(MANIFEST_SUFFIX, method="GET")
+    offsite.start()  # its first look for archives to copy lists the bucket
+    wait_for(lambda: _manifest_reads(proxy) == bucket_module.MANIFEST_READERS, timeout=10)
+    with ThreadPoolExecutor(1) as pool:
+        stopped = pool.submit(offsite.stop)
+        time.sleep(0.2)
+        proxy.release()
+        stopped.result(timeout=5)
+    assert _manifest_reads(proxy) == bucket_module.MANIFEST_READERS, "no manifest read after the stop"
+    with pytest.raises(Aborted, match="the service is stopping"):
+        mine.listing(fresh=True)
 
 
 def test_a_failed_listing_is_reported_while_the_kept_one_stands(

@@ -99,8 +99,11 @@ class Offsite:
         self._thread.start()
 
     def stop(self, timeout: float = 10.0) -> None:
+        """At the service's stop: waits up to `timeout` for the copying thread, which copies nothing more; a
+        listing of the bucket under way (the first one reads every manifest) stops at its next request."""
         self._stop.set()
         self._wake.set()
+        self.bucket.close()
         if self._thread is not None:
             self._thread.join(timeout)
 

@@ -70,6 +70,11 @@ LISTING_TTL_SECONDS = 5.0
 #: After the bucket could not be reached, listings use the last one for this long instead of waiting for
 #: the network again at every List call.
 UNREACHABLE_BACKOFF_SECONDS = 30.0
+#: Manifests read at once when a listing meets manifests it has not seen (the first listing after start-up
+#: reads them all, one GET each: a thousand take a storage service seconds one after another).
+MANIFEST_READERS = 8
+#: Connections kept to the storage service: the manifest readers, and an upload's parts beside them.
+MAX_POOL_CONNECTIONS = MANIFEST_READERS + UPLOAD_CONCURRENCY + 2
 #: Where every backup of a bucket's listing is.
 _IN_BUCKET = frozenset({Location.BUCKET})
 #: Incomplete multipart uploads older than this are aborted (an interrupted upload of any replica).
@@ -138,6 +143,7 @@ class Bucket:
             read_timeout=read_timeout,
             # Services other than AWS mostly want bucket names in the path, not in the host name.
             s3={"addressing_style": "path"} if endpoint_url else {},
+            max_pool_connections=MAX_POOL_CONNECTIONS,
         )
         session = botocore.session.get_session()
         session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=parse_timestamp)
@@ -165,12 +171,19 @@ class Bucket:
         self._unreachable: tuple[float, BackupError] | None = None
         #: Keys this service is uploading now: never "stale", whatever date the storage service gives them.
         self._uploading: set[str] = set()
+        #: Set by `close()`: a listing under way stops at its next request.
+        self._closing = threading.Event()
 
     def describe(self) -> str:
         return str(self.address) + (f" at {self._endpoint}" if self._endpoint else "")
 
     def key(self, backup_id: str) -> str:
         return self.address.prefix + validate_id(backup_id)
+
+    def close(self) -> None:
+        """The service is stopping: a listing under way stops before its next request (raising Aborted), so
+        that a first listing of a thousand manifests does not hold up the shutdown."""
+        self._closing.set()
 
     # -- checks ----------------------------------------------------------------------------------------
 
@@ -260,13 +273,12 @@ class Bucket:
                 Bucket=self.address.bucket, Prefix=self.address.prefix
             )
             for page in pages:
+                self._stop_if_closing()
                 for entry in page.get("Contents", []):
                     objects[entry["Key"]] = (entry.get("Size", 0), entry.get("ETag", ""))
+        manifests = [(key, etag) for key, (_, etag) in objects.items() if key.endswith(MANIFEST_SUFFIX)]
         backups = []
-        for key, (_, etag) in objects.items():
-            if not key.endswith(MANIFEST_SUFFIX):
-                continue
-            backup = self._manifest(key, etag)
+        for backup in self._manifests_of(manifests):
             if backup is None:
                 continue
             archive = objects.get(self.address.prefix + backup.id)
@@ -441,11 +453,31 @@ class Bucket:
                         Bucket=self.address.bucket, Key=key, UploadId=upload["UploadId"]
                     )
 
-    def _manifest(self, key: str, etag: str) -> Backup | None:
+    def _manifests_of(self, manifests: list[tuple[str, str]]) -> list[Backup | None]:
+        """The backup of each manifest (key, ETag), in order: the ones seen before from `_manifests`, the
+        others read MANIFEST_READERS at a time. The first failure (or `close()`) stops the reads not begun."""
         with self._lock:
-            cached = self._manifests.get(key)
-        if cached is not None and cached[0] == etag:
-            return cached[1]
+            known = {
+                key: cached[1]
+                for key, etag in manifests
+                if (cached := self._manifests.get(key)) is not None and cached[0] == etag
+            }
+        unread = [(key, etag) for key, etag in manifests if key not in known]
+        if unread:
+            pool = ThreadPoolExecutor(min(MANIFEST_READERS, len(unread)), thread_name_prefix="bucket-manifests")
+            try:
+                for (key, _), backup in zip(unread, pool.map(lambda e: self._read_manifest(*e), unread), strict=True):
+                    known[key] = backup
+            finally:
+                pool.shutdown(cancel_futures=True)
+        return [known[key] for key, _ in manifests]
+
+    def _stop_if_closing(self) -> None:
+        if self._closing.is_set():
+            raise Aborted(f"the listing of the bucket {self.address} stopped: the service is stopping")
+
+    def _read_manifest(self, key: str, etag: str) -> Backup | None:
+        self._stop_if_closing()
         try:
             with self._translated(f"reading {key}"):
                 raw = self._client.get_object(Bucket=self.address.bucket, Key=key)["Body"].read()
