@@ -253,11 +253,7 @@ class Row:
         1.23, 1.03, 1.00 and 0.99, yet their medians gave 1.08); the paired median keeps each comparison
         within its round."""
         paired = self.round_ratios
-        if paired:
-            return statistics.median(paired)
-        if self.median is None or not self.baseline_median:
-            return None
-        return self.median / self.baseline_median
+        return statistics.median(paired) if paired else self.ratio_of_medians
 
     @property
     def ratio_of_medians(self) -> float | None:
