@@ -26,6 +26,7 @@ from tests.support.service import (
     CallInThread,
     RunningService,
     StartService,
+    archive_workers,
     clean_environment,
     error_reason,
     free_port,
@@ -110,12 +111,14 @@ def test_cancel_stops_a_backup_waiting_for_a_lock(db: Database, service_factory:
         call = svc.client.stub.Create(pb.CreateRequest(), timeout=300)
         first = next(call)
         wait_for(pg_dump_children)
+        wait_for(archive_workers)
         response = svc.client.cancel(first.backup.id)
         assert response.stopped
         with pytest.raises(grpc.RpcError) as ended:
             list(call)
     assert ended.value.code() is grpc.StatusCode.ABORTED and error_reason(ended.value) == "CANCELLED"
     assert pg_dump_children() == []
+    assert archive_workers() == []
     listed = svc.client.get(first.backup.id)
     assert listed.state == pb.BACKUP_STATE_FAILED and "cancelled" in listed.error
     assert [p.name for p in svc.backup_dir.iterdir() if p.name.startswith(".tmp-")] == []

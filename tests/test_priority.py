@@ -18,7 +18,15 @@ from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.priority import BACKGROUND_NICENESS
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, table_lock
-from tests.support.service import SLEEPER, SLEEPER_SQL, RestoreCall, StartService, pg_dump_children, wait_for
+from tests.support.service import (
+    SLEEPER,
+    SLEEPER_SQL,
+    RestoreCall,
+    StartService,
+    archive_workers,
+    pg_dump_children,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -57,10 +65,14 @@ def test_a_backup_and_its_pg_dump_yield_the_cpu_and_the_rpcs_do_not(
         wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
         [pg_dump] = pg_dump_children(database=db.dbname)
         assert pg_dump.nice() == base + BACKGROUND_NICENESS
+        # The process that compresses, hashes and counts the archive, and every thread of it.
+        wait_for(archive_workers, timeout=60)
+        [worker] = archive_workers()
+        assert {os.getpriority(os.PRIO_PROCESS, t.id) for t in worker.threads()} == {base + BACKGROUND_NICENESS}
         assert _nice_of_thread("job-backup") == base + BACKGROUND_NICENESS
-        # At least the job's thread and the two compression threads it started; the process itself (and so
-        # every thread started later, the RPC threads' pool included) keeps its priority.
-        assert _niced_threads(base) >= 1 + 2
+        # The job's thread at least; the process itself (and so every thread started later, the RPC threads'
+        # pool included) keeps its priority.
+        assert _niced_threads(base) >= 1
         assert svc.client.status().current_job.backup_id == first.backup.id
         assert os.getpriority(os.PRIO_PROCESS, 0) == base
     *_, last = call
@@ -79,6 +91,8 @@ def test_a_safety_backup_yields_the_cpu_to_the_restore_it_guards(db: Database, s
         [pg_dump] = pg_dump_children(database=db.dbname)
         assert pg_dump.nice() == base + BACKGROUND_NICENESS
         assert _nice_of_thread("safety-backup") == base + BACKGROUND_NICENESS
+        [worker] = archive_workers()
+        assert worker.nice() == base + BACKGROUND_NICENESS
         assert _nice_of_thread("job-restore") == base, "the restore's load is what the caller waits for"
         holder.rollback()
         running.join()

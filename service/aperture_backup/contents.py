@@ -17,7 +17,6 @@ second read of the archive and no work in the database, and it counts exactly th
 from __future__ import annotations
 
 import contextlib
-import logging
 import re
 import subprocess
 import threading
@@ -39,8 +38,6 @@ _ALTER_TABLE_RE = re.compile(rb"^ALTER TABLE (?:ONLY )?" + _QUALIFIED + rb"$")
 _CONSTRAINT_RE = re.compile(rb"^    ADD CONSTRAINT (" + _IDENT + rb") (?:PRIMARY KEY|UNIQUE|EXCLUDE)")
 _END_OF_DATA = b"\\.\n"
 _READ_SIZE = 1024 * 1024
-
-_logger = logging.getLogger(__name__)
 
 
 def _schema_of(qualified: bytes) -> bytes:
@@ -142,8 +139,8 @@ class ContentCounter:
 class CustomArchiveCounter:
     """Counts a custom-format archive as pg_dump writes it: the bytes are also fed to `pg_restore -f -`
     (which reads a custom archive from a pipe in one pass), and a thread counts the SQL it prints.
-    `finish()` once pg_dump has ended: the contents, or None (logged) when pg_restore could not read it,
-    which must not fail a backup whose archive is fine: Verify then checks what it can."""
+    `finish()` once pg_dump has ended: the contents, or None when pg_restore could not read it (why is in
+    `failure`), which must not fail a backup whose archive is fine: Verify then checks what it can."""
 
     def __init__(self, toolset: Toolset):
         self._counter = ContentCounter()
@@ -162,6 +159,7 @@ class CustomArchiveCounter:
         self._stderr = StderrTail(self._proc.stderr, "pg_restore")
         self._stderr.start()
         self._broken = False
+        self.failure = ""
         self._reader = threading.Thread(target=self._read, name="pg_restore-count", daemon=True)
         self._reader.start()
         self._version = toolset.version
@@ -185,12 +183,9 @@ class CustomArchiveCounter:
         self._reader.join()
         self._stderr.join(5)
         if returncode != 0 or self._broken:
-            _logger.warning(
-                "pg_restore %s could not read the new archive to count its rows (exit status %d): %s; the "
-                "backup is kept without row counts",
-                self._version,
-                returncode,
-                self._stderr.summary(),
+            self.failure = (
+                f"pg_restore {self._version} could not read the new archive to count its rows (exit status "
+                f"{returncode}): {self._stderr.summary()}"
             )
             return None
         return self._counter.finish()

@@ -1,26 +1,22 @@
-"""Running pg_dump: its output streams through the compressor, age (when archives are encrypted) and the
-hasher to the archive's temporary file; its `--verbose` log on stderr drives the progress; its exit status
-alone decides success."""
+"""Running pg_dump: its output streams to the archive worker (archive_worker.py), a child process that
+compresses, encrypts (when archives are encrypted), hashes and counts it into the archive's temporary file;
+pg_dump's `--verbose` log on stderr drives the progress; its exit status and the worker's decide success."""
 
 from __future__ import annotations
 
-import contextlib
-import errno
-import io
 import logging
+import os
 import re
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import IO
 
-from .compression import HashingFile, Sink, compressor
-from .contents import ContentCounter, CustomArchiveCounter
+from .archive_worker import ArchiveWorker
 from .database import Database, first_line
 from .encryption import AgeKeys
-from .errors import Aborted, BackupError, Internal, ResourceExhausted, Unavailable
+from .errors import Aborted, BackupError, Internal, Unavailable
 from .model import ArchiveKind, Contents, Format
 from .pipes import StderrTail, enlarge_pipe, kill
 from .storage.local import ArchiveWriter
@@ -28,9 +24,6 @@ from .toolchain import Toolset
 
 _logger = logging.getLogger(__name__)
 
-#: Read size from pg_dump's pipe: large reads amortise the per-call cost of Python (the pipe is enlarged
-#: to match, see pipes.py).
-READ_SIZE = 1024 * 1024
 _TABLE_RE = re.compile(r'dumping contents of table "?([^"]+)"?')
 
 
@@ -92,8 +85,9 @@ def run_dump(
     fast: bool = False,
 ) -> DumpResult:
     """Dump the database into `writer`'s temporary file, encrypted to `keys`' recipients when `kind` is
-    encrypted, compressed with less CPU when `fast` (compression.compressor). Raises a BackupError on any
-    failure; the caller aborts the writer."""
+    encrypted, compressed with less CPU when `fast` (compression.compressor). The bytes go from pg_dump to
+    a child process that makes the archive (archive_worker.py); this thread only reads its progress.
+    Raises a BackupError on any failure; the caller aborts the writer."""
     if kind.encrypted and (keys is None or not keys.encrypts):
         raise Internal("an encrypted backup was asked for without age recipients")
     command = pg_dump_command(toolset, database, kind)
@@ -104,76 +98,58 @@ def run_dump(
     if proc.stdout is None or proc.stderr is None:  # pragma: no cover - PIPE always gives streams
         raise Internal("pg_dump started without pipes")
     enlarge_pipe(proc.stdout.fileno())
-    # pg_dump can sit silent for a long time (waiting for a table lock, say), so a shutdown must not wait
-    # for its next byte: a watcher kills it as soon as the job is cancelled.
-    finished = threading.Event()
-    threading.Thread(target=_kill_on_cancel, args=(proc, cancel, finished), name="pg_dump-cancel", daemon=True).start()
-    sink = HashingFile(writer.file)
-    stderr = _PgDumpStderr(proc.stderr)
-    stderr.start()
-    # The SHA-256 is of the stored bytes: age sits between the compressor and the hash.
-    stage: io.RawIOBase = sink
-    if keys is not None and kind.encrypted:
-        stage = keys.encrypting(sink)
-    out = compressor(kind.compression, stage, fast=fast)
-    # Rows are counted from the stream as it goes by (contents.py): plain SQL directly, a custom archive
-    # through a pg_restore that turns it into the same SQL.
-    plain_counter = ContentCounter() if kind.format is Format.PLAIN else None
-    custom_counter = CustomArchiveCounter(toolset) if kind.format is Format.CUSTOM else None
-    buffer = bytearray(READ_SIZE)
-    view = memoryview(buffer)
-    last_report = 0.0
     try:
-        while True:
-            if cancel.is_set():
-                raise _cancelled(cancel)
-            n = proc.stdout.readinto(view)  # type: ignore[attr-defined]
-            if not n:
-                break
-            out.write(view[:n])
-            if plain_counter is not None:
-                plain_counter.feed(view[:n])
-            elif custom_counter is not None:
-                custom_counter.feed(view[:n])
-            now = time.monotonic()
-            if now - last_report > 0.25:
-                last_report = now
-                on_progress(sink.size, stderr.tables, stderr.current)
-        out.close()
-        if stage is not sink:
-            stage.close()  # age's last chunk; waits for its thread
-        returncode = proc.wait()
-        stderr.join()
-    except OSError as exc:
-        kill(proc)
-        _discard(out, stage, sink)
-        if custom_counter is not None:
-            custom_counter.abort()
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
-            raise ResourceExhausted(
-                f"the backup directory is full ({exc.strerror}); free space or lower the retention",
-                reason="DISK_FULL",
-            ) from None
-        raise Internal(f"writing the archive failed: {exc}") from None
+        worker = ArchiveWorker(proc.stdout, writer.file.fileno(), kind, keys=keys, fast=fast, toolset=toolset)
     except BaseException:
         kill(proc)
-        _discard(out, stage, sink)
-        if custom_counter is not None:
-            custom_counter.abort()
+        raise
+    finally:
+        # The worker holds the pipe's read end now: if it dies, pg_dump's next write fails and it ends.
+        proc.stdout.close()
+    # pg_dump can sit silent for a long time (waiting for a table lock, say), so a shutdown must not wait
+    # for its next byte: a watcher kills it, and the worker, as soon as the job is cancelled.
+    finished = threading.Event()
+    threading.Thread(
+        target=_kill_on_cancel, args=(proc, worker, cancel, finished), name="pg_dump-cancel", daemon=True
+    ).start()
+    stderr = _PgDumpStderr(proc.stderr)
+    stderr.start()
+    try:
+        for size in worker.sizes():
+            on_progress(size, stderr.tables, stderr.current)
+        # The worker's failure first, and at once: a full disk also ends pg_dump, with a broken pipe, and a
+        # pg_dump waiting for a lock would not notice a dead worker until it writes again.
+        result = worker.result()
+        returncode = proc.wait()
+        stderr.join()
+        if cancel.is_set():
+            raise _cancelled(cancel)
+    except BaseException as exc:
+        kill(proc)
+        worker.kill()
+        if cancel.is_set() and not isinstance(exc, Aborted):
+            raise _cancelled(cancel) from None  # what the kill of a cancel made fail
         raise
     finally:
         finished.set()
-    if cancel.is_set() or returncode != 0:
-        if custom_counter is not None:
-            custom_counter.abort()
-        if cancel.is_set():
-            raise _cancelled(cancel)
+    if returncode != 0:
         raise _dump_failure(returncode, stderr, database)
-    contents = plain_counter.finish() if plain_counter is not None else None
-    if custom_counter is not None:
-        contents = custom_counter.finish()
-    on_progress(sink.size, stderr.tables, "")
-    return DumpResult(size_bytes=sink.size, sha256=sink.sha256.hexdigest(), tables=stderr.tables, contents=contents)
+    size = _stored_size(writer)
+    if size != result.size_bytes:
+        raise Internal(
+            f"the archive worker reported {result.size_bytes} bytes but the file has {size}; no archive was kept"
+        )
+    if result.uncounted:
+        _logger.warning("%s; the backup is kept without row counts", result.uncounted)
+    on_progress(size, stderr.tables, "")
+    return DumpResult(size_bytes=size, sha256=result.sha256, tables=stderr.tables, contents=result.contents)
+
+
+def _stored_size(writer: ArchiveWriter) -> int:
+    try:
+        return os.fstat(writer.file.fileno()).st_size
+    except OSError as exc:
+        raise Internal(f"reading the new archive's size failed: {exc}") from None
 
 
 def _cancelled(cancel: threading.Event) -> BackupError:
@@ -181,21 +157,14 @@ def _cancelled(cancel: threading.Event) -> BackupError:
     return Aborted(f"the backup was cancelled: {reason}; no archive was kept", reason="CANCELLED")
 
 
-def _discard(out: Sink, stage: io.RawIOBase, sink: io.RawIOBase) -> None:
-    """After a failure: end the compressor's and age's threads (what they still write goes to the temporary
-    file the caller removes); their own errors are the same failure again."""
-    with contextlib.suppress(Exception):
-        out.close()
-    if stage is not sink:
-        with contextlib.suppress(Exception):
-            stage.close()
-
-
-def _kill_on_cancel(proc: subprocess.Popen[bytes], cancel: threading.Event, finished: threading.Event) -> None:
+def _kill_on_cancel(
+    proc: subprocess.Popen[bytes], worker: ArchiveWorker, cancel: threading.Event, finished: threading.Event
+) -> None:
     while not finished.wait(0.2):
         if cancel.is_set():
             _logger.info("stopping pg_dump (pid %d): the backup was cancelled", proc.pid)
             proc.kill()
+            worker.kill()
             return
 
 

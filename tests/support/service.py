@@ -152,6 +152,16 @@ def grpcurl_path() -> str:
     return path
 
 
+def archive_workers(pid: int | None = None) -> list[psutil.Process]:
+    """The archive workers (archive_worker.py) making a new archive under `pid` (default: this process)."""
+    found = []
+    for child in psutil.Process(pid).children(recursive=True):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            if "aperture_backup.archive_worker" in child.cmdline():
+                found.append(child)
+    return found
+
+
 def pg_dump_children(pid: int | None = None, *, database: str | None = None) -> list[psutil.Process]:
     """The pg_dumps dumping under `pid` (default: this process, whose in-process servers start them), of
     `database` only when given (another test's service may be dumping too); not the `pg_dump --version`
