@@ -6,9 +6,12 @@ A lock on a live table keeps pg_dump waiting, after the worker has started, for 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+from pathlib import Path
 
 import grpc
+import psutil
 import psycopg
 import pytest
 from psycopg import sql
@@ -16,7 +19,7 @@ from psycopg import sql
 from aperture.backup.v1 import backup_pb2 as pb
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, public_tables, table_lock
-from tests.support.service import StartService, archive_workers, pg_dump_children, wait_for
+from tests.support.service import StartService, archive_workers, pg_dump_children, service_process, wait_for
 
 
 @pytest.fixture
@@ -73,3 +76,37 @@ def test_what_the_worker_reports_is_what_the_file_holds(
             expected[f"public.{table}"] = count
     assert dict(backup.table_rows) == expected
     assert archive_workers() == []
+
+
+def _alive(process: psutil.Process) -> bool:
+    with contextlib.suppress(psutil.NoSuchProcess):
+        return bool(process.status() != psutil.STATUS_ZOMBIE)
+    return False
+
+
+def test_a_killed_service_takes_its_worker_and_pg_dump_with_it(
+    pg16: PgServer, make_database: MakeDatabase, tmp_path: Path
+) -> None:
+    """pg_dump learns that the service is gone at its next log line (its stderr went to the service), the
+    worker at the end of its input or at its next report (a few times a second), whichever comes first: no
+    orphan goes on writing a whole archive nobody will keep."""
+    db = make_database(pg16)
+    with psycopg.connect(db.uri) as conn:  # about 60 MB of SQL that gzip cannot shrink much
+        conn.execute(
+            "CREATE TABLE public.hashes AS SELECT g AS id, md5(g::text) || md5((g + 1)::text) || "
+            "md5((g + 2)::text) || md5((g + 3)::text) AS body FROM generate_series(1, 400000) AS g"
+        )
+    backup_dir = tmp_path / "backups"
+    with service_process(backup_dir, tmp_path / "serve.log", DATABASE_URL=db.uri) as svc:
+        whole = svc.client.create(format=pb.BACKUP_FORMAT_PLAIN).size_bytes
+        with table_lock(db.uri, "public.hashes") as holder:
+            call = svc.client.stub.Create(pb.CreateRequest(format=pb.BACKUP_FORMAT_PLAIN), timeout=300)
+            next(call)
+            wait_for(lambda: pg_dump_waits_for_a_lock(db.uri), timeout=60)
+            [worker] = archive_workers(svc.process.pid)
+            [pg_dump] = pg_dump_children(svc.process.pid, database=db.dbname)
+            svc.kill()
+            holder.rollback()  # pg_dump goes on, and writes
+            wait_for(lambda: not _alive(worker) and not _alive(pg_dump), timeout=60)
+    [temporary] = [p for p in backup_dir.iterdir() if p.name.startswith(".tmp-")]
+    assert temporary.stat().st_size < whole // 4, (temporary.stat().st_size, whole)

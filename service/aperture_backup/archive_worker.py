@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NoReturn
 
 from .compression import HashingFile, compressor
 from .contents import ContentCounter, CustomArchiveCounter
@@ -189,12 +189,15 @@ def main(argv: list[str]) -> int:
     report = sys.stdout
     try:
         result = _make(spec, report)
-    except (OSError, BackupError) as exc:
-        code = exc.errno if isinstance(exc, OSError) else None
-        _say(report, {"error": (exc.strerror if isinstance(exc, OSError) else None) or str(exc), "errno": code})
-        # Without waiting for the compressor's or age's threads, which may wait for input that never comes.
-        sys.stderr.flush()
-        os._exit(1)
+    except BaseException as exc:  # whatever it was, the service is told and the child ends
+        if isinstance(exc, OSError):
+            _say(report, {"error": exc.strerror or str(exc), "errno": exc.errno})
+        elif isinstance(exc, BackupError):
+            _say(report, {"error": str(exc)})
+        else:
+            logging.exception("making the archive failed")
+            _say(report, {"error": f"{type(exc).__name__}: {exc}"})
+        _end(1)
     _say(
         report,
         {
@@ -247,9 +250,20 @@ def _make(spec: dict[str, Any], report: IO[str]) -> ArchiveResult:
 
 
 def _say(report: IO[str], message: dict[str, Any]) -> None:
-    with contextlib.suppress(BrokenPipeError):  # the service is gone: nobody to tell
+    try:
         report.write(json.dumps(message) + "\n")
         report.flush()
+    except BrokenPipeError:
+        # The service is gone, and with it the backup: ending here also ends pg_dump, at its next write.
+        _end(1)
+
+
+def _end(status: int) -> NoReturn:
+    """Exit without waiting for the compressor's or age's threads, which may wait for input that never
+    comes."""
+    with contextlib.suppress(Exception):
+        sys.stderr.flush()
+    os._exit(status)
 
 
 if __name__ == "__main__":
