@@ -6,12 +6,10 @@ A lock on a live table keeps pg_dump waiting, after the worker has started, for 
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 from pathlib import Path
 
 import grpc
-import psutil
 import psycopg
 import pytest
 from psycopg import sql
@@ -19,7 +17,14 @@ from psycopg import sql
 from aperture.backup.v1 import backup_pb2 as pb
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, public_tables, table_lock
-from tests.support.service import StartService, archive_workers, pg_dump_children, service_process, wait_for
+from tests.support.service import (
+    StartService,
+    archive_workers,
+    pg_dump_children,
+    process_alive,
+    service_process,
+    wait_for,
+)
 
 
 @pytest.fixture
@@ -78,12 +83,6 @@ def test_what_the_worker_reports_is_what_the_file_holds(
     assert archive_workers() == []
 
 
-def _alive(process: psutil.Process) -> bool:
-    with contextlib.suppress(psutil.NoSuchProcess):
-        return bool(process.status() != psutil.STATUS_ZOMBIE)
-    return False
-
-
 def test_a_killed_service_takes_its_worker_and_pg_dump_with_it(
     pg16: PgServer, make_database: MakeDatabase, tmp_path: Path
 ) -> None:
@@ -107,6 +106,6 @@ def test_a_killed_service_takes_its_worker_and_pg_dump_with_it(
             [pg_dump] = pg_dump_children(svc.process.pid, database=db.dbname)
             svc.kill()
             holder.rollback()  # pg_dump goes on, and writes
-            wait_for(lambda: not _alive(worker) and not _alive(pg_dump), timeout=60)
+            wait_for(lambda: not process_alive(worker.pid) and not process_alive(pg_dump.pid), timeout=60)
     [temporary] = [p for p in backup_dir.iterdir() if p.name.startswith(".tmp-")]
     assert temporary.stat().st_size < whole // 4, (temporary.stat().st_size, whole)

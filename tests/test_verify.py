@@ -31,7 +31,16 @@ from tests.support.fixtures import Database, MakeDatabase
 from tests.support.metrics import scrape
 from tests.support.postgres import PgServer
 from tests.support.receiver import Receiver
-from tests.support.service import SLEEPER, SLEEPER_SQL, StartApp, StartService, free_port, service_process, wait_for
+from tests.support.service import (
+    SLEEPER,
+    SLEEPER_SQL,
+    StartApp,
+    StartService,
+    free_port,
+    process_alive,
+    service_process,
+    wait_for,
+)
 
 EDITED_TABLE = TABLE_WITHOUT_REFERENCES
 
@@ -208,13 +217,6 @@ def test_a_role_that_may_not_create_databases_verifies_in_a_throwaway_server(
     assert leftovers == [], "the throwaway server's directory is deleted"
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
-    except psutil.NoSuchProcess:
-        return False
-
-
 def test_a_throwaway_server_a_killed_service_left_running_is_stopped_at_the_next_start(
     pg16: PgServer, make_database: MakeDatabase, tmp_path: Path
 ) -> None:
@@ -248,16 +250,16 @@ def test_a_throwaway_server_a_killed_service_left_running_is_stopped_at_the_next
             assert data_dir.parent.name.startswith("aperture-verify-server-")
             first.kill()
             call.cancel()
-        assert _alive(found[0].pid), "the killed service's throwaway server runs on (the case this test is for)"
+        assert process_alive(found[0].pid), "the killed service's throwaway server runs on (the case this test is for)"
         assert data_dir is not None and data_dir.is_dir()
         with service_process(backup_dir, tmp_path / "second.log", **settings) as second:
-            assert not _alive(found[0].pid), "the orphaned server was stopped"
+            assert not process_alive(found[0].pid), "the orphaned server was stopped"
             assert not data_dir.parent.exists(), "its directory was deleted"
             assert "a throwaway verification server a stopped service left behind" in second.log()
     finally:
         # A failed run must not leave a server or a directory that fails the other tests.
         for server in found:
-            if _alive(server.pid):
+            if process_alive(server.pid):
                 os.kill(server.pid, signal.SIGKILL)
         if data_dir is not None:
             shutil.rmtree(data_dir.parent, ignore_errors=True)

@@ -20,7 +20,6 @@ anything else it has to say, which the service logs.
 from __future__ import annotations
 
 import contextlib
-import errno
 import io
 import json
 import logging
@@ -37,7 +36,7 @@ from typing import IO, Any, NoReturn
 from .compression import HashingFile, compressor
 from .contents import ContentCounter, CustomArchiveCounter
 from .encryption import AgeKeys
-from .errors import BackupError, Internal, ResourceExhausted
+from .errors import DISK_FULL_ERRNOS, BackupError, Internal, ResourceExhausted
 from .fsutil import WritebackFile
 from .model import ArchiveKind, Compression, Contents, Format
 from .pipes import StderrTail, kill
@@ -52,8 +51,6 @@ _MODULE = "aperture_backup.archive_worker"
 READ_SIZE = 1024 * 1024
 #: How often the child reports the archive's size.
 PROGRESS_SECONDS = 0.25
-#: Errors of a write that mean the backup directory has no room: a person frees space, nothing is broken.
-_NO_ROOM = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 
 
 @dataclass(frozen=True)
@@ -71,7 +68,8 @@ class ArchiveResult:
 
 class ArchiveWorker:
     """The child making one archive from `source` (pg_dump's stdout, handed over: the service no longer
-    reads it) into the open file `archive`. Read `sizes()` to its end, then `result()`; `kill()` at any
+    reads it) into the open file `archive`, encrypted to `keys`' recipients when `kind` is encrypted (the
+    caller has checked that there are some). Read `sizes()` to its end, then `result()`; `kill()` at any
     time. Started from the backup's thread, it inherits its CPU priority."""
 
     def __init__(
@@ -84,8 +82,6 @@ class ArchiveWorker:
         fast: bool,
         toolset: Toolset,
     ):
-        if kind.encrypted and (keys is None or not keys.encrypts):
-            raise Internal("an encrypted backup was asked for without age recipients")
         spec = {
             "archive_fd": archive,
             "compression": kind.compression.value,
@@ -109,10 +105,6 @@ class ArchiveWorker:
         self._stderr.start()
         self._final: dict[str, Any] | None = None
 
-    @property
-    def pid(self) -> int:
-        return self._proc.pid
-
     def sizes(self) -> Iterator[int]:
         """The archive's size as it grows, until the child is done (or gone)."""
         for raw in self._stdout:
@@ -135,7 +127,7 @@ class ArchiveWorker:
         final = self._final or {}
         if "error" in final:
             code = final.get("errno")
-            if code in _NO_ROOM:
+            if code in DISK_FULL_ERRNOS:
                 raise ResourceExhausted(
                     f"the backup directory is full ({os.strerror(code)}); free space or lower the retention",
                     reason="DISK_FULL",

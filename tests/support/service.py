@@ -152,6 +152,14 @@ def grpcurl_path() -> str:
     return path
 
 
+def process_alive(pid: int) -> bool:
+    """Whether the process `pid` still runs (a zombie waiting for its parent does not)."""
+    try:
+        return bool(psutil.Process(pid).status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+
+
 def archive_workers(pid: int | None = None) -> list[psutil.Process]:
     """The archive workers (archive_worker.py) making a new archive under `pid` (default: this process)."""
     found = []
