@@ -100,12 +100,20 @@ class WritebackFile(io.FileIO):
         self._hint = hasattr(os, "posix_fadvise")
 
     def write(self, data: bytes | bytearray | memoryview, /) -> int:  # type: ignore[override]
-        n = super().write(data)
-        if n:
-            self._written += n
-            if self._hint and self._written - self._handed_over >= WRITEBACK_EVERY_BYTES:
-                self._hand_over()
-        return n or 0
+        """Writes all of `data` or raises. A raw write(2) may write only part of it (the disk filled
+        midway) and say so only in its count: callers that take a write for done would lose the rest in
+        silence, and the next write, or none if this was the last, would report the full disk."""
+        view = memoryview(data).cast("B")
+        done = 0
+        while done < len(view):
+            n = super().write(view[done:])
+            if not n:
+                raise BlockingIOError(errno.EAGAIN, "the archive file took no bytes")
+            done += n
+        self._written += done
+        if self._hint and self._written - self._handed_over >= WRITEBACK_EVERY_BYTES:
+            self._hand_over()
+        return done
 
     def _hand_over(self) -> None:
         try:

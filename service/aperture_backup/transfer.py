@@ -19,7 +19,6 @@ from __future__ import annotations
 import collections
 import contextlib
 import dataclasses
-import errno
 import hashlib
 import logging
 import os
@@ -43,12 +42,12 @@ from .errors import (
     BackupError,
     DataLoss,
     FailedPrecondition,
-    Internal,
     InvalidArgument,
     JobRunning,
     NotFound,
     OutOfRange,
     ResourceExhausted,
+    from_os_error,
 )
 from .jobs import JobSlot
 from .model import ArchiveKind, Backup, Compression, Format, Location, Progress, State, Trigger
@@ -303,9 +302,7 @@ class _Incoming:
         try:
             writer.file.write(data)
         except OSError as exc:
-            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise ResourceExhausted(f"the backup directory is full: {exc.strerror}", reason="DISK_FULL") from None
-            raise Internal(f"writing the upload failed: {exc}") from None
+            raise from_os_error(exc, f"writing the upload {writer.backup.id}") from None
 
 
 # -- the domain ------------------------------------------------------------------------------------------
