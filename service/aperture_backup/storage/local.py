@@ -262,20 +262,32 @@ class ArchiveWriter:
         self._done = False
 
     def commit(self, **fields: object) -> Backup:
-        """fsync the data, rename it into place, fsync the directory, then mark the manifest READY."""
+        """fsync the data, rename it into place, fsync the directory, then mark the manifest READY. When the
+        manifest cannot be written (a full disk), the archive goes back to its temporary name and the writer
+        stays unfinished, so that `abort` or `discard` removes it as for any archive that failed: no archive
+        is left in place with a manifest that says it is still being made."""
+        final = self.store.directory / self.backup.id
         try:
             self.file.flush()
             os.fsync(self.file.fileno())
             self.file.close()
-            final = self.store.directory / self.backup.id
             os.replace(self.temp_path, final)
             self.store.fsync_directory()
         except OSError as exc:
             raise from_os_error(exc, f"saving the archive {self.backup.id}") from None
+        ready = self.backup.replace(state=State.READY, locations=_HERE, **fields)
+        try:
+            self.store.write_manifest(ready)
+        except BaseException:
+            try:
+                os.replace(final, self.temp_path)
+            except OSError:
+                with contextlib.suppress(OSError):
+                    final.unlink(missing_ok=True)
+            raise
         self._done = True
-        self.backup = self.backup.replace(state=State.READY, locations=_HERE, **fields)
-        self.store.write_manifest(self.backup)
-        return self.backup
+        self.backup = ready
+        return ready
 
     @property
     def finished(self) -> bool:
