@@ -23,7 +23,7 @@ from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.config import ConfigError
 from aperture_backup.server import create_server
 from aperture_backup_client import BackupClient
-from tests.support.filesystem import fill, small_filesystem
+from tests.support.filesystem import archives_on_small_filesystem, fill, small_filesystem
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer
 from tests.support.service import StartService, clean_environment, free_port, serve_process, wait_for
@@ -183,21 +183,17 @@ def test_a_backup_that_fills_the_disk_midway_fails_cleanly(
         svc.stop()
 
 
-def test_an_upload_that_fills_the_disk_midway_is_not_stored(
-    db16: Database, service_factory: StartService, tmp_path: Path
+@pytest.mark.parametrize("sent", ["part", "all"])
+def test_an_upload_that_finds_the_disk_full_is_not_stored(
+    sent: str, db16: Database, service_factory: StartService, tmp_path: Path
 ) -> None:
-    """The disk fills while an upload arrives, leaving room for part of its last chunk only: a write that
-    takes part of a chunk must not pass for done, or the archive would be stored cut short."""
+    """The disk fills while an upload arrives. "part": with room left for a part of its last chunk only (a
+    write that takes part of a chunk must not pass for done, or the archive would be stored cut short).
+    "all": after every byte is on disk, before its manifest is written (the archive must not stay listed
+    under a manifest that says it is still being made)."""
     data = gzip.compress(b"-- PostgreSQL database dump\n" + os.urandom(600_000).hex().encode())
-    first = 64 * 1024
-    assert len(data) > first + 256 * 1024
-    state = tmp_path / "state"
-    state.mkdir()
-    with small_filesystem(tmp_path / "small", size_kib=4 * 1024) as small:
-        backup_dir = small / "backups"
-        backup_dir.mkdir()
-        # The service's own state on another disk: only the archive runs out of room.
-        (backup_dir / ".state").symlink_to(state)
+    first = 64 * 1024 if sent == "part" else len(data)
+    with archives_on_small_filesystem(tmp_path, size_kib=4 * 1024) as (small, backup_dir):
         svc = service_factory(db16.uri, backup_dir=backup_dir)
         fillers: list[Path] = []
 
@@ -210,11 +206,11 @@ def test_an_upload_that_fills_the_disk_midway_is_not_stored(
             wait_for(
                 lambda: any(p.name.startswith(".tmp-") and p.stat().st_size >= first for p in backup_dir.iterdir())
             )
-            filler = fill(small)
-            fillers.append(filler)
-            with open(filler, "r+b") as handle:  # room for a part of what is left, not for all of it
-                handle.truncate(filler.stat().st_size - 128 * 1024)
-            yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=first, data=data[first:]))
+            fillers.append(fill(small))
+            if first < len(data):
+                with open(fillers[0], "r+b") as handle:  # room for a part of what is left, not for all of it
+                    handle.truncate(fillers[0].stat().st_size - 128 * 1024)
+                yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=first, data=data[first:]))
 
         upload = svc.client.stub.UploadAndRestore
         code, reason, details = _failure(lambda: list(upload(requests(), timeout=60)))
@@ -229,49 +225,8 @@ def test_an_upload_that_fills_the_disk_midway_is_not_stored(
         source.write_bytes(data)
         stored = svc.client.upload(source).backup
         assert stored.state == pb.BACKUP_STATE_READY
-        assert (backup_dir / stored.filename).read_bytes() == data
-        svc.stop()
-
-
-def test_an_upload_whose_record_finds_the_disk_full_is_not_listed(
-    db16: Database, service_factory: StartService, tmp_path: Path
-) -> None:
-    """Every byte of the upload is on disk, then the disk fills before its manifest is written: the caller
-    is told, and no archive is left listed without its record (nor one stuck in CREATING)."""
-    data = gzip.compress(b"-- PostgreSQL database dump\n" + os.urandom(200_000).hex().encode())
-    state = tmp_path / "state"
-    state.mkdir()
-    with small_filesystem(tmp_path / "small", size_kib=4 * 1024) as small:
-        backup_dir = small / "backups"
-        backup_dir.mkdir()
-        (backup_dir / ".state").symlink_to(state)
-        svc = service_factory(db16.uri, backup_dir=backup_dir)
-        fillers: list[Path] = []
-
-        def requests() -> Iterator[pb.UploadAndRestoreRequest]:
-            digest = hashlib.sha256(data).hexdigest()
-            yield pb.UploadAndRestoreRequest(
-                metadata=pb.UploadMetadata(filename="full.sql.gz", size_bytes=len(data), sha256=digest)
-            )
-            yield pb.UploadAndRestoreRequest(chunk=pb.UploadChunk(offset=0, data=data))
-            wait_for(
-                lambda: any(p.name.startswith(".tmp-") and p.stat().st_size == len(data) for p in backup_dir.iterdir())
-            )
-            fillers.append(fill(small))
-
-        upload = svc.client.stub.UploadAndRestore
-        code, reason, details = _failure(lambda: list(upload(requests(), timeout=60)))
-        assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DISK_FULL"), details
-        assert "disk is full" in details and "free space" in details, details
-        assert list(svc.client.list()) == []
-        assert [p.name for p in backup_dir.iterdir() if p.name != ".state"] == [], "no archive, no temporary file"
-
-        fillers[0].unlink()
-        source = tmp_path / "whole.sql.gz"
-        source.write_bytes(data)
-        stored = svc.client.upload(source).backup
-        assert stored.state == pb.BACKUP_STATE_READY
         assert [b.id for b in svc.client.list()] == [stored.id]
+        assert (backup_dir / stored.filename).read_bytes() == data
         svc.stop()
 
 

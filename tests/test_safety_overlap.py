@@ -26,7 +26,7 @@ from aperture.backup.v1 import backup_pb2 as pb
 from aperture_backup.compression import HashingFile, compressor
 from aperture_backup.isolation import STAGING_MARK
 from aperture_backup.model import Compression
-from tests.support.filesystem import fill, small_filesystem
+from tests.support.filesystem import archives_on_small_filesystem, fill
 from tests.support.fingerprint import assert_same, fingerprint
 from tests.support.fixtures import Database, MakeDatabase
 from tests.support.postgres import PgServer, pg_dump_waits_for_a_lock, public_tables, table_lock
@@ -173,13 +173,7 @@ def test_a_killed_safety_backup_leaves_everything_as_it_was(db: Database, servic
 def test_a_safety_backup_that_fills_the_disk_leaves_everything_as_it_was(
     db: Database, service_factory: StartService, tmp_path: Path
 ) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    with small_filesystem(tmp_path / "small", size_kib=16 * 1024) as small:
-        backup_dir = small / "backups"
-        backup_dir.mkdir()
-        # The service's own state (job journal, working files) on another disk: only the archives run out.
-        (backup_dir / ".state").symlink_to(state)
+    with archives_on_small_filesystem(tmp_path, size_kib=16 * 1024) as (small, backup_dir):
         svc = service_factory(db.uri, backup_dir=backup_dir)
         backup = svc.client.create()
         _change(db.uri)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-__all__ = ["fill", "small_filesystem"]
+__all__ = ["archives_on_small_filesystem", "fill", "small_filesystem"]
 
 
 @contextlib.contextmanager
@@ -26,6 +26,20 @@ def small_filesystem(path: Path, size_kib: int = 256) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+@contextlib.contextmanager
+def archives_on_small_filesystem(work: Path, size_kib: int) -> Iterator[tuple[Path, Path]]:
+    """A backup directory on a small file system whose `.state` (the service's job journal and working
+    files) stays on `work`'s disk, so that only the archives run out of room. Yields the mount point and
+    the backup directory."""
+    state = work / "state"
+    state.mkdir()
+    with small_filesystem(work / "small", size_kib=size_kib) as small:
+        backup_dir = small / "backups"
+        backup_dir.mkdir()
+        (backup_dir / ".state").symlink_to(state)
+        yield small, backup_dir
 
 
 def fill(directory: Path, name: str = "filler") -> Path:
