@@ -49,8 +49,10 @@ class Sink(Protocol):
 
 
 class HashingFile(io.RawIOBase):
-    """Writes to `target`, hashing (SHA-256) and counting what passes. Closing it does not close the
-    target: the archive writer fsyncs and renames the file after the compressor is done."""
+    """Writes to `target`, hashing (SHA-256) and counting what passes. `target` writes all it is given or
+    raises (a buffered file, or the archive's `fsutil.WritebackFile`, which handles short writes). Closing
+    this does not close the target: the archive writer fsyncs and renames the file after the compressor
+    is done."""
 
     def __init__(self, target: BinaryIO):
         super().__init__()
@@ -64,10 +66,7 @@ class HashingFile(io.RawIOBase):
     def write(self, data: bytes | memoryview | bytearray, /) -> int:  # type: ignore[override]
         view = memoryview(data)
         self.sha256.update(view)
-        written = 0
-        while written < len(view):
-            n = self._target.write(view[written:])
-            written += n if n is not None else len(view) - written
+        self._target.write(view)
         self.size += len(view)
         return len(view)
 
