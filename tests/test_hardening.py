@@ -177,6 +177,7 @@ def test_a_backup_that_fills_the_disk_midway_fails_cleanly(
             lambda: svc.client.create(format=pb.BACKUP_FORMAT_PLAIN, compression=pb.COMPRESSION_NONE)
         )
         assert (code, reason) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "DISK_FULL"), details
+        assert "disk is full" in details and "free space" in details, details
         listed = list(svc.client.list())
         assert all(b.state == pb.BACKUP_STATE_FAILED for b in listed)
         assert not [p for p in (small / "backups").iterdir() if p.name.startswith(".tmp-")]

@@ -36,7 +36,7 @@ from typing import IO, Any, NoReturn
 from .compression import HashingFile, compressor
 from .contents import ContentCounter, CustomArchiveCounter
 from .encryption import AgeKeys
-from .errors import DISK_FULL_ERRNOS, BackupError, Internal, ResourceExhausted
+from .errors import DISK_FULL_ERRNOS, BackupError, Internal, from_os_error
 from .fsutil import WritebackFile
 from .model import ArchiveKind, Compression, Contents, Format
 from .pipes import StderrTail, kill
@@ -128,10 +128,7 @@ class ArchiveWorker:
         if "error" in final:
             code = final.get("errno")
             if code in DISK_FULL_ERRNOS:
-                raise ResourceExhausted(
-                    f"the backup directory is full ({os.strerror(code)}); free space or lower the retention",
-                    reason="DISK_FULL",
-                )
+                raise from_os_error(OSError(code, os.strerror(code)), "writing the archive")
             raise Internal(f"writing the archive failed: {final['error']}")
         if returncode != 0 or "sha256" not in final:
             how = f"was killed by signal {-returncode}" if returncode < 0 else f"ended with status {returncode}"
