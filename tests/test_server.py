@@ -6,7 +6,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -16,7 +15,15 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.support.fixtures import Database
 from tests.support.postgres import table_lock
-from tests.support.service import StartService, free_port, grpcurl_path, pg_dump_children, wait_for
+from tests.support.service import (
+    StartService,
+    clean_environment,
+    free_port,
+    grpcurl_path,
+    pg_dump_children,
+    serve_process,
+    wait_for,
+)
 
 SERVICE = "aperture.backup.v1.BackupService"
 
@@ -85,18 +92,12 @@ def test_grpcurl_lists_describes_and_checks_health(seeded_db: Database, service_
 
 def _start_serve(database_uri: str, backup_dir: Path) -> tuple[subprocess.Popen[str], str]:
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("APERTURE_BACKUP_")}
-    env.update(
-        # A service that does not stop is aborted, and this prints where each of its threads is.
-        PYTHONFAULTHANDLER="1",
-        APERTURE_BACKUP_DATABASE_URL=database_uri,
-        APERTURE_BACKUP_DIR=str(backup_dir),
-        APERTURE_BACKUP_LISTEN=f"127.0.0.1:{port}",
-        APERTURE_BACKUP_CATCH_UP="false",
+    env = clean_environment(
+        DATABASE_URL=database_uri, DIR=str(backup_dir), LISTEN=f"127.0.0.1:{port}", CATCH_UP="false"
     )
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "aperture_backup", "serve"], env=env, stderr=subprocess.PIPE, text=True
-    )
+    # A service that does not stop is aborted, and this prints where each of its threads is.
+    env["PYTHONFAULTHANDLER"] = "1"
+    proc = serve_process(env=env, text=True, stderr=subprocess.PIPE)
     target = f"127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
