@@ -16,6 +16,11 @@ its baseline in the same run, alternating the order from round to round, reporti
 - Restore (no safety backup) vs `gunzip -c file | psql --single-transaction -v ON_ERROR_STOP=1` into an
   empty database; the restore with its safety backup vs the restore without it, and the safety backup's own
   time; the restore of the encrypted `.sql.gz.age` vs the unencrypted restore; all in the same rounds;
+  reference rows give the shell restore beside an idle-class busy loop, beside a nice `pg_dump | zstd -1`
+  and beside that dump paced to end with it (`--pace`), what the cores allow a restore with its safety backup;
+- Create `.sql.gz` and `.sql` with a bucket (moto_server on loopback) vs Create to the directory alone, in
+  the same rounds, with the CPU of both, boto3's own upload_file of the `.sql` and the S3 server's
+  completion of a multipart upload of it alone (group `offsite`);
 - StreamDownload and UploadAndRestore (restore=false), through the project's Python client, vs a minimal
   grpcio server and client streaming the same file with the same chunk size (started from this script with
   `--reference-server`), with a small and a large archive; the download also through the generated stub.
@@ -42,6 +47,7 @@ as such. The table goes to stdout, the figures to `bench-results/bench.json`.
 from __future__ import annotations
 
 import argparse
+import base64
 import collections
 import contextlib
 import hashlib
@@ -78,7 +84,7 @@ from aperture_backup.compression import checker, decompressor  # noqa: E402
 from aperture_backup.model import Backup, Compression, Trigger  # noqa: E402
 from aperture_backup.priority import BACKGROUND_NICENESS  # noqa: E402
 from aperture_backup.server import WORKERS  # noqa: E402
-from aperture_backup.storage.bucket import BucketAddress  # noqa: E402
+from aperture_backup.storage.bucket import UPLOAD_CONCURRENCY, BucketAddress, growing_part_size  # noqa: E402
 from aperture_backup_client import BackupClient, method_path  # noqa: E402
 from scripts.bench_data import generate, generate_library, library_shape  # noqa: E402
 from tests.support.fingerprint import assert_same, fingerprint  # noqa: E402
@@ -506,6 +512,21 @@ def _reference_handlers(directory: Path) -> grpc.GenericRpcHandler:
     )
 
 
+def copy_paced(bytes_per_second: float) -> None:
+    """Standard input to standard output at no more than `bytes_per_second` (a pipeline stage that slows the
+    writer before it, as a full pipe does)."""
+    source = open(sys.stdin.fileno(), "rb", buffering=0, closefd=False)  # noqa: SIM115 - reads what has come
+    sink = sys.stdout.buffer
+    start, copied = time.perf_counter(), 0
+    while chunk := source.read(MB):
+        sink.write(chunk)
+        copied += len(chunk)
+        ahead = copied / bytes_per_second - (time.perf_counter() - start)
+        if ahead > 0:
+            time.sleep(ahead)
+    sink.flush()
+
+
 def run_reference_server(port: int, directory: Path) -> None:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=WORKERS), options=CHANNEL_OPTIONS)
     server.add_generic_rpc_handlers((_reference_handlers(directory),))
@@ -838,10 +859,22 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
         "reference: gunzip | psql -1 with nice pg_dump | zstd -1 beside it", "gunzip | psql -1 (same rounds)"
     )
     shell_pair.work_bytes = sql_bytes
+    # The same, with the dump paced to end just before the restore would end alone (known here from the
+    # shell's earlier rounds, which the service cannot know): the least a dump beside the restore can get in
+    # its way, short of the restore waiting for it.
+    paced_pair = ctx.row(
+        "reference: gunzip | psql -1 with nice pg_dump | zstd -1 beside it, paced to end with it",
+        "gunzip | psql -1 (same rounds)",
+    )
+    paced_pair.work_bytes = sql_bytes
     beside_file = ctx.work / "beside-restore.sql.zst"
 
-    def beside_shell_dump() -> None:
-        with recording_cpu(shell_pair.cpu_seconds):
+    def beside_shell_dump(target: Row = shell_pair, paced: bool = False) -> None:
+        pace = ""
+        if paced:
+            rate = sql_bytes / MB / (PACED_SHARE * statistics.median(row.baseline_seconds))
+            pace = f"| {shlex.quote(sys.executable)} {shlex.quote(__file__)} --pace {rate:.1f} "
+        with recording_cpu(target.cpu_seconds):
             start = time.perf_counter()
             dump = subprocess.Popen(
                 [
@@ -852,7 +885,7 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
                     "-o",
                     "pipefail",
                     "-c",
-                    f"{ctx.dump_cmd} | zstd -1 -T1 -q -f -o {shlex.quote(str(beside_file))}",
+                    f"{ctx.dump_cmd} {pace}| zstd -1 -T1 -q -f -o {shlex.quote(str(beside_file))}",
                 ],
                 env=clean_env(),
             )
@@ -861,7 +894,7 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
             finally:
                 if dump.wait() != 0:
                     raise RuntimeError("the dump beside the shell restore failed")
-            shell_pair.seconds.append(time.perf_counter() - start)
+            target.seconds.append(time.perf_counter() - start)
         beside_file.unlink()
 
     def restore(
@@ -899,6 +932,7 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
         ("with safety backup", restore_with_safety_backup),
         ("shell beside an idle-class busy loop", beside_idle_loop),
         ("shell with a shell dump beside it", beside_shell_dump),
+        ("shell with a paced shell dump beside it", lambda: beside_shell_dump(paced_pair, paced=True)),
     ]
     encrypted_row = None
     if ctx.encrypted is not None and encrypted_archive is not None:
@@ -918,16 +952,24 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
 
     safety.baseline_seconds = row.seconds
     ctx.target("Restore with safety backup / Restore without it", safety.ratio, 1.15)
-    idle_loop.baseline_seconds = shell_pair.baseline_seconds = row.baseline_seconds
+    idle_loop.baseline_seconds = shell_pair.baseline_seconds = paced_pair.baseline_seconds = row.baseline_seconds
     shell_pair.note = (
         "what the shell itself needs for a restore and a dump of the live database at once on these cores; "
         "the row 'Restore .sql.gz with safety backup' does that and more (a checksum, row counts)"
+    )
+    paced_pair.note = (
+        f"the dump at a constant rate that ends it at {PACED_SHARE:.2f} of the shell restore's median alone: "
+        "spread over the whole restore, the dump's work still costs the restore this much"
     )
     _cpu_bound(ctx, safety, row, shell_cpu)
     idle_loop.note = (
         "no scheduling of the safety backup can cost the restore less than work that runs only on CPU nobody "
         "else wants: on these cores this ratio is the floor for the row 'Restore .sql.gz with safety backup'"
     )
+
+
+#: The paced shell dump beside a restore is paced to end at this share of the restore's time alone.
+PACED_SHARE = 0.95
 
 
 def _cpu_bound(ctx: Context, safety: Row, alone: Row, shell_cpu: list[float]) -> None:
@@ -1200,6 +1242,11 @@ def _offsite_rounds(ctx: Context, server: S3Server) -> None:
         s3.create_bucket(Bucket="aperture-bench")
         # What this S3 server takes for the largest archive alone: boto3's own upload_file of the same file.
         reference = ctx.row("reference: boto3 upload_file of that .sql", "Create .sql, directory only (same rounds)")
+        # The one step of an offsite copy that cannot overlap the dump: completing the multipart upload, after
+        # its last byte. This S3 server joins the parts in Python, so it costs seconds here.
+        completing = ctx.row(
+            "reference: the S3 server completing that .sql's upload", "Create .sql, directory only (same rounds)"
+        )
         (ctx.work / "offsite").mkdir()
         offsite = Service(
             ctx.server,
@@ -1216,19 +1263,23 @@ def _offsite_rounds(ctx: Context, server: S3Server) -> None:
 
             def to_bucket(row: Row = row, compression: int = compression) -> None:
                 assert offsite is not None
-                backup = timed_create(offsite, row, pb.BACKUP_FORMAT_PLAIN, compression)
+                with recording_cpu(row.cpu_seconds):
+                    backup = timed_create(offsite, row, pb.BACKUP_FORMAT_PLAIN, compression)
                 if pb.STORAGE_LOCATION_BUCKET not in backup.locations:
                     raise RuntimeError(f"{backup.id} did not reach the bucket; see {offsite.log_path}")
                 offsite.stub.Delete(pb.DeleteRequest(id=backup.id))
 
             def to_directory(row: Row = local, compression: int = compression) -> None:
-                backup = timed_create(ctx.service, row, pb.BACKUP_FORMAT_PLAIN, compression)
+                with recording_cpu(row.cpu_seconds):
+                    backup = timed_create(ctx.service, row, pb.BACKUP_FORMAT_PLAIN, compression)
                 if compression == pb.COMPRESSION_NONE:
-                    start = time.perf_counter()
-                    s3.upload_file(str(ctx.service.path(backup)), "aperture-bench", "reference/archive.sql")
-                    reference.seconds.append(time.perf_counter() - start)
+                    with recording_cpu(reference.cpu_seconds):
+                        start = time.perf_counter()
+                        s3.upload_file(str(ctx.service.path(backup)), "aperture-bench", "reference/archive.sql")
+                        reference.seconds.append(time.perf_counter() - start)
                     reference.output_bytes = backup.size_bytes
                     s3.delete_object(Bucket="aperture-bench", Key="reference/archive.sql")
+                    completing.seconds.append(_completing_seconds(s3, ctx.service.path(backup)))
                 ctx.service.stub.Delete(pb.DeleteRequest(id=backup.id))
 
             steps += [(name, to_bucket), (local_name, to_directory)]
@@ -1241,14 +1292,70 @@ def _offsite_rounds(ctx: Context, server: S3Server) -> None:
         for name, local_name, _ in OFFSITE_KINDS:
             rows[name].baseline_seconds = rows[local_name].seconds
             ctx.target(f"{name} / {local_name}", rows[name].ratio, OFFSITE_LIMIT)
-        reference.baseline_seconds = rows["Create .sql, directory only"].seconds
-        reference.note = "this S3 server's own speed; overlapping the dump, Create with the bucket takes the longer"
+            _offsite_cpu_bound(rows[name], rows[local_name])
+        reference.baseline_seconds = completing.baseline_seconds = rows["Create .sql, directory only"].seconds
+        completing.note = (
+            "CompleteMultipartUpload alone, the parts sent as the service sends them; it starts after the last "
+            "byte is written, so Create .sql with the bucket cannot take less than the directory-only Create "
+            f"and this: {1 + (completing.ratio or 0):.2f} of it, before any of the parts' own cost"
+        )
+        reference.note = (
+            "this S3 server's own speed, the client's and the server's CPU included (both share these cores with "
+            "the dump when a Create sends its archive to the bucket)"
+        )
         large = rows["Create .sql with the bucket"]
         ctx.facts["offsite_large_archive_bytes"] = large.output_bytes
         ctx.target("server peak RSS copying the largest archive to the bucket (MB)", large.server_peak_rss / MB, 200)
     finally:
         if offsite is not None:
             offsite.stop()
+
+
+def _completing_seconds(s3: Any, path: Path) -> float:
+    """Seconds the S3 server takes to complete a multipart upload of `path`, its parts sent first as the
+    service's offsite copy sends them (its part sizes, several at a time, each with its SHA-256)."""
+    key = "reference/completing.sql"
+    upload_id = s3.create_multipart_upload(Bucket="aperture-bench", Key=key, ChecksumAlgorithm="SHA256")["UploadId"]
+    size, offset = path.stat().st_size, 0
+    spans: list[tuple[int, int, int]] = []
+    while offset < size:
+        length = min(growing_part_size(len(spans) + 1), size - offset)
+        spans.append((len(spans) + 1, offset, length))
+        offset += length
+
+    def send(span: tuple[int, int, int]) -> dict[str, Any]:
+        number, start, length = span
+        with open(path, "rb") as f:
+            f.seek(start)
+            body = f.read(length)
+        checksum = base64.b64encode(hashlib.sha256(body).digest()).decode()
+        answer = s3.upload_part(
+            Bucket="aperture-bench", Key=key, UploadId=upload_id, PartNumber=number, Body=body, ChecksumSHA256=checksum
+        )
+        return {"PartNumber": number, "ETag": answer["ETag"], "ChecksumSHA256": checksum}
+
+    with futures.ThreadPoolExecutor(UPLOAD_CONCURRENCY) as pool:
+        parts = list(pool.map(send, spans))
+    start = time.perf_counter()
+    s3.complete_multipart_upload(Bucket="aperture-bench", Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
+    seconds = time.perf_counter() - start
+    s3.delete_object(Bucket="aperture-bench", Key=key)
+    return seconds
+
+
+def _offsite_cpu_bound(to_bucket: Row, local: Row) -> None:
+    """What the cores allow a Create with the bucket: the dump, the archive, the upload and the S3 server (on
+    this machine, in Python) all run on the same cores, and however well they overlap, the Create cannot
+    take less than their CPU over the cores."""
+    cores = os.cpu_count() or 1
+    if to_bucket.cpu_median is None or local.cpu_median is None or not local.median:
+        return
+    floor = to_bucket.cpu_median / cores / local.median
+    to_bucket.note = (
+        f"CPU {to_bucket.cpu_median:.1f} core-s, {to_bucket.cpu_median - local.cpu_median:.1f} more than the "
+        f"Create to the directory alone; on {cores} cores that work takes at least "
+        f"{to_bucket.cpu_median / cores:.2f} s, {floor:.2f} of the directory-only Create, whatever the overlap"
+    )
 
 
 #: Issue 16, "costs that stay flat": List and GetStatus with this many archives, by this many callers at once.
@@ -2180,9 +2287,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=REPO / "bench-results" / "bench.json", help="JSON results")
     parser.add_argument("--work-dir", type=Path, help="scratch directory (default: a fresh one under /tmp)")
     parser.add_argument("--reference-server", nargs=2, metavar=("PORT", "DIR"), help=argparse.SUPPRESS)
+    parser.add_argument("--pace", type=float, metavar="MB_PER_S", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference_server:
         run_reference_server(int(args.reference_server[0]), Path(args.reference_server[1]))
+        return 0
+    if args.pace:
+        copy_paced(args.pace * MB)
         return 0
     groups = set(args.only.split(","))
     started = time.perf_counter()

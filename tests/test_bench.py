@@ -89,6 +89,17 @@ def test_the_benchmark_runs_and_reports_every_operation(tmp_path: Path) -> None:
         assert rows[operation]["median_seconds"] > 0, operation
         assert rows[operation]["baseline_median_seconds"] > 0, operation
         assert rows[operation]["server_peak_rss"] > 0, operation
+    # The references that show what the cores and the S3 server allow the safety backup's and the bucket's rows.
+    for operation in (
+        "reference: gunzip | psql -1 with nice pg_dump | zstd -1 beside it",
+        "reference: gunzip | psql -1 with nice pg_dump | zstd -1 beside it, paced to end with it",
+        "reference: the S3 server completing that .sql's upload",
+    ):
+        assert rows[operation]["median_seconds"] > 0, operation
+        assert rows[operation]["baseline_median_seconds"] > 0, operation
+    for operation in ("Create .sql with the bucket", "Create .sql, directory only"):
+        assert rows[operation]["cpu_median_seconds"] > 0, operation
+    assert "whatever the overlap" in rows["Create .sql with the bucket"]["note"]
     assert {t["target"].split(":")[0] for t in report["targets"]} >= {
         "Create .sql.gz time / (pg_dump | gzip -6) (aim 0.3)",
         "Restore / (gunzip | psql --single-transaction)",
