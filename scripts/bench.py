@@ -869,9 +869,10 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
     paced_pair.work_bytes = sql_bytes
     beside_file = ctx.work / "beside-restore.sql.zst"
 
-    def beside_shell_dump(target: Row = shell_pair, paced: bool = False) -> None:
-        pace = ""
+    def beside_shell_dump(paced: bool = False) -> None:
+        target, pace = shell_pair, ""
         if paced:
+            target = paced_pair
             rate = sql_bytes / MB / (PACED_SHARE * statistics.median(row.baseline_seconds))
             pace = f"| {shlex.quote(sys.executable)} {shlex.quote(__file__)} --pace {rate:.1f} "
         with recording_cpu(target.cpu_seconds):
@@ -932,7 +933,7 @@ def bench_restore(ctx: Context, archive: pb.Backup, sql_bytes: int, encrypted_ar
         ("with safety backup", restore_with_safety_backup),
         ("shell beside an idle-class busy loop", beside_idle_loop),
         ("shell with a shell dump beside it", beside_shell_dump),
-        ("shell with a paced shell dump beside it", lambda: beside_shell_dump(paced_pair, paced=True)),
+        ("shell with a paced shell dump beside it", lambda: beside_shell_dump(paced=True)),
     ]
     encrypted_row = None
     if ctx.encrypted is not None and encrypted_archive is not None:
@@ -975,10 +976,10 @@ PACED_SHARE = 0.95
 def _cpu_bound(ctx: Context, safety: Row, alone: Row, shell_cpu: list[float]) -> None:
     """What the cores allow: the restore with its safety backup has the CPU work of both to do, and on this
     machine's cores it cannot take less than that work over the cores, however well the two overlap."""
-    cores = os.cpu_count() or 1
-    if safety.cpu_median is None or alone.cpu_median is None or not alone.median:
+    floor = _cpu_floor(safety, alone, "the restore alone")
+    if floor is None or alone.cpu_median is None or alone.median is None:
         return
-    floor = safety.cpu_median / cores / alone.median
+    cores = os.cpu_count() or 1
     ctx.facts["restore_cpu"] = {
         "cores": cores,
         "shell_core_seconds": statistics.median(shell_cpu) if shell_cpu else None,
@@ -990,11 +991,21 @@ def _cpu_bound(ctx: Context, safety: Row, alone: Row, shell_cpu: list[float]) ->
         f"CPU {alone.cpu_median:.1f} core-s over {alone.median:.2f} s: {alone.cpu_median / alone.median:.2f} of "
         f"{cores} cores busy" + (f"; the shell pipeline {statistics.median(shell_cpu):.1f} core-s" if shell_cpu else "")
     )
-    safety.note = (
-        f"CPU {safety.cpu_median:.1f} core-s, {safety.cpu_median - alone.cpu_median:.1f} more than the restore "
-        f"alone; on {cores} cores that work takes at least {safety.cpu_median / cores:.2f} s, {floor:.2f} of the "
-        "restore alone, whatever the overlap"
+
+
+def _cpu_floor(row: Row, alone: Row, alone_name: str) -> float | None:
+    """The least time the cores allow `row`, whose work includes that of `alone`, as a share of `alone`'s
+    time: its machine-wide CPU over the cores, however well its parts overlap. Also says so in its note."""
+    cores = os.cpu_count() or 1
+    if row.cpu_median is None or alone.cpu_median is None or not alone.median:
+        return None
+    floor = row.cpu_median / cores / alone.median
+    row.note = (
+        f"CPU {row.cpu_median:.1f} core-s, {row.cpu_median - alone.cpu_median:.1f} more than {alone_name}; on "
+        f"{cores} cores that work takes at least {row.cpu_median / cores:.2f} s, {floor:.2f} of {alone_name}, "
+        "whatever the overlap"
     )
+    return floor
 
 
 def bench_transfer(ctx: Context, source_gz: pb.Backup) -> None:
@@ -1292,7 +1303,8 @@ def _offsite_rounds(ctx: Context, server: S3Server) -> None:
         for name, local_name, _ in OFFSITE_KINDS:
             rows[name].baseline_seconds = rows[local_name].seconds
             ctx.target(f"{name} / {local_name}", rows[name].ratio, OFFSITE_LIMIT)
-            _offsite_cpu_bound(rows[name], rows[local_name])
+            # The dump, the archive, the upload and the S3 server (in Python, here) all share these cores.
+            _cpu_floor(rows[name], rows[local_name], "the Create to the directory alone")
         reference.baseline_seconds = completing.baseline_seconds = rows["Create .sql, directory only"].seconds
         completing.note = (
             "CompleteMultipartUpload alone, the parts sent as the service sends them; it starts after the last "
@@ -1341,21 +1353,6 @@ def _completing_seconds(s3: Any, path: Path) -> float:
     seconds = time.perf_counter() - start
     s3.delete_object(Bucket="aperture-bench", Key=key)
     return seconds
-
-
-def _offsite_cpu_bound(to_bucket: Row, local: Row) -> None:
-    """What the cores allow a Create with the bucket: the dump, the archive, the upload and the S3 server (on
-    this machine, in Python) all run on the same cores, and however well they overlap, the Create cannot
-    take less than their CPU over the cores."""
-    cores = os.cpu_count() or 1
-    if to_bucket.cpu_median is None or local.cpu_median is None or not local.median:
-        return
-    floor = to_bucket.cpu_median / cores / local.median
-    to_bucket.note = (
-        f"CPU {to_bucket.cpu_median:.1f} core-s, {to_bucket.cpu_median - local.cpu_median:.1f} more than the "
-        f"Create to the directory alone; on {cores} cores that work takes at least "
-        f"{to_bucket.cpu_median / cores:.2f} s, {floor:.2f} of the directory-only Create, whatever the overlap"
-    )
 
 
 #: Issue 16, "costs that stay flat": List and GetStatus with this many archives, by this many callers at once.
